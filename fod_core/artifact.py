@@ -1,0 +1,119 @@
+"""The model artefact: one directory that scores images without the training data.
+
+fod.json      config, preprocessing, postprocessing (threshold), provenance
+model.pt      FOD weights with the class reference features
+backbone.pt   the frozen backbone's weights (so no weights package or hub is needed)
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from fod_core.backbone import BackboneSpec, FeatureExtractor, WeightsSource
+from fod_core.config import ModelConfig
+from fod_core.inference import AnomalyDetector
+from fod_core.model import FODModel, create_fod_model
+from fod_core.processing import PostProcessing, PreProcessing
+
+ARTIFACT_FORMAT = "fod-model"
+ARTIFACT_VERSION = 1
+MANIFEST = "fod.json"
+
+
+class ArtifactError(RuntimeError):
+    """A model directory that is missing, incomplete or of another format."""
+
+
+def save_artifact(
+    directory: str | Path,
+    *,
+    model: FODModel,
+    extractor: FeatureExtractor,
+    pre: PreProcessing,
+    post: PostProcessing,
+    metadata: dict | None = None,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, directory / "model.pt")
+    torch.save(
+        {k: v.cpu() for k, v in extractor.body.state_dict().items()}, directory / "backbone.pt"
+    )
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model.config.to_dict(),
+        "backbone": {
+            "name": extractor.spec.name,
+            "out_indices": list(extractor.spec.out_indices),
+            "weights_source": extractor.source.value,
+            "weights_digest": extractor.weights_digest,
+            "channels": extractor.channels,
+            "strides": extractor.strides,
+        },
+        "preprocessing": pre.to_dict(),
+        "postprocessing": post.to_dict(),
+        **(metadata or {}),
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return directory
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{directory} is not an FOD model directory (no {MANIFEST})")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path}: not an FOD model manifest")
+    if manifest.get("format_version", 0) > ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"{path}: format version {manifest['format_version']} is newer than this "
+            f"fod_core reads ({ARTIFACT_VERSION}); upgrade the package"
+        )
+    return manifest
+
+
+def update_manifest(directory: str | Path, **fields) -> dict:
+    """Merge fields into fod.json (e.g. a new threshold from calibration)."""
+    manifest = read_manifest(directory)
+    manifest.update(fields)
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
+def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") -> AnomalyDetector:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for name in ("model.pt", "backbone.pt"):
+        if not (directory / name).is_file():
+            raise ArtifactError(f"{directory} is incomplete: {name} is missing")
+    config = ModelConfig.from_dict(manifest["model"])
+    backbone = manifest["backbone"]
+    spec = BackboneSpec(
+        name=backbone["name"],
+        out_indices=tuple(backbone["out_indices"]),
+        weights=WeightsSource.FILE,
+        weights_file=str(directory / "backbone.pt"),
+    )
+    extractor = FeatureExtractor(spec=spec)
+    if extractor.weights_digest != backbone["weights_digest"]:
+        raise ArtifactError(
+            f"{directory / 'backbone.pt'} does not match the digest in {MANIFEST}; "
+            "the artefact is corrupt"
+        )
+    model = create_fod_model(config, in_channels=backbone["channels"], strides=backbone["strides"])
+    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return AnomalyDetector(
+        extractor=extractor,
+        model=model,
+        pre=PreProcessing.from_dict(manifest["preprocessing"]),
+        post=PostProcessing.from_dict(manifest["postprocessing"]),
+        device=device,
+    )

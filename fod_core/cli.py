@@ -1,0 +1,241 @@
+"""The ``fod`` command: train, evaluate, predict, and a self-contained demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fod_core.artifact import ArtifactError
+from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
+from fod_core.config import Device, ModelConfig, Precision, TrainConfig
+from fod_core.data import DatasetError, DatasetFormat
+from fod_core.processing import ImageDecodeError
+from fod_core.trainer import CheckpointMismatchError
+
+log = logging.getLogger("fod")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", required=True, type=Path, help="dataset root, the folder that holds <category>/"
+    )
+    parser.add_argument("--category", required=True, help="category (product) name")
+    parser.add_argument(
+        "--format",
+        default="mvtec",
+        choices=[f.value for f in DatasetFormat],
+        help="dataset layout (default: mvtec)",
+    )
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    defaults_model, defaults_train = ModelConfig(), TrainConfig()
+    parser.add_argument(
+        "--backbone",
+        default=defaults_model.backbone.name,
+        help="any timm CNN with features_only (default: efficientnet_lite0)",
+    )
+    parser.add_argument(
+        "--weights",
+        default="auto",
+        choices=[w.value for w in WeightsSource],
+        help="backbone weights: auto = installed package, else hub",
+    )
+    parser.add_argument("--weights-file", help="local backbone weights (.pth/.pt)")
+    parser.add_argument("--out-indices", default="2,3", help="backbone stages (default: 2,3)")
+    parser.add_argument("--image-size", type=int, default=defaults_model.image_size)
+    parser.add_argument("--epochs", type=int, default=defaults_train.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults_train.lr)
+    parser.add_argument("--seed", type=int, default=defaults_train.seed)
+    parser.add_argument("--val-fraction", type=float, default=defaults_train.val_fraction)
+    parser.add_argument("--device", default="auto", choices=[d.value for d in Device])
+    parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
+    parser.add_argument(
+        "--target-far",
+        type=float,
+        default=0.01,
+        help="false-alarm rate the threshold is calibrated for",
+    )
+    parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument("--keep-checkpoints", action="store_true")
+
+
+def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    backbone = BackboneSpec(
+        name=args.backbone,
+        out_indices=tuple(int(i) for i in args.out_indices.split(",")),
+        weights=WeightsSource(args.weights),
+        weights_file=args.weights_file,
+    )
+    model_config = ModelConfig(backbone=backbone, image_size=args.image_size)
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        device=Device(args.device),
+        precision=Precision(args.precision),
+    )
+    return model_config, train_config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fod_core.cache import LocalStore
+    from fod_core.train import train_model
+
+    model_config, train_config = _configs(args)
+    outcome = train_model(
+        args.data,
+        args.category,
+        args.out,
+        format=args.format,
+        model_config=model_config,
+        train_config=train_config,
+        cache_store=LocalStore(args.cache_dir) if args.cache_dir else None,
+        resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
+        target_false_alarm_rate=args.target_far,
+        progress=not args.quiet,
+    )
+    print(
+        json.dumps(
+            {
+                "model_dir": str(outcome.model_dir),
+                "best_epoch": outcome.result.best_epoch,
+                "best_val_loss": outcome.result.best_val_loss,
+                "threshold": outcome.threshold.value,
+                "feature_cache": {k: v.to_dict() for k, v in outcome.cache.items()},
+                **{k: round(v, 2) for k, v in outcome.seconds.items()},
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from fod_core.evaluate import evaluate_model
+
+    metrics = evaluate_model(
+        args.model,
+        args.data,
+        args.category,
+        args.out,
+        format=args.format,
+        device=args.device,
+        max_overlays=args.max_overlays,
+        progress=not args.quiet,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from fod_core.predict import predict_images
+
+    results = predict_images(args.model, args.images, heatmap_dir=args.heatmaps, device=args.device)
+    for result in results:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a small dataset with planted defects, train on it and evaluate."""
+    from fod_core.cache import LocalStore
+    from fod_core.evaluate import evaluate_model
+    from fod_core.synthetic import make_synthetic_dataset
+    from fod_core.train import train_model
+
+    out = Path(args.out)
+    data_root = make_synthetic_dataset(out / "data", "widget", size=args.image_size)
+    model_config = ModelConfig(image_size=args.image_size)
+    train_config = replace(TrainConfig(), epochs=args.epochs)
+    started = time.perf_counter()
+    train_model(
+        data_root,
+        "widget",
+        out / "model",
+        model_config=model_config,
+        train_config=train_config,
+        cache_store=LocalStore(out / "cache"),
+        progress=not args.quiet,
+    )
+    metrics = evaluate_model(
+        out / "model", data_root, "widget", out / "eval", progress=not args.quiet
+    )
+    print(f"\nFOD demo on generated data ({time.perf_counter() - started:.0f} s)")
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        value = metrics[key]
+        print(f"  {key:12s} {value:.4f}" if value is not None else f"  {key:12s} n/a")
+    print(f"  model        {out / 'model'}\n  report       {out / 'eval'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fod", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one category into a model directory")
+    _add_data_args(train)
+    train.add_argument("--out", required=True, type=Path, help="model directory to write")
+    _add_train_args(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="test metrics, plots and heatmaps of a model")
+    evaluate.add_argument("--model", required=True, type=Path)
+    _add_data_args(evaluate)
+    evaluate.add_argument("--out", required=True, type=Path, help="folder for the report")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--max-overlays", type=int, help="limit the heatmap overlays written")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="score images (JSON line per image)")
+    predict.add_argument("--model", required=True, type=Path)
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--heatmaps", type=Path, help="write a heatmap overlay per image here")
+    predict.add_argument("--device", default="cpu")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = sub.add_parser("demo", help="generate data with planted defects, train, evaluate")
+    demo.add_argument("--out", default=Path("runs/demo"), type=Path)
+    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--image-size", type=int, default=128)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (
+        DatasetError,
+        BackboneWeightsError,
+        ImageDecodeError,
+        ArtifactError,
+        CheckpointMismatchError,
+        FileNotFoundError,
+    ) as err:
+        print(f"fod {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; `fod train --resume` continues from the last epoch", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Typed configuration: every hyper-parameter of the method in one place.
+
+Defaults are the method's (FOD, ICCV 2023); training defaults differ from the
+reference only where the reference is not part of the method (batch size).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+
+from fod_core.backbone import BackboneSpec
+
+
+class Device(str, Enum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(str, Enum):
+    """Autocast mode for the transformer; AUTO is bf16 on CUDA and fp32 on CPU."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+@dataclass(frozen=True)
+class LevelConfig:
+    """One feature level's transformer."""
+
+    d_model: int
+    n_heads: int = 8
+    n_layers: int = 3
+    ffn_ratio: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % 4:
+            raise ValueError(f"d_model must be divisible by 4 for 2-D sin/cos, got {self.d_model}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture, objective and scoring of FOD."""
+
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    image_size: int = 256
+    levels: tuple[LevelConfig, ...] = (LevelConfig(d_model=256), LevelConfig(d_model=512))
+    output_projection: bool = False  # the reference computes one and discards it
+    lambda1: float = 0.5  # weight of the correlation divergences
+    lambda2: float = 0.5  # weight of the entropy terms
+    log_eps: float = 1e-4  # inside log() of KL and entropy
+    score_sigma: float = 4.0  # Gaussian smoothing of the map before the image-score max
+
+    def __post_init__(self) -> None:
+        if len(self.levels) != len(self.backbone.out_indices):
+            raise ValueError(
+                f"{len(self.levels)} level configs for {len(self.backbone.out_indices)} "
+                "backbone stages"
+            )
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["backbone"] = self.backbone.to_dict()
+        data["levels"] = [asdict(level) for level in self.levels]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        data = dict(data)
+        data["backbone"] = BackboneSpec.from_dict(data["backbone"])
+        data["levels"] = tuple(LevelConfig(**level) for level in data["levels"])
+        return cls(**data)
+
+    def with_backbone(self, backbone: BackboneSpec) -> ModelConfig:
+        return replace(self, backbone=backbone)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop. Adam without weight decay or schedule, as the method trains."""
+
+    epochs: int = 100
+    batch_size: int = 8
+    lr: float = 1e-4
+    seed: int = 3407
+    val_fraction: float = 0.1  # of the normal training images, held out for every choice
+    device: Device = Device.AUTO
+    precision: Precision = Precision.AUTO
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {
+            "device": self.device.value,
+            "precision": self.precision.value,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["device"] = Device(data["device"])
+        data["precision"] = Precision(data["precision"])
+        return cls(**data)

@@ -1,0 +1,92 @@
+"""Inference: backbone + FOD model + the shared pre/post-processing, in one object that
+evaluation, ``fod predict``, export and serving all call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fod_core.backbone import FeatureExtractor
+from fod_core.model import FODModel
+from fod_core.processing import PostProcessing, PreProcessing, read_image
+
+
+@dataclass
+class Prediction:
+    """One image's result; ``anomaly_map`` is at the model's input size."""
+
+    score: float
+    is_anomalous: bool | None
+    anomaly_map: np.ndarray
+
+    def to_dict(self, *, with_map: bool = False) -> dict:
+        data = {"score": self.score, "is_anomalous": self.is_anomalous}
+        if with_map:
+            data["anomaly_map"] = self.anomaly_map.tolist()
+        return data
+
+
+class AnomalyDetector:
+    """A trained FOD model ready to score images."""
+
+    def __init__(
+        self,
+        *,
+        extractor: FeatureExtractor,
+        model: FODModel,
+        pre: PreProcessing,
+        post: PostProcessing,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        self.pre = pre
+        self.post = post
+        if self.device.type == "cpu":
+            torch.set_flush_denormal(True)
+
+    def with_threshold(self, threshold: float, mode: str) -> AnomalyDetector:
+        self.post = replace(self.post, threshold=float(threshold), threshold_mode=mode)
+        return self
+
+    @torch.no_grad()
+    def score_features(
+        self, feature_maps: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features -> (anomaly maps (N, S, S), image scores (N,)), on CPU."""
+        level_maps = self.model.score_maps([f.to(self.device) for f in feature_maps])
+        maps = self.post.anomaly_map(level_maps)
+        return maps.cpu(), self.post.image_score(maps).cpu()
+
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (N, 3, S, S) -> (anomaly maps, image scores)."""
+        return self.score_features(self.extractor(images.to(self.device)))
+
+    def predict(
+        self,
+        sources: Sequence[str | Path | bytes | Image.Image],
+        *,
+        batch_size: int = 16,
+    ) -> list[Prediction]:
+        """Decode, preprocess, score and decide; images of any size and mode."""
+        results: list[Prediction] = []
+        for start in range(0, len(sources), batch_size):
+            chunk = sources[start : start + batch_size]
+            images = [s if isinstance(s, Image.Image) else read_image(s) for s in chunk]
+            batch = torch.stack([self.pre(image) for image in images])
+            maps, scores = self.score_batch(batch)
+            decisions = (
+                self.post.is_anomalous(scores.numpy())
+                if self.post.threshold is not None
+                else [None] * len(chunk)
+            )
+            for m, s, d in zip(maps, scores, decisions, strict=True):
+                results.append(Prediction(float(s), None if d is None else bool(d), m.numpy()))
+        return results

@@ -1,0 +1,305 @@
+"""FOD: the I2Correlation transformer, one per feature level.
+
+Reads top to bottom: positional embedding, token embedding, attention with a learnable
+RBF target, the I2Correlation encoder layer, the per-level model, the two-level model,
+and the factory. Losses and scoring math live in ``fod_core.losses``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fod_core.config import LevelConfig, ModelConfig
+from fod_core.kernels import divergence, outer_target
+
+
+def sincos_position_embedding_2d(d_model: int, height: int, width: int) -> torch.Tensor:
+    """Fixed 2-D sin/cos embedding (H*W, d): first half encodes the column, second the row."""
+    if d_model % 4:
+        raise ValueError(f"d_model must be divisible by 4, got {d_model}")
+    quarter = d_model // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(height, dtype=torch.float64),
+        torch.arange(width, dtype=torch.float64),
+        indexing="ij",
+    )
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class Embedding2D(nn.Module):
+    """1x1 projection of feature tokens plus the fixed 2-D position embedding."""
+
+    def __init__(self, *, in_channels: int, d_model: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_channels, d_model, bias=True)
+        nn.init.kaiming_normal_(self.proj.weight, mode="fan_in", nonlinearity="leaky_relu")
+        nn.init.zeros_(self.proj.bias)
+        self.register_buffer(
+            "position", sincos_position_embedding_2d(d_model, *grid), persistent=False
+        )
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(tokens) + self.position
+
+
+def squash_sigma(raw: torch.Tensor) -> torch.Tensor:
+    """sigma = 3^(sigmoid(5 s) + 1e-5) - 1: a width in grid cells, in (0, 2)."""
+    return torch.pow(3.0, torch.sigmoid(5.0 * raw) + 1e-5) - 1.0
+
+
+def rbf_target_factors(
+    sigma: torch.Tensor, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column factors of the row-normalised anisotropic RBF target.
+
+    sigma: (N, heads, L, 2) as (sigma_y, sigma_x), L = H*W query cells. The Gaussian
+    1/(2 pi sy sx) exp(-dy^2/2sy^2 - dx^2/2sx^2) factorises over rows and columns, and
+    so does its row sum, so the normalised target is T = outer(ty, tx) with
+    ty = softmax(-dy^2/2sy^2) over the H rows and tx likewise over the W columns.
+    Returns ty (N, heads, L, H) and tx (N, heads, L, W).
+    """
+    height, width = grid
+    sigma = sigma.float()
+    rows = torch.arange(height, device=sigma.device, dtype=torch.float32)
+    cols = torch.arange(width, device=sigma.device, dtype=torch.float32)
+    dy2 = (rows.repeat_interleave(width)[:, None] - rows[None]) ** 2  # (L, H)
+    dx2 = (cols.repeat(height)[:, None] - cols[None]) ** 2  # (L, W)
+    ty = torch.softmax(-dy2 / (2 * sigma[..., 0:1] ** 2), dim=-1)
+    tx = torch.softmax(-dx2 / (2 * sigma[..., 1:2] ** 2), dim=-1)
+    return ty, tx
+
+
+def rbf_target_dense(sigma: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The target computed the straightforward way, (N, heads, L, L): the reference's
+    formula, kept for the baseline benchmark and to check the factorised form."""
+    height, width = grid
+    sigma = sigma.float()
+    rows = torch.arange(height, device=sigma.device).repeat_interleave(width).float()
+    cols = torch.arange(width, device=sigma.device).repeat(height).float()
+    dy2 = (rows[:, None] - rows[None]) ** 2  # (L, L)
+    dx2 = (cols[:, None] - cols[None]) ** 2
+    sy, sx = sigma[..., 0:1], sigma[..., 1:2]  # (N, h, L, 1)
+    dense = torch.exp(-dy2 / (2 * sy**2) - dx2 / (2 * sx**2)) / (2 * math.pi * sy * sx)
+    return dense / dense.sum(dim=-1, keepdim=True)
+
+
+@dataclass
+class AttentionMaps:
+    """One attention's learned correlation S (N, heads, L, L_keys) and its target.
+
+    The target is kept as its separable factors; ``target`` materialises it.
+    """
+
+    correlation: torch.Tensor
+    sigma: torch.Tensor  # (N, heads, L, 2)
+    target_rows: torch.Tensor  # (N, heads, L, H)
+    target_cols: torch.Tensor  # (N, heads, L, W)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return outer_target(self.target_rows, self.target_cols)
+
+
+class PriorAttention(nn.Module):
+    """Multi-head attention that also predicts a per-token RBF target for its map."""
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        grid: tuple[int, int],
+        output_projection: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.grid = grid
+        self.query = nn.Linear(d_model, d_model)
+        self.key = nn.Linear(d_model, d_model)
+        self.value = nn.Linear(d_model, d_model)
+        self.sigma = nn.Linear(d_model, 2 * n_heads)
+        self.out = nn.Linear(d_model, d_model) if output_projection else nn.Identity()
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        return x.view(n, length, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, AttentionMaps]:
+        n, length, d_model = x.shape
+        q = self._split_heads(self.query(x) * self.head_dim**-0.5)  # scale L*d, not L*L
+        k = self._split_heads(self.key(context))
+        v = self._split_heads(self.value(context))
+        logits = q @ k.transpose(-2, -1)
+        correlation = torch.softmax(logits.float(), dim=-1)
+        out = (correlation.to(v.dtype) @ v).transpose(1, 2).reshape(n, length, d_model)
+        sigma = squash_sigma(self.sigma(x).float()).view(n, length, self.n_heads, 2)
+        sigma = sigma.transpose(1, 2)
+        rows, cols = rbf_target_factors(sigma, self.grid)
+        return self.out(out), AttentionMaps(correlation, sigma, rows, cols)
+
+
+class I2CorrelationLayer(nn.Module):
+    """Intra- and inter-correlation attention fused by their difference, then an FFN."""
+
+    def __init__(
+        self, *, config: LevelConfig, grid: tuple[int, int], output_projection: bool = False
+    ) -> None:
+        super().__init__()
+        d_model = config.d_model
+        attention = dict(
+            d_model=d_model, n_heads=config.n_heads, grid=grid, output_projection=output_projection
+        )
+        self.intra = PriorAttention(**attention)
+        self.inter = PriorAttention(**attention)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(
+            nn.Linear(d_model, config.ffn_ratio * d_model),
+            nn.GELU(),
+            nn.Dropout(config.dropout),
+            nn.Linear(config.ffn_ratio * d_model, d_model),
+            nn.Dropout(config.dropout),
+        )
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self, x: torch.Tensor, reference: torch.Tensor
+    ) -> tuple[torch.Tensor, AttentionMaps, AttentionMaps]:
+        intra_out, intra_maps = self.intra(x, x)
+        inter_out, inter_maps = self.inter(x, reference)
+        # (x + intra) - (x + inter): the residual cancels, only the discrepancy remains.
+        h = self.norm1(intra_out - inter_out)
+        return self.norm2(h + self.ffn(h)), intra_maps, inter_maps
+
+
+@dataclass
+class LevelOutput:
+    """What one level's forward pass yields for the loss and for scoring."""
+
+    tokens: torch.Tensor  # (N, L, C) input feature tokens, the reconstruction target
+    reconstruction: torch.Tensor  # (N, L, C)
+    intra: list[AttentionMaps]
+    inter: list[AttentionMaps]
+
+
+class FODLevel(nn.Module):
+    """The FOD transformer for one feature level, holding its class reference features."""
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        grid: tuple[int, int],
+        config: LevelConfig,
+        output_projection: bool = False,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.in_channels = in_channels
+        self.embed = Embedding2D(in_channels=in_channels, d_model=config.d_model, grid=grid)
+        self.reference_embed = Embedding2D(
+            in_channels=in_channels, d_model=config.d_model, grid=grid
+        )
+        self.layers = nn.ModuleList(
+            I2CorrelationLayer(config=config, grid=grid, output_projection=output_projection)
+            for _ in range(config.n_layers)
+        )
+        self.norm = nn.LayerNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, in_channels)
+        self.register_buffer("reference", torch.zeros(grid[0] * grid[1], in_channels))
+
+    def set_reference(self, reference: torch.Tensor) -> None:
+        """Per-position mean of the class's normal features, (L, C)."""
+        self.reference.copy_(reference.to(self.reference))
+
+    def forward(self, feature_map: torch.Tensor) -> LevelOutput:
+        """feature_map: pooled backbone features (N, C, H, W)."""
+        tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
+        x = self.embed(tokens)
+        reference = self.reference_embed(self.reference)[None].expand(x.shape[0], -1, -1)
+        intra, inter = [], []
+        for layer in self.layers:
+            x, intra_maps, inter_maps = layer(x, reference)
+            intra.append(intra_maps)
+            inter.append(inter_maps)
+        reconstruction = self.head(self.norm(x))
+        return LevelOutput(tokens, reconstruction.float(), intra, inter)
+
+    @staticmethod
+    def token_scores(output: LevelOutput, log_eps: float) -> torch.Tensor:
+        """Per-token anomaly score (N, L): reconstruction error weighted by inter-discrepancy."""
+        target, recon = output.tokens.float(), output.reconstruction.float()
+        rec = ((target - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
+        divergences = [
+            divergence(m.target_rows, m.target_cols, m.correlation, log_eps).mean(1)
+            for m in output.inter
+        ]
+        corr = torch.stack(divergences).mean(0)  # (N, L)
+        weights = torch.softmax(-corr, dim=-1)
+        weights = weights.max(dim=-1, keepdim=True).values - weights
+        return rec * weights
+
+
+class FODModel(nn.Module):
+    """Independent FOD transformers, one per backbone level."""
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        in_channels: Sequence[int],
+        strides: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.config = config
+        grids = [(config.image_size // s, config.image_size // s) for s in strides]
+        self.levels = nn.ModuleList(
+            FODLevel(
+                in_channels=c,
+                grid=g,
+                config=level,
+                output_projection=config.output_projection,
+            )
+            for c, g, level in zip(in_channels, grids, config.levels, strict=True)
+        )
+
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [level.grid for level in self.levels]
+
+    def set_references(self, references: Sequence[torch.Tensor]) -> None:
+        for level, reference in zip(self.levels, references, strict=True):
+            level.set_reference(reference)
+
+    def forward(self, feature_maps: Sequence[torch.Tensor]) -> list[LevelOutput]:
+        return [level(f) for level, f in zip(self.levels, feature_maps, strict=True)]
+
+    @torch.no_grad()
+    def score_maps(self, feature_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map."""
+        maps = []
+        for level, features in zip(self.levels, feature_maps, strict=True):
+            scores = FODLevel.token_scores(level(features), self.config.log_eps)
+            maps.append(scores.view(-1, *level.grid))
+        return maps
+
+
+def create_fod_model(
+    config: ModelConfig, *, in_channels: Sequence[int], strides: Sequence[int]
+) -> FODModel:
+    for stride in strides:
+        if config.image_size % stride:
+            raise ValueError(f"image_size {config.image_size} is not a multiple of stride {stride}")
+    return FODModel(config=config, in_channels=in_channels, strides=strides)

@@ -1,0 +1,32 @@
+"""Lifecycle stage 'predict': score images with a model artefact, optionally save heatmaps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fod_core.artifact import load_detector
+from fod_core.processing import read_image
+from fod_core.visualize import overlay
+
+
+def predict_images(
+    model_dir: str | Path,
+    images: list[str | Path],
+    *,
+    heatmap_dir: str | Path | None = None,
+    device: str = "cpu",
+) -> list[dict]:
+    """One dict per image: path, score, is_anomalous, threshold (and heatmap path)."""
+    detector = load_detector(model_dir, device=device)
+    predictions = detector.predict([Path(p) for p in images])
+    results = []
+    for path, prediction in zip(images, predictions, strict=True):
+        entry = {"path": str(path), **prediction.to_dict(), "threshold": detector.post.threshold}
+        if heatmap_dir is not None:
+            target = Path(heatmap_dir) / f"{Path(path).stem}_heatmap.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            vmax = detector.post.threshold or float(prediction.anomaly_map.max())
+            overlay(read_image(path), prediction.anomaly_map, vmin=0.0, vmax=vmax * 2).save(target)
+            entry["heatmap"] = str(target)
+        results.append(entry)
+    return results

@@ -1,0 +1,165 @@
+"""The one pre- and post-processing path, shared by training, evaluation, export and
+serving: decoding, resize, normalisation, anomaly-map assembly, smoothing, image score
+and threshold. Nothing else in the project resizes an image or builds a map.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+# Refuse decompression bombs early; a 900x900 MVTec image is 0.8 MPixel.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """An input that is not a readable image; the message says which and why."""
+
+
+def read_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode a file or bytes into an RGB PIL image (grayscale is replicated to 3 channels)."""
+    if isinstance(source, bytes | bytearray):
+        name, data = "<bytes>", bytes(source)
+    else:
+        name = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except OSError as err:
+            raise ImageDecodeError(f"{name}: cannot open ({err.strerror or err})") from err
+    if not data:
+        raise ImageDecodeError(f"{name}: empty input")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ImageDecodeError(
+                f"{name}: {image.width}x{image.height} exceeds {max_pixels} pixels"
+            )
+        image.load()
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{name}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
+    if image.mode != "RGB":
+        image = (
+            image.convert("L").convert("RGB")
+            if image.mode in ("L", "I", "I;16", "1", "LA")
+            else image.convert("RGB")
+        )
+    return image
+
+
+def read_mask(path: str | Path, size: int) -> np.ndarray:
+    """Binary ground-truth mask resized to the model's square size, (size, size) uint8."""
+    try:
+        with Image.open(path) as mask:
+            mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+            return (np.asarray(mask) > 0).astype(np.uint8)
+    except (OSError, UnidentifiedImageError) as err:
+        raise ImageDecodeError(f"{path}: not a readable mask ({err})") from err
+
+
+@dataclass(frozen=True)
+class PreProcessing:
+    """Image -> normalised tensor: antialiased resize to a square, per-channel mean/std."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreProcessing:
+        return cls(data["image_size"], tuple(data["mean"]), tuple(data["std"]))
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """uint8 RGB image -> float tensor (3, S, S) in [0, 1], antialiased."""
+        array = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
+        tensor = array.permute(2, 0, 1)[None].float() / 255.0
+        size = (self.image_size, self.image_size)
+        if tuple(tensor.shape[-2:]) != size:
+            tensor = F.interpolate(
+                tensor, size=size, mode="bilinear", antialias=True, align_corners=False
+            ).clamp_(0, 1)
+        return tensor[0]
+
+    def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        return (tensor - mean) / std
+
+    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+        image = source if isinstance(source, Image.Image) else read_image(source)
+        return self.normalize(self.resize(image.convert("RGB")))
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = int(4.0 * sigma + 0.5)  # scipy.ndimage's default truncate=4.0
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian filter of (N, H, W) maps, 'reflect' borders as scipy.ndimage."""
+    if sigma <= 0:
+        return maps
+    kernel = _gaussian_kernel(sigma).to(maps.device)
+    radius = kernel.numel() // 2
+    x = maps[:, None].float()
+
+    def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+        # scipy's 'reflect' (d c b a | a b c d | d c b a), any pad width.
+        size = t.shape[dim]
+        index = torch.arange(-radius, size + radius, device=t.device) % (2 * size)
+        index = torch.where(index >= size, 2 * size - 1 - index, index)
+        return t.index_select(dim, index)
+
+    x = F.conv2d(pad(x, 3), kernel.view(1, 1, 1, -1))
+    x = F.conv2d(pad(x, 2), kernel.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """Level score grids -> anomaly map -> image score -> decision."""
+
+    image_size: int
+    score_sigma: float = 4.0
+    threshold: float | None = None
+    threshold_mode: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PostProcessing:
+        return cls(**data)
+
+    def anomaly_map(self, level_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Average of the levels' grids, each bilinearly upsampled (align_corners=True)."""
+        size = (self.image_size, self.image_size)
+        upsampled = [
+            F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+            for m in level_maps
+        ]
+        return torch.stack(upsampled).mean(0)
+
+    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Max of the Gaussian-smoothed map; (N,)."""
+        return gaussian_blur(anomaly_map, self.score_sigma).flatten(1).max(dim=1).values
+
+    def is_anomalous(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise ValueError("the model has no calibrated threshold; run calibration first")
+        return np.asarray(scores) >= self.threshold

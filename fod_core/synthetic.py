@@ -1,0 +1,88 @@
+"""A small generated dataset in the MVTec AD layout, with planted defects and masks.
+
+Used by the demo job and the tests: it needs no download, and its defects are known
+exactly, so a working model must find them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+DEFECT_TYPES = ("scratch", "stain")
+
+
+def _normal_image(rng: np.random.Generator, size: int) -> Image.Image:
+    """A textured plate with a round part on it, slightly jittered in place and light."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = 0.45 + 0.1 * xx + 0.05 * yy + rng.normal(0, 0.015, (size, size))
+    weave = 0.04 * np.sin(2 * np.pi * 12 * xx) * np.sin(2 * np.pi * 12 * yy)
+    gray = np.clip(base + weave, 0, 1)
+    rgb = np.stack([gray * 0.9, gray * 0.95, gray], axis=-1) * rng.uniform(0.95, 1.05)
+    image = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    cx, cy = size / 2 + rng.normal(0, size * 0.01, 2)
+    radius = size * 0.3
+    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(150, 160, 175))
+    inner = radius * 0.45
+    draw.ellipse([cx - inner, cy - inner, cx + inner, cy + inner], fill=(95, 100, 110))
+    return image.filter(ImageFilter.GaussianBlur(0.6))
+
+
+def _plant_defect(
+    image: Image.Image, rng: np.random.Generator, kind: str
+) -> tuple[Image.Image, Image.Image]:
+    size = image.width
+    mask = Image.new("L", image.size, 0)
+    draw_mask = ImageDraw.Draw(mask)
+    draw = ImageDraw.Draw(image)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
+    if kind == "scratch":
+        angle = rng.uniform(0, np.pi)
+        half = rng.uniform(0.15, 0.25) * size
+        dx, dy = np.cos(angle) * half, np.sin(angle) * half
+        width = max(3, int(size * 0.045))
+        line = [(cx - dx, cy - dy), (cx + dx, cy + dy)]
+        draw.line(line, fill=(235, 225, 90), width=width)
+        draw_mask.line(line, fill=255, width=width)
+    else:
+        r = rng.uniform(0.09, 0.14) * size
+        box = [cx - r, cy - r * 0.7, cx + r, cy + r * 0.7]
+        draw.ellipse(box, fill=(60, 30, 25))
+        draw_mask.ellipse(box, fill=255)
+    return image, mask
+
+
+def make_synthetic_dataset(
+    root: str | Path,
+    category: str = "widget",
+    *,
+    n_train: int = 40,
+    n_test_good: int = 10,
+    n_test_defect: int = 6,
+    size: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Write ``root/category`` in the MVTec AD layout; returns the dataset root."""
+    rng = np.random.default_rng(seed)
+    base = Path(root) / category
+    folders = {
+        "train": base / "train" / "good",
+        "good": base / "test" / "good",
+        **{kind: base / "test" / kind for kind in DEFECT_TYPES},
+        **{f"gt_{kind}": base / "ground_truth" / kind for kind in DEFECT_TYPES},
+    }
+    for folder in folders.values():
+        folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        _normal_image(rng, size).save(folders["train"] / f"{i:03d}.png")
+    for i in range(n_test_good):
+        _normal_image(rng, size).save(folders["good"] / f"{i:03d}.png")
+    for kind in DEFECT_TYPES:
+        for i in range(n_test_defect):
+            image, mask = _plant_defect(_normal_image(rng, size), rng, kind)
+            image.save(folders[kind] / f"{i:03d}.png")
+            mask.save(folders[f"gt_{kind}"] / f"{i:03d}_mask.png")
+    return Path(root)

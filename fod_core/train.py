@@ -1,0 +1,143 @@
+"""Lifecycle stage 'train': dataset -> cached features -> FOD model -> calibrated artefact."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fod_core.artifact import save_artifact
+from fod_core.backbone import FeatureExtractor
+from fod_core.cache import BlobStore, CacheStats, FeatureCache, LocalStore
+from fod_core.calibration import Threshold, calibrate_threshold
+from fod_core.config import ModelConfig, TrainConfig
+from fod_core.data import DatasetFormat, load_category, split_validation
+from fod_core.inference import AnomalyDetector
+from fod_core.model import FODModel, create_fod_model
+from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.trainer import FODTrainer, TrainResult, class_references, resolve_device
+from fod_core.visualize import plot_training_curves
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    return Path(os.environ.get("FOD_CACHE_DIR", Path.home() / ".cache" / "fod" / "features"))
+
+
+@dataclass
+class TrainOutcome:
+    model_dir: Path
+    result: TrainResult
+    threshold: Threshold
+    cache: dict[str, CacheStats]
+    seconds: dict[str, float]
+
+
+def train_model(
+    data_root: str | Path,
+    category: str,
+    out_dir: str | Path,
+    *,
+    format: DatasetFormat | str = DatasetFormat.MVTEC,
+    model_config: ModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    cache_store: BlobStore | None = None,
+    resume: bool = False,
+    keep_checkpoints: bool = False,
+    target_false_alarm_rate: float = 0.01,
+    progress: bool = True,
+    on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
+    metadata: dict | None = None,
+) -> TrainOutcome:
+    """Train one category and write a calibrated model artefact to ``out_dir``."""
+    model_config = model_config or ModelConfig()
+    train_config = train_config or TrainConfig()
+    out_dir = Path(out_dir)
+    timings: dict[str, float] = {}
+    data = load_category(data_root, category, format)
+    train_records, val_records = split_validation(data.train, train_config.val_fraction)
+    log.info(
+        "%s: %d training, %d validation images", category, len(train_records), len(val_records)
+    )
+
+    device = resolve_device(train_config.device)
+    started = time.perf_counter()
+    extractor = FeatureExtractor(spec=model_config.backbone)
+    pre = PreProcessing(model_config.image_size, extractor.mean, extractor.std)
+    cache = FeatureCache(cache_store or LocalStore(default_cache_dir()), extractor, pre)
+    train_features, train_stats = cache.features(
+        train_records, device=device, progress=progress, desc="train features"
+    )
+    val_features, val_stats = cache.features(
+        val_records, device=device, progress=progress, desc="val features"
+    )
+    timings["features_s"] = time.perf_counter() - started
+
+    model = create_fod_model(
+        model_config, in_channels=extractor.channels, strides=extractor.strides
+    )
+    model.set_references(class_references(train_features))
+    trainer = FODTrainer(
+        model,
+        config=train_config,
+        checkpoint_dir=out_dir / "checkpoints",
+        progress=progress,
+        on_epoch_end=on_epoch_end,
+    )
+    started = time.perf_counter()
+    result = trainer.fit(train_features, val_features, resume=resume)
+    timings["train_s"] = time.perf_counter() - started
+
+    detector = AnomalyDetector(
+        extractor=extractor,
+        model=model,
+        pre=pre,
+        post=PostProcessing(model_config.image_size, model_config.score_sigma),
+        device=device,
+    )
+    calibration_records = val_records or train_records
+    if not val_records:
+        log.warning("no validation images: calibrating on training images (optimistic)")
+    val_scores = [p.score for p in detector.predict([r.path for r in calibration_records])]
+    threshold = calibrate_threshold(val_scores, target_false_alarm_rate=target_false_alarm_rate)
+    detector.with_threshold(threshold.value, threshold.mode.value)
+    history = [r.__dict__ for r in result.history]
+    save_artifact(
+        out_dir,
+        model=model,
+        extractor=extractor,
+        pre=pre,
+        post=detector.post,
+        metadata={
+            "category": category,
+            "data": {
+                **data.summary(),
+                "root": str(data.root),
+                "train_images": len(train_records),
+                "val_images": len(val_records),
+            },
+            "training": {
+                "config": train_config.to_dict(),
+                "device": str(device),
+                "best_epoch": result.best_epoch,
+                "best_val_loss": result.best_val_loss,
+                "history": history,
+                **timings,
+            },
+            "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
+            "calibration": {**threshold.to_dict(), "validation_scores": val_scores},
+            **(metadata or {}),
+        },
+    )
+    plot_training_curves(history, out_dir / "training_curves.png")
+    if not keep_checkpoints:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    return TrainOutcome(
+        out_dir, result, threshold, {"train": train_stats, "val": val_stats}, timings
+    )

@@ -1,0 +1,262 @@
+"""The training loop, kept apart from the model: batches of cached features, both
+phases of every level in one backward pass, a checkpoint every epoch, resume, and the
+best epoch chosen on the held-out normal images."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fod_core.config import Device, Precision, TrainConfig
+from fod_core.losses import fod_objective, reconstruction_loss, total_objective
+from fod_core.model import FODModel
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    device = Device(device)
+    if device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
+    return torch.device(device.value)
+
+
+def autocast_for(device: torch.device, precision: Precision | str):
+    """bf16 autocast on CUDA by default; on CPU only when asked (it needs AMX/AVX512-bf16)."""
+    precision = Precision(precision)
+    use_bf16 = precision is Precision.BF16 or (
+        precision is Precision.AUTO and device.type == "cuda"
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def prepare_runtime(device: torch.device) -> None:
+    """The RBF target underflows into subnormal floats, which x86 CPUs handle very slowly."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
+def class_references(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-position mean of the normal training features, (H*W, C) per level."""
+    return [f.float().mean(0).flatten(1).transpose(0, 1).contiguous() for f in features]
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train: dict[str, float]
+    val_loss: float | None
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_loss: float | None
+    history: list[EpochRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_loss": self.best_val_loss,
+            "history": [asdict(r) for r in self.history],
+        }
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A resume checkpoint that was written for another model or schedule."""
+
+
+class FODTrainer:
+    """Trains an FOD model on cached features; ``fit`` leaves the best epoch's weights in it."""
+
+    def __init__(
+        self,
+        model: FODModel,
+        *,
+        config: TrainConfig,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+        on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.extra_records: dict[int, dict] = {}
+
+    # -- one step ---------------------------------------------------------------------
+    def train_step(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
+        model_config = self.model.config
+        with autocast_for(self.device, self.config.precision):
+            outputs = self.model(batch)
+            terms = [
+                fod_objective(
+                    out,
+                    lambda1=model_config.lambda1,
+                    lambda2=model_config.lambda2,
+                    eps=model_config.log_eps,
+                )
+                for out in outputs
+            ]
+        loss = total_objective(terms)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        stats: dict[str, float] = {}
+        for level, t in enumerate(terms):
+            for key, value in t.as_floats().items():
+                stats[f"level{level}/{key}"] = value
+        return stats
+
+    @torch.no_grad()
+    def validation_loss(self, features: Sequence[torch.Tensor]) -> float | None:
+        """Mean reconstruction loss of held-out normal images, summed over levels."""
+        n = features[0].shape[0] if features else 0
+        if n == 0:
+            return None
+        self.model.eval()
+        total = 0.0
+        for start in range(0, n, self.config.batch_size):
+            batch = [f[start : start + self.config.batch_size].to(self.device) for f in features]
+            with autocast_for(self.device, self.config.precision):
+                outputs = self.model(batch)
+            rec = sum(
+                float(reconstruction_loss(o.tokens.float(), o.reconstruction.float()))
+                for o in outputs
+            )
+            total += rec * batch[0].shape[0]
+        return total / n
+
+    # -- the loop ---------------------------------------------------------------------
+    def fit(
+        self,
+        train_features: Sequence[torch.Tensor],
+        val_features: Sequence[torch.Tensor] = (),
+        *,
+        resume: bool = False,
+    ) -> TrainResult:
+        cfg = self.config
+        prepare_runtime(self.device)
+        torch.manual_seed(cfg.seed)
+        n_train = train_features[0].shape[0]
+        if n_train == 0:
+            raise ValueError("no training images")
+        self.model.to(self.device)
+        result = TrainResult(best_epoch=0, best_val_loss=None)
+        best_state = None
+        start_epoch = 1
+        if resume and self.checkpoint_dir and (self.checkpoint_dir / "last.pt").is_file():
+            start_epoch, result, best_state = self._load_checkpoint()
+            log.info("resuming at epoch %d of %d", start_epoch, cfg.epochs)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            started = time.perf_counter()
+            self.model.train()
+            generator = torch.Generator().manual_seed(cfg.seed + epoch)
+            order = torch.randperm(n_train, generator=generator)
+            sums: dict[str, float] = {}
+            batches = range(0, n_train, cfg.batch_size)
+            bar = tqdm(
+                batches,
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                disable=not self.progress,
+                unit="batch",
+                leave=False,
+            )
+            for start in bar:
+                index = order[start : start + cfg.batch_size]
+                batch = [f[index].to(self.device, non_blocking=True) for f in train_features]
+                stats = self.train_step(batch)
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value * len(index)
+                bar.set_postfix(rec=f"{stats['level0/reconstruction']:.4f}")
+            bar.close()
+            train_means = {k: v / n_train for k, v in sums.items()}
+            val_loss = self.validation_loss(val_features)
+            record = EpochRecord(epoch, train_means, val_loss, time.perf_counter() - started)
+            result.history.append(record)
+            improved = (
+                val_loss is None
+                or result.best_val_loss is None
+                or (val_loss < result.best_val_loss)
+            )
+            if improved:
+                result.best_epoch, result.best_val_loss = epoch, val_loss
+                best_state = copy.deepcopy(self.model.state_dict())
+            if self.on_epoch_end is not None:
+                extra = self.on_epoch_end(epoch, self.model)
+                if extra:
+                    self.extra_records[epoch] = extra
+            self._save_checkpoint(epoch, result, best_state)
+            vl = "n/a" if val_loss is None else f"{val_loss:.5f}"
+            log.info(
+                "epoch %d: train rec %.5f, val rec %s, %.1fs%s",
+                epoch,
+                train_means.get("level0/reconstruction", float("nan")),
+                vl,
+                record.seconds,
+                " (best)" if improved else "",
+            )
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        self.model.eval()
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _save_checkpoint(self, epoch: int, result: TrainResult, best_state) -> None:
+        if self.checkpoint_dir is None:
+            return
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "epoch": epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_state": best_state,
+            "result": result.to_dict(),
+            "train_config": self.config.to_dict(),
+            "model_config": self.model.config.to_dict(),
+        }
+        tmp = self.checkpoint_dir / "last.pt.tmp"
+        torch.save(payload, tmp)
+        tmp.replace(self.checkpoint_dir / "last.pt")
+
+    def _load_checkpoint(self) -> tuple[int, TrainResult, dict | None]:
+        payload = torch.load(
+            self.checkpoint_dir / "last.pt", map_location=self.device, weights_only=False
+        )
+        if payload["model_config"] != self.model.config.to_dict():
+            raise CheckpointMismatchError(
+                f"{self.checkpoint_dir / 'last.pt'} was written for another model config; "
+                "remove it or train without --resume"
+            )
+        saved = {k: v for k, v in payload["train_config"].items() if k != "epochs"}
+        current = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        if saved != current:
+            raise CheckpointMismatchError(
+                f"{self.checkpoint_dir / 'last.pt'} was written with other training settings "
+                f"({saved}); only --epochs may change on resume"
+            )
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        raw = payload["result"]
+        result = TrainResult(
+            best_epoch=raw["best_epoch"],
+            best_val_loss=raw["best_val_loss"],
+            history=[EpochRecord(**r) for r in raw["history"]],
+        )
+        return payload["epoch"] + 1, result, payload["best_state"]

@@ -1,0 +1,94 @@
+"""Pictures a person would rather look at than read: heatmap overlays, ROC, histograms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image
+from scipy import ndimage
+
+
+def heatmap_rgb(anomaly_map: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Map values to 'jet' colours, (H, W, 3) uint8; vmin/vmax fixed across a set."""
+    scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    return (colormaps["jet"](scaled)[..., :3] * 255).astype(np.uint8)
+
+
+def overlay(
+    image: Image.Image,
+    anomaly_map: np.ndarray,
+    *,
+    vmin: float,
+    vmax: float,
+    mask: np.ndarray | None = None,
+    alpha: float = 0.45,
+) -> Image.Image:
+    """Image | heatmap blended over it (mask outline in white where known)."""
+    size = anomaly_map.shape[::-1]
+    base = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR))
+    blended = (1 - alpha) * base + alpha * heatmap_rgb(anomaly_map, vmin, vmax)
+    blended = blended.astype(np.uint8)
+    if mask is not None and mask.any():
+        edge = mask.astype(bool) & ~ndimage.binary_erosion(mask.astype(bool), iterations=1)
+        blended[edge] = 255
+    return Image.fromarray(np.concatenate([base, blended], axis=1))
+
+
+def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auroc: float | None, path: Path, title: str) -> None:
+    fig = Figure(figsize=(4.5, 4.5))
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.4f}" if auroc is not None else None)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="true positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    if auroc is not None:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_score_histogram(
+    scores: Sequence[float],
+    labels: Sequence[int],
+    threshold: float | None,
+    path: Path,
+    title: str,
+) -> None:
+    scores, labels = np.asarray(scores), np.asarray(labels)
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    bins = np.linspace(scores.min(), scores.max(), 30) if scores.size else 10
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:green")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous", color="tab:red")
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    ax.set(xlabel="image anomaly score", ylabel="images", title=title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_training_curves(history: Sequence[dict], path: Path) -> None:
+    """Reconstruction loss per epoch (train per level, validation)."""
+    epochs = [h["epoch"] for h in history]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    keys = sorted({k for h in history for k in h["train"] if k.endswith("/reconstruction")})
+    for key in keys:
+        ax.plot(epochs, [h["train"][key] for h in history], label=f"train {key.split('/')[0]}")
+    val = [h["val_loss"] for h in history]
+    if any(v is not None for v in val):
+        ax.plot(epochs, val, "k-o", ms=3, label="validation (sum of levels)")
+    ax.set(xlabel="epoch", ylabel="reconstruction loss", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

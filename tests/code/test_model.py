@@ -1,0 +1,251 @@
+"""The FOD model and objective: shapes, the RBF target, KL/entropy, phase isolation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fod_core.config import LevelConfig, ModelConfig
+from fod_core.kernels import outer_target, split_divergence_entropy
+from fod_core.losses import (
+    entropy,
+    fod_objective,
+    kl_divergence,
+    reference_objective,
+    total_objective,
+)
+from fod_core.model import (
+    FODLevel,
+    create_fod_model,
+    rbf_target_dense,
+    rbf_target_factors,
+    sincos_position_embedding_2d,
+    squash_sigma,
+)
+
+CHANNELS, STRIDES = (12, 20), (8, 16)
+
+
+def small_config(n_layers: int = 2, image_size: int = 64) -> ModelConfig:
+    return ModelConfig(
+        image_size=image_size,
+        levels=(LevelConfig(d_model=32, n_heads=4, n_layers=n_layers),
+                LevelConfig(d_model=48, n_heads=4, n_layers=n_layers)),
+    )
+
+
+def features(batch: int, image_size: int = 64, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, c, image_size // s, image_size // s, generator=g)
+            for c, s in zip(CHANNELS, STRIDES, strict=True)]
+
+
+def make_model(n_layers: int = 2, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_fod_model(small_config(n_layers), in_channels=CHANNELS, strides=STRIDES)
+    model.set_references([f.mean(0).flatten(1).T for f in features(4, seed=99)])
+    return model
+
+
+def test_default_config_is_the_method():
+    config = ModelConfig()
+    assert config.image_size == 256
+    assert [(lv.d_model, lv.n_heads, lv.n_layers, lv.ffn_ratio) for lv in config.levels] == [
+        (256, 8, 3, 4), (512, 8, 3, 4)]
+    assert config.backbone.out_indices == (2, 3)
+    assert (config.lambda1, config.lambda2, config.score_sigma) == (0.5, 0.5, 4.0)
+    assert config.output_projection is False
+
+
+def test_forward_shapes():
+    model = make_model()
+    outputs = model(features(3))
+    assert len(outputs) == 2
+    for out, c, s in zip(outputs, CHANNELS, STRIDES, strict=True):
+        length = (64 // s) ** 2
+        assert out.reconstruction.shape == (3, length, c)
+        assert out.tokens.shape == (3, length, c)
+        assert len(out.intra) == len(out.inter) == 2
+        assert out.intra[0].correlation.shape == (3, 4, length, length)
+        assert out.inter[0].target.shape == (3, 4, length, length)
+    maps = model.score_maps(features(3))
+    assert [tuple(m.shape) for m in maps] == [(3, 8, 8), (3, 4, 4)]
+
+
+def test_sincos_embedding_halves_encode_column_then_row():
+    emb = sincos_position_embedding_2d(16, 3, 5)
+    assert emb.shape == (15, 16)
+    grid = emb.view(3, 5, 16)
+    assert torch.allclose(grid[0, :, :8], grid[2, :, :8])  # column half ignores the row
+    assert torch.allclose(grid[:, 0, 8:], grid[:, 4, 8:])  # row half ignores the column
+    assert not torch.allclose(grid[0, 0, :8], grid[0, 1, :8])
+    with pytest.raises(ValueError):
+        sincos_position_embedding_2d(18, 2, 2)
+
+
+def test_sigma_squash_range():
+    raw = torch.tensor([-100.0, 0.0, 100.0])
+    sigma = squash_sigma(raw)
+    assert sigma[0] == pytest.approx(3 ** 1e-5 - 1, abs=1e-6)
+    assert sigma[1] == pytest.approx(3 ** (0.5 + 1e-5) - 1, rel=1e-5)
+    assert sigma[2] == pytest.approx(2.0, rel=1e-4)
+
+
+def test_rbf_rows_sum_to_one_and_match_the_dense_formula():
+    torch.manual_seed(0)
+    sigma = squash_sigma(torch.randn(2, 3, 20, 2))
+    rows, cols = rbf_target_factors(sigma, (4, 5))
+    target = outer_target(rows, cols)
+    assert target.shape == (2, 3, 20, 20)
+    assert torch.allclose(target.sum(-1), torch.ones(2, 3, 20), atol=1e-6)
+    assert torch.allclose(target, rbf_target_dense(sigma, (4, 5)), atol=1e-6)
+    # The peak of each row sits on the query cell itself.
+    assert torch.equal(target.argmax(-1)[0, 0], torch.arange(20))
+
+
+def test_rbf_dense_value_by_hand():
+    sigma = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2).expand(1, 1, 4, 2)
+    dense = rbf_target_dense(sigma, (2, 2))
+    # query cell (0,0): offsets (dy,dx) to cells (0,0),(0,1),(1,0),(1,1)
+    raw = torch.tensor([math.exp(-dy**2 / 2 - dx**2 / 8) for dy, dx in
+                        [(0, 0), (0, 1), (1, 0), (1, 1)]])
+    assert torch.allclose(dense[0, 0, 0], raw / raw.sum(), atol=1e-6)
+
+
+def test_kl_and_entropy_known_values():
+    p = torch.tensor([0.5, 0.5])
+    q = torch.tensor([0.25, 0.75])
+    eps = 1e-4
+    expected = 0.5 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + 0.5 * (
+        math.log(0.5 + eps) - math.log(0.75 + eps))
+    assert float(kl_divergence(p, q, eps)) == pytest.approx(expected, rel=1e-6)
+    assert float(kl_divergence(p, p, eps)) == 0.0
+    assert float(entropy(torch.tensor([0.25] * 4), eps)) == pytest.approx(
+        -math.log(0.25 + eps), rel=1e-6)
+    assert float(entropy(torch.tensor([1.0, 0.0]), eps)) == pytest.approx(
+        -math.log(1 + eps), abs=1e-7)
+
+
+def test_fused_divergence_matches_autograd_of_the_definition():
+    """Values and both stop-gradient halves against plain autograd on the KL formula."""
+    torch.manual_seed(0)
+    raw_sigma = torch.randn(2, 3, 12, 2, dtype=torch.float64)
+    logits = torch.randn(2, 3, 12, 12, dtype=torch.float64)
+    eps = 1e-4
+
+    def inputs():
+        s = raw_sigma.clone().requires_grad_()
+        lg = logits.clone().requires_grad_()
+        rows, cols = rbf_target_factors(squash_sigma(s), (3, 4))
+        return s, lg, rows.double(), cols.double(), torch.softmax(lg, -1)
+
+    s1, l1, rows, cols, corr = inputs()
+    div_t, div_s, ent = split_divergence_entropy(rows, cols, corr, eps)
+    (2.0 * div_t.sum() + 3.0 * div_s.sum() - 0.7 * ent.sum()).backward()
+
+    s2, l2, rows2, cols2, corr2 = inputs()
+    target = outer_target(rows2, cols2)
+    sym_t = kl_divergence(target, corr2.detach(), eps) + kl_divergence(corr2.detach(), target, eps)
+    sym_s = kl_divergence(target.detach(), corr2, eps) + kl_divergence(corr2, target.detach(), eps)
+    (2.0 * sym_t.sum() + 3.0 * sym_s.sum() - 0.7 * entropy(corr2, eps).sum()).backward()
+
+    assert torch.allclose(div_t, sym_t.float(), atol=1e-5)
+    assert torch.allclose(div_s, div_t)
+    assert torch.allclose(ent, entropy(corr2, eps).float(), atol=1e-5)
+    assert torch.allclose(s1.grad, s2.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(l1.grad, l2.grad, rtol=1e-4, atol=1e-6)
+
+
+def _grads(model, loss) -> dict[str, float]:
+    model.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: float(p.grad.abs().sum()) if p.grad is not None else 0.0
+            for n, p in model.named_parameters()}
+
+
+def test_each_phase_moves_only_its_parameters():
+    """Without the shared reconstruction term, phase 1 reaches the sigma heads and not the
+    attention's query/key, phase 2 the query/key and not the sigma heads."""
+    model = make_model(n_layers=1)
+    out = model(features(2))[0]
+    terms = fod_objective(out, lambda1=0.5, lambda2=0.5, eps=1e-4)
+    phase1 = _grads(model, terms.phase1 - terms.reconstruction)
+    phase2 = _grads(model, terms.phase2 - terms.reconstruction)
+    layer = "levels.0.layers.0"
+    for branch in ("intra", "inter"):
+        assert phase1[f"{layer}.{branch}.sigma.weight"] > 0
+        assert phase1[f"{layer}.{branch}.query.weight"] == 0
+        assert phase1[f"{layer}.{branch}.key.weight"] == 0
+        assert phase2[f"{layer}.{branch}.query.weight"] > 0
+        assert phase2[f"{layer}.{branch}.key.weight"] > 0
+        assert phase2[f"{layer}.{branch}.sigma.weight"] == 0
+    for grads in (phase1, phase2):  # neither correlation term touches the decoder
+        assert grads["levels.0.head.weight"] == 0
+        assert grads[f"{layer}.ffn.0.weight"] == 0
+        assert all(v == 0 for k, v in grads.items() if k.startswith("levels.1."))
+
+
+def test_single_backward_equals_the_two_phase_reference():
+    """backward(L1 + L2) == backward(L1, retain) then backward(L2), with the dense target."""
+    model = make_model()
+    feats = features(2)
+
+    def gradients(objective, two_passes: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        terms = [objective(o, lambda1=0.5, lambda2=0.5, eps=1e-4) for o in model(feats)]
+        if two_passes:
+            sum(t.phase1 for t in terms).backward(retain_graph=True)
+            sum(t.phase2 for t in terms).backward()
+        else:
+            total_objective(terms).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    fused = gradients(fod_objective, two_passes=False)
+    reference = gradients(reference_objective, two_passes=True)
+    for a, b in zip(fused, reference, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_scores_do_not_depend_on_batch_size():
+    model = make_model().eval()
+    feats = features(5, seed=3)
+    together = model.score_maps(feats)
+    alone = [model.score_maps([f[i : i + 1] for f in feats]) for i in range(5)]
+    for level, maps in enumerate(together):
+        single = torch.cat([a[level] for a in alone])
+        assert torch.allclose(maps, single, rtol=1e-5, atol=1e-7)
+
+
+def test_token_scores_are_weighted_reconstruction_error():
+    model = make_model().eval()
+    with torch.no_grad():
+        out = model.levels[0](features(1)[0])
+        scores = FODLevel.token_scores(out, 1e-4)
+    assert scores.shape == (1, 64)
+    assert (scores >= 0).all()
+    assert scores.min() == 0  # the token with the smallest discrepancy gets weight 0
+
+
+def test_batch_larger_than_one_trains():
+    model = make_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    feats = features(4)
+    losses = []
+    for _ in range(15):
+        terms = [fod_objective(o, lambda1=0.5, lambda2=0.5, eps=1e-4) for o in model(feats)]
+        optimizer.zero_grad()
+        total_objective(terms).backward()
+        optimizer.step()
+        losses.append(sum(float(t.reconstruction.detach()) for t in terms))
+    assert losses[-1] < losses[0]
+
+
+def test_level_config_validation():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        LevelConfig(d_model=30)
+    with pytest.raises(ValueError, match="n_heads"):
+        LevelConfig(d_model=32, n_heads=3)
+    with pytest.raises(ValueError, match="level configs"):
+        ModelConfig(levels=(LevelConfig(d_model=32),))

@@ -1,0 +1,34 @@
+"""Shared fixtures: generated datasets (no download) and the optional real MVTec data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests run offline and eagerly: compiling kernels for tiny shapes costs more than it saves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FOD_COMPILE", "0")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A small MVTec-layout dataset with planted defects: category 'widget'."""
+    from fod_core.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("synthetic"), "widget", n_train=24, n_test_good=6,
+        n_test_defect=4, size=96, seed=1,
+    )
+
+
+@pytest.fixture(scope="session")
+def mvtec_root() -> Path:
+    """The real MVTec AD data beside the checkout (CI always has it; a user's clone may not)."""
+    if not (SHARED_MVTEC / "bottle").is_dir():
+        pytest.skip(f"real MVTec AD data not found at {SHARED_MVTEC} (only in the project's CI)")
+    return SHARED_MVTEC
