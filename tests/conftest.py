@@ -21,8 +21,13 @@ def synthetic_root(tmp_path_factory) -> Path:
     from fod_core.synthetic import make_synthetic_dataset
 
     return make_synthetic_dataset(
-        tmp_path_factory.mktemp("synthetic"), "widget", n_train=24, n_test_good=6,
-        n_test_defect=4, size=96, seed=1,
+        tmp_path_factory.mktemp("synthetic"),
+        "widget",
+        n_train=24,
+        n_test_good=6,
+        n_test_defect=4,
+        size=96,
+        seed=1,
     )
 
 

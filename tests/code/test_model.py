@@ -31,15 +31,19 @@ CHANNELS, STRIDES = (12, 20), (8, 16)
 def small_config(n_layers: int = 2, image_size: int = 64) -> ModelConfig:
     return ModelConfig(
         image_size=image_size,
-        levels=(LevelConfig(d_model=32, n_heads=4, n_layers=n_layers),
-                LevelConfig(d_model=48, n_heads=4, n_layers=n_layers)),
+        levels=(
+            LevelConfig(d_model=32, n_heads=4, n_layers=n_layers),
+            LevelConfig(d_model=48, n_heads=4, n_layers=n_layers),
+        ),
     )
 
 
 def features(batch: int, image_size: int = 64, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, c, image_size // s, image_size // s, generator=g)
-            for c, s in zip(CHANNELS, STRIDES, strict=True)]
+    return [
+        torch.randn(batch, c, image_size // s, image_size // s, generator=g)
+        for c, s in zip(CHANNELS, STRIDES, strict=True)
+    ]
 
 
 def make_model(n_layers: int = 2, seed: int = 0):
@@ -53,7 +57,9 @@ def test_default_config_is_the_method():
     config = ModelConfig()
     assert config.image_size == 256
     assert [(lv.d_model, lv.n_heads, lv.n_layers, lv.ffn_ratio) for lv in config.levels] == [
-        (256, 8, 3, 4), (512, 8, 3, 4)]
+        (256, 8, 3, 4),
+        (512, 8, 3, 4),
+    ]
     assert config.backbone.out_indices == (2, 3)
     assert (config.lambda1, config.lambda2, config.score_sigma) == (0.5, 0.5, 4.0)
     assert config.output_projection is False
@@ -88,7 +94,7 @@ def test_sincos_embedding_halves_encode_column_then_row():
 def test_sigma_squash_range():
     raw = torch.tensor([-100.0, 0.0, 100.0])
     sigma = squash_sigma(raw)
-    assert sigma[0] == pytest.approx(3 ** 1e-5 - 1, abs=1e-6)
+    assert sigma[0] == pytest.approx(3**1e-5 - 1, abs=1e-6)
     assert sigma[1] == pytest.approx(3 ** (0.5 + 1e-5) - 1, rel=1e-5)
     assert sigma[2] == pytest.approx(2.0, rel=1e-4)
 
@@ -109,8 +115,9 @@ def test_rbf_dense_value_by_hand():
     sigma = torch.tensor([1.0, 2.0]).view(1, 1, 1, 2).expand(1, 1, 4, 2)
     dense = rbf_target_dense(sigma, (2, 2))
     # query cell (0,0): offsets (dy,dx) to cells (0,0),(0,1),(1,0),(1,1)
-    raw = torch.tensor([math.exp(-dy**2 / 2 - dx**2 / 8) for dy, dx in
-                        [(0, 0), (0, 1), (1, 0), (1, 1)]])
+    raw = torch.tensor(
+        [math.exp(-(dy**2) / 2 - dx**2 / 8) for dy, dx in [(0, 0), (0, 1), (1, 0), (1, 1)]]
+    )
     assert torch.allclose(dense[0, 0, 0], raw / raw.sum(), atol=1e-6)
 
 
@@ -119,13 +126,16 @@ def test_kl_and_entropy_known_values():
     q = torch.tensor([0.25, 0.75])
     eps = 1e-4
     expected = 0.5 * (math.log(0.5 + eps) - math.log(0.25 + eps)) + 0.5 * (
-        math.log(0.5 + eps) - math.log(0.75 + eps))
+        math.log(0.5 + eps) - math.log(0.75 + eps)
+    )
     assert float(kl_divergence(p, q, eps)) == pytest.approx(expected, rel=1e-6)
     assert float(kl_divergence(p, p, eps)) == 0.0
     assert float(entropy(torch.tensor([0.25] * 4), eps)) == pytest.approx(
-        -math.log(0.25 + eps), rel=1e-6)
+        -math.log(0.25 + eps), rel=1e-6
+    )
     assert float(entropy(torch.tensor([1.0, 0.0]), eps)) == pytest.approx(
-        -math.log(1 + eps), abs=1e-7)
+        -math.log(1 + eps), abs=1e-7
+    )
 
 
 def test_fused_divergence_matches_autograd_of_the_definition():
@@ -161,8 +171,10 @@ def test_fused_divergence_matches_autograd_of_the_definition():
 def _grads(model, loss) -> dict[str, float]:
     model.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
-    return {n: float(p.grad.abs().sum()) if p.grad is not None else 0.0
-            for n, p in model.named_parameters()}
+    return {
+        n: float(p.grad.abs().sum()) if p.grad is not None else 0.0
+        for n, p in model.named_parameters()
+    }
 
 
 def test_each_phase_moves_only_its_parameters():

@@ -39,13 +39,16 @@ def test_grayscale_is_replicated_and_resized():
     tensor = pre(png_bytes(gray))
     assert tensor.shape == (3, 32, 32)
     assert torch.equal(tensor[0], tensor[1]) and torch.equal(tensor[1], tensor[2])
-    assert -1.0 <= float(tensor.min()) and float(tensor.max()) <= 1.0
+    assert float(tensor.min()) >= -1.0 and float(tensor.max()) <= 1.0
 
 
 @pytest.mark.parametrize(
     ("payload", "message"),
-    [(b"", "empty"), (b"not an image at all", "not a readable image"),
-     (png_bytes(Image.new("RGB", (8, 8)))[:40], "not a readable image")],
+    [
+        (b"", "empty"),
+        (b"not an image at all", "not a readable image"),
+        (png_bytes(Image.new("RGB", (8, 8)))[:40], "not a readable image"),
+    ],
 )
 def test_bad_bytes_are_a_clear_error(payload, message):
     with pytest.raises(ImageDecodeError, match=message):
