@@ -18,6 +18,7 @@ from fod_core.config import ModelConfig
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.runtime import configure_cpu_numerics
 
 ARTIFACT_FORMAT = "fod-model"
 ARTIFACT_VERSION = 1
@@ -88,6 +89,7 @@ def update_manifest(directory: str | Path, **fields) -> dict:
 
 
 def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") -> AnomalyDetector:
+    configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     directory = Path(directory)
     manifest = read_manifest(directory)
     for name in ("model.pt", "backbone.pt"):

@@ -15,6 +15,7 @@ from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
 from fod_core.config import Device, ModelConfig, Precision, TrainConfig
 from fod_core.data import DatasetError, DatasetFormat
 from fod_core.processing import ImageDecodeError
+from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import CheckpointMismatchError
 
 log = logging.getLogger("fod")
@@ -157,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     data_root = make_synthetic_dataset(out / "data", "widget", size=args.image_size)
     model_config = ModelConfig(image_size=args.image_size)
-    train_config = replace(TrainConfig(), epochs=args.epochs)
+    train_config = replace(TrainConfig(), epochs=args.epochs, lr=args.lr)
     started = time.perf_counter()
     train_model(
         data_root,
@@ -208,7 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate data with planted defects, train, evaluate")
     demo.add_argument("--out", default=Path("runs/demo"), type=Path)
-    demo.add_argument("--epochs", type=int, default=8)
+    demo.add_argument("--epochs", type=int, default=16)
+    demo.add_argument(
+        "--lr",
+        type=float,
+        default=3e-4,
+        help="higher than the method's 1e-4: the demo trains few steps",
+    )
     demo.add_argument("--image-size", type=int, default=128)
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -216,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure_cpu_numerics()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -4,6 +4,7 @@ evaluation, ``fod predict``, export and serving all call."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from fod_core.backbone import FeatureExtractor
 from fod_core.model import FODModel
 from fod_core.processing import PostProcessing, PreProcessing, read_image
+from fod_core.runtime import configure_cpu_numerics
 
 
 @dataclass
@@ -48,8 +50,18 @@ class AnomalyDetector:
         self.model = model.to(self.device).eval()
         self.pre = pre
         self.post = post
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)
+        self._pool: ThreadPoolExecutor | None = None
+        configure_cpu_numerics()
+
+    def _prepare(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+        image = source if isinstance(source, Image.Image) else read_image(source)
+        return self.pre(image)
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        """Decoding and resizing release the GIL: overlap them across a batch."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fod-decode")
+        return self._pool
 
     def with_threshold(self, threshold: float, mode: str) -> AnomalyDetector:
         self.post = replace(self.post, threshold=float(threshold), threshold_mode=mode)
@@ -79,8 +91,7 @@ class AnomalyDetector:
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
-            images = [s if isinstance(s, Image.Image) else read_image(s) for s in chunk]
-            batch = torch.stack([self.pre(image) for image in images])
+            batch = torch.stack(list(self._decode_pool().map(self._prepare, chunk)))
             maps, scores = self.score_batch(batch)
             decisions = (
                 self.post.is_anomalous(scores.numpy())

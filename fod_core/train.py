@@ -18,6 +18,7 @@ from fod_core.data import DatasetFormat, load_category, split_validation
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import FODTrainer, TrainResult, class_references, resolve_device
 from fod_core.visualize import plot_training_curves
 
@@ -56,6 +57,7 @@ def train_model(
     metadata: dict | None = None,
 ) -> TrainOutcome:
     """Train one category and write a calibrated model artefact to ``out_dir``."""
+    configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     out_dir = Path(out_dir)

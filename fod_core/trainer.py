@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from fod_core.config import Device, Precision, TrainConfig
 from fod_core.losses import fod_objective, reconstruction_loss, total_objective
 from fod_core.model import FODModel
+from fod_core.runtime import configure_cpu_numerics
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,6 @@ def autocast_for(device: torch.device, precision: Precision | str):
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def prepare_runtime(device: torch.device) -> None:
-    """The RBF target underflows into subnormal floats, which x86 CPUs handle very slowly."""
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
 
 
 def class_references(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -152,7 +147,7 @@ class FODTrainer:
         resume: bool = False,
     ) -> TrainResult:
         cfg = self.config
-        prepare_runtime(self.device)
+        configure_cpu_numerics()
         torch.manual_seed(cfg.seed)
         n_train = train_features[0].shape[0]
         if n_train == 0:

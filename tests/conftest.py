@@ -12,6 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FOD_COMPILE", "0")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
+from fod_core.runtime import configure_cpu_numerics
+
+configure_cpu_numerics()  # before any test starts PyTorch's worker threads
+
 SHARED_MVTEC = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvtec_ad"
 
 

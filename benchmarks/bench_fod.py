@@ -1,0 +1,274 @@
+"""FOD benchmark on a real category: accuracy, feature extraction, training speed against
+a reference-style baseline, inference latency and peak memory.
+
+    python benchmarks/bench_fod.py --data ../shared/data/mvtec_ad --category bottle \
+        --backbone efficientnet_lite0 --epochs 10 --out runs/bench/lite0
+
+Model selection uses the validation split only; test AUROC per epoch is recorded for
+the record, never used for a choice. Writes <out>/benchmark.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from fod_core.cache import FeatureCache, LocalStore
+from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+from fod_core.data import load_category, split_validation
+from fod_core.evaluate import evaluate_detector, ground_truth_masks
+from fod_core.inference import AnomalyDetector
+from fod_core.losses import reference_objective
+from fod_core.metrics import image_auroc, pixel_auroc
+from fod_core.model import create_fod_model
+from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.runtime import configure_cpu_numerics
+from fod_core.train import train_model
+from fod_core.trainer import FODTrainer, class_references
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def baseline_seconds_per_image(
+    model_config: ModelConfig, extractor, pre, records, references, iterations: int
+) -> float:
+    """Train the way the reference code does: batch 1, the backbone run on every step, the
+    dense target and separate KL terms, backward of phase 1 (retain graph) then phase 2,
+    one optimiser per level. Same process settings as ours (subnormals flushed)."""
+    model = create_fod_model(
+        model_config, in_channels=extractor.channels, strides=extractor.strides
+    )
+    model.set_references(references)
+    model.train()
+    optimizers = [torch.optim.Adam(level.parameters(), lr=1e-4) for level in model.levels]
+    images = [pre(r.path) for r in records[: iterations + 1]]
+    times = []
+    for i, image in enumerate(images):
+        started = time.perf_counter()
+        with torch.no_grad():
+            maps = extractor(image[None])
+        for level, features, optimizer in zip(model.levels, maps, optimizers, strict=True):
+            terms = reference_objective(
+                level(features),
+                lambda1=model_config.lambda1,
+                lambda2=model_config.lambda2,
+                eps=model_config.log_eps,
+            )
+            optimizer.zero_grad()
+            terms.phase1.backward(retain_graph=True)
+            terms.phase2.backward()
+            optimizer.step()
+        if i > 0:  # the first iteration warms up allocators
+            times.append(time.perf_counter() - started)
+    return statistics.mean(times)
+
+
+def our_seconds_per_image(model_config, train_config, extractor, features, batches: int):
+    """Our training step (cached features, batched, one backward, fused kernels)."""
+    model = create_fod_model(
+        model_config, in_channels=extractor.channels, strides=extractor.strides
+    )
+    model.set_references(class_references(features))
+    trainer = FODTrainer(model, config=train_config, progress=False)
+    size = train_config.batch_size
+    batch = [f[:size] for f in features]
+    trainer.train_step(batch)  # warm-up: kernel compilation, allocator
+    started = time.perf_counter()
+    for i in range(batches):
+        trainer.train_step([f[i * size % len(f) :][:size] for f in features])
+    return (time.perf_counter() - started) / (batches * size)
+
+
+def inference_ms(detector: AnomalyDetector, records, batch_size: int, repeats: int) -> dict:
+    """Per-image latency of the full path (decode, preprocess, backbone, FOD, post)."""
+    paths = [r.path for r in records[:batch_size]]
+    detector.predict(paths, batch_size=batch_size)  # warm-up (and kernel compilation)
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        detector.predict(paths, batch_size=batch_size)
+        runs.append((time.perf_counter() - started) * 1000 / len(paths))
+    return {"ms_per_image_median": statistics.median(runs), "runs": len(runs)}
+
+
+def main() -> None:
+    configure_cpu_numerics()  # first: PyTorch's worker threads inherit it
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--category", default="bottle")
+    parser.add_argument("--backbone", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--baseline-iterations", type=int, default=4)
+    parser.add_argument("--timing-batches", type=int, default=4)
+    parser.add_argument("--tiny", action="store_true", help="small model: smoke-test the script")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    model_config = ModelConfig(image_size=args.image_size)
+    model_config = model_config.with_backbone(type(model_config.backbone)(name=args.backbone))
+    if args.tiny:
+        model_config = ModelConfig(
+            backbone=model_config.backbone,
+            image_size=args.image_size,
+            levels=(LevelConfig(d_model=32, n_heads=4, n_layers=1),) * 2,
+        )
+    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    data = load_category(args.data, args.category)
+    train_records, val_records = split_validation(data.train, train_config.val_fraction)
+    report: dict = {
+        "command": "python benchmarks/bench_fod.py "
+        + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)
+        ),
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.is_available(),
+        },
+        "data": data.summary() | {"train_split": len(train_records), "val_split": len(val_records)},
+        "model_config": model_config.to_dict(),
+        "train_config": train_config.to_dict(),
+    }
+
+    # 1. Feature extraction, cold cache.
+    cache_dir = args.out / "cache"
+    from fod_core.backbone import FeatureExtractor
+
+    extractor = FeatureExtractor(spec=model_config.backbone)
+    pre = PreProcessing(args.image_size, extractor.mean, extractor.std)
+    cache = FeatureCache(LocalStore(cache_dir), extractor, pre)
+    started = time.perf_counter()
+    train_features, stats = cache.features(data.train, desc="all train features")
+    report["feature_extraction"] = {
+        "seconds": time.perf_counter() - started,
+        "images": len(data.train),
+        "misses": stats.misses,
+    }
+    test_features, _ = cache.features(data.test, desc="test features")
+    labels = [r.label for r in data.test]
+    masks = ground_truth_masks(data.test, args.image_size)
+
+    # 2. Speed, back to back on a quiet machine: our train step vs the reference's way.
+    ours = our_seconds_per_image(
+        model_config, train_config, extractor, train_features, args.timing_batches
+    )
+    baseline = baseline_seconds_per_image(
+        model_config,
+        extractor,
+        pre,
+        train_records,
+        class_references(train_features),
+        args.baseline_iterations,
+    )
+    report["speed"] = {
+        "our_seconds_per_image": ours,
+        "baseline_seconds_per_image": baseline,
+        "speedup": baseline / ours,
+        "timing_batches": args.timing_batches,
+        "baseline_iterations": args.baseline_iterations,
+    }
+    print(
+        f"speed: ours {ours:.3f} s/img, baseline {baseline:.3f} s/img, x{baseline / ours:.1f}",
+        flush=True,
+    )
+
+    # 3. Training on cached features; test AUROC per epoch for the record only.
+    by_epoch: dict[int, dict] = {}
+
+    def record(epoch: int, model) -> None:
+        detector = AnomalyDetector(
+            extractor=extractor,
+            model=model,
+            pre=pre,
+            post=PostProcessing(args.image_size, model_config.score_sigma),
+        )
+        maps, scores = [], []
+        for start in range(0, len(data.test), 16):
+            m, s = detector.score_features([f[start : start + 16] for f in test_features])
+            maps.append(m)
+            scores.append(s)
+        maps_np, scores_np = torch.cat(maps).numpy(), torch.cat(scores).numpy()
+        by_epoch[epoch] = {
+            "image_auroc": image_auroc(labels, scores_np),
+            "pixel_auroc": pixel_auroc(masks, maps_np),
+        }
+        print(f"[record only] epoch {epoch}: test {by_epoch[epoch]}", flush=True)
+        model.train()
+
+    outcome = train_model(
+        args.data,
+        args.category,
+        args.out / "model",
+        model_config=model_config,
+        train_config=train_config,
+        cache_store=LocalStore(cache_dir),
+        on_epoch_end=record,
+    )
+    epoch_seconds = [r.seconds for r in outcome.result.history]
+    report["training"] = {
+        "epochs": args.epochs,
+        "seconds_per_epoch_median": statistics.median(epoch_seconds),
+        "seconds_per_epoch_first": epoch_seconds[0],
+        "seconds_per_image": statistics.median(epoch_seconds) / len(train_records),
+        "best_epoch_by_validation": outcome.result.best_epoch,
+        "val_loss_by_epoch": [r.val_loss for r in outcome.result.history],
+        "test_by_epoch_record_only": by_epoch,
+    }
+
+    # 4. The selected model on the test set, through the shared inference path.
+    from fod_core.artifact import load_detector
+
+    detector = load_detector(args.out / "model")
+    metrics = evaluate_detector(
+        detector, data.test, args.out / "eval", title=args.category, max_overlays=24
+    )
+    report["metrics"] = {
+        k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect_type")
+    }
+
+    # 5. Inference latency and memory.
+    report["inference"] = {
+        "batch_1": inference_ms(detector, data.test, 1, repeats=10),
+        "batch_16": inference_ms(detector, data.test, 16, repeats=3),
+    }
+    report["peak_rss_mb"] = peak_rss_mb()
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    print(
+        json.dumps(
+            {
+                k: report[k]
+                for k in (
+                    "feature_extraction",
+                    "training",
+                    "speed",
+                    "metrics",
+                    "inference",
+                    "peak_rss_mb",
+                )
+            },
+            indent=2,
+            default=str,
+        )
+    )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,204 @@
+"""End-to-end: train on generated data with planted defects, evaluate, resume, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fod_core.artifact import ArtifactError, load_detector, read_manifest
+from fod_core.cache import LocalStore
+from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+from fod_core.evaluate import evaluate_model
+from fod_core.synthetic import make_synthetic_dataset
+from fod_core.train import train_model
+from fod_core.trainer import CheckpointMismatchError
+
+TINY = ModelConfig(
+    image_size=64,
+    levels=(
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+    ),
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The default FOD architecture trained on a generated dataset, then evaluated."""
+    base = tmp_path_factory.mktemp("e2e")
+    root = make_synthetic_dataset(
+        base / "data", "widget", n_train=30, n_test_good=8, n_test_defect=6, size=128, seed=7
+    )
+    outcome = train_model(
+        root,
+        "widget",
+        base / "model",
+        model_config=ModelConfig(image_size=128),
+        train_config=TrainConfig(epochs=16, batch_size=8, lr=3e-4, val_fraction=0.15),
+        cache_store=LocalStore(base / "cache"),
+        progress=False,
+    )
+    metrics = evaluate_model(base / "model", root, "widget", base / "eval", progress=False)
+    return base, root, outcome, metrics
+
+
+def test_planted_defects_are_found(trained):
+    _, _, _, metrics = trained
+    assert metrics["image_auroc"] >= 0.9, metrics
+    assert metrics["pixel_auroc"] >= 0.8, metrics
+
+
+def test_report_and_artefact(trained):
+    base, _, outcome, _ = trained
+    written = json.loads((base / "eval" / "metrics.json").read_text())
+    assert {"image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect_type"} <= set(written)
+    assert set(written["per_defect_type"]) == {"scratch", "stain"}
+    for plot in ("roc.png", "score_histogram.png", "predictions.csv"):
+        assert (base / "eval" / plot).is_file()
+    assert len(list((base / "eval" / "overlays").rglob("*.png"))) == 8 + 12
+    manifest = read_manifest(base / "model")
+    assert manifest["postprocessing"]["threshold"] == pytest.approx(outcome.threshold.value)
+    assert manifest["calibration"]["threshold_mode"] == "false_alarm_rate"
+    assert 1 <= manifest["training"]["best_epoch"] <= 16
+    assert not (base / "model" / "checkpoints").exists()
+    assert sorted(p.name for p in (base / "model").iterdir()) == [
+        "backbone.pt",
+        "fod.json",
+        "model.pt",
+        "training_curves.png",
+    ]
+
+
+def test_predict_cli_matches_the_detector(trained):
+    base, root, _, _ = trained
+    images = sorted((root / "widget" / "test" / "stain").glob("*.png"))[:2]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fod_core.cli",
+            "-q",
+            "predict",
+            "--model",
+            str(base / "model"),
+            *map(str, images),
+            "--heatmaps",
+            str(base / "heatmaps"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**_env(), "FOD_COMPILE": "0"},
+    )
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    direct = load_detector(base / "model").predict(images)
+    for line, prediction in zip(lines, direct, strict=True):
+        assert line["score"] == pytest.approx(prediction.score, rel=1e-5, abs=1e-7)
+        assert line["is_anomalous"] == prediction.is_anomalous
+        assert (base / "heatmaps").joinpath(line["heatmap"].split("/")[-1]).is_file()
+
+
+def test_second_training_extracts_nothing(trained, tmp_path):
+    base, root, _, _ = trained
+    outcome = train_model(
+        root,
+        "widget",
+        tmp_path / "m",
+        model_config=ModelConfig(image_size=128),
+        train_config=TrainConfig(epochs=1, val_fraction=0.15),
+        cache_store=LocalStore(base / "cache"),
+        progress=False,
+    )
+    assert outcome.cache["train"].misses == 0 and outcome.cache["val"].misses == 0
+    assert outcome.cache["train"].hits > 0
+
+
+def test_interrupted_training_resumes_to_the_same_weights(synthetic_root, tmp_path):
+    config = TrainConfig(epochs=3, batch_size=4, lr=1e-3, val_fraction=0.2)
+    store = LocalStore(tmp_path / "cache")
+    reference = train_model(
+        synthetic_root,
+        "widget",
+        tmp_path / "straight",
+        model_config=TINY,
+        train_config=config,
+        cache_store=store,
+        progress=False,
+    )
+
+    def interrupt(epoch, model):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_model(
+            synthetic_root,
+            "widget",
+            tmp_path / "resumed",
+            model_config=TINY,
+            train_config=config,
+            cache_store=store,
+            progress=False,
+            on_epoch_end=interrupt,
+        )
+    assert (tmp_path / "resumed" / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(CheckpointMismatchError, match="other training settings"):
+        train_model(
+            synthetic_root,
+            "widget",
+            tmp_path / "resumed",
+            model_config=TINY,
+            train_config=TrainConfig(epochs=3, batch_size=2, val_fraction=0.2),
+            cache_store=store,
+            progress=False,
+            resume=True,
+        )
+    resumed = train_model(
+        synthetic_root,
+        "widget",
+        tmp_path / "resumed",
+        model_config=TINY,
+        train_config=config,
+        cache_store=store,
+        progress=False,
+        resume=True,
+    )
+    assert [r.epoch for r in resumed.result.history] == [1, 2, 3]
+    a = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.result.best_epoch == reference.result.best_epoch
+
+
+def test_cli_errors_are_readable(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fod_core.cli",
+            "train",
+            "--data",
+            str(tmp_path),
+            "--category",
+            "missing",
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert out.returncode == 2
+    assert "category 'missing' not found" in out.stderr
+    with pytest.raises(ArtifactError, match="not an FOD model directory"):
+        load_detector(tmp_path)
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
