@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,weights
+EXTRAS ?= dev,weights,pipeline
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: setup demo test lint benchmark clean
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(BIN)/fod demo --out runs/demo
+	$(BIN)/fod demo
 
 test: setup
 	$(BIN)/ruff check .

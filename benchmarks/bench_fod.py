@@ -17,12 +17,13 @@ import platform
 import resource
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fod_core.cache import FeatureCache, LocalStore
-from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.data import load_category, split_validation
 from fod_core.evaluate import evaluate_detector, ground_truth_masks
 from fod_core.inference import AnomalyDetector
@@ -33,6 +34,25 @@ from fod_core.processing import PostProcessing, PreProcessing
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.train import train_model
 from fod_core.trainer import FODTrainer, class_references
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that decide bf16 speed (AMX, AVX512-bf16)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    wanted = ("amx", "avx512_bf16", "avx512f", "avx2")
+    return sorted({f for f in flags.split() if f.startswith(wanted)})
+
+
+def cpu_model() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
 
 
 def peak_rss_mb() -> float:
@@ -113,6 +133,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--precision", choices=[p.value for p in Precision], default=Precision.AUTO.value
+    )
     parser.add_argument("--baseline-iterations", type=int, default=4)
     parser.add_argument("--timing-batches", type=int, default=4)
     parser.add_argument("--tiny", action="store_true", help="small model: smoke-test the script")
@@ -128,7 +151,12 @@ def main() -> None:
             image_size=args.image_size,
             levels=(LevelConfig(d_model=32, n_heads=4, n_layers=1),) * 2,
         )
-    train_config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        precision=Precision(args.precision),
+    )
     data = load_category(args.data, args.category)
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     report: dict = {
@@ -137,7 +165,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)
         ),
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model() or platform.machine(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cuda": torch.cuda.is_available(),
@@ -167,7 +195,18 @@ def main() -> None:
 
     # 2. Speed, back to back on a quiet machine: our train step vs the reference's way.
     ours = our_seconds_per_image(
-        model_config, train_config, extractor, train_features, args.timing_batches
+        model_config,
+        replace(train_config, precision=Precision.FP32),
+        extractor,
+        train_features,
+        args.timing_batches,
+    )
+    ours_bf16 = our_seconds_per_image(
+        model_config,
+        replace(train_config, precision=Precision.BF16),
+        extractor,
+        train_features,
+        args.timing_batches,
     )
     baseline = baseline_seconds_per_image(
         model_config,
@@ -181,11 +220,15 @@ def main() -> None:
         "our_seconds_per_image": ours,
         "baseline_seconds_per_image": baseline,
         "speedup": baseline / ours,
+        "our_seconds_per_image_bf16_autocast": ours_bf16,
+        "speedup_bf16_autocast": baseline / ours_bf16,
+        "cpu_flags": cpu_flags(),
         "timing_batches": args.timing_batches,
         "baseline_iterations": args.baseline_iterations,
     }
     print(
-        f"speed: ours {ours:.3f} s/img, baseline {baseline:.3f} s/img, x{baseline / ours:.1f}",
+        f"speed: ours fp32 {ours:.3f} s/img (x{baseline / ours:.1f}), "
+        f"bf16 {ours_bf16:.3f} s/img (x{baseline / ours_bf16:.1f}), baseline {baseline:.3f} s/img",
         flush=True,
     )
 

@@ -60,3 +60,51 @@ def calibrate_threshold(
         return Threshold(float(value), mode, None, int(normal.size), int(anomalous.size))
     value = float(np.quantile(normal, 1.0 - target_false_alarm_rate, method="higher"))
     return Threshold(value, mode, target_false_alarm_rate, int(normal.size), 0)
+
+
+def calibrate_model(
+    model_dir,
+    data_root,
+    category: str,
+    *,
+    format: str = "mvtec",
+    mode: ThresholdMode | str | None = None,
+    target_false_alarm_rate: float = 0.01,
+    anomalous_images: Sequence = (),
+    progress: bool = False,
+) -> Threshold:
+    """Lifecycle stage 'calibrate': re-derive a model's threshold and store it in the artefact.
+
+    Normal scores come from the validation split the model was trained with (the same
+    file-name hash split, so no image the model trained on is used); labelled anomalies,
+    when given, are validation anomalies supplied by the user, never the test set.
+    """
+    from fod_core.artifact import load_detector, read_manifest, update_manifest
+    from fod_core.data import load_category, split_validation
+
+    manifest = read_manifest(model_dir)
+    val_fraction = manifest.get("training", {}).get("config", {}).get("val_fraction", 0.1)
+    data = load_category(data_root, category, format)
+    train_records, val_records = split_validation(data.train, val_fraction)
+    calibration_records = val_records or train_records
+    detector = load_detector(model_dir)
+    normal = [p.score for p in detector.predict([r.path for r in calibration_records])]
+    anomalous = (
+        [p.score for p in detector.predict(list(anomalous_images))] if anomalous_images else []
+    )
+    threshold = calibrate_threshold(
+        normal, anomalous, target_false_alarm_rate=target_false_alarm_rate, mode=mode
+    )
+    post = {**manifest["postprocessing"], "threshold": threshold.value}
+    post["threshold_mode"] = threshold.mode.value
+    update_manifest(
+        model_dir,
+        postprocessing=post,
+        calibration={
+            **threshold.to_dict(),
+            "validation_scores": normal,
+            "anomalous_scores": anomalous,
+            "calibrated_on": "validation split" if val_records else "training images",
+        },
+    )
+    return threshold

@@ -7,12 +7,20 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
-from fod_core.config import Device, ModelConfig, Precision, TrainConfig
+from fod_core.config import (
+    Device,
+    ModelConfig,
+    ModelSize,
+    Precision,
+    TrainConfig,
+    model_config_for,
+)
 from fod_core.data import DatasetError, DatasetFormat
 from fod_core.processing import ImageDecodeError
 from fod_core.runtime import configure_cpu_numerics
@@ -40,6 +48,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         "--backbone",
         default=defaults_model.backbone.name,
         help="any timm CNN with features_only (default: efficientnet_lite0)",
+    )
+    parser.add_argument(
+        "--model-size",
+        default=ModelSize.METHOD.value,
+        choices=[m.value for m in ModelSize],
+        help="method: the paper's widths (default); compact: half widths, 2 layers",
     )
     parser.add_argument(
         "--weights",
@@ -75,7 +89,9 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         weights=WeightsSource(args.weights),
         weights_file=args.weights_file,
     )
-    model_config = ModelConfig(backbone=backbone, image_size=args.image_size)
+    model_config = replace(
+        model_config_for(args.model_size, image_size=args.image_size), backbone=backbone
+    )
     train_config = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -148,8 +164,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Generate a small dataset with planted defects, train on it and evaluate."""
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Generate a small dataset with planted defects, train on it and evaluate (no stack)."""
     from fod_core.cache import LocalStore
     from fod_core.evaluate import evaluate_model
     from fod_core.synthetic import make_synthetic_dataset
@@ -157,7 +173,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     data_root = make_synthetic_dataset(out / "data", "widget", size=args.image_size)
-    model_config = ModelConfig(image_size=args.image_size)
+    model_config = model_config_for(args.model_size, image_size=args.image_size)
     train_config = replace(TrainConfig(), epochs=args.epochs, lr=args.lr)
     started = time.perf_counter()
     train_model(
@@ -180,7 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The ``fod`` parser; ``pipelines.cli`` adds its commands through ``extra_commands``."""
     parser = argparse.ArgumentParser(prog="fod", description=__doc__)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -207,22 +226,32 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu")
     predict.set_defaults(func=cmd_predict)
 
-    demo = sub.add_parser("demo", help="generate data with planted defects, train, evaluate")
-    demo.add_argument("--out", default=Path("runs/demo"), type=Path)
-    demo.add_argument("--epochs", type=int, default=16)
-    demo.add_argument(
+    quick = sub.add_parser(
+        "quickstart", help="generate data with planted defects, train, evaluate (no stack)"
+    )
+    quick.add_argument("--out", default=Path("runs/quickstart"), type=Path)
+    quick.add_argument("--epochs", type=int, default=16)
+    quick.add_argument(
         "--lr",
         type=float,
-        default=3e-4,
-        help="higher than the method's 1e-4: the demo trains few steps",
+        default=5e-4,
+        help="higher than the method's 1e-4: the quickstart trains few steps",
     )
-    demo.add_argument("--image-size", type=int, default=128)
-    demo.set_defaults(func=cmd_demo)
+    quick.add_argument("--image-size", type=int, default=128)
+    quick.add_argument("--model-size", default=ModelSize.COMPACT.value)
+    quick.set_defaults(func=cmd_quickstart)
+    if extra_commands is not None:
+        extra_commands(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    *,
+    parser: argparse.ArgumentParser | None = None,
+    user_errors: tuple[type[Exception], ...] = (),
+) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     configure_cpu_numerics()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -237,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         ArtifactError,
         CheckpointMismatchError,
         FileNotFoundError,
+        *user_errors,
     ) as err:
         print(f"fod {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -80,6 +80,32 @@ class ModelConfig:
         return replace(self, backbone=backbone)
 
 
+class ModelSize(str, Enum):
+    """METHOD is the paper's architecture; COMPACT halves the widths and drops a layer for
+    small images and quick CPU runs (the demo, tests)."""
+
+    METHOD = "method"
+    COMPACT = "compact"
+
+
+MODEL_LEVELS: dict[ModelSize, tuple[LevelConfig, ...]] = {
+    ModelSize.METHOD: (LevelConfig(d_model=256), LevelConfig(d_model=512)),
+    ModelSize.COMPACT: (
+        LevelConfig(d_model=128, n_layers=2),
+        LevelConfig(d_model=256, n_layers=2),
+    ),
+}
+
+
+def model_config_for(
+    size: ModelSize | str = ModelSize.METHOD, *, image_size: int = 256, backbone: str | None = None
+) -> ModelConfig:
+    config = ModelConfig(image_size=image_size, levels=MODEL_LEVELS[ModelSize(size)])
+    if backbone:
+        config = config.with_backbone(BackboneSpec(name=backbone))
+    return config
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop. Adam without weight decay or schedule, as the method trains."""

@@ -125,25 +125,27 @@ def _test_records(test_dir: Path, normal_names: set[str], image_sub: str = "") -
     return records
 
 
-def load_mvtec(root: Path, category: str) -> CategoryData:
+def load_mvtec(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
     base = root / category
     train = [ImageRecord(p, 0) for p in _require_images(base / "train" / "good", "MVTec train")]
     test = _test_records(base / "test", {"good"}) if (base / "test").is_dir() else []
     test = _attach_masks(
-        test, lambda r: base / "ground_truth" / r.defect_type, ("_mask", ""), required=True
+        test, lambda r: base / "ground_truth" / r.defect_type, ("_mask", ""), required=require_masks
     )
     return CategoryData(category, root, DatasetFormat.MVTEC, train, test)
 
 
-def load_btad(root: Path, category: str) -> CategoryData:
+def load_btad(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
     base = root / category
     train = [ImageRecord(p, 0) for p in _require_images(base / "train" / "ok", "BTAD train")]
     test = _test_records(base / "test", {"ok"}) if (base / "test").is_dir() else []
-    test = _attach_masks(test, lambda r: base / "ground_truth" / "ko", ("", "_mask"), required=True)
+    test = _attach_masks(
+        test, lambda r: base / "ground_truth" / "ko", ("", "_mask"), required=require_masks
+    )
     return CategoryData(category, root, DatasetFormat.BTAD, train, test)
 
 
-def load_mvtec3d(root: Path, category: str) -> CategoryData:
+def load_mvtec3d(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
     """RGB only. The layout's validation/good images are normal: they join the training pool,
     from which our own validation split is drawn."""
     base = root / category
@@ -154,11 +156,15 @@ def load_mvtec3d(root: Path, category: str) -> CategoryData:
     test = (
         _test_records(base / "test", {"good"}, image_sub="rgb") if (base / "test").is_dir() else []
     )
-    test = _attach_masks(test, lambda r: base / "test" / r.defect_type / "gt", ("",), required=True)
+    test = _attach_masks(
+        test, lambda r: base / "test" / r.defect_type / "gt", ("",), required=require_masks
+    )
     return CategoryData(category, root, DatasetFormat.MVTEC3D, train, test)
 
 
-def load_folder(root: Path, category: str, *, test_fraction: float = 0.2) -> CategoryData:
+def load_folder(
+    root: Path, category: str, *, test_fraction: float = 0.2, require_masks: bool = False
+) -> CategoryData:
     """``ROOT/CATEGORY/good/`` holds normal images; optional ``defects/<type>/`` anomalous
     ones and ``masks/<type>/<stem>.png`` their masks. When defects exist, a deterministic
     ``test_fraction`` of the good images is held out as the test set's normal images."""
@@ -166,7 +172,7 @@ def load_folder(root: Path, category: str, *, test_fraction: float = 0.2) -> Cat
     good = _require_images(base / "good", "folder layout good images")
     defects = _test_records(base / "defects", set()) if (base / "defects").is_dir() else []
     defects = _attach_masks(
-        defects, lambda r: base / "masks" / r.defect_type, ("", "_mask"), required=False
+        defects, lambda r: base / "masks" / r.defect_type, ("", "_mask"), required=require_masks
     )
     test_normal: list[Path] = []
     if defects:
@@ -188,13 +194,21 @@ LOADERS = {
 
 
 def load_category(
-    root: str | Path, category: str, format: DatasetFormat | str = DatasetFormat.MVTEC
+    root: str | Path,
+    category: str,
+    format: DatasetFormat | str = DatasetFormat.MVTEC,
+    *,
+    require_masks: bool | None = None,
 ) -> CategoryData:
-    """Load one category of a dataset root (the folder that holds ``<category>/``)."""
+    """Load one category of a dataset root (the folder that holds ``<category>/``).
+
+    ``require_masks`` (default: the layout's own rule) set to False lists anomalous
+    images without masks instead of refusing them, so validation can report them all."""
     root = Path(root).expanduser()
     if not (root / category).is_dir():
         raise DatasetError(f"category '{category}' not found under {root}")
-    return LOADERS[DatasetFormat(format)](root, category)
+    options = {} if require_masks is None else {"require_masks": require_masks}
+    return LOADERS[DatasetFormat(format)](root, category, **options)
 
 
 def _stable_rank(name: str) -> str:

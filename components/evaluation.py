@@ -1,0 +1,106 @@
+"""Evaluation as a pipeline step: test metrics at the calibrated threshold, plots and
+heatmap overlays, logged to the training run in MLflow, and an HTML summary."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from pathlib import Path
+
+from components.settings import StackSettings
+
+log = logging.getLogger(__name__)
+
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+
+
+def evaluate_and_track(
+    model_dir: str | Path,
+    data_root: str | Path,
+    category: str,
+    out_dir: str | Path,
+    *,
+    settings: StackSettings | None,
+    data_format: str = "mvtec",
+    run_id: str | None = None,
+    html_report: str | Path | None = None,
+    max_overlays: int | None = 48,
+    progress: bool = True,
+) -> dict:
+    """Evaluate on the test split; log metrics and plots into ``run_id`` when given."""
+    from fod_core.evaluate import evaluate_model
+
+    metrics = evaluate_model(
+        model_dir,
+        data_root,
+        category,
+        out_dir,
+        format=data_format,
+        max_overlays=max_overlays,
+        progress=progress,
+    )
+    out_dir = Path(out_dir)
+    if html_report:
+        write_html_report(metrics, out_dir, Path(html_report), category)
+    if run_id and settings is not None:
+        import mlflow
+
+        from components.tracking import connect
+
+        connect(settings.mlflow_uri, category)
+        with mlflow.start_run(run_id=run_id):
+            values = {f"test_{k}": metrics[k] for k in HEADLINE if metrics.get(k) is not None}
+            confusion = metrics.get("confusion") or {}
+            values |= {f"test_{k}": float(v) for k, v in confusion.items()}
+            mlflow.log_metrics(values)
+            mlflow.log_dict(metrics, "evaluation/metrics.json")
+            for name in ("roc.png", "score_histogram.png", "predictions.csv"):
+                if (out_dir / name).is_file():
+                    mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
+            if (out_dir / "overlays").is_dir():
+                mlflow.log_artifacts(str(out_dir / "overlays"), artifact_path="evaluation/overlays")
+    return metrics
+
+
+def rescore_on(data_root: str | Path, category: str, data_format: str):
+    """A function that evaluates another model (the champion) on this run's test data."""
+
+    def rescore(model_dir: str | Path) -> dict:
+        import tempfile
+
+        from fod_core.evaluate import evaluate_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return evaluate_model(
+                model_dir, data_root, category, tmp, format=data_format, max_overlays=0
+            )
+
+    return rescore
+
+
+def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -> None:
+    """One self-contained page: headline metrics, confusion matrix, plots inline."""
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{metrics[k]:.4f}</td></tr>"
+        for k in HEADLINE
+        if metrics.get(k) is not None
+    )
+    confusion = metrics.get("confusion") or {}
+    confusion_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in confusion.items())
+    images = ""
+    for name in ("roc.png", "score_histogram.png"):
+        path = eval_dir / name
+        if path.is_file():
+            data = base64.b64encode(path.read_bytes()).decode()
+            images += f'<img alt="{name}" src="data:image/png;base64,{data}" width="480">'
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(
+        f"<html><head><title>FOD evaluation: {html.escape(title)}</title></head><body>"
+        f"<h1>FOD evaluation: {html.escape(title)}</h1>"
+        f"<table border=1>{rows}</table><h2>At the calibrated threshold</h2>"
+        f"<table border=1>{confusion_rows}</table>{images}"
+        f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
+        "</body></html>"
+    )

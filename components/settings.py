@@ -1,0 +1,129 @@
+"""Where the pipeline's services are: S3 (data, feature cache, MLflow artifacts) and MLflow.
+
+One settings object, read from the environment, so the same components run against the
+embedded loopback stack on a laptop, against MinIO/SeaweedFS in a cluster, or AWS S3:
+
+    FOD_S3_ENDPOINT        S3 endpoint URL (unset: AWS S3)
+    AWS_ACCESS_KEY_ID      S3 credentials (in a cluster: from a Secret, never in the repo)
+    AWS_SECRET_ACCESS_KEY
+    AWS_DEFAULT_REGION     default us-east-1
+    FOD_BUCKET             bucket for DVC data, the feature cache and models (default fod)
+    MLFLOW_TRACKING_URI    MLflow tracking server
+
+Where none of these is set, the embedded stack's state file (``fod stack up``) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_BUCKET = "fod"
+ENV_KEYS = ("FOD_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID")
+
+
+class SettingsError(RuntimeError):
+    """No stack is configured, or its configuration is incomplete."""
+
+
+def fod_home() -> Path:
+    """The git-ignored folder with the embedded stack's state and generated credentials."""
+    return Path(os.environ.get("FOD_HOME", Path.cwd() / ".fod")).resolve()
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    mlflow_uri: str
+    access_key: str
+    secret_key: str
+    s3_endpoint: str | None = None
+    bucket: str = DEFAULT_BUCKET
+    region: str = "us-east-1"
+
+    def env(self) -> dict[str, str]:
+        """Environment for child processes (components, DVC, MLflow's S3 client)."""
+        env = {
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "FOD_BUCKET": self.bucket,
+        }
+        if self.s3_endpoint:
+            env |= {"FOD_S3_ENDPOINT": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint}
+        return env
+
+    def export(self) -> None:
+        os.environ.update(self.env())
+
+    def s3_client(self, *, retries: int = 2, timeout: float = 10.0):
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.s3_endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(
+                connect_timeout=timeout,
+                read_timeout=timeout * 3,
+                retries={"max_attempts": retries, "mode": "standard"},
+                s3={"addressing_style": "path"},
+            ),
+        )
+
+    def public_dict(self) -> dict:
+        """What is safe to print or log: everything but the secret."""
+        return {
+            "mlflow_uri": self.mlflow_uri,
+            "s3_endpoint": self.s3_endpoint or "AWS",
+            "bucket": self.bucket,
+            "access_key": self.access_key,
+        }
+
+
+def load_settings(home: Path | None = None) -> StackSettings:
+    """From the environment where it names a stack, else the embedded stack's state."""
+    if any(os.environ.get(key) for key in ENV_KEYS):
+        missing = [
+            key
+            for key in ("MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+            if not os.environ.get(key)
+        ]
+        if missing:
+            raise SettingsError(f"incomplete stack configuration: {', '.join(missing)} not set")
+        return StackSettings(
+            mlflow_uri=os.environ["MLFLOW_TRACKING_URI"],
+            access_key=os.environ["AWS_ACCESS_KEY_ID"],
+            secret_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+            s3_endpoint=os.environ.get("FOD_S3_ENDPOINT") or None,
+            bucket=os.environ.get("FOD_BUCKET", DEFAULT_BUCKET),
+            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+        )
+    state = (home or fod_home()) / "stack.json"
+    if not state.is_file():
+        raise SettingsError(
+            "no stack configured: run `fod stack up` for the embedded one, or set "
+            "MLFLOW_TRACKING_URI, FOD_S3_ENDPOINT and AWS credentials for your own"
+        )
+    data = json.loads(state.read_text())
+    credentials = read_credentials(state.parent)
+    return StackSettings(
+        mlflow_uri=data["mlflow_uri"],
+        access_key=credentials["AWS_ACCESS_KEY_ID"],
+        secret_key=credentials["AWS_SECRET_ACCESS_KEY"],
+        s3_endpoint=data["s3_endpoint"],
+        bucket=data.get("bucket", DEFAULT_BUCKET),
+    )
+
+
+def read_credentials(home: Path) -> dict[str, str]:
+    path = home / "credentials.env"
+    if not path.is_file():
+        raise SettingsError(f"{path} is missing: run `fod stack up` to generate it")
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {key.strip(): value.strip() for key, value in pairs}

@@ -1,0 +1,242 @@
+"""The pipeline's Kubeflow components: typed lightweight components, imports inside the body.
+
+Each one is a thin wrapper over a plain function of ``components``/``fod_core`` and can be
+called directly through ``<component>.python_func`` with local artifacts (tests do).
+Services are reached through ``components.settings.load_settings()``: environment
+variables in a cluster, the embedded stack's state file on a laptop.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+# The image every component runs in on a cluster (infra/ builds it). It contains this
+# package, so components install nothing at start-up.
+COMPONENT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
+component = dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+
+
+@component
+def fetch_data(dvc_remote: str, data_version: str, dataset: Output[Dataset]):
+    """Download one DVC data version (the ``.dir`` md5 in data.dvc) from the S3 remote."""
+    from components.settings import load_settings
+    from components.storage import fetch_dvc_directory
+
+    count = fetch_dvc_directory(load_settings(), dvc_remote, data_version, dataset.path)
+    dataset.metadata.update({"data_version": data_version, "files": count})
+
+
+@component
+def validate_data(
+    dataset: Input[Dataset],
+    category: str,
+    data_format: str,
+    min_train: int,
+    min_size: int,
+    data_docs: Output[Artifact],
+    summary: Output[Metrics],
+) -> bool:
+    """Great Expectations over the image table; the data docs (and ``report.json``) are an
+    artifact either way. Returns whether the data passed (a single output: the local runner
+    resolves conditions on it)."""
+    from components.validation import ValidationRules, validate_images
+
+    report = validate_images(
+        dataset.path,
+        category,
+        data_format,
+        rules=ValidationRules(min_train=min_train, min_size=min_size),
+        docs_dir=data_docs.path,
+    )
+    summary.log_metric("images", report.rows)
+    summary.log_metric("failed_expectations", len(report.failures))
+    for key, value in report.counts.items():
+        summary.log_metric(key, value)
+    print(report.message())
+    return report.success
+
+
+@component
+def fail_validation(data_docs: Input[Artifact]):
+    """Stops the run with the validation report's message; nothing downstream runs."""
+    from components.validation import ValidationReport
+
+    raise RuntimeError(ValidationReport.load(data_docs.path).message())
+
+
+@component
+def cache_features(
+    dataset: Input[Dataset],
+    category: str,
+    data_format: str,
+    backbone: str,
+    image_size: int,
+    cache_prefix: str,
+    stats: Output[Metrics],
+):
+    """Fill the S3-backed feature cache for every image of the category."""
+    from components.features import fill_cache
+    from components.settings import load_settings
+
+    result = fill_cache(
+        dataset.path, category, data_format, backbone, image_size, load_settings(), cache_prefix
+    )
+    for key, value in result.items():
+        stats.log_metric(key, value)
+
+
+@component
+def train_fod(
+    dataset: Input[Dataset],
+    category: str,
+    data_format: str,
+    data_version: str,
+    code_version: str,
+    backbone: str,
+    image_size: int,
+    model_size: str,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    val_fraction: float,
+    cache_prefix: str,
+    model: Output[Model],
+    training: Output[Metrics],
+) -> str:
+    """Train on cached features (GPU when the pod has one); returns the MLflow run id."""
+    from components.settings import load_settings
+    from components.training import train_and_track
+
+    run_id, summary = train_and_track(
+        dataset.path,
+        category,
+        model.path,
+        settings=load_settings(),
+        data_format=data_format,
+        data_version=data_version,
+        code_version=code_version,
+        backbone=backbone,
+        image_size=image_size,
+        model_size=model_size,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        val_fraction=val_fraction,
+        cache_prefix=cache_prefix,
+    )
+    model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
+    for key, value in summary.items():
+        training.log_metric(key, value)
+    return run_id
+
+
+@component
+def calibrate_threshold(
+    dataset: Input[Dataset],
+    trained_model: Input[Model],
+    category: str,
+    data_format: str,
+    mode: str,
+    target_false_alarm_rate: float,
+    anomalies_subdir: str,
+    model: Output[Model],
+) -> float:
+    """Threshold from validation normals (false-alarm quantile), or F1-optimal when a
+    folder of labelled validation anomalies is given; stored in the artefact."""
+    import shutil
+    from pathlib import Path
+
+    from fod_core.calibration import calibrate_model
+    from fod_core.data import list_images
+
+    shutil.copytree(trained_model.path, model.path, dirs_exist_ok=True)
+    anomalies = []
+    if anomalies_subdir:
+        folder = Path(dataset.path) / category / anomalies_subdir
+        anomalies = [p for sub in sorted(folder.glob("*")) for p in list_images(sub)]
+        anomalies += list_images(folder)
+    threshold = calibrate_model(
+        model.path,
+        dataset.path,
+        category,
+        format=data_format,
+        mode=None if mode == "auto" else mode,
+        target_false_alarm_rate=target_false_alarm_rate,
+        anomalous_images=anomalies,
+    )
+    model.metadata.update(threshold.to_dict() | {"framework": "fod"})
+    return threshold.value
+
+
+@component
+def evaluate_model(
+    dataset: Input[Dataset],
+    model: Input[Model],
+    category: str,
+    data_format: str,
+    run_id: str,
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    evaluation: Output[Artifact],
+) -> str:
+    """Test metrics at the calibrated threshold, plots and overlays, logged to MLflow.
+    Returns the metrics as JSON for the registration step."""
+    import json
+
+    from components.evaluation import evaluate_and_track
+    from components.settings import load_settings
+
+    result = evaluate_and_track(
+        model.path,
+        dataset.path,
+        category,
+        evaluation.path,
+        settings=load_settings(),
+        data_format=data_format,
+        run_id=run_id,
+        html_report=report.path,
+    )
+    for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
+        if result.get(key) is not None:
+            metrics.log_metric(key, result[key])
+    return json.dumps(result)
+
+
+@component
+def register_model(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    category: str,
+    data_format: str,
+    run_id: str,
+    metrics_json: str,
+    data_version: str,
+    code_version: str,
+    min_image_auroc: float,
+    min_pixel_auroc: float,
+    min_aupro: float,
+) -> NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str):
+    """New registry version (alias challenger); champion only when the gates pass."""
+    import json
+    from typing import NamedTuple
+
+    from components.evaluation import rescore_on
+    from components.registry import PromotionGates, register_model
+    from components.settings import load_settings
+    from components.tracking import connect
+
+    connect(load_settings().mlflow_uri, category)
+    result = register_model(
+        model.path,
+        run_id=run_id,
+        category=category,
+        metrics=json.loads(metrics_json),
+        data_version=data_version,
+        code_version=code_version,
+        gates=PromotionGates(min_image_auroc, min_pixel_auroc, min_aupro),
+        rescore=rescore_on(dataset.path, category, data_format),
+    )
+    print(json.dumps(result.to_dict()))
+    outputs = NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str)
+    return outputs(result.version, result.promoted, result.champion_version or "")

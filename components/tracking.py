@@ -1,0 +1,134 @@
+"""MLflow: runs, the FOD model as an MLflow pyfunc, and readable errors when MLflow is down.
+
+The registered model is the FOD artefact directory wrapped in a small pyfunc, so
+``models:/fod-<category>@champion`` can be downloaded and loaded anywhere ``fod_core`` is
+installed (the serving image) without pickled code.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import warnings
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_KEY = "fod_model"
+
+
+class TrackingError(RuntimeError):
+    """MLflow is unreachable or refused a request."""
+
+
+def experiment_name(category: str) -> str:
+    return f"fod-{category}"
+
+
+def registered_name(category: str) -> str:
+    return f"fod-{category}"
+
+
+def connect(tracking_uri: str, category: str) -> str:
+    """Point MLflow at the server and make sure the category's experiment exists."""
+    import requests
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("http"):
+        try:
+            requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=5).raise_for_status()
+        except requests.RequestException as error:
+            raise TrackingError(
+                f"MLflow at {tracking_uri} is unreachable ({error}); is the stack up? "
+                "(`fod stack status`)"
+            ) from error
+    experiment = mlflow.set_experiment(experiment_name(category))
+    return experiment.experiment_id
+
+
+def code_version(repo: str | Path = ".") -> str:
+    """The git commit of the code (with '-dirty' when it has uncommitted changes)."""
+    from importlib.metadata import version
+
+    try:
+        rev = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        return f"{rev}-dirty" if dirty else rev
+    except (OSError, subprocess.CalledProcessError):
+        return f"fod-pipeline=={version('fod-pipeline')}"
+
+
+# MLflow warns at class creation when predict() has no type hints; ours takes a
+# DataFrame of image bytes, which its type-hint validation cannot describe.
+warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+
+
+class FODPyfunc(mlflow.pyfunc.PythonModel):
+    """Scores images given as bytes; the same ``AnomalyDetector`` path as ``fod predict``."""
+
+    def load_context(self, context) -> None:
+        from fod_core.artifact import load_detector
+
+        self.detector = load_detector(context.artifacts[ARTIFACT_KEY])
+
+    def predict(self, context, model_input, params=None):
+        import base64
+
+        import pandas as pd
+
+        column = model_input["image"] if hasattr(model_input, "columns") else model_input
+        images = [
+            base64.b64decode(item) if isinstance(item, str) else bytes(item) for item in column
+        ]
+        predictions = self.detector.predict(images)
+        return pd.DataFrame(
+            {
+                "score": [p.score for p in predictions],
+                "is_anomalous": [p.is_anomalous for p in predictions],
+                "threshold": [self.detector.post.threshold] * len(predictions),
+            }
+        )
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [
+        f"fod-pipeline=={version('fod-pipeline')}",
+        f"torch=={version('torch').split('+')[0]}",
+        f"timm=={version('timm')}",
+    ]
+
+
+def log_fod_model(model_dir: str | Path, run_id: str) -> str:
+    """Log the artefact as a pyfunc model in ``run_id``; returns the model URI."""
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=FODPyfunc(),
+            artifacts={ARTIFACT_KEY: str(model_dir)},
+            pip_requirements=pip_requirements(),
+        )
+    return info.model_uri
+
+
+def download_fod_model(model_uri: str, dest: str | Path) -> Path:
+    """The FOD artefact directory of a logged/registered model (e.g. ``models:/x@champion``)."""
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest))
+    candidates = list(Path(local).rglob("fod.json"))
+    if not candidates:
+        raise TrackingError(f"{model_uri} holds no FOD model artefact")
+    return candidates[0].parent

@@ -1,0 +1,110 @@
+"""FOD training as a pipeline step: S3 feature cache, MLflow run with params, per-epoch
+losses, curves and the artefact's manifest."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from components.features import DEFAULT_CACHE_PREFIX
+from components.settings import StackSettings
+from components.storage import S3Store
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(prefix: str, data: dict) -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat |= _flatten(name, value)
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def train_and_track(
+    data_root: str | Path,
+    category: str,
+    out_dir: str | Path,
+    *,
+    settings: StackSettings,
+    data_format: str = "mvtec",
+    data_version: str = "unversioned",
+    code_version: str = "unknown",
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 256,
+    model_size: str = "method",
+    epochs: int = 100,
+    batch_size: int = 8,
+    learning_rate: float = 1e-4,
+    val_fraction: float = 0.1,
+    cache_prefix: str = DEFAULT_CACHE_PREFIX,
+    progress: bool = True,
+) -> tuple[str, dict[str, float]]:
+    """Train one category into ``out_dir`` inside a new MLflow run; returns (run id, summary)."""
+    import mlflow
+
+    from components.tracking import connect
+    from fod_core.config import TrainConfig, model_config_for
+    from fod_core.train import train_model
+
+    store = S3Store(settings, cache_prefix)
+    store.check()
+    connect(settings.mlflow_uri, category)
+    model_config = model_config_for(model_size, image_size=image_size, backbone=backbone)
+    train_config = replace(
+        TrainConfig(),
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=learning_rate,
+        val_fraction=val_fraction,
+    )
+    with mlflow.start_run(run_name=f"{category}-{data_version[:8]}") as run:
+        mlflow.set_tags(
+            {
+                "category": category,
+                "data_version": data_version,
+                "code_version": code_version,
+                "stage": "training",
+            }
+        )
+        mlflow.log_params(
+            _flatten("model", model_config.to_dict())
+            | _flatten("train", train_config.to_dict())
+            | {"data.format": data_format, "data.version": data_version}
+        )
+        outcome = train_model(
+            data_root,
+            category,
+            out_dir,
+            format=data_format,
+            model_config=model_config,
+            train_config=train_config,
+            cache_store=store,
+            progress=progress,
+            metadata={"data_version": data_version, "code_version": code_version},
+        )
+        for record in outcome.result.history:
+            values = {k.replace("/", "."): v for k, v in record.train.items()}
+            if record.val_loss is not None:
+                values["val_reconstruction"] = record.val_loss
+            values["epoch_seconds"] = record.seconds
+            mlflow.log_metrics(values, step=record.epoch)
+        summary = {
+            "best_epoch": float(outcome.result.best_epoch),
+            "threshold": outcome.threshold.value,
+            "cache_hits": float(outcome.cache["train"].hits + outcome.cache["val"].hits),
+            "cache_misses": float(outcome.cache["train"].misses + outcome.cache["val"].misses),
+            **{k: round(v, 3) for k, v in outcome.seconds.items()},
+        }
+        if outcome.result.best_val_loss is not None:
+            summary["best_val_reconstruction"] = outcome.result.best_val_loss
+        mlflow.log_metrics(summary)
+        out_dir = Path(out_dir)
+        mlflow.log_artifact(str(out_dir / "fod.json"), artifact_path="training")
+        if (out_dir / "training_curves.png").is_file():
+            mlflow.log_artifact(str(out_dir / "training_curves.png"), artifact_path="training")
+        return run.info.run_id, summary

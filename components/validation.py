@@ -1,0 +1,266 @@
+"""Data validation: a Great Expectations suite over the table of a category's images.
+
+Every image is opened once and described by one row (readable, mode, size, content
+hash, mask state). The suite then states what a trainable dataset is; a failure names
+the files, and the GX data docs (HTML) are written for a person to read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MASK_OK = ("not_needed", "ok")
+
+
+@dataclass(frozen=True)
+class ValidationRules:
+    min_size: int = 64  # pixels, both sides
+    min_train: int = 10  # normal training images
+    modes: tuple[str, ...] = ("RGB", "L")
+    require_masks: bool = True  # every defect image has a binary mask of its size
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    rows: int
+    failures: list[dict] = field(default_factory=list)  # expectation, column, files
+    docs_dir: str | None = None
+    counts: dict = field(default_factory=dict)
+
+    def message(self) -> str:
+        if self.success:
+            return f"data validation passed: {self.rows} images, {self.counts}"
+        lines = [f"data validation FAILED ({len(self.failures)} expectation(s)):"]
+        for failure in self.failures:
+            files = failure.get("files") or []
+            shown = ", ".join(files[:10]) + (
+                f" (+{len(files) - 10} more)" if len(files) > 10 else ""
+            )
+            lines.append(f"  - {failure['expectation']}: {failure['detail']}")
+            if shown:
+                lines.append(f"      files: {shown}")
+        if self.docs_dir:
+            lines.append(f"  report: {self.docs_dir}/index.html")
+        return "\n".join(lines)
+
+    @classmethod
+    def load(cls, docs_dir: str | Path) -> ValidationReport:
+        data = json.loads((Path(docs_dir) / "report.json").read_text())
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return {
+            "success": self.success,
+            "rows": self.rows,
+            "counts": self.counts,
+            "failures": self.failures,
+            "docs_dir": self.docs_dir,
+        }
+
+
+def _describe_image(path: Path, root: Path) -> dict:
+    from PIL import Image, UnidentifiedImageError
+
+    row = {
+        "path": str(path.relative_to(root)),
+        "readable": False,
+        "mode": "unreadable",
+        "width": 0,
+        "height": 0,
+        "sha256": "",
+    }
+    try:
+        data = path.read_bytes()
+        row["sha256"] = hashlib.sha256(data).hexdigest()
+        with Image.open(path) as image:
+            image.load()  # decode fully: a truncated file fails here, not in training
+            row.update(readable=True, mode=image.mode, width=image.width, height=image.height)
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        log.debug("unreadable image %s: %s", path, error)
+    if not row["sha256"]:
+        row["sha256"] = f"unreadable:{row['path']}"  # unique, so only 'readable' fails
+    return row
+
+
+def _mask_status(mask_path: Path | None, size: tuple[int, int]) -> str:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if mask_path is None:
+        return "missing"
+    try:
+        with Image.open(mask_path) as mask:
+            values = np.asarray(mask.convert("L"))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return "unreadable"
+    if (values.shape[1], values.shape[0]) != size:
+        return "size_mismatch"
+    if not set(np.unique(values).tolist()) <= {0, 255, 1}:
+        return "not_binary"
+    return "ok"
+
+
+def image_table(root: str | Path, category: str, format: str = "mvtec", *, require_masks=True):
+    """One row per image of the category (a pandas DataFrame) and the split counts."""
+    import pandas as pd
+
+    from fod_core.data import load_category
+
+    root = Path(root)
+    data = load_category(root, category, format, require_masks=False)
+    rows = []
+    for split, records in (("train", data.train), ("test", data.test)):
+        for record in records:
+            row = _describe_image(record.path, root)
+            row |= {"split": split, "label": record.label, "defect_type": record.defect_type}
+            if record.label == 0 or not require_masks:
+                row["mask_status"] = "not_needed"
+            elif not row["readable"]:
+                row["mask_status"] = "ok" if record.mask_path else "missing"
+            else:
+                row["mask_status"] = _mask_status(record.mask_path, (row["width"], row["height"]))
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    counts = {
+        "train": len(data.train),
+        "test_normal": sum(r.label == 0 for r in data.test),
+        "test_anomalous": sum(r.label == 1 for r in data.test),
+    }
+    return table, counts
+
+
+def validate_images(
+    root: str | Path,
+    category: str,
+    format: str = "mvtec",
+    *,
+    rules: ValidationRules | None = None,
+    docs_dir: str | Path | None = None,
+) -> ValidationReport:
+    """Run the suite; write GX data docs to ``docs_dir`` when given."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    import pandas as pd
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    rules = rules or ValidationRules()
+    table, counts = image_table(root, category, format, require_masks=rules.require_masks)
+    context = gx.get_context(mode="ephemeral")
+    if docs_dir:
+        docs_dir = Path(docs_dir).resolve()
+        context.add_data_docs_site(
+            site_name="fod",
+            site_config={
+                "class_name": "SiteBuilder",
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(docs_dir),
+                },
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            },
+        )
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    source = context.data_sources.add_pandas("fod")
+    E = gx.expectations
+    # An unreadable file fails 'readable' only, not every check after it.
+    readable_rows = {"row_condition": "readable==True", "condition_parser": "pandas"}
+    suites = {
+        "images": [
+            E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]),
+            E.ExpectColumnValuesToBeInSet(
+                column="mode", value_set=list(rules.modes), **readable_rows
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="width", min_value=rules.min_size, **readable_rows
+            ),
+            E.ExpectColumnValuesToBeBetween(
+                column="height", min_value=rules.min_size, **readable_rows
+            ),
+            E.ExpectColumnValuesToBeUnique(column="sha256"),
+            E.ExpectColumnValuesToBeInSet(column="mask_status", value_set=list(MASK_OK)),
+        ],
+        "counts": [
+            E.ExpectColumnValuesToBeBetween(column="train", min_value=rules.min_train),
+        ],
+    }
+    frames = {"images": table, "counts": pd.DataFrame([counts])}
+    failures: list[dict] = []
+    actions = []
+    if docs_dir:
+        from great_expectations.checkpoint import UpdateDataDocsAction
+
+        actions = [UpdateDataDocsAction(name="docs", site_names=["fod"])]
+    for name, expectations in suites.items():
+        asset = source.add_dataframe_asset(name)
+        batch = asset.add_batch_definition_whole_dataframe(f"{name}-all")
+        suite = context.suites.add(gx.ExpectationSuite(name=f"fod-{category}-{name}"))
+        for expectation in expectations:
+            suite.add_expectation(expectation)
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=f"{category}-{name}", data=batch, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=f"{category}-{name}-checkpoint",
+                validation_definitions=[definition],
+                actions=actions,
+                result_format={
+                    "result_format": "COMPLETE",
+                    **({"unexpected_index_column_names": ["path"]} if name == "images" else {}),
+                },
+            )
+        )
+        result = checkpoint.run(batch_parameters={"dataframe": frames[name]})
+        for run_result in result.run_results.values():
+            for item in run_result.results:
+                if item.success:
+                    continue
+                config = item.expectation_config
+                column = config.kwargs.get("column")
+                details = item.result or {}
+                files = [
+                    entry["path"] if isinstance(entry, dict) else str(entry)
+                    for entry in details.get("unexpected_index_list") or []
+                ]
+                values = details.get("partial_unexpected_list") or []
+                failures.append(
+                    {
+                        "expectation": f"{config.type}({column})",
+                        "detail": _failure_detail(config.type, column, values, counts),
+                        "files": files,
+                    }
+                )
+    report = ValidationReport(
+        success=not failures,
+        rows=len(table),
+        failures=failures,
+        docs_dir=str(docs_dir) if docs_dir else None,
+        counts=counts,
+    )
+    if docs_dir:
+        (Path(docs_dir) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def _failure_detail(kind: str, column: str, values: list, counts: dict) -> str:
+    if column == "readable":
+        return "files that cannot be decoded as images"
+    if column == "mode":
+        return f"image modes outside the allowed set: {sorted(set(map(str, values)))}"
+    if column in ("width", "height"):
+        return f"images smaller than the minimum {column}"
+    if column == "sha256":
+        return "images with identical content (duplicates)"
+    if column == "mask_status":
+        return f"defect images without a usable mask: {sorted(set(map(str, values)))}"
+    if column == "train":
+        return f"too few normal training images: {counts.get('train')}"
+    return f"{kind} failed on {column}"

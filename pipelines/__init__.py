@@ -1,0 +1,1 @@
+"""The FOD pipelines (Kubeflow Pipelines v2): DAGs, compile, local run, submit, and the CLI."""

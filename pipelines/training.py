@@ -1,0 +1,209 @@
+"""The FOD training pipeline: fetch a data version, then per category (in parallel):
+validate -> cache features -> train -> calibrate -> evaluate -> register/promote.
+
+The same DAG compiles to KFP YAML for a cluster (``fod pipeline compile``), runs on one
+machine through the KFP local runner (``fod pipeline run``), and is submitted to a KFP
+endpoint with ``fod pipeline submit``.
+"""
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kfp import compiler, dsl
+from kfp.dsl import Dataset, Input
+
+from components import steps
+
+log = logging.getLogger(__name__)
+
+PIPELINE_NAME = "fod-training"
+COMPILED_YAML = Path(__file__).with_name("fod_training.yaml")
+
+
+@dsl.pipeline(name="fod-category", description="One category: validate to registration.")
+def category_pipeline(
+    dataset: Input[Dataset],
+    category: str,
+    data_format: str,
+    data_version: str,
+    code_version: str,
+    backbone: str,
+    image_size: int,
+    model_size: str,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    val_fraction: float,
+    min_train_images: int,
+    min_image_size: int,
+    cache_prefix: str,
+    threshold_mode: str,
+    target_false_alarm_rate: float,
+    anomalies_subdir: str,
+    min_image_auroc: float,
+    min_pixel_auroc: float,
+    min_aupro: float,
+):
+    validation = steps.validate_data(
+        dataset=dataset,
+        category=category,
+        data_format=data_format,
+        min_train=min_train_images,
+        min_size=min_image_size,
+    )
+    validation.set_caching_options(False)
+    with dsl.If(validation.outputs["Output"] == False, name="data-invalid"):  # noqa: E712
+        steps.fail_validation(data_docs=validation.outputs["data_docs"])
+    with dsl.If(validation.outputs["Output"] == True, name="data-valid"):  # noqa: E712
+        features = steps.cache_features(
+            dataset=dataset,
+            category=category,
+            data_format=data_format,
+            backbone=backbone,
+            image_size=image_size,
+            cache_prefix=cache_prefix,
+        )
+        features.set_caching_options(False)
+        train = steps.train_fod(
+            dataset=dataset,
+            category=category,
+            data_format=data_format,
+            data_version=data_version,
+            code_version=code_version,
+            backbone=backbone,
+            image_size=image_size,
+            model_size=model_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            val_fraction=val_fraction,
+            cache_prefix=cache_prefix,
+        ).after(features)
+        train.set_caching_options(True)
+        train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
+        # A GPU on a cluster; the local runner ignores the request and trains on CPU.
+        train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        calibration = steps.calibrate_threshold(
+            dataset=dataset,
+            trained_model=train.outputs["model"],
+            category=category,
+            data_format=data_format,
+            mode=threshold_mode,
+            target_false_alarm_rate=target_false_alarm_rate,
+            anomalies_subdir=anomalies_subdir,
+        )
+        calibration.set_caching_options(True)
+        evaluation = steps.evaluate_model(
+            dataset=dataset,
+            model=calibration.outputs["model"],
+            category=category,
+            data_format=data_format,
+            run_id=train.outputs["Output"],
+        )
+        evaluation.set_caching_options(True)
+        registration = steps.register_model(
+            model=calibration.outputs["model"],
+            dataset=dataset,
+            category=category,
+            data_format=data_format,
+            run_id=train.outputs["Output"],
+            metrics_json=evaluation.outputs["Output"],
+            data_version=data_version,
+            code_version=code_version,
+            min_image_auroc=min_image_auroc,
+            min_pixel_auroc=min_pixel_auroc,
+            min_aupro=min_aupro,
+        )
+        registration.set_caching_options(True)
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Validate, train, calibrate, evaluate and register an FOD model per category.",
+)
+def training_pipeline(
+    dvc_remote: str,
+    data_version: str,
+    categories: list = ["widget"],  # noqa: B006 - KFP pipeline parameters need literal defaults
+    data_format: str = "mvtec",
+    code_version: str = "unknown",
+    backbone: str = "efficientnet_lite0",
+    image_size: int = 256,
+    model_size: str = "method",
+    epochs: int = 100,
+    batch_size: int = 8,
+    learning_rate: float = 1e-4,
+    val_fraction: float = 0.1,
+    min_train_images: int = 10,
+    min_image_size: int = 64,
+    cache_prefix: str = "features",
+    threshold_mode: str = "auto",
+    target_false_alarm_rate: float = 0.01,
+    anomalies_subdir: str = "",
+    min_image_auroc: float = 0.9,
+    min_pixel_auroc: float = 0.0,
+    min_aupro: float = 0.0,
+):
+    data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
+    data.set_caching_options(True)
+    with dsl.ParallelFor(categories, parallelism=4) as category:
+        category_pipeline(
+            dataset=data.outputs["dataset"],
+            category=category,
+            data_format=data_format,
+            data_version=data_version,
+            code_version=code_version,
+            backbone=backbone,
+            image_size=image_size,
+            model_size=model_size,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            val_fraction=val_fraction,
+            min_train_images=min_train_images,
+            min_image_size=min_image_size,
+            cache_prefix=cache_prefix,
+            threshold_mode=threshold_mode,
+            target_false_alarm_rate=target_false_alarm_rate,
+            anomalies_subdir=anomalies_subdir,
+            min_image_auroc=min_image_auroc,
+            min_pixel_auroc=min_pixel_auroc,
+            min_aupro=min_aupro,
+        )
+
+
+def compile_pipeline(path: str | Path = COMPILED_YAML) -> Path:
+    """Write the KFP IR YAML that a cluster runs (kept in the repo, checked by a test)."""
+    path = Path(path)
+    compiler.Compiler().compile(training_pipeline, str(path))
+    return path
+
+
+@dataclass
+class LocalRunResult:
+    pipeline_root: Path
+    registrations: dict[str, dict] = field(default_factory=dict)
+    state: str = ""
+
+
+def run_local(
+    arguments: dict,
+    pipeline_root: str | Path,
+) -> LocalRunResult:
+    """Execute the pipeline with the KFP local runner (subprocesses, this Python).
+
+    Components reach the stack through the environment (``StackSettings.export``)."""
+    from kfp import local
+
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        raise_on_error=True,
+        enable_caching=True,  # same data, code and parameters: reuse the step's outputs
+    )
+    task = training_pipeline(**arguments)
+    result = LocalRunResult(pipeline_root=pipeline_root, state=str(getattr(task, "state", "")))
+    return result
