@@ -150,6 +150,7 @@ def validate_images(
     import great_expectations as gx
     import pandas as pd
     from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.expectations.row_conditions import Column
 
     rules = rules or ValidationRules()
     table, counts = image_table(root, category, format, require_masks=rules.require_masks)
@@ -171,7 +172,7 @@ def validate_images(
     source = context.data_sources.add_pandas("fod")
     E = gx.expectations
     # An unreadable file fails 'readable' only, not every check after it.
-    readable_rows = {"row_condition": "readable==True", "condition_parser": "pandas"}
+    readable_rows = {"row_condition": Column("readable") == True}  # noqa: E712
     suites = {
         "images": [
             E.ExpectColumnValuesToBeInSet(column="readable", value_set=[True]),

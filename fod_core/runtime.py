@@ -10,7 +10,8 @@ Two things make FOD's CPU training several times slower than it needs to be:
   keeping freed memory in the heap for reuse halves the step time on CPU.
 
 ``FOD_MALLOC_TUNING=0`` leaves the allocator alone (memory is then returned to the OS
-sooner, at that cost in speed).
+sooner, at that cost in speed); ``FOD_FLUSH_DENORMAL=0`` keeps subnormals (only useful
+to measure what these settings buy, as the benchmark's reference baseline does).
 """
 
 from __future__ import annotations
@@ -49,5 +50,6 @@ def _tune_glibc_malloc() -> bool:
 
 def configure_cpu_numerics() -> None:
     """Flush subnormal floats to zero and keep large freed buffers for reuse."""
-    torch.set_flush_denormal(True)
+    if os.environ.get("FOD_FLUSH_DENORMAL", "1") != "0":
+        torch.set_flush_denormal(True)
     _tune_glibc_malloc()

@@ -124,7 +124,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.set_defaults(func=cmd_pipeline)
 
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--epochs", type=int, default=20)
     demo.set_defaults(func=cmd_demo)
 
 

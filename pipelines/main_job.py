@@ -28,9 +28,9 @@ class DemoSettings:
 
     image_size: int = 128
     n_train: int = 40
-    epochs: int = 12
+    epochs: int = 20
     batch_size: int = 8
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     model_size: str = "compact"
     seed: int = 0
 

@@ -1,0 +1,108 @@
+"""The whole pipeline through the KFP local runner against the real stack, and its YAML."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from components.data_version import DvcRepo, remote_url
+from fod_core.synthetic import make_synthetic_dataset
+from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
+
+CATEGORY = "gadget"  # its own registered model: other tests share the MLflow server
+
+
+def test_compiled_yaml_is_current(tmp_path):
+    fresh = compile_pipeline(tmp_path / "pipeline.yaml")
+    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMPILED_YAML.read_text()), (
+        "pipelines/fod_training.yaml is stale: run `fod pipeline compile`"
+    )
+
+
+def test_compiled_yaml_requests_a_gpu_for_training():
+    spec = yaml.safe_load(COMPILED_YAML.read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    resources = executors["exec-train-fod"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert resources["accelerator"]["resourceCount"] == "1"
+    assert "accelerator" not in executors["exec-evaluate-model"]["container"].get("resources", {})
+
+
+@pytest.fixture(scope="module")
+def versioned_data(settings, tmp_path_factory):
+    repo_root = tmp_path_factory.mktemp("repo")
+    data = make_synthetic_dataset(
+        repo_root / "data", CATEGORY, n_train=28, n_test_good=6, n_test_defect=4, size=64, seed=5
+    )
+    repo = DvcRepo(repo_root)
+    repo.ensure(settings, remote_url(settings, "dvc-pipeline"))
+    return repo_root, data, repo.add_and_push(data)
+
+
+def _arguments(settings, version, **overrides) -> dict:
+    return {
+        "dvc_remote": remote_url(settings, "dvc-pipeline"),
+        "data_version": version.md5,
+        "categories": [CATEGORY],
+        "code_version": "test-code",
+        "image_size": 64,
+        "model_size": "compact",
+        "epochs": 30,
+        "batch_size": 8,
+        "learning_rate": 1e-3,
+        "val_fraction": 0.2,
+        "cache_prefix": "features-pipeline-test",
+        "min_image_auroc": 0.8,
+    } | overrides
+
+
+@pytest.mark.slow
+def test_pipeline_registers_a_champion_then_gates_a_worse_model(settings, versioned_data, tmp_path):
+    _, _, version = versioned_data
+    client = MlflowClient(settings.mlflow_uri)
+    name = f"fod-{CATEGORY}"
+
+    run_local(_arguments(settings, version), tmp_path / "first")
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.tags["data_version"] == version.md5
+    assert champion.tags["code_version"] == "test-code"
+    assert json.loads(champion.tags["metrics"])["image_auroc"] >= 0.8
+    run = client.get_run(champion.run_id)
+    assert run.data.tags["data_version"] == version.md5
+    assert len(client.get_metric_history(run.info.run_id, "val_reconstruction")) == 30
+    assert run.data.metrics["test_image_auroc"] >= 0.8
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/roc.png", "evaluation/metrics.json"} <= artifacts
+
+    # A barely trained model: registered as challenger, the champion stays.
+    run_local(
+        _arguments(settings, version, epochs=1, learning_rate=1e-7, min_image_auroc=0.0),
+        tmp_path / "second",
+    )
+    challenger = client.get_model_version_by_alias(name, "challenger")
+    assert int(challenger.version) == int(champion.version) + 1
+    assert client.get_model_version_by_alias(name, "champion").version == champion.version
+    assert "worse than the champion" in challenger.tags["gates"]
+
+
+@pytest.mark.slow
+def test_invalid_data_stops_the_run_and_registers_nothing(settings, tmp_path, capfd):
+    bad_root = tmp_path / "bad"
+    make_synthetic_dataset(
+        bad_root / "data", "broken", n_train=12, n_test_good=2, n_test_defect=2, size=64, seed=9
+    )
+    (bad_root / "data/broken/train/good/002.png").write_bytes(b"corrupt")
+    next((bad_root / "data/broken/ground_truth/scratch").glob("*.png")).unlink()
+    repo = DvcRepo(bad_root)
+    repo.ensure(settings, remote_url(settings, "dvc-pipeline"))
+    bad_version = repo.add_and_push(bad_root / "data")
+    with pytest.raises(RuntimeError):
+        run_local(_arguments(settings, bad_version, categories=["broken"]), tmp_path / "bad-run")
+    output = capfd.readouterr()
+    logs = output.out + output.err
+    assert "broken/train/good/002.png" in logs
+    assert "broken/test/scratch/000.png" in logs
+    assert not MlflowClient(settings.mlflow_uri).search_model_versions("name='fod-broken'")

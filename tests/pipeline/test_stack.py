@@ -1,0 +1,71 @@
+"""The embedded stack: real processes on 127.0.0.1, idempotent, clear errors."""
+
+from __future__ import annotations
+
+import socket
+import stat
+
+import pytest
+
+from components.settings import StackSettings
+from components.stack import EmbeddedStack, StackError
+from components.storage import S3Store, StorageError
+
+
+def test_stack_is_healthy_and_idempotent(stack):
+    status = stack.status()
+    assert status["running"], status
+    state = stack.read_state()
+    assert stack.up() == stack.settings()  # a second `up` changes nothing
+    assert stack.read_state().s3.pid == state.s3.pid
+    assert stack.read_state().mlflow.pid == state.mlflow.pid
+
+
+def test_services_listen_on_loopback_only(stack):
+    import psutil
+
+    state = stack.read_state()
+    for pid in (state.s3.pid, state.mlflow.pid):
+        process = psutil.Process(pid)
+        family = [process, *process.children(recursive=True)]
+        addresses = {
+            c.laddr.ip
+            for p in family
+            for c in p.connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert addresses and addresses <= {"127.0.0.1"}, addresses
+
+
+def test_credentials_are_generated_private(stack):
+    path = stack.home / "credentials.env"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "AWS_SECRET_ACCESS_KEY=" in path.read_text()
+
+
+def test_s3_round_trip_and_wrong_credentials(settings):
+    store = S3Store(settings, "tests/roundtrip")
+    store.put("a/b.bin", b"\x00payload")
+    assert store.get("a/b.bin") == b"\x00payload"
+    assert store.get("absent") is None
+    wrong = StackSettings(**{**settings.__dict__, "secret_key": "wrong"})
+    with pytest.raises(StorageError, match="refused the credentials"):
+        S3Store(wrong, "tests").get("a/b.bin")
+
+
+def test_s3_down_is_a_clear_error(settings):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = StackSettings(**{**settings.__dict__, "s3_endpoint": f"http://127.0.0.1:{port}"})
+    with pytest.raises(StorageError, match="unreachable"):
+        S3Store(down, "features").check()
+
+
+def test_port_taken_is_a_clear_error(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        with pytest.raises(StackError, match=f"port {port} .* is taken"):
+            EmbeddedStack(tmp_path, s3_port=port, mlflow_port=0).up()
