@@ -73,7 +73,7 @@ def code_version(repo: str | Path = ".") -> str:
 
 # MLflow warns at class creation when predict() has no type hints; ours takes a
 # DataFrame of image bytes, which its type-hint validation cannot describe.
-warnings.filterwarnings("ignore", message="Add type hints to the `predict` method")
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
 
 
 class FODPyfunc(mlflow.pyfunc.PythonModel):
