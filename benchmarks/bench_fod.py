@@ -138,6 +138,9 @@ def main() -> None:
     )
     parser.add_argument("--baseline-iterations", type=int, default=4)
     parser.add_argument("--timing-batches", type=int, default=4)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run's training"
+    )
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--skip-speed", action="store_true", help="no speed comparison (accuracy runs only)"
@@ -333,6 +336,7 @@ def _train_and_report(
         train_config=train_config,
         cache_store=LocalStore(cache_dir),
         on_epoch_end=record,
+        resume=args.resume,
     )
     epoch_seconds = [r.seconds for r in outcome.result.history]
     report["training"] = {

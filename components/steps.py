@@ -24,7 +24,9 @@ def fetch_data(dvc_remote: str, data_version: str, dataset: Output[Dataset]):
     from components.storage import fetch_dvc_directory
 
     count = fetch_dvc_directory(load_settings(), dvc_remote, data_version, dataset.path)
-    dataset.metadata.update({"data_version": data_version, "files": count})
+    # Strings only: numbers come back as floats from KFP's cache, which would change
+    # the cache keys of every downstream step between a first and a second run.
+    dataset.metadata.update({"data_version": data_version, "files": str(count)})
 
 
 @component
@@ -165,7 +167,8 @@ def calibrate_threshold(
         target_false_alarm_rate=target_false_alarm_rate,
         anomalous_images=anomalies,
     )
-    model.metadata.update(threshold.to_dict() | {"framework": "fod"})
+    model.metadata.update({k: str(v) for k, v in threshold.to_dict().items()})
+    model.metadata["framework"] = "fod"
     return threshold.value
 
 
