@@ -42,6 +42,7 @@ def validate_data(
     """Great Expectations over the image table; the data docs (and ``report.json``) are an
     artifact either way. Returns whether the data passed (a single output: the local runner
     resolves conditions on it)."""
+    from components.kfp_io import write_metrics_file
     from components.validation import ValidationRules, validate_images
 
     report = validate_images(
@@ -55,6 +56,7 @@ def validate_data(
     summary.log_metric("failed_expectations", len(report.failures))
     for key, value in report.counts.items():
         summary.log_metric(key, value)
+    write_metrics_file(summary)
     print(report.message())
     return report.success
 
@@ -79,6 +81,7 @@ def cache_features(
 ):
     """Fill the S3-backed feature cache for every image of the category."""
     from components.features import fill_cache
+    from components.kfp_io import write_metrics_file
     from components.settings import load_settings
 
     result = fill_cache(
@@ -86,6 +89,7 @@ def cache_features(
     )
     for key, value in result.items():
         stats.log_metric(key, value)
+    write_metrics_file(stats)
 
 
 @component
@@ -107,6 +111,7 @@ def train_fod(
     training: Output[Metrics],
 ) -> str:
     """Train on cached features (GPU when the pod has one); returns the MLflow run id."""
+    from components.kfp_io import write_metrics_file
     from components.settings import load_settings
     from components.training import train_and_track
 
@@ -130,6 +135,7 @@ def train_fod(
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():
         training.log_metric(key, value)
+    write_metrics_file(training)
     return run_id
 
 
@@ -188,6 +194,7 @@ def evaluate_model(
     import json
 
     from components.evaluation import evaluate_and_track
+    from components.kfp_io import write_metrics_file
     from components.settings import load_settings
 
     result = evaluate_and_track(
@@ -203,6 +210,7 @@ def evaluate_model(
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         if result.get(key) is not None:
             metrics.log_metric(key, result[key])
+    write_metrics_file(metrics)
     return json.dumps(result)
 
 

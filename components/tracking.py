@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import warnings
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
+import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,6 @@ def code_version(repo: str | Path = ".") -> str:
         return f"fod-pipeline=={version('fod-pipeline')}"
 
 
-# MLflow warns at class creation when predict() has no type hints; ours takes a
-# DataFrame of image bytes, which its type-hint validation cannot describe.
-warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
-
-
 class FODPyfunc(mlflow.pyfunc.PythonModel):
     """Scores images given as bytes; the same ``AnomalyDetector`` path as ``fod predict``."""
 
@@ -84,10 +79,10 @@ class FODPyfunc(mlflow.pyfunc.PythonModel):
 
         self.detector = load_detector(context.artifacts[ARTIFACT_KEY])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        """``model_input['image']``: bytes or base64 strings (a DataFrame type hint tells
+        MLflow not to infer a schema)."""
         import base64
-
-        import pandas as pd
 
         column = model_input["image"] if hasattr(model_input, "columns") else model_input
         images = [
