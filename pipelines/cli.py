@@ -55,6 +55,10 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
     return arguments
 
 
+class SubmitError(RuntimeError):
+    """The KFP endpoint cannot take the pipeline."""
+
+
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
 
@@ -71,7 +75,15 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # submit
     import kfp
 
-    client = kfp.Client(host=args.host)
+    if not args.host:
+        raise SubmitError("`fod pipeline submit` needs --host URL of a KFP endpoint")
+    try:
+        client = kfp.Client(host=args.host)
+    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
+        raise SubmitError(
+            f"KFP endpoint {args.host} is unreachable or refused the client: "
+            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from error
     path = compile_pipeline(args.out or COMPILED_YAML)
     run = client.create_run_from_pipeline_package(
         str(path), arguments=_pipeline_arguments(args), experiment_name=args.experiment
@@ -146,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             TrackingError,
             DataVersionError,
             MlflowException,
+            SubmitError,
         ),
     )
 

@@ -106,3 +106,15 @@ def test_invalid_data_stops_the_run_and_registers_nothing(settings, tmp_path, ca
     assert "broken/train/good/002.png" in logs
     assert "broken/test/scratch/000.png" in logs
     assert not MlflowClient(settings.mlflow_uri).search_model_versions("name='fod-broken'")
+
+
+def test_submit_to_an_unreachable_endpoint_is_a_clear_error(capsys):
+    import socket
+
+    from pipelines.cli import main
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert main(["pipeline", "submit", "--host", f"http://127.0.0.1:{port}"]) == 2
+    assert "is unreachable" in capsys.readouterr().err
