@@ -204,3 +204,24 @@ def _env() -> dict:
     import os
 
     return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def test_recalibration_with_labelled_anomalies_is_f1_optimal(trained, tmp_path):
+    import shutil
+
+    from fod_core.calibration import ThresholdMode, calibrate_model
+
+    base, root, outcome, _ = trained
+    model_dir = tmp_path / "model"
+    shutil.copytree(base / "model", model_dir)
+    anomalies = sorted((root / "widget" / "test" / "scratch").glob("*.png"))[:3]
+    threshold = calibrate_model(model_dir, root, "widget", anomalous_images=anomalies)
+    assert threshold.mode is ThresholdMode.F1 and threshold.n_anomalous == 3
+    manifest = read_manifest(model_dir)
+    assert manifest["postprocessing"]["threshold"] == pytest.approx(threshold.value)
+    assert manifest["calibration"]["threshold_mode"] == "f1"
+    assert load_detector(model_dir).post.threshold == pytest.approx(threshold.value)
+    # Without anomalies it is the false-alarm quantile again, as training wrote it.
+    again = calibrate_model(model_dir, root, "widget")
+    assert again.mode is ThresholdMode.FALSE_ALARM_RATE
+    assert again.value == pytest.approx(outcome.threshold.value, rel=1e-5)
