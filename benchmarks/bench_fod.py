@@ -196,10 +196,6 @@ def main() -> None:
         "images": len(data.train),
         "misses": stats.misses,
     }
-    test_features, _ = cache.features(data.test, desc="test features")
-    labels = [r.label for r in data.test]
-    masks = ground_truth_masks(data.test, args.image_size)
-
     if args.baseline_only:  # child process of measure_speed, with the reference's settings
         seconds = baseline_seconds_per_image(
             model_config,
@@ -211,6 +207,10 @@ def main() -> None:
         )
         print(json.dumps({"baseline_seconds_per_image": seconds}))
         return
+
+    test_features, _ = cache.features(data.test, desc="test features")
+    labels = [r.label for r in data.test]
+    masks = ground_truth_masks(data.test, args.image_size)
 
     # 2. Speed, back to back on a quiet machine: our train step vs the reference's way.
     if not args.skip_speed:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -93,7 +94,7 @@ def fetch_dvc_directory(
     import hashlib
 
     bucket, prefix = split_s3_url(remote_url)
-    store = S3Store(StackSettings(**{**settings.__dict__, "bucket": bucket}), f"{prefix}/files/md5")
+    store = S3Store(replace(settings, bucket=bucket), f"{prefix}/files/md5")
     store.check()
     if not dir_md5.endswith(".dir"):
         dir_md5 += ".dir"

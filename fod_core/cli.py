@@ -1,4 +1,4 @@
-"""The ``fod`` command: train, evaluate, predict, and a self-contained demo."""
+"""The ``fod`` command: train, evaluate, predict, and a quickstart that needs no stack."""
 
 from __future__ import annotations
 
