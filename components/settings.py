@@ -9,6 +9,7 @@ embedded loopback stack on a laptop, against MinIO/SeaweedFS in a cluster, or AW
     AWS_DEFAULT_REGION     default us-east-1
     FOD_BUCKET             bucket for DVC data, the feature cache and models (default fod)
     MLFLOW_TRACKING_URI    MLflow tracking server
+    FOD_MLFLOW_ARTIFACTS   that server's --artifacts-destination (default s3://<bucket>/mlflow)
 
 Where none of these is set, the embedded stack's state file (``fod stack up``) is used.
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_BUCKET = "fod"
+# The image every component and the model server run in on a cluster (infra/ builds it).
+COMPONENT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
 ENV_KEYS = ("FOD_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID")
 
 
@@ -41,6 +44,11 @@ class StackSettings:
     s3_endpoint: str | None = None
     bucket: str = DEFAULT_BUCKET
     region: str = "us-east-1"
+
+    @property
+    def mlflow_artifacts(self) -> str:
+        """The MLflow server's --artifacts-destination (the embedded stack's, unless set)."""
+        return os.environ.get("FOD_MLFLOW_ARTIFACTS") or f"s3://{self.bucket}/mlflow"
 
     def env(self) -> dict[str, str]:
         """Environment for child processes (components, DVC, MLflow's S3 client)."""

@@ -233,6 +233,9 @@ class EmbeddedStack:
         state = self.read_state()
         if state is None:
             return
+        from components.deployment import LocalServing
+
+        LocalServing(self.home).stop_all()  # model servers first: they use MLflow and S3
         self._stop_server(state.mlflow)
         self._stop_server(state.s3)
         state.mlflow.pid = state.s3.pid = None
@@ -249,31 +252,10 @@ class EmbeddedStack:
         return wanted
 
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> ServerState:
-        logs = self.home / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{name}.log"
-        with open(log_path, "ab") as handle:
-            process = subprocess.Popen(
-                argv,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
-                cwd=self.home,
-                start_new_session=True,  # survives the CLI; stopped as a process group
-            )
-        return ServerState(pid=process.pid, log=str(log_path))
+        return spawn_server(self.home, name, argv, env)
 
     def _wait(self, name: str, server: ServerState, healthy, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not pid_alive(server.pid):
-                raise StackError(f"{name} exited during start-up:\n{_tail(server.log)}")
-            if healthy():
-                return
-            time.sleep(0.3)
-        self._stop_server(server)
-        raise StackError(f"{name} was not healthy after {timeout:.0f}s:\n{_tail(server.log)}")
+        wait_healthy(name, server, healthy, timeout)
 
     def _start_s3(self, bucket: str, timeout: float) -> ServerState:
         port = self._pick_port(self.s3_port, "S3 (SeaweedFS)", "--s3-port")
@@ -366,18 +348,54 @@ class EmbeddedStack:
 
     @staticmethod
     def _stop_server(server: ServerState, timeout: float = 15.0) -> None:
+        stop_server(server, timeout)
+
+
+def spawn_server(home: Path, name: str, argv: list[str], env: dict | None = None) -> ServerState:
+    """Start a server in its own session (it outlives the CLI), logging to home/logs."""
+    logs = home / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    with open(log_path, "ab") as handle:
+        process = subprocess.Popen(
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=home,
+            start_new_session=True,  # survives the CLI; stopped as a process group
+        )
+    return ServerState(pid=process.pid, log=str(log_path))
+
+
+def wait_healthy(name: str, server: ServerState, healthy, timeout: float) -> None:
+    """Until ``healthy()``; a server that exits or stays unhealthy is an error with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         if not pid_alive(server.pid):
+            raise StackError(f"{name} exited during start-up:\n{_tail(server.log)}")
+        if healthy():
             return
+        time.sleep(0.3)
+    stop_server(server)
+    raise StackError(f"{name} was not healthy after {timeout:.0f}s:\n{_tail(server.log)}")
+
+
+def stop_server(server: ServerState, timeout: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL what is left after ``timeout``."""
+    if not pid_alive(server.pid):
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(server.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and pid_alive(server.pid):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(server.pid, os.WNOHANG)
+        time.sleep(0.2)
+    if pid_alive(server.pid):
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and pid_alive(server.pid):
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(server.pid, os.WNOHANG)
-            time.sleep(0.2)
-        if pid_alive(server.pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(server.pid, signal.SIGKILL)
+            os.killpg(server.pid, signal.SIGKILL)
 
 
 def _tail(path: str, lines: int = 20) -> str:

@@ -11,9 +11,9 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-# The image every component runs in on a cluster (infra/ builds it). It contains this
-# package, so components install nothing at start-up.
-COMPONENT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
+from components.settings import COMPONENT_IMAGE
+
+# COMPONENT_IMAGE contains this package, so components install nothing at start-up.
 component = dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 
 
@@ -251,3 +251,36 @@ def register_model(
     print(json.dumps(result.to_dict()))
     outputs = NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str)
     return outputs(result.version, result.promoted, result.champion_version or "")
+
+
+@component
+def deploy_model(
+    category: str,
+    champion_version: str,
+    target: str,
+    namespace: str,
+    canary_traffic_percent: int,
+) -> str:
+    """Serve the champion: locally a KServe model server on loopback (it follows the alias),
+    on a cluster an InferenceService (``target``: local, kserve or none)."""
+    import json
+
+    from components.deployment import DeployTarget, deploy_champion
+    from components.settings import load_settings
+    from components.tracking import registered_name
+
+    settings = load_settings()
+    settings.export()
+    if not champion_version:
+        print(f"{registered_name(category)} has no champion yet: nothing to deploy")
+        return json.dumps({"target": target, "deployed": False})
+    result = deploy_champion(
+        registered_name(category),
+        champion_version,
+        DeployTarget(target),
+        namespace=namespace,
+        canary_traffic_percent=canary_traffic_percent or None,
+        env=settings.env(),
+    )
+    print(json.dumps(result))
+    return json.dumps(result)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from fod_core.artifact import load_detector
 from fod_core.processing import read_image
-from fod_core.visualize import overlay
+from fod_core.visualize import prediction_overlay
 
 
 def predict_images(
@@ -25,8 +25,8 @@ def predict_images(
         if heatmap_dir is not None:
             target = Path(heatmap_dir) / f"{Path(path).stem}_heatmap.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            vmax = detector.post.threshold or float(prediction.anomaly_map.max())
-            overlay(read_image(path), prediction.anomaly_map, vmin=0.0, vmax=vmax * 2).save(target)
+            image = read_image(path)
+            prediction_overlay(image, prediction.anomaly_map, detector.post.threshold).save(target)
             entry["heatmap"] = str(target)
         results.append(entry)
     return results

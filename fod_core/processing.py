@@ -46,7 +46,9 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS
         raise
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name}: {err}") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError(f"{name}: not an image in a known format") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
     if image.mode != "RGB":
         image = (
@@ -158,6 +160,12 @@ class PostProcessing:
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Max of the Gaussian-smoothed map; (N,)."""
         return gaussian_blur(anomaly_map, self.score_sigma).flatten(1).max(dim=1).values
+
+    @staticmethod
+    def grid(anomaly_map: np.ndarray | torch.Tensor, size: int) -> np.ndarray:
+        """The map averaged over size x size cells: a compact map for clients (serving)."""
+        tensor = torch.as_tensor(np.asarray(anomaly_map), dtype=torch.float32)[None, None]
+        return F.adaptive_avg_pool2d(tensor, size)[0, 0].numpy()
 
     def is_anomalous(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         if self.threshold is None:

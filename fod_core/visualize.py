@@ -38,6 +38,15 @@ def overlay(
     return Image.fromarray(np.concatenate([base, blended], axis=1))
 
 
+def prediction_overlay(
+    image: Image.Image, anomaly_map: np.ndarray, threshold: float | None
+) -> Image.Image:
+    """The picture `fod predict --heatmaps` writes and the server returns: colours run from
+    0 to twice the alarm threshold, so red means well above it in every picture."""
+    vmax = threshold or float(anomaly_map.max())
+    return overlay(image, anomaly_map, vmin=0.0, vmax=vmax * 2)
+
+
 def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auroc: float | None, path: Path, title: str) -> None:
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()

@@ -34,6 +34,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict:
+    if args.deploy is None:
+        args.deploy = "local" if args.action == "run" else "kserve"
     from components.data_version import read_data_version, remote_url
     from components.settings import load_settings
     from components.tracking import code_version
@@ -51,6 +53,8 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
+        "deploy_target": args.deploy,
+        "canary_traffic_percent": args.canary_percent,
     }
     return arguments
 
@@ -66,9 +70,12 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(compile_pipeline(args.out or COMPILED_YAML))
         return 0
     if args.action == "run":
-        from components.settings import load_settings
+        import os
+
+        from components.settings import fod_home, load_settings
 
         load_settings().export()
+        os.environ.setdefault("FOD_HOME", str(fod_home()))  # where the deploy step keeps state
         result = run_local(_pipeline_arguments(args), args.pipeline_root)
         print(f"pipeline finished; outputs under {result.pipeline_root}")
         return 0
@@ -104,11 +111,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     print(f"  metrics            {summary['champion_metrics']}")
     print(f"  data version       {summary['data_version']}")
+    if summary["serving_url"]:
+        print(f"  model server       {summary['serving_url']} (KServe v1/v2 REST, gRPC)")
+        for item in summary["served"]:
+            print(
+                f"    {item['image']:40s} score {item['score']:.4g}  "
+                f"anomalous={item['is_anomalous']}  (served v{item['model_version']})"
+            )
     print(f"  wall time          {summary['seconds']}")
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from components.serving import serve_from_args
+
+    serve_from_args(args)
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from components.deployment import (
+        DeploymentError,
+        DeployTarget,
+        LocalServing,
+        deploy_champion,
+        inference_service,
+    )
+
+    if args.action == "render":
+        import yaml
+
+        if not (args.storage_uri and args.model_version):
+            raise DeploymentError("`fod deploy render` needs --storage-uri and --model-version")
+        manifest = inference_service(
+            f"fod-{args.category}",
+            storage_uri=args.storage_uri,
+            model_version=args.model_version,
+            namespace=args.namespace,
+            canary_traffic_percent=args.canary_percent,
+            **({"image": args.image} if args.image else {}),
+        )
+        text = yaml.safe_dump(manifest, sort_keys=False)
+        if args.out:
+            args.out.write_text(text)
+        else:
+            print(text, end="")
+        return 0
+    serving = LocalServing()
+    if args.action == "status":
+        for server in serving.servers():
+            print(json.dumps({"name": server.name, "url": server.url, "status": server.status()}))
+        return 0
+    if args.action == "stop":
+        names = [f"fod-{args.category}"] if args.category else [s.name for s in serving.servers()]
+        for name in names:
+            serving.stop(name)
+            print(f"stopped {name}")
+        return 0
+    from mlflow import MlflowClient
+
+    from components.settings import load_settings
+    from components.tracking import registered_name
+
+    settings = load_settings()
+    settings.export()
+    name = registered_name(args.category)
+    client = MlflowClient()
+    version = args.model_version or client.get_model_version_by_alias(name, "champion").version
+    result = deploy_champion(
+        name,
+        version,
+        DeployTarget(args.action),
+        namespace=args.namespace,
+        canary_traffic_percent=args.canary_percent,
+        env=settings.env(),
+    )
+    print(json.dumps(result))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
+    from components.serving import add_serve_arguments
+
     stack = sub.add_parser("stack", help="the embedded S3 (SeaweedFS) + MLflow on 127.0.0.1")
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--home", type=Path, help="state folder (default ./.fod or FOD_HOME)")
@@ -133,7 +217,33 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--epochs", type=int, default=100)
     pipeline.add_argument("--batch-size", type=int, default=8)
     pipeline.add_argument("--lr", type=float, default=1e-4)
+    pipeline.add_argument(
+        "--deploy",
+        choices=["local", "kserve", "none"],
+        help="serve the champion: local model server (default for run), InferenceService "
+        "(default for submit) or none",
+    )
+    pipeline.add_argument(
+        "--canary-percent", type=int, default=0, help="kserve: traffic share of a new version"
+    )
     pipeline.set_defaults(func=cmd_pipeline)
+
+    serve = sub.add_parser("serve", help="KServe model server (v1, v2 REST and gRPC) on 127.0.0.1")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser(
+        "deploy", help="serve the champion locally or as a KServe InferenceService"
+    )
+    deploy.add_argument("action", choices=["local", "kserve", "render", "status", "stop"])
+    deploy.add_argument("--category", default="widget")
+    deploy.add_argument("--model-version", help="default: the current champion")
+    deploy.add_argument("--storage-uri", help="render: the model's S3 location")
+    deploy.add_argument("--namespace", default="fod")
+    deploy.add_argument("--canary-percent", type=int, help="kserve: new version's traffic share")
+    deploy.add_argument("--image", help="render: the serving image")
+    deploy.add_argument("--out", type=Path, help="render: write the YAML here")
+    deploy.set_defaults(func=cmd_deploy)
 
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")
     demo.add_argument("--epochs", type=int, default=20)
@@ -142,7 +252,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from components.data_version import DataVersionError
+    from components.deployment import DeploymentError
     from components.registry import MlflowException
+    from components.serving import ServingError
     from components.settings import SettingsError
     from components.stack import StackError
     from components.storage import StorageError
@@ -159,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             DataVersionError,
             MlflowException,
             SubmitError,
+            ServingError,
+            DeploymentError,
         ),
     )
 

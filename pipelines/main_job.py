@@ -1,6 +1,7 @@
 """The main job (``fod demo``, the README's first command): on a fresh clone, start the
 embedded stack, generate and version the demo data in DVC, run the training pipeline
-with the KFP local runner, and report the registered champion.
+with the KFP local runner (which deploys the champion to a local KServe model server),
+and report the registered champion and what the server answers for a few test images.
 
 Re-running it reuses everything that did not change: the stack, the data version, the
 feature cache and (through KFP caching) the pipeline steps whose inputs are the same.
@@ -9,11 +10,13 @@ feature cache and (through KFP caching) the pipeline steps whose inputs are the 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.data_version import DvcRepo, remote_url
+from components.deployment import LocalServing
 from components.stack import EmbeddedStack
 from components.tracking import code_version, registered_name
 
@@ -49,6 +52,7 @@ def pipeline_arguments(
         "batch_size": demo.batch_size,
         "learning_rate": demo.learning_rate,
         "val_fraction": 0.15,
+        "deploy_target": "local",
     }
 
 
@@ -69,6 +73,7 @@ def run_main_job(
     stack = stack or EmbeddedStack(repo_root / ".fod")
     settings = stack.up()
     settings.export()
+    os.environ["FOD_HOME"] = str(stack.home)  # the deploy step keeps its server state there
     timings = {"stack_s": time.perf_counter() - started}
 
     data_dir = repo_root / "data"
@@ -90,6 +95,9 @@ def run_main_job(
     name = registered_name(DEMO_CATEGORY)
     champion = client.get_model_version_by_alias(name, "champion")
     latest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    server = LocalServing(stack.home).get(name)
+    samples = sorted((data_dir / DEMO_CATEGORY / "test").glob("*/000.png"))
+    served = server.predict([p.read_bytes() for p in samples]) if server else []
     return {
         "mlflow_ui": settings.mlflow_uri,
         "registered_model": name,
@@ -97,6 +105,11 @@ def run_main_job(
         "latest_version": str(latest),
         "champion_metrics": champion.tags.get("metrics"),
         "data_version": version.md5,
+        "serving_url": server.url if server else None,
+        "served": [
+            {"image": str(path.relative_to(repo_root)), **result}
+            for path, result in zip(samples, served, strict=True)
+        ],
         "seconds": {k: round(v, 1) for k, v in timings.items()}
         | {"total_s": round(time.perf_counter() - started, 1)},
     }

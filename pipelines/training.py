@@ -1,5 +1,5 @@
 """The FOD training pipeline: fetch a data version, then per category (in parallel):
-validate -> cache features -> train -> calibrate -> evaluate -> register/promote.
+validate -> cache features -> train -> calibrate -> evaluate -> register/promote -> deploy.
 
 The same DAG compiles to KFP YAML for a cluster (``fod pipeline compile``), runs on one
 machine through the KFP local runner (``fod pipeline run``), and is submitted to a KFP
@@ -44,6 +44,9 @@ def category_pipeline(
     min_image_auroc: float,
     min_pixel_auroc: float,
     min_aupro: float,
+    deploy_target: str,
+    serving_namespace: str,
+    canary_traffic_percent: int,
 ):
     validation = steps.validate_data(
         dataset=dataset,
@@ -116,6 +119,14 @@ def category_pipeline(
             min_aupro=min_aupro,
         )
         registration.set_caching_options(True)
+        deployment = steps.deploy_model(
+            category=category,
+            champion_version=registration.outputs["champion_version"],
+            target=deploy_target,
+            namespace=serving_namespace,
+            canary_traffic_percent=canary_traffic_percent,
+        )
+        deployment.set_caching_options(False)  # it checks a live server every time
 
 
 @dsl.pipeline(
@@ -144,6 +155,9 @@ def training_pipeline(
     min_image_auroc: float = 0.9,
     min_pixel_auroc: float = 0.0,
     min_aupro: float = 0.0,
+    deploy_target: str = "kserve",
+    serving_namespace: str = "fod",
+    canary_traffic_percent: int = 0,
 ):
     data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
     data.set_caching_options(True)
@@ -170,6 +184,9 @@ def training_pipeline(
             min_image_auroc=min_image_auroc,
             min_pixel_auroc=min_pixel_auroc,
             min_aupro=min_aupro,
+            deploy_target=deploy_target,
+            serving_namespace=serving_namespace,
+            canary_traffic_percent=canary_traffic_percent,
         )
 
 

@@ -41,3 +41,28 @@ def mvtec_root() -> Path:
     if not (SHARED_MVTEC / "bottle").is_dir():
         pytest.skip(f"real MVTec AD data not found at {SHARED_MVTEC} (only in the project's CI)")
     return SHARED_MVTEC
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """A real embedded stack (SeaweedFS S3 + MLflow server) on loopback with free ports;
+    components, KFP's subprocesses and local model servers find it through the environment."""
+    from components.stack import EmbeddedStack
+
+    stack = EmbeddedStack(tmp_path_factory.mktemp("fod-home"), s3_port=0, mlflow_port=0)
+    settings = stack.up()
+    env = settings.env() | {"FOD_HOME": str(stack.home)}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    yield stack
+    stack.down()  # model servers too
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def settings(stack):
+    return stack.settings()

@@ -9,6 +9,7 @@ import yaml
 from mlflow import MlflowClient
 
 from components.data_version import DvcRepo, remote_url
+from components.deployment import LocalServing
 from fod_core.synthetic import make_synthetic_dataset
 from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
 
@@ -56,12 +57,15 @@ def _arguments(settings, version, **overrides) -> dict:
         "val_fraction": 0.2,
         "cache_prefix": "features-pipeline-test",
         "min_image_auroc": 0.8,
+        "deploy_target": "local",
     } | overrides
 
 
 @pytest.mark.slow
-def test_pipeline_registers_a_champion_then_gates_a_worse_model(settings, versioned_data, tmp_path):
-    _, _, version = versioned_data
+def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
+    settings, stack, versioned_data, tmp_path
+):
+    _, data, version = versioned_data
     client = MlflowClient(settings.mlflow_uri)
     name = f"fod-{CATEGORY}"
 
@@ -76,6 +80,10 @@ def test_pipeline_registers_a_champion_then_gates_a_worse_model(settings, versio
     assert run.data.metrics["test_image_auroc"] >= 0.8
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/metrics.json"} <= artifacts
+    # The deploy step started a model server on loopback that serves the champion.
+    server = LocalServing(stack.home).get(name)
+    image = next((data / CATEGORY / "test").glob("*/000.png")).read_bytes()
+    assert server.predict([image])[0]["model_version"] == champion.version
 
     # A barely trained model: registered as challenger, the champion stays.
     run_local(
@@ -86,6 +94,7 @@ def test_pipeline_registers_a_champion_then_gates_a_worse_model(settings, versio
     assert int(challenger.version) == int(champion.version) + 1
     assert client.get_model_version_by_alias(name, "champion").version == champion.version
     assert "worse than the champion" in challenger.tags["gates"]
+    assert server.predict([image])[0]["model_version"] == champion.version
 
 
 @pytest.mark.slow

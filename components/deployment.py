@@ -1,0 +1,360 @@
+"""Deploying the champion: a local KServe model server on loopback, or an InferenceService.
+
+Locally, one ``fod serve`` process per registered model follows its ``champion`` alias
+(it reloads in the background when the alias moves); ``deploy`` starts it when it is not
+running and waits until it answers with the expected version. State lives in
+``<fod home>/serving/<name>.json`` beside the embedded stack's, and ``fod stack down``
+stops these servers too.
+
+On a cluster, ``inference_service`` builds the InferenceService with the KServe SDK's
+``V1beta1InferenceService``: the serving image runs ``fod serve`` on the model that
+KServe's storage initializer downloads from the MLflow artifact location in S3 into
+/mnt/models; ``canary_traffic_percent`` rolls a new version out to part of the traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+
+from components.settings import COMPONENT_IMAGE, fod_home
+from components.stack import (
+    ServerState,
+    StackError,
+    free_port,
+    pid_alive,
+    port_is_free,
+    spawn_server,
+    stop_server,
+    wait_healthy,
+)
+
+log = logging.getLogger(__name__)
+
+LOCAL_POLL_SECONDS = 2.0
+MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
+S3_SERVICE_ACCOUNT = "fod-s3"  # carries the S3 secret reference (infra/serving)
+
+
+class DeployTarget(str, Enum):
+    LOCAL = "local"  # a model server on this machine's loopback
+    KSERVE = "kserve"  # an InferenceService in the current Kubernetes context
+    NONE = "none"
+
+
+class DeploymentError(RuntimeError):
+    """The model server did not come up, or did not switch to the expected version."""
+
+
+def champion_uri(name: str) -> str:
+    return f"models:/{name}@champion"
+
+
+# -- local ------------------------------------------------------------------------------
+@dataclass
+class LocalServer:
+    name: str
+    model_uri: str
+    http_port: int
+    grpc_port: int
+    pid: int | None = None
+    log: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def status(self) -> dict | None:
+        """The server's own view (served version, loading, failures); None when down."""
+        try:
+            with urllib.request.urlopen(
+                f"{self.url}/v2/models/{self.name}/status", timeout=3
+            ) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def predict(self, images: list[bytes], timeout: float = 60.0) -> list[dict]:
+        """Score encoded images through the v1 endpoint (the demo's and the tests' client)."""
+        import base64
+
+        body = json.dumps(
+            {"instances": [{"image_bytes": {"b64": base64.b64encode(i).decode()}} for i in images]}
+        ).encode()
+        request = urllib.request.Request(
+            f"{self.url}/v1/models/{self.name}:predict",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())["predictions"]
+
+
+class LocalServing:
+    """The local model servers under one fod home."""
+
+    def __init__(self, home: str | Path | None = None) -> None:
+        self.dir = Path(home or fod_home()) / "serving"
+
+    def _state_file(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def get(self, name: str) -> LocalServer | None:
+        path = self._state_file(name)
+        return LocalServer(**json.loads(path.read_text())) if path.is_file() else None
+
+    def servers(self) -> list[LocalServer]:
+        return [LocalServer(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
+
+    def _save(self, server: LocalServer) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file(server.name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(server), indent=2))
+        tmp.replace(self._state_file(server.name))
+
+    def deploy(
+        self,
+        name: str,
+        expected_version: str,
+        *,
+        model_uri: str | None = None,
+        http_port: int = 8080,
+        grpc_port: int = 8081,
+        env: dict | None = None,
+        timeout: float = 180.0,
+    ) -> LocalServer:
+        """Serve ``model_uri`` (default: the champion alias) and wait for ``expected_version``.
+
+        A server already running on the same URI is left running: it follows the alias
+        and switches to the new version by itself, without a restart."""
+        model_uri = model_uri or champion_uri(name)
+        server = self.get(name)
+        if server and pid_alive(server.pid) and server.model_uri == model_uri:
+            log.info("%s is served at %s; waiting for v%s", name, server.url, expected_version)
+        else:
+            if server:
+                stop_server(ServerState(pid=server.pid))
+            server = self._start(name, model_uri, http_port, grpc_port, env, timeout)
+        self._wait_for_version(server, expected_version, timeout)
+        return server
+
+    def _start(self, name, model_uri, http_port, grpc_port, env, timeout) -> LocalServer:
+        http_port = http_port if http_port and port_is_free(http_port) else free_port()
+        grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "components.serving",
+            "--model",
+            model_uri,
+            "--name",
+            name,
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--poll-interval",
+            str(LOCAL_POLL_SECONDS),
+        ]
+        process = spawn_server(self.dir.parent, f"serve-{name}", argv, env)
+        server = LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
+        self._save(server)
+        log.info("starting the model server for %s on %s", name, server.url)
+        try:
+            wait_healthy(f"model server {name}", process, lambda: bool(server.status()), timeout)
+        except StackError as error:
+            raise DeploymentError(str(error)) from error
+        return server
+
+    @staticmethod
+    def _wait_for_version(server: LocalServer, version: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = server.status()
+            if status and status.get("version") == str(version):
+                log.info("%s serves version %s at %s", server.name, version, server.url)
+                return
+            if status and str(version) in status.get("failed_versions", {}):
+                raise DeploymentError(
+                    f"{server.name} could not load version {version}: "
+                    f"{status['failed_versions'][str(version)]}"
+                )
+            if not pid_alive(server.pid):
+                raise DeploymentError(f"the model server of {server.name} exited; see {server.log}")
+            time.sleep(0.5)
+        raise DeploymentError(
+            f"{server.name} did not switch to version {version} within {timeout:.0f}s "
+            f"(it reports {status}); log: {server.log}"
+        )
+
+    def stop(self, name: str) -> None:
+        server = self.get(name)
+        if server:
+            stop_server(ServerState(pid=server.pid))
+            self._state_file(name).unlink(missing_ok=True)
+
+    def stop_all(self) -> None:
+        for server in self.servers():
+            self.stop(server.name)
+
+
+# -- cluster ----------------------------------------------------------------------------
+def inference_service(
+    name: str,
+    *,
+    storage_uri: str,
+    model_version: str,
+    namespace: str = "fod",
+    image: str = COMPONENT_IMAGE,
+    canary_traffic_percent: int | None = None,
+    service_account: str = S3_SERVICE_ACCOUNT,
+    min_replicas: int = 1,
+    max_replicas: int = 3,
+    cpu: str = "2",
+    memory: str = "4Gi",
+) -> dict:
+    """The InferenceService for one model version, as a plain dict (YAML-ready)."""
+    from components.serving import import_kserve
+
+    kserve = import_kserve()
+    from kubernetes import client as k8s
+
+    if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
+        raise ValueError(f"canary_traffic_percent {canary_traffic_percent} is not in 0..100")
+    container = k8s.V1Container(
+        name="kserve-container",
+        image=image,
+        command=["fod"],
+        args=[
+            "serve",
+            "--model",
+            MODEL_MOUNT,
+            "--name",
+            name,
+            "--model-version",
+            str(model_version),
+            "--host",
+            "0.0.0.0",  # inside the pod; KServe routes to it
+            "--http-port",
+            "8080",
+            "--no-grpc",  # KServe exposes one port per container
+            "--poll-interval",
+            "0",  # a new version is a new revision, rolled out by KServe
+        ],
+        env=[
+            k8s.V1EnvVar(name="STORAGE_URI", value=storage_uri),
+            k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
+        ],
+        ports=[k8s.V1ContainerPort(container_port=8080, protocol="TCP")],
+        readiness_probe=k8s.V1Probe(
+            http_get=k8s.V1HTTPGetAction(path=f"/v2/models/{name}/ready", port=8080),
+            period_seconds=5,
+        ),
+        resources=k8s.V1ResourceRequirements(
+            requests={"cpu": cpu, "memory": memory}, limits={"memory": memory}
+        ),
+    )
+    service = kserve.V1beta1InferenceService(
+        api_version=kserve.constants.KSERVE_V1BETA1,
+        kind=kserve.constants.KSERVE_KIND_INFERENCESERVICE,
+        metadata=k8s.V1ObjectMeta(
+            name=name,
+            namespace=namespace,
+            labels={"app.kubernetes.io/part-of": "fod-pipeline", "fod/model": name},
+            annotations={"fod/model-version": str(model_version), "fod/storage-uri": storage_uri},
+        ),
+        spec=kserve.V1beta1InferenceServiceSpec(
+            predictor=kserve.V1beta1PredictorSpec(
+                service_account_name=service_account,
+                min_replicas=min_replicas,
+                max_replicas=max_replicas,
+                canary_traffic_percent=canary_traffic_percent,
+                containers=[container],
+            )
+        ),
+    )
+    return k8s.ApiClient().sanitize_for_serialization(service)
+
+
+def champion_storage_uri(name: str, version: str, artifacts_root: str) -> str:
+    """Where the registered version's files are in S3, for KServe's storage initializer.
+
+    An MLflow server that proxies artifacts answers ``mlflow-artifacts:/<path>``; that path
+    lies under the server's ``--artifacts-destination`` (``artifacts_root``)."""
+    from mlflow import MlflowClient
+
+    uri = MlflowClient().get_model_version_download_uri(name, str(version))
+    if uri.startswith("mlflow-artifacts:"):
+        uri = f"{artifacts_root.rstrip('/')}/{uri.split(':', 1)[1].lstrip('/')}"
+    return uri
+
+
+def apply_inference_service(manifest: dict) -> str:
+    """Create the InferenceService, or patch it so KServe rolls out a new revision."""
+    from components.serving import import_kserve
+
+    kserve = import_kserve()
+    import urllib3
+    from kubernetes.client.rest import ApiException
+
+    name = manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    try:
+        # KUBECONFIG read now (the kubernetes package reads it once, at import).
+        client = kserve.KServeClient(config_file=os.environ.get("KUBECONFIG"))
+    except Exception as error:  # no kubeconfig, no in-cluster service account
+        raise DeploymentError(f"no Kubernetes cluster configured: {error}") from error
+    try:
+        try:
+            client.get(name, namespace=namespace)
+        except RuntimeError:  # the SDK wraps a 404 in RuntimeError
+            client.create(manifest, namespace=namespace)
+            return "created"
+        client.patch(name, manifest, namespace=namespace)
+        return "patched"
+    except (ApiException, RuntimeError, OSError, urllib3.exceptions.HTTPError) as error:
+        reason = str(error).splitlines()[0][:300]
+        raise DeploymentError(
+            f"applying InferenceService {namespace}/{name} failed: {type(error).__name__}: {reason}"
+        ) from error
+
+
+def deploy_champion(
+    name: str,
+    version: str,
+    target: DeployTarget,
+    *,
+    namespace: str = "fod",
+    canary_traffic_percent: int | None = None,
+    http_port: int = 8080,
+    grpc_port: int = 8081,
+    env: dict | None = None,
+) -> dict:
+    """The pipeline's deploy step: make the served model the given champion version."""
+    if target is DeployTarget.NONE:
+        return {"target": target.value, "deployed": False}
+    if target is DeployTarget.LOCAL:
+        server = LocalServing().deploy(
+            name, version, http_port=http_port, grpc_port=grpc_port, env=env
+        )
+        return {"target": target.value, "deployed": True, "url": server.url, "version": version}
+    from components.settings import load_settings
+
+    manifest = inference_service(
+        name,
+        storage_uri=champion_storage_uri(name, version, load_settings().mlflow_artifacts),
+        model_version=version,
+        namespace=namespace,
+        canary_traffic_percent=canary_traffic_percent,
+    )
+    action = apply_inference_service(manifest)
+    return {"target": target.value, "deployed": True, "action": action, "version": version}

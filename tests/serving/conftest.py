@@ -1,0 +1,111 @@
+"""Tiny trained models and real model-server processes on loopback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.deployment import LocalServer
+from components.stack import free_port, spawn_server, stop_server, wait_healthy
+from fod_core.cache import LocalStore
+from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+from fod_core.synthetic import make_synthetic_dataset
+from fod_core.train import train_model
+
+TINY = ModelConfig(
+    image_size=64,
+    levels=(
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+    ),
+)
+
+
+@pytest.fixture(scope="session")
+def served_data(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("served-data"),
+        "widget",
+        n_train=16,
+        n_test_good=3,
+        n_test_defect=3,
+        size=64,
+        seed=3,
+    )
+
+
+def _train(root: Path, out: Path, epochs: int) -> Path:
+    train_model(
+        root,
+        "widget",
+        out,
+        model_config=TINY,
+        train_config=TrainConfig(epochs=epochs, batch_size=8, lr=1e-3, val_fraction=0.25),
+        cache_store=LocalStore(out.parent / "cache"),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_a(served_data, tmp_path_factory) -> Path:
+    return _train(served_data, tmp_path_factory.mktemp("model-a") / "model", epochs=2)
+
+
+@pytest.fixture(scope="session")
+def model_b(served_data, tmp_path_factory) -> Path:
+    return _train(served_data, tmp_path_factory.mktemp("model-b") / "model", epochs=4)
+
+
+@pytest.fixture(scope="session")
+def test_images(served_data) -> list[Path]:
+    """One good and the defect images of the generated test split."""
+    return sorted((served_data / "widget" / "test").glob("*/*.png"))[:4]
+
+
+def start_server(home: Path, model: str, name: str, *extra: str) -> LocalServer:
+    """``python -m components.serving`` (what ``fod serve`` runs) as its own process."""
+    http_port, grpc_port = free_port(), free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "components.serving",
+        "--model",
+        model,
+        "--name",
+        name,
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        *extra,
+    ]
+    process = spawn_server(home, name, argv)
+    server = LocalServer(name, model, http_port, grpc_port, process.pid, process.log)
+    wait_healthy(name, process, lambda: bool(server.status()), timeout=120)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(model_a, tmp_path_factory):
+    """Model A served from its directory, with small limits to test them cheaply."""
+    home = tmp_path_factory.mktemp("serve-home")
+    running = start_server(
+        home,
+        str(model_a),
+        "fod-widget",
+        "--model-version",
+        "7",
+        "--poll-interval",
+        "0",
+        "--max-request-mb",
+        "1",
+        "--max-images",
+        "4",
+        "--max-image-pixels",
+        "1000000",
+    )
+    yield running
+    stop_server(running)
