@@ -137,11 +137,27 @@ class PriorAttention(nn.Module):
         n, length, _ = x.shape
         return x.view(n, length, self.n_heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, AttentionMaps]:
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values (N or 1, heads, L_keys, d_head)."""
+        return self._split_heads(self.key(context)), self._split_heads(self.value(context))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
+        need_maps: bool = True,
+    ) -> tuple[torch.Tensor, AttentionMaps | None]:
+        """Output and maps. ``keys_values`` of batch 1 (the class reference) broadcast over
+        the batch. ``need_maps=False`` (scoring's intra branch, whose maps the score does
+        not use) runs fused attention that never materialises S."""
         n, length, d_model = x.shape
         q = self._split_heads(self.query(x) * self.head_dim**-0.5)  # scale L*d, not L*L
-        k = self._split_heads(self.key(context))
-        v = self._split_heads(self.value(context))
+        k, v = keys_values if keys_values is not None else self.keys_values(context)
+        if not need_maps:
+            out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
+            return self.out(out.transpose(1, 2).reshape(n, length, d_model)), None
         logits = q @ k.transpose(-2, -1)
         correlation = torch.softmax(logits.float(), dim=-1)
         out = (correlation.to(v.dtype) @ v).transpose(1, 2).reshape(n, length, d_model)
@@ -175,10 +191,14 @@ class I2CorrelationLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
 
     def forward(
-        self, x: torch.Tensor, reference: torch.Tensor
-    ) -> tuple[torch.Tensor, AttentionMaps, AttentionMaps]:
-        intra_out, intra_maps = self.intra(x, x)
-        inter_out, inter_maps = self.inter(x, reference)
+        self,
+        x: torch.Tensor,
+        reference_keys_values: tuple[torch.Tensor, torch.Tensor],
+        *,
+        need_intra_maps: bool = True,
+    ) -> tuple[torch.Tensor, AttentionMaps | None, AttentionMaps]:
+        intra_out, intra_maps = self.intra(x, x, need_maps=need_intra_maps)
+        inter_out, inter_maps = self.inter(x, keys_values=reference_keys_values)
         # (x + intra) - (x + inter): the residual cancels, only the discrepancy remains.
         h = self.norm1(intra_out - inter_out)
         return self.norm2(h + self.ffn(h)), intra_maps, inter_maps
@@ -190,7 +210,7 @@ class LevelOutput:
 
     tokens: torch.Tensor  # (N, L, C) input feature tokens, the reconstruction target
     reconstruction: torch.Tensor  # (N, L, C)
-    intra: list[AttentionMaps]
+    intra: list[AttentionMaps]  # empty when scoring: the score uses the inter maps only
     inter: list[AttentionMaps]
 
 
@@ -219,20 +239,49 @@ class FODLevel(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, in_channels)
         self.register_buffer("reference", torch.zeros(grid[0] * grid[1], in_channels))
+        self._reference_cache: tuple[tuple, list] | None = None
 
     def set_reference(self, reference: torch.Tensor) -> None:
         """Per-position mean of the class's normal features, (L, C)."""
         self.reference.copy_(reference.to(self.reference))
 
-    def forward(self, feature_map: torch.Tensor) -> LevelOutput:
+    def reference_keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's inter keys and values of the reference tokens, batch 1.
+
+        They depend on weights and the reference only, not on the input: computed once
+        per forward pass (not once per image), and without gradients kept across calls
+        until a weight, the reference, the device or autocast changes."""
+
+        def compute():
+            reference = self.reference_embed(self.reference)[None]
+            return [layer.inter.keys_values(reference) for layer in self.layers]
+
+        if torch.is_grad_enabled():
+            return compute()
+        inputs = [self.reference, *self.reference_embed.parameters()]
+        inputs += [
+            p
+            for layer in self.layers
+            for p in (*layer.inter.key.parameters(), *layer.inter.value.parameters())
+        ]
+        key = (
+            tuple((id(t), t._version, t.device, t.dtype) for t in inputs),
+            torch.is_autocast_enabled("cpu"),
+            torch.is_autocast_enabled("cuda"),
+        )
+        if self._reference_cache is None or self._reference_cache[0] != key:
+            self._reference_cache = (key, compute())
+        return self._reference_cache[1]
+
+    def forward(self, feature_map: torch.Tensor, *, scoring: bool = False) -> LevelOutput:
         """feature_map: pooled backbone features (N, C, H, W)."""
         tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
         x = self.embed(tokens)
-        reference = self.reference_embed(self.reference)[None].expand(x.shape[0], -1, -1)
         intra, inter = [], []
-        for layer in self.layers:
-            x, intra_maps, inter_maps = layer(x, reference)
-            intra.append(intra_maps)
+        for layer, keys_values in zip(self.layers, self.reference_keys_values(), strict=True):
+            x, intra_maps, inter_maps = layer(x, keys_values, need_intra_maps=not scoring)
+            if intra_maps is not None:
+                intra.append(intra_maps)
             inter.append(inter_maps)
         reconstruction = self.head(self.norm(x))
         return LevelOutput(tokens, reconstruction.float(), intra, inter)
@@ -291,7 +340,7 @@ class FODModel(nn.Module):
         """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map."""
         maps = []
         for level, features in zip(self.levels, feature_maps, strict=True):
-            scores = FODLevel.token_scores(level(features), self.config.log_eps)
+            scores = FODLevel.token_scores(level(features, scoring=True), self.config.log_eps)
             maps.append(scores.view(-1, *level.grid))
         return maps
 

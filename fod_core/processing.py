@@ -47,7 +47,9 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS
     except Image.DecompressionBombError as err:
         raise ImageDecodeError(f"{name}: {err}") from err
     except UnidentifiedImageError as err:
-        raise ImageDecodeError(f"{name}: not an image in a known format") from err
+        raise ImageDecodeError(
+            f"{name}: not a readable image (unknown format or damaged header)"
+        ) from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
     if image.mode != "RGB":

@@ -240,6 +240,19 @@ def test_token_scores_are_weighted_reconstruction_error():
     assert scores.min() == 0  # the token with the smallest discrepancy gets weight 0
 
 
+def test_scoring_path_skips_intra_maps_but_scores_the_same():
+    model = make_model().eval()
+    feats = features(2, seed=4)
+    with torch.no_grad():
+        for level, f in zip(model.levels, feats, strict=True):
+            full, fast = level(f), level(f, scoring=True)
+            assert len(full.intra) == len(level.layers) and fast.intra == []
+            assert torch.allclose(fast.reconstruction, full.reconstruction, atol=1e-5)
+            assert torch.allclose(
+                FODLevel.token_scores(fast, 1e-4), FODLevel.token_scores(full, 1e-4), rtol=1e-4
+            )
+
+
 def test_batch_larger_than_one_trains():
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -46,7 +46,7 @@ def test_grayscale_is_replicated_and_resized():
     ("payload", "message"),
     [
         (b"", "empty"),
-        (b"not an image at all", "not an image in a known format"),
+        (b"not an image at all", "unknown format"),
         (png_bytes(Image.new("RGB", (8, 8)))[:40], "not a readable image"),
     ],
 )

@@ -1,0 +1,82 @@
+"""Inference latency of a trained model through the full path (decode, resize, backbone,
+FOD, maps, score), at batch 1 and 16, and what the scoring fast path saves.
+
+The fast path runs the intra attention fused (its maps are not part of the score); the
+comparison runs the same model with the maps materialised, interleaved in one process.
+
+    python benchmarks/bench_inference.py --model runs/bench/lite0_e40/model \
+        --images ../shared/data/mvtec_ad/bottle/test --out benchmarks/results/inference.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fod_core.artifact import load_detector
+from fod_core.inference import AnomalyDetector
+from fod_core.model import FODLevel
+from fod_core.runtime import configure_cpu_numerics
+
+
+def time_predict(detector: AnomalyDetector, paths: list[Path], batch: int, repeats: int) -> float:
+    """Median milliseconds per image over ``repeats`` runs of the first ``batch`` images."""
+    chosen = paths[:batch]
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        detector.predict(chosen, batch_size=batch)
+        runs.append((time.perf_counter() - started) * 1000 / len(chosen))
+    return statistics.median(runs)
+
+
+def main() -> None:
+    configure_cpu_numerics()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    paths = sorted(p for p in args.images.rglob("*.png"))
+    detector = load_detector(args.model)
+    full_forward = FODLevel.forward
+
+    def with_intra_maps(self, feature_map, *, scoring=False):
+        return full_forward(self, feature_map, scoring=False)
+
+    report = {
+        "command": "python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+    }
+    for batch, repeats in ((1, args.repeats), (16, max(2, args.repeats // 4))):
+        detector.predict(paths[:batch], batch_size=batch)  # warm-up, kernel compilation
+        fast, full = [], []
+        for _ in range(repeats):  # interleaved so that machine noise hits both alike
+            fast.append(time_predict(detector, paths, batch, 1))
+            FODLevel.forward = with_intra_maps
+            try:
+                full.append(time_predict(detector, paths, batch, 1))
+            finally:
+                FODLevel.forward = full_forward
+        report[f"batch_{batch}"] = {
+            "ms_per_image": statistics.median(fast),
+            "ms_per_image_with_intra_maps": statistics.median(full),
+            "runs": repeats,
+        }
+        print(f"batch {batch}: {report[f'batch_{batch}']}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
