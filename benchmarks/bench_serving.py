@@ -96,9 +96,38 @@ def run_level(server: LocalServer, bodies: list[bytes], clients: int, duration: 
     }
 
 
+def untrained_model(directory: Path, backbone: str, image_size: int) -> Path:
+    """A model of the method's architecture with untrained FOD weights: serving speed and
+    memory depend on the architecture and input size, not on what the weights learned."""
+    from fod_core.artifact import save_artifact
+    from fod_core.backbone import BackboneSpec, FeatureExtractor
+    from fod_core.config import ModelConfig
+    from fod_core.model import create_fod_model
+    from fod_core.processing import PostProcessing, PreProcessing
+
+    config = ModelConfig(image_size=image_size)
+    extractor = FeatureExtractor(spec=BackboneSpec(name=backbone))
+    model = create_fod_model(config, in_channels=extractor.channels, strides=extractor.strides)
+    save_artifact(
+        directory,
+        model=model,
+        extractor=extractor,
+        pre=PreProcessing(image_size, extractor.mean, extractor.std),
+        post=PostProcessing(image_size, config.score_sigma, threshold=1.0, threshold_mode="far"),
+        metadata={"category": "bench"},
+    )
+    return directory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="model directory or models:/ URI")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model directory or models:/ URI")
+    source.add_argument(
+        "--untrained-backbone",
+        help="serve the method's architecture on this backbone with untrained FOD weights",
+    )
+    parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--images", type=Path, required=True, help="folder of test images")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -124,6 +153,9 @@ def main() -> None:
     ]
 
     home = Path(tempfile.mkdtemp(prefix="fod-bench-serving-"))
+    if args.untrained_backbone:
+        model = untrained_model(home / "model", args.untrained_backbone, args.image_size)
+        args.model = str(model)
     http_port, grpc_port = free_port(), free_port()
     argv = [
         sys.executable, "-m", "components.serving", "--model", args.model, "--name", "fod-bench",
