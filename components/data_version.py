@@ -47,7 +47,8 @@ class DvcRepo:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).resolve()
 
-    def run(self, *args: str, env: dict | None = None) -> str:
+    def run(self, *args: str, env: dict | None = None, secret: str | None = None) -> str:
+        """``dvc ARGS``; ``secret`` (an argument value) never appears in an error message."""
         import os
 
         result = subprocess.run(
@@ -58,7 +59,9 @@ class DvcRepo:
             env={**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})},
         )
         if result.returncode != 0:
-            raise DataVersionError(f"dvc {' '.join(args)} failed:\n{result.stderr.strip()}")
+            shown = " ".join("***" if secret and a == secret else a for a in args)
+            stderr = result.stderr.strip().replace(secret, "***") if secret else result.stderr
+            raise DataVersionError(f"dvc {shown} failed:\n{stderr.strip()}")
         return result.stdout
 
     def ensure(self, settings: StackSettings, url: str | None = None) -> None:
@@ -71,8 +74,9 @@ class DvcRepo:
         local = ["remote", "modify", "--local", REMOTE_NAME]
         if settings.s3_endpoint:
             self.run(*local, "endpointurl", settings.s3_endpoint)
-        self.run(*local, "access_key_id", settings.access_key)
-        self.run(*local, "secret_access_key", settings.secret_key)
+        # "--": a generated key may start with "-" and must not be read as an option.
+        self.run(*local, "access_key_id", "--", settings.access_key)
+        self.run(*local, "secret_access_key", "--", settings.secret_key, secret=settings.secret_key)
 
     def add_and_push(self, data_dir: str | Path) -> DataVersion:
         """Track the folder (writes ``<folder>.dvc``) and push new content to the remote."""

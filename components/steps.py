@@ -107,12 +107,14 @@ def train_fod(
     learning_rate: float,
     val_fraction: float,
     cache_prefix: str,
+    warm_start: bool,
     model: Output[Model],
     training: Output[Metrics],
 ) -> str:
     """Train on cached features (GPU when the pod has one); returns the MLflow run id."""
     from components.kfp_io import write_metrics_file
     from components.settings import load_settings
+    from components.tracking import registered_name
     from components.training import train_and_track
 
     run_id, summary = train_and_track(
@@ -131,6 +133,7 @@ def train_fod(
         learning_rate=learning_rate,
         val_fraction=val_fraction,
         cache_prefix=cache_prefix,
+        warm_start_from=f"models:/{registered_name(category)}@champion" if warm_start else None,
     )
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():
@@ -227,6 +230,7 @@ def register_model(
     min_image_auroc: float,
     min_pixel_auroc: float,
     min_aupro: float,
+    tolerance: float,
 ) -> NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str):
     """New registry version (alias challenger); champion only when the gates pass."""
     import json
@@ -245,7 +249,7 @@ def register_model(
         metrics=json.loads(metrics_json),
         data_version=data_version,
         code_version=code_version,
-        gates=PromotionGates(min_image_auroc, min_pixel_auroc, min_aupro),
+        gates=PromotionGates(min_image_auroc, min_pixel_auroc, min_aupro, tolerance),
         rescore=rescore_on(dataset.path, category, data_format),
     )
     print(json.dumps(result.to_dict()))

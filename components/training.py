@@ -4,6 +4,7 @@ losses, curves and the artefact's manifest."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def train_and_track(
     val_fraction: float = 0.1,
     cache_prefix: str = DEFAULT_CACHE_PREFIX,
     progress: bool = True,
+    warm_start_from: str | None = None,
 ) -> tuple[str, dict[str, float]]:
     """Train one category into ``out_dir`` inside a new MLflow run; returns (run id, summary)."""
     import mlflow
@@ -76,17 +78,22 @@ def train_and_track(
             | _flatten("train", train_config.to_dict())
             | {"data.format": data_format, "data.version": data_version}
         )
-        outcome = train_model(
-            data_root,
-            category,
-            out_dir,
-            format=data_format,
-            model_config=model_config,
-            train_config=train_config,
-            cache_store=store,
-            progress=progress,
-            metadata={"data_version": data_version, "code_version": code_version},
-        )
+        with tempfile.TemporaryDirectory(prefix="fod-warm-start-") as tmp:
+            init_dir = _warm_start_dir(warm_start_from, Path(tmp))
+            if init_dir is not None:
+                mlflow.set_tag("warm_start_from", warm_start_from)
+            outcome = train_model(
+                data_root,
+                category,
+                out_dir,
+                format=data_format,
+                model_config=model_config,
+                train_config=train_config,
+                cache_store=store,
+                progress=progress,
+                metadata={"data_version": data_version, "code_version": code_version},
+                init_from=init_dir,
+            )
         for record in outcome.result.history:
             values = {k.replace("/", "."): v for k, v in record.train.items()}
             if record.val_loss is not None:
@@ -108,3 +115,18 @@ def train_and_track(
         if (out_dir / "training_curves.png").is_file():
             mlflow.log_artifact(str(out_dir / "training_curves.png"), artifact_path="training")
         return run.info.run_id, summary
+
+
+def _warm_start_dir(model_uri: str | None, dest: Path) -> Path | None:
+    """The artefact to warm-start from (e.g. the champion), or None when there is none yet."""
+    if not model_uri:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    from components.tracking import download_fod_model
+
+    try:
+        return download_fod_model(model_uri, dest)
+    except MlflowException as error:  # no champion yet: a cold start is the right thing
+        log.info("no model at %s to warm-start from (%s): cold start", model_uri, error.message)
+        return None

@@ -9,7 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fod_core.artifact import save_artifact
+import torch
+
+from fod_core.artifact import ArtifactError, read_manifest, save_artifact
 from fod_core.backbone import FeatureExtractor
 from fod_core.cache import BlobStore, CacheStats, FeatureCache, LocalStore
 from fod_core.calibration import Threshold, calibrate_threshold
@@ -55,8 +57,13 @@ def train_model(
     progress: bool = True,
     on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
     metadata: dict | None = None,
+    init_from: str | Path | None = None,
 ) -> TrainOutcome:
-    """Train one category and write a calibrated model artefact to ``out_dir``."""
+    """Train one category and write a calibrated model artefact to ``out_dir``.
+
+    ``init_from``: a model artefact of the same architecture whose FOD weights start the
+    training (warm start when retraining on grown data); the class reference is always
+    recomputed from this data."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -84,6 +91,8 @@ def train_model(
     model = create_fod_model(
         model_config, in_channels=extractor.channels, strides=extractor.strides
     )
+    if init_from is not None:
+        load_weights_for_warm_start(model, init_from, extractor)
     model.set_references(class_references(train_features))
     trainer = FODTrainer(
         model,
@@ -143,3 +152,24 @@ def train_model(
     return TrainOutcome(
         out_dir, result, threshold, {"train": train_stats, "val": val_stats}, timings
     )
+
+
+def load_weights_for_warm_start(
+    model: FODModel, artifact_dir: str | Path, extractor: FeatureExtractor
+) -> None:
+    """Copy another artefact's FOD weights into ``model``; refuse a different architecture."""
+    artifact_dir = Path(artifact_dir)
+    manifest = read_manifest(artifact_dir)
+    if manifest["backbone"]["weights_digest"] != extractor.weights_digest:
+        raise ArtifactError(
+            f"cannot warm-start from {artifact_dir}: it was trained on another backbone "
+            f"({manifest['backbone']['name']})"
+        )
+    state = torch.load(artifact_dir / "model.pt", map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ArtifactError(
+            f"cannot warm-start from {artifact_dir}: another model architecture ({error})"
+        ) from None
+    log.info("warm start from %s", artifact_dir)

@@ -190,6 +190,55 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from pipelines.retrain import parse_duration, retrain_every, retrain_once
+
+    overrides = {
+        key: value
+        for key, value in {
+            "data_format": args.format,
+            "backbone": args.backbone,
+            "image_size": args.image_size,
+            "model_size": args.model_size,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "learning_rate": args.lr,
+            "deploy_target": args.deploy,
+            "warm_start": args.warm_start or None,
+            "min_image_auroc": args.min_image_auroc,
+        }.items()
+        if value is not None
+    }
+    if args.preset == "demo":
+        from pipelines.main_job import DemoSettings
+
+        demo = DemoSettings()
+        overrides = {
+            "image_size": demo.image_size,
+            "model_size": demo.model_size,
+            "epochs": demo.epochs,
+            "batch_size": demo.batch_size,
+            "learning_rate": demo.learning_rate,
+            "val_fraction": 0.15,
+        } | overrides
+    check = partial(
+        retrain_once,
+        args.categories,
+        dvc_file=args.dvc_file,
+        track=args.track,
+        pipeline_root=args.pipeline_root,
+        arguments=overrides,
+    )
+    if args.every is None:
+        print(json.dumps(check(), indent=2))
+        return 0
+    for outcome in retrain_every(parse_duration(args.every), check, max_checks=args.max_checks):
+        print(json.dumps(outcome), flush=True)
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from components.serving import add_serve_arguments
 
@@ -245,6 +294,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--out", type=Path, help="render: write the YAML here")
     deploy.set_defaults(func=cmd_deploy)
 
+    retrain = sub.add_parser(
+        "retrain", help="retrain when the data version changed; promote only through the gates"
+    )
+    retrain.add_argument("--categories", nargs="+", default=["widget"])
+    retrain.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
+    retrain.add_argument(
+        "--track", type=Path, help="data folder to `dvc add` and push first (new images in it)"
+    )
+    retrain.add_argument("--every", help="check on a schedule: 90s, 15m, 1h, 1d")
+    retrain.add_argument("--max-checks", type=int, help="with --every: stop after N checks")
+    retrain.add_argument("--pipeline-root", type=Path, default=Path("runs/pipeline"))
+    retrain.add_argument(
+        "--preset", choices=["demo"], help="the main job's small training settings"
+    )
+    retrain.add_argument("--warm-start", action="store_true", help="start from the champion")
+    retrain.add_argument("--format")
+    retrain.add_argument("--backbone")
+    retrain.add_argument("--image-size", type=int)
+    retrain.add_argument("--model-size")
+    retrain.add_argument("--epochs", type=int)
+    retrain.add_argument("--batch-size", type=int)
+    retrain.add_argument("--lr", type=float)
+    retrain.add_argument("--min-image-auroc", type=float)
+    retrain.add_argument("--deploy", choices=["local", "kserve", "none"])
+    retrain.set_defaults(func=cmd_retrain)
+
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")
     demo.add_argument("--epochs", type=int, default=20)
     demo.set_defaults(func=cmd_demo)
@@ -259,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.stack import StackError
     from components.storage import StorageError
     from components.tracking import TrackingError
+    from pipelines.retrain import RetrainBusy
 
     return core_cli.main(
         argv,
@@ -273,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             SubmitError,
             ServingError,
             DeploymentError,
+            RetrainBusy,
         ),
     )
 

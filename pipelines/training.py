@@ -47,6 +47,8 @@ def category_pipeline(
     deploy_target: str,
     serving_namespace: str,
     canary_traffic_percent: int,
+    warm_start: bool,
+    promotion_tolerance: float,
 ):
     validation = steps.validate_data(
         dataset=dataset,
@@ -82,6 +84,7 @@ def category_pipeline(
             learning_rate=learning_rate,
             val_fraction=val_fraction,
             cache_prefix=cache_prefix,
+            warm_start=warm_start,
         ).after(features)
         train.set_caching_options(True)
         train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
@@ -117,6 +120,7 @@ def category_pipeline(
             min_image_auroc=min_image_auroc,
             min_pixel_auroc=min_pixel_auroc,
             min_aupro=min_aupro,
+            tolerance=promotion_tolerance,
         )
         registration.set_caching_options(True)
         deployment = steps.deploy_model(
@@ -158,6 +162,8 @@ def training_pipeline(
     deploy_target: str = "kserve",
     serving_namespace: str = "fod",
     canary_traffic_percent: int = 0,
+    warm_start: bool = False,
+    promotion_tolerance: float = 0.0,
 ):
     data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
     data.set_caching_options(True)
@@ -187,6 +193,8 @@ def training_pipeline(
             deploy_target=deploy_target,
             serving_namespace=serving_namespace,
             canary_traffic_percent=canary_traffic_percent,
+            warm_start=warm_start,
+            promotion_tolerance=promotion_tolerance,
         )
 
 

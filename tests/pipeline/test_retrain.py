@@ -1,0 +1,147 @@
+"""`fod retrain` on the real stack: new good images -> a new version that is served when the
+gates pass; no new data -> nothing runs; a worse model -> the champion stays; one at a time."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow import MlflowClient
+
+from components.data_version import DataVersionError
+from components.deployment import LocalServing
+from fod_core.synthetic import make_synthetic_dataset
+from pipelines.retrain import RetrainLock, parse_duration, retrain_every, retrain_once
+
+CATEGORY = "fresh"
+NAME = f"fod-{CATEGORY}"
+FAST = {
+    "image_size": 64,
+    "model_size": "compact",
+    "epochs": 15,
+    "batch_size": 8,
+    "learning_rate": 1e-3,
+    "val_fraction": 0.2,
+    "cache_prefix": "features-retrain-test",
+    "min_image_auroc": 0.0,
+    "promotion_tolerance": 1.0,  # a model on grown data passes "not worse" here
+}
+
+
+def add_good_images(repo, count: int, seed: int) -> None:
+    extra = make_synthetic_dataset(
+        repo / "extra" / str(seed), CATEGORY, n_train=count, n_test_good=1, n_test_defect=1,
+        size=64, seed=seed,
+    )  # fmt: skip
+    target = repo / "data" / CATEGORY / "train" / "good"
+    for image in sorted((extra / CATEGORY / "train" / "good").glob("*.png")):
+        shutil.copy(image, target / f"new_{seed}_{image.name}")
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrain-repo")
+    make_synthetic_dataset(
+        root / "data", CATEGORY, n_train=20, n_test_good=4, n_test_defect=4, size=64, seed=7
+    )
+    return root
+
+
+def cached_objects(settings) -> int:
+    pages = settings.s3_client().get_paginator("list_objects_v2")
+    prefix = f"{FAST['cache_prefix']}/"
+    return sum(
+        page.get("KeyCount", 0) for page in pages.paginate(Bucket=settings.bucket, Prefix=prefix)
+    )
+
+
+def served_version(stack, repo) -> str:
+    server = LocalServing(stack.home).get(NAME)
+    image = next((repo / "data" / CATEGORY / "test").glob("*/000.png")).read_bytes()
+    return server.predict([image])[0]["model_version"]
+
+
+def check(stack, repo, tmp_path, **overrides) -> dict:
+    return retrain_once(
+        [CATEGORY],
+        repo_root=repo,
+        track="data",
+        pipeline_root=tmp_path / "runs",
+        arguments=FAST | overrides,
+        home=stack.home,
+    )
+
+
+@pytest.mark.slow
+def test_retrain_on_new_good_images_then_nothing_then_a_worse_model(
+    stack, settings, repo, tmp_path
+):
+    client = MlflowClient()
+    first = check(stack, repo, tmp_path)
+    assert first["trained"] == [CATEGORY]
+    assert "no champion" in first["decisions"][0]["reason"]
+    assert first["results"][CATEGORY]["promoted"]
+    assert served_version(stack, repo) == "1"
+
+    # No new data: nothing runs, and the report says why.
+    again = check(stack, repo, tmp_path)
+    assert again["trained"] == [] and "trained on data" in again["decisions"][0]["reason"]
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 1
+
+    # New good images: a new version, trained on them; the cache extracts only those.
+    before = cached_objects(settings)
+    assert before and before % 20 == 0  # the same number of objects per training image
+    add_good_images(repo, 4, seed=8)
+    grown = check(stack, repo, tmp_path, warm_start=True)
+    assert grown["data_version"] != first["data_version"]
+    result = grown["results"][CATEGORY]
+    assert result == {**result, "new_version": "2", "promoted": True, "champion_version": "2"}
+    run = client.get_run(client.get_model_version(NAME, "2").run_id)
+    assert run.data.metrics["cache_misses"] == 0  # training read every feature from the cache
+    after = cached_objects(settings)
+    assert after - before == 4 * (before // 20)  # the cache step extracted the 4 new images only
+    assert run.data.tags["warm_start_from"] == f"models:/{NAME}@champion"
+    assert served_version(stack, repo) == "2"  # the running server switched by itself
+
+    # A worse model on the next data: registered, not promoted; the served one stays.
+    add_good_images(repo, 2, seed=9)
+    worse = check(stack, repo, tmp_path, epochs=1, learning_rate=1e-7, promotion_tolerance=0.0)
+    assert worse["results"][CATEGORY]["new_version"] == "3"
+    assert not worse["results"][CATEGORY]["promoted"]
+    assert client.get_model_version_by_alias(NAME, "champion").version == "2"
+    assert served_version(stack, repo) == "2"
+
+
+def test_a_second_check_while_one_runs_exits_with_a_clear_message(stack, repo, capsys):
+    from pipelines.cli import main
+
+    with RetrainLock(stack.home):
+        code = main(["retrain", "--categories", CATEGORY, "--dvc-file", str(repo / "none.dvc")])
+    assert code == 2
+    assert "another retrain is running (pid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_schedule_survives_a_failed_check(stack, repo, tmp_path):
+    attempts = []
+
+    def flaky_check() -> dict:
+        attempts.append(len(attempts))
+        dvc_file = "missing.dvc" if len(attempts) == 1 else "data.dvc"
+        return retrain_once(
+            [CATEGORY], repo_root=repo, dvc_file=dvc_file, track="data", pipeline_root=tmp_path,
+            arguments=FAST, home=stack.home,
+        )  # fmt: skip
+
+    with pytest.raises(DataVersionError):
+        retrain_once([CATEGORY], repo_root=repo, dvc_file="missing.dvc", home=stack.home)
+    outcomes = retrain_every(0.01, flaky_check, max_checks=2)
+    assert "DataVersionError" in outcomes[0]["error"]
+    assert "decisions" in outcomes[1]
+
+
+def test_durations():
+    assert parse_duration("90s") == 90 and parse_duration("15m") == 900
+    assert parse_duration("1h") == 3600 and parse_duration("2") == 2
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration("soon")
