@@ -358,3 +358,42 @@ def deploy_champion(
     )
     action = apply_inference_service(manifest)
     return {"target": target.value, "deployed": True, "action": action, "version": version}
+
+
+def schema_errors(value, type_name: str = "V1beta1InferenceService", path: str = "") -> list[str]:
+    """Fields of a manifest that the KServe/Kubernetes SDK models (generated from the CRD
+    and Kubernetes OpenAPI schemas) do not define, or of the wrong kind; [] when valid."""
+    import re
+
+    from components.serving import import_kserve
+
+    kserve = import_kserve()
+    from kubernetes.client import models as k8s_models
+
+    if value is None:
+        return []
+    if match := re.fullmatch(r"list\[(.+)\]", type_name):
+        if not isinstance(value, list):
+            return [f"{path or '/'}: expected a list"]
+        return [e for i, v in enumerate(value) for e in schema_errors(v, match[1], f"{path}[{i}]")]
+    if match := re.fullmatch(r"dict\((\w+), (.+)\)", type_name):
+        if not isinstance(value, dict):
+            return [f"{path or '/'}: expected a mapping"]
+        return [e for k, v in value.items() for e in schema_errors(v, match[2], f"{path}.{k}")]
+    model = getattr(kserve.models, type_name, None) or getattr(k8s_models, type_name, None)
+    if model is None:  # str, int, bool, object, datetime: leaves
+        scalars = {"str": str, "int": int, "bool": bool, "float": (int, float)}
+        expected = scalars.get(type_name)
+        if expected and not isinstance(value, expected):
+            return [f"{path}: expected {type_name}, got {type(value).__name__}"]
+        return []
+    if not isinstance(value, dict):
+        return [f"{path or '/'}: expected an object ({type_name})"]
+    fields = {json_key: attr for attr, json_key in model.attribute_map.items()}
+    errors = []
+    for key, item in value.items():
+        if key not in fields:
+            errors.append(f"{path}.{key}: not a field of {type_name}")
+        else:
+            errors += schema_errors(item, model.openapi_types[fields[key]], f"{path}.{key}")
+    return errors

@@ -51,7 +51,7 @@ def test_canary_option_and_overlay():
     assert manifest["spec"]["predictor"]["canaryTrafficPercent"] == 10
     with pytest.raises(ValueError, match=r"0\.\.100"):
         inference_service("fod-bottle", **EXAMPLE, canary_traffic_percent=120)
-    overlay = yaml.safe_load((INFRA / "canary" / "kustomization.yaml").read_text())
+    overlay = yaml.safe_load((INFRA.parent / "serving-canary" / "kustomization.yaml").read_text())
     patch = overlay["patches"][0]
     assert patch["target"]["name"] == manifest["metadata"]["name"]
     assert yaml.safe_load(patch["patch"])[0]["path"] == "/spec/predictor/canaryTrafficPercent"
