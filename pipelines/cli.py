@@ -59,12 +59,8 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
     return arguments
 
 
-class SubmitError(RuntimeError):
-    """The KFP endpoint cannot take the pipeline."""
-
-
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
+    from pipelines.training import COMPILED_YAML, SubmitError, compile_pipeline, run_local, submit
 
     if args.action == "compile":
         print(compile_pipeline(args.out or COMPILED_YAML))
@@ -80,22 +76,10 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
         print(f"pipeline finished; outputs under {result.pipeline_root}")
         return 0
     # submit
-    import kfp
-
     if not args.host:
         raise SubmitError("`fod pipeline submit` needs --host URL of a KFP endpoint")
-    try:
-        client = kfp.Client(host=args.host)
-    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
-        raise SubmitError(
-            f"KFP endpoint {args.host} is unreachable or refused the client: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        ) from error
-    path = compile_pipeline(args.out or COMPILED_YAML)
-    run = client.create_run_from_pipeline_package(
-        str(path), arguments=_pipeline_arguments(args), experiment_name=args.experiment
-    )
-    print(f"submitted run {run.run_id} to {args.host}")
+    run_id = submit(_pipeline_arguments(args), args.host, experiment=args.experiment)
+    print(f"submitted run {run_id} to {args.host}")
     return 0
 
 
@@ -230,6 +214,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         track=args.track,
         pipeline_root=args.pipeline_root,
         arguments=overrides,
+        kfp_host=args.kfp_host,
     )
     if args.every is None:
         print(json.dumps(check(), indent=2))
@@ -318,6 +303,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain.add_argument("--lr", type=float)
     retrain.add_argument("--min-image-auroc", type=float)
     retrain.add_argument("--deploy", choices=["local", "kserve", "none"])
+    retrain.add_argument(
+        "--kfp-host", help="submit the pipeline to this KFP endpoint and wait (in a cluster)"
+    )
     retrain.set_defaults(func=cmd_retrain)
 
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")
@@ -335,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.storage import StorageError
     from components.tracking import TrackingError
     from pipelines.retrain import RetrainBusy
+    from pipelines.training import SubmitError
 
     return core_cli.main(
         argv,

@@ -137,14 +137,17 @@ def retrain_once(
     pipeline_root: str | Path = "runs/pipeline",
     arguments: dict | None = None,
     home: Path | None = None,
+    kfp_host: str | None = None,
 ) -> dict:
     """One check: decide per category, run the pipeline for those with new data.
 
     ``track``: a data folder to ``dvc add`` and push first (new images dropped into it
-    become a new data version). ``arguments`` override the pipeline's parameters."""
+    become a new data version). ``arguments`` override the pipeline's parameters.
+    ``kfp_host``: submit to that Kubeflow Pipelines endpoint and wait, instead of the
+    local runner."""
     from mlflow import MlflowClient
 
-    from pipelines.training import run_local
+    from pipelines.training import run_local, submit
 
     home = Path(home or fod_home())
     repo_root = Path(repo_root).resolve()
@@ -185,10 +188,13 @@ def retrain_once(
             "data_version": version.md5,
             "categories": todo,
             "code_version": code_version(repo_root),
-            "deploy_target": "local",
+            "deploy_target": "kserve" if kfp_host else "local",
         } | (arguments or {})
         started = time.perf_counter()
-        run_local(pipeline_arguments, Path(pipeline_root))
+        if kfp_host:
+            report["kfp_run_id"] = submit(pipeline_arguments, kfp_host, wait=True)
+        else:
+            run_local(pipeline_arguments, Path(pipeline_root))
         report["pipeline_seconds"] = round(time.perf_counter() - started, 1)
         _write_state(home, {"status": "done", "data_version": version.md5, "categories": todo})
         client = MlflowClient()

@@ -232,3 +232,41 @@ def run_local(
     task = training_pipeline(**arguments)
     result = LocalRunResult(pipeline_root=pipeline_root, state=str(getattr(task, "state", "")))
     return result
+
+
+class SubmitError(RuntimeError):
+    """The KFP endpoint cannot take the pipeline, or the run did not succeed."""
+
+
+def submit(
+    arguments: dict,
+    host: str,
+    *,
+    experiment: str = "fod",
+    wait: bool = False,
+    timeout: float = 6 * 3600,
+) -> str:
+    """Compile and submit the pipeline to a KFP endpoint; optionally wait for success."""
+    import tempfile
+
+    import kfp
+
+    try:
+        client = kfp.Client(host=host)
+    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
+        raise SubmitError(
+            f"KFP endpoint {host} is unreachable or refused the client: "
+            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from error
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "pipeline.yaml")
+        run = client.create_run_from_pipeline_package(
+            str(package), arguments=arguments, experiment_name=experiment
+        )
+    log.info("submitted run %s to %s", run.run_id, host)
+    if wait:
+        detail = client.wait_for_run_completion(run.run_id, timeout=timeout)
+        state = str(getattr(detail, "state", "")).upper()
+        if "SUCCEEDED" not in state:
+            raise SubmitError(f"KFP run {run.run_id} ended in state {state or 'unknown'}")
+    return run.run_id

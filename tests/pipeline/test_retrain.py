@@ -121,6 +121,20 @@ def test_a_second_check_while_one_runs_exits_with_a_clear_message(stack, repo, c
     assert "another retrain is running (pid" in capsys.readouterr().err
 
 
+def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, repo, capsys):
+    from components.stack import free_port
+    from pipelines.cli import main
+
+    if not (repo / "data.dvc").exists():
+        pytest.skip("needs the data version that the first test of this module tracks")
+    code = main(
+        ["retrain", "--categories", "remote", "--dvc-file", str(repo / "data.dvc"),
+         "--kfp-host", f"http://127.0.0.1:{free_port()}"]
+    )  # fmt: skip
+    assert code == 2
+    assert "is unreachable" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_schedule_survives_a_failed_check(stack, repo, tmp_path):
     attempts = []
