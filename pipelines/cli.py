@@ -198,15 +198,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     if args.preset == "demo":
         from pipelines.main_job import DemoSettings
 
-        demo = DemoSettings()
-        overrides = {
-            "image_size": demo.image_size,
-            "model_size": demo.model_size,
-            "epochs": demo.epochs,
-            "batch_size": demo.batch_size,
-            "learning_rate": demo.learning_rate,
-            "val_fraction": 0.15,
-        } | overrides
+        overrides = DemoSettings().training_arguments() | overrides
     check = partial(
         retrain_once,
         args.categories,

@@ -37,6 +37,17 @@ class DemoSettings:
     model_size: str = "compact"
     seed: int = 0
 
+    def training_arguments(self) -> dict:
+        """The pipeline parameters these settings fix (the main job and `--preset demo`)."""
+        return {
+            "image_size": self.image_size,
+            "model_size": self.model_size,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "val_fraction": 0.15,
+        }
+
 
 def pipeline_arguments(
     settings, data_version: str, demo: DemoSettings, repo_root: Path, categories: list[str]
@@ -46,12 +57,7 @@ def pipeline_arguments(
         "data_version": data_version,
         "categories": categories,
         "code_version": code_version(repo_root),
-        "image_size": demo.image_size,
-        "model_size": demo.model_size,
-        "epochs": demo.epochs,
-        "batch_size": demo.batch_size,
-        "learning_rate": demo.learning_rate,
-        "val_fraction": 0.15,
+        **demo.training_arguments(),
         "deploy_target": "local",
     }
 
