@@ -24,6 +24,20 @@ from pathlib import Path
 DEFAULT_BUCKET = "fod"
 # The image every component and the model server run in on a cluster (infra/ builds it).
 COMPONENT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
+# In a cluster the settings come from these (infra/base): endpoints in a ConfigMap, the S3
+# keys in a Secret that the user creates.
+CLUSTER_CONFIG_MAP = "fod-settings"
+CLUSTER_CONFIG_KEYS = (
+    "FOD_S3_ENDPOINT",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "FOD_BUCKET",
+    "FOD_MLFLOW_ARTIFACTS",
+    "AWS_DEFAULT_REGION",
+    "HF_HUB_OFFLINE",
+)
+CLUSTER_SECRET = "fod-s3-credentials"
+CLUSTER_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 ENV_KEYS = ("FOD_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID")
 
 

@@ -216,6 +216,20 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.schedule import COMPILED_YAML, compile_check, create_recurring_run
+    from pipelines.training import SubmitError
+
+    if args.action == "compile":
+        print(compile_check(args.out or COMPILED_YAML))
+        return 0
+    if not args.host:
+        raise SubmitError("`fod schedule create` needs --host URL of a KFP endpoint")
+    run_id = create_recurring_run(args.host, args.spec)
+    print(f"created recurring run {run_id} on {args.host}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from components.serving import add_serve_arguments
 
@@ -299,6 +313,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--kfp-host", help="submit the pipeline to this KFP endpoint and wait (in a cluster)"
     )
     retrain.set_defaults(func=cmd_retrain)
+
+    schedule = sub.add_parser(
+        "schedule", help="the retrain check as a KFP recurring run (spec: infra/kfp)"
+    )
+    schedule.add_argument("action", choices=["create", "compile"])
+    schedule.add_argument("--host", help="KFP endpoint")
+    schedule.add_argument("--spec", type=Path, default=Path("infra/kfp/recurring-run.yaml"))
+    schedule.add_argument("--out", type=Path, help="compile: the YAML path")
+    schedule.set_defaults(func=cmd_schedule)
 
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")
     demo.add_argument("--epochs", type=int, default=20)

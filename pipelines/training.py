@@ -10,15 +10,36 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Dataset, Input
 
 from components import steps
+from components.settings import (
+    CLUSTER_CONFIG_KEYS,
+    CLUSTER_CONFIG_MAP,
+    CLUSTER_SECRET,
+    CLUSTER_SECRET_KEYS,
+)
 
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "fod-training"
 COMPILED_YAML = Path(__file__).with_name("fod_training.yaml")
+
+
+def with_stack(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """In a cluster every step reaches S3 and MLflow through the environment: endpoints
+    from the ConfigMap, keys from the Secret (infra/base). The local runner ignores this
+    and passes the embedded stack's environment instead."""
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=CLUSTER_CONFIG_MAP,
+        config_map_key_to_env={k: k for k in CLUSTER_CONFIG_KEYS},
+    )
+    kubernetes.use_secret_as_env(
+        task, secret_name=CLUSTER_SECRET, secret_key_to_env={k: k for k in CLUSTER_SECRET_KEYS}
+    )
+    return task
 
 
 @dsl.pipeline(name="fod-category", description="One category: validate to registration.")
@@ -57,9 +78,9 @@ def category_pipeline(
         min_train=min_train_images,
         min_size=min_image_size,
     )
-    validation.set_caching_options(False)
+    with_stack(validation).set_caching_options(False)
     with dsl.If(validation.outputs["Output"] == False, name="data-invalid"):  # noqa: E712
-        steps.fail_validation(data_docs=validation.outputs["data_docs"])
+        with_stack(steps.fail_validation(data_docs=validation.outputs["data_docs"]))
     with dsl.If(validation.outputs["Output"] == True, name="data-valid"):  # noqa: E712
         features = steps.cache_features(
             dataset=dataset,
@@ -69,7 +90,7 @@ def category_pipeline(
             image_size=image_size,
             cache_prefix=cache_prefix,
         )
-        features.set_caching_options(False)
+        with_stack(features).set_caching_options(False)
         train = steps.train_fod(
             dataset=dataset,
             category=category,
@@ -86,7 +107,7 @@ def category_pipeline(
             cache_prefix=cache_prefix,
             warm_start=warm_start,
         ).after(features)
-        train.set_caching_options(True)
+        with_stack(train).set_caching_options(True)
         train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
         # A GPU on a cluster; the local runner ignores the request and trains on CPU.
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
@@ -99,7 +120,7 @@ def category_pipeline(
             target_false_alarm_rate=target_false_alarm_rate,
             anomalies_subdir=anomalies_subdir,
         )
-        calibration.set_caching_options(True)
+        with_stack(calibration).set_caching_options(True)
         evaluation = steps.evaluate_model(
             dataset=dataset,
             model=calibration.outputs["model"],
@@ -107,7 +128,7 @@ def category_pipeline(
             data_format=data_format,
             run_id=train.outputs["Output"],
         )
-        evaluation.set_caching_options(True)
+        with_stack(evaluation).set_caching_options(True)
         registration = steps.register_model(
             model=calibration.outputs["model"],
             dataset=dataset,
@@ -122,7 +143,7 @@ def category_pipeline(
             min_aupro=min_aupro,
             tolerance=promotion_tolerance,
         )
-        registration.set_caching_options(True)
+        with_stack(registration).set_caching_options(True)
         deployment = steps.deploy_model(
             category=category,
             champion_version=registration.outputs["champion_version"],
@@ -130,7 +151,7 @@ def category_pipeline(
             namespace=serving_namespace,
             canary_traffic_percent=canary_traffic_percent,
         )
-        deployment.set_caching_options(False)  # it checks a live server every time
+        with_stack(deployment).set_caching_options(False)  # it checks a live server every time
 
 
 @dsl.pipeline(
@@ -166,7 +187,7 @@ def training_pipeline(
     promotion_tolerance: float = 0.0,
 ):
     data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
-    data.set_caching_options(True)
+    with_stack(data).set_caching_options(True)
     with dsl.ParallelFor(categories, parallelism=4) as category:
         category_pipeline(
             dataset=data.outputs["dataset"],

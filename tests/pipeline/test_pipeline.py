@@ -18,13 +18,14 @@ CATEGORY = "gadget"  # its own registered model: other tests share the MLflow se
 
 def test_compiled_yaml_is_current(tmp_path):
     fresh = compile_pipeline(tmp_path / "pipeline.yaml")
-    assert yaml.safe_load(fresh.read_text()) == yaml.safe_load(COMPILED_YAML.read_text()), (
+    fresh_docs = list(yaml.safe_load_all(fresh.read_text()))
+    assert fresh_docs == list(yaml.safe_load_all(COMPILED_YAML.read_text())), (
         "pipelines/fod_training.yaml is stale: run `fod pipeline compile`"
     )
 
 
 def test_compiled_yaml_requests_a_gpu_for_training():
-    spec = yaml.safe_load(COMPILED_YAML.read_text())
+    spec = next(yaml.safe_load_all(COMPILED_YAML.read_text()))  # then the platform spec
     executors = spec["deploymentSpec"]["executors"]
     resources = executors["exec-train-fod"]["container"]["resources"]
     assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"

@@ -1,0 +1,71 @@
+"""The cluster side of the schedule: the KFP recurring run's pipeline and spec, and the
+settings every step gets from the ConfigMap and Secret of infra/base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from components.settings import (
+    CLUSTER_CONFIG_KEYS,
+    CLUSTER_CONFIG_MAP,
+    CLUSTER_SECRET,
+    CLUSTER_SECRET_KEYS,
+)
+from pipelines.schedule import COMPILED_YAML, SPEC, compile_check, load_spec
+from pipelines.training import COMPILED_YAML as TRAINING_YAML
+
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+
+def test_compiled_check_pipeline_is_current(tmp_path):
+    fresh = compile_check(tmp_path / "check.yaml")
+    fresh_docs = list(yaml.safe_load_all(fresh.read_text()))
+    assert fresh_docs == list(yaml.safe_load_all(COMPILED_YAML.read_text())), (
+        "pipelines/fod_retrain_check.yaml is stale: run `fod schedule compile`"
+    )
+
+
+def test_recurring_run_spec_matches_the_pipeline():
+    spec = load_spec(SPEC)
+    pipeline = next(yaml.safe_load_all(COMPILED_YAML.read_text()))
+    inputs = pipeline["root"]["inputDefinitions"]["parameters"]
+    assert set(spec["parameters"]) <= set(inputs)
+    assert len(spec["cron"].split()) == 6  # KFP's cron format has a seconds field
+
+
+def _platform_env(path: Path) -> dict[str, dict]:
+    documents = list(yaml.safe_load_all(path.read_text()))
+    platform = next(d for d in documents if "platforms" in d)
+    return platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_every_step_gets_the_cluster_settings_from_configmap_and_secret():
+    config_map = next(
+        d
+        for d in yaml.safe_load_all((INFRA / "base" / "rbac.yaml").read_text())
+        if d["kind"] == "ConfigMap"
+    )
+    assert config_map["metadata"]["name"] == CLUSTER_CONFIG_MAP
+    assert set(config_map["data"]) == set(CLUSTER_CONFIG_KEYS)
+    for compiled in (TRAINING_YAML, COMPILED_YAML):
+        executors = yaml.safe_load_all(compiled.read_text())
+        names = next(executors)["deploymentSpec"]["executors"]
+        platform = _platform_env(compiled)
+        assert set(platform) == set(names), compiled.name
+        for executor in platform.values():
+            secret = executor["secretAsEnv"][0]
+            assert secret["secretName"] == CLUSTER_SECRET
+            assert {e["envVar"] for e in secret["keyToEnv"]} == set(CLUSTER_SECRET_KEYS)
+            config = executor["configMapAsEnv"][0]
+            assert config["configMapName"] == CLUSTER_CONFIG_MAP
+
+
+def test_creating_the_schedule_on_an_unreachable_kfp_is_a_clear_error(capsys):
+    from components.stack import free_port
+    from pipelines.cli import main
+
+    code = main(["schedule", "create", "--host", f"http://127.0.0.1:{free_port()}"])
+    assert code == 2
+    assert "is unreachable" in capsys.readouterr().err
