@@ -313,12 +313,16 @@ class FODPredictor:
         source: ModelSource,
         *,
         poll_interval: float = 10.0,
+        retry_failed_after: float = 300.0,
     ) -> None:
         self.source = source
         self.poll_interval = poll_interval
+        self.retry_failed_after = retry_failed_after
         self._active: LoadedModel | None = None
         self._loading: str | None = None
-        self._failed: dict[str, str] = {}  # version -> error, not retried until it changes
+        # version -> (error, when): a version that failed to load is tried again only after
+        # retry_failed_after seconds (a broken artefact stays broken; an S3 outage passes).
+        self._failed: dict[str, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -336,12 +340,13 @@ class FODPredictor:
         try:
             detector = self.source.load(version)
         except Exception as error:
-            self._failed[version] = f"{type(error).__name__}: {error}"
+            self._failed[version] = (f"{type(error).__name__}: {error}", time.monotonic())
             raise
         finally:
             self._loading = None
         loaded = LoadedModel(detector, version)
         self._active = loaded  # one reference swap: in-flight requests keep the old model
+        self._failed.pop(version, None)
         log.info(
             "serving %s version %s (loaded in %.1fs)",
             self.source.uri,
@@ -354,7 +359,10 @@ class FODPredictor:
         """Load the source's current version if it differs from the served one."""
         version = self.source.current_version()
         active = self._active
-        if (active and active.version == version) or version in self._failed:
+        if active and active.version == version:
+            return False
+        failed = self._failed.get(version)
+        if failed and time.monotonic() - failed[1] < self.retry_failed_after:
             return False
         log.info("%s moved to version %s; loading it in the background", self.source.uri, version)
         self._load(version)
@@ -385,7 +393,7 @@ class FODPredictor:
             "version": active.version if active else None,
             "loaded_at": active.loaded_at if active else None,
             "loading": self._loading,
-            "failed_versions": dict(self._failed),
+            "failed_versions": {v: error for v, (error, _) in self._failed.items()},
             "threshold": active.detector.post.threshold if active else None,
         }
 

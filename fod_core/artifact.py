@@ -103,15 +103,27 @@ def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") 
         weights=WeightsSource.FILE,
         weights_file=str(directory / "backbone.pt"),
     )
-    extractor = FeatureExtractor(spec=spec)
+    try:
+        extractor = FeatureExtractor(spec=spec)
+    except Exception as error:  # torch.load of a damaged file raises many kinds of errors
+        raise ArtifactError(
+            f"{directory / 'backbone.pt'} is corrupt or unreadable "
+            f"({type(error).__name__}: {error})"
+        ) from error
     if extractor.weights_digest != backbone["weights_digest"]:
         raise ArtifactError(
             f"{directory / 'backbone.pt'} does not match the digest in {MANIFEST}; "
             "the artefact is corrupt"
         )
     model = create_fod_model(config, in_channels=backbone["channels"], strides=backbone["strides"])
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
+    try:
+        state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as error:
+        raise ArtifactError(
+            f"{directory / 'model.pt'} is corrupt or does not fit the manifest "
+            f"({type(error).__name__}: {error})"
+        ) from error
     return AnomalyDetector(
         extractor=extractor,
         model=model,

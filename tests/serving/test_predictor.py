@@ -1,0 +1,42 @@
+"""The predictor's version handling without a server: swap, failure, retry."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from components.serving import FODPredictor, ModelSource, ServingError
+from fod_core.artifact import ArtifactError
+
+
+def test_a_failed_version_keeps_the_old_model_and_is_retried_later(model_a, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_a, model_dir)
+    predictor = FODPredictor(ModelSource(str(model_dir)), retry_failed_after=0.5)
+    first = predictor.load_current()
+    assert not predictor.check_for_update()  # same version: nothing to do
+
+    manifest = json.loads((model_dir / "fod.json").read_text())
+    (model_dir / "fod.json").write_text(json.dumps(manifest | {"created_at": "v2"}))
+    backbone = (model_dir / "backbone.pt").read_bytes()
+    (model_dir / "backbone.pt").write_bytes(b"broken")
+    with pytest.raises(ArtifactError, match=r"backbone\.pt is corrupt"):
+        predictor.check_for_update()
+    assert predictor.active is first
+    assert "v2" in predictor.status()["failed_versions"]
+    assert not predictor.check_for_update()  # not retried at once
+
+    (model_dir / "backbone.pt").write_bytes(backbone)
+    time.sleep(0.6)
+    assert predictor.check_for_update()
+    assert predictor.active.version == "v2" and predictor.status()["failed_versions"] == {}
+
+
+def test_model_uris_are_checked():
+    assert ModelSource("models:/fod-x@champion").follows_alias
+    assert not ModelSource("models:/fod-x/3").follows_alias
+    with pytest.raises(ServingError, match="models:/NAME@ALIAS"):
+        ModelSource("models:/fod-x@").current_version()
