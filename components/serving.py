@@ -31,7 +31,8 @@ import re
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -275,22 +276,24 @@ class ImageResult:
     anomaly_map_grid: np.ndarray | None = None
 
 
-def score_images(
-    model: LoadedModel,
-    images: list[bytes],
-    options: RequestOptions,
-    *,
-    max_image_pixels: int,
-) -> list[ImageResult]:
-    """Decode (4xx on bad bytes) and score through the detector; CPU-bound, run off-loop."""
+def decode_images(images: list[bytes], *, max_image_pixels: int) -> list:
+    """Encoded bytes -> RGB images; a bad one is the client's mistake (4xx) and names its index."""
     decoded = []
     for index, data in enumerate(images):
         try:
             decoded.append(read_image(data, max_pixels=max_image_pixels))
         except ImageDecodeError as error:
             raise InvalidRequest(f"image {index}: {str(error).removeprefix('<bytes>: ')}") from None
-    detector = model.detector
-    predictions: list[Prediction] = detector.predict(decoded)
+    return decoded
+
+
+def image_results(
+    detector: AnomalyDetector,
+    decoded: list,
+    predictions: list[Prediction],
+    options: RequestOptions,
+) -> list[ImageResult]:
+    """Scores and decisions, plus the anomaly maps in the form the request asked for."""
     threshold = detector.post.threshold
     results = []
     for image, prediction in zip(decoded, predictions, strict=True):
@@ -303,6 +306,79 @@ def score_images(
             result.anomaly_map_grid = detector.post.grid(prediction.anomaly_map, options.grid_size)
         results.append(result)
     return results
+
+
+@dataclass
+class _Pending:
+    model: LoadedModel
+    images: list
+    options: RequestOptions
+    future: Future
+
+
+class BatchScorer:
+    """One scoring thread that puts the images of requests waiting at the same time into
+    one forward pass (up to ``max_batch`` images): under concurrent load the model runs at
+    its larger-batch cost per image, and a lone request is scored at once, never delayed.
+    Requests for different model versions (during a reload) are never mixed."""
+
+    def __init__(self, max_batch: int = 16, stats: dict | None = None) -> None:
+        self.max_batch = max_batch
+        self.stats = stats if stats is not None else {}
+        self._pending: deque[_Pending] = deque()
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="fod-score", daemon=True)
+        self._thread.start()
+
+    def submit(self, model: LoadedModel, images: list, options: RequestOptions) -> Future:
+        future: Future = Future()
+        with self._ready:
+            self._pending.append(_Pending(model, images, options, future))
+            self._ready.notify()
+        return future
+
+    def close(self) -> None:
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+
+    def _next_batch(self) -> list[_Pending] | None:
+        with self._ready:
+            while not self._pending and not self._closed:
+                self._ready.wait()
+            if self._closed:
+                return None
+            batch = [self._pending.popleft()]
+            size = len(batch[0].images)
+            for item in list(self._pending):
+                if item.model is batch[0].model and size + len(item.images) <= self.max_batch:
+                    self._pending.remove(item)
+                    batch.append(item)
+                    size += len(item.images)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            detector = batch[0].model.detector
+            try:
+                images = [image for item in batch for image in item.images]
+                predictions = detector.predict(images, batch_size=max(len(images), 1))
+                self.stats["batches"] = self.stats.get("batches", 0) + 1
+                self.stats["requests"] = self.stats.get("requests", 0) + len(batch)
+                self.stats["images"] = self.stats.get("images", 0) + len(images)
+                self.stats["largest_batch_requests"] = max(
+                    self.stats.get("largest_batch_requests", 0), len(batch)
+                )
+                start = 0
+                for item in batch:
+                    mine = predictions[start : start + len(item.images)]
+                    start += len(item.images)
+                    item.future.set_result(image_results(detector, item.images, mine, item.options))
+            except Exception as error:  # reported to each waiting request, the thread lives on
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(error)
 
 
 class FODPredictor:
@@ -323,6 +399,7 @@ class FODPredictor:
         # version -> (error, when): a version that failed to load is tried again only after
         # retry_failed_after seconds (a broken artefact stays broken; an S3 outage passes).
         self._failed: dict[str, tuple[str, float]] = {}
+        self.scoring_stats: dict[str, int] = {}  # batches, requests, images scored
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -395,6 +472,7 @@ class FODPredictor:
             "loading": self._loading,
             "failed_versions": {v: error for v, (error, _) in self._failed.items()},
             "threshold": active.detector.post.threshold if active else None,
+            "scored": dict(self.scoring_stats),
         }
 
 
@@ -404,6 +482,7 @@ def build_kserve_model(
     *,
     max_images: int = DEFAULT_MAX_IMAGES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_batch: int = 16,
 ):
     """The kserve.Model around a predictor (kserve is imported here, not at module import)."""
     kserve = import_kserve()
@@ -416,13 +495,14 @@ def build_kserve_model(
     )
 
     class FODKServeModel(kserve.Model):
-        """v1 and v2 predict over ``FODPredictor``; one scoring thread keeps the event loop
-        free for health checks and the CPU free of oversubscription."""
+        """v1 and v2 predict over ``FODPredictor``: images are decoded in the loop's thread
+        pool, scored by one batching thread (the event loop stays free for health checks,
+        the CPU free of oversubscription)."""
 
         def __init__(self) -> None:
             super().__init__(name)
             self.predictor = predictor
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fod-score")
+            self._scorer = BatchScorer(max_batch=max_batch, stats=predictor.scoring_stats)
             self.ready = predictor.active is not None
 
         def get_input_types(self) -> list[dict]:
@@ -462,10 +542,10 @@ def build_kserve_model(
                     raise InvalidRequest(
                         f"{len(images)} images in one request; the limit is {max_images}"
                     )
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self._executor,
-                    lambda: score_images(model, images, options, max_image_pixels=max_image_pixels),
+                decoded = await asyncio.get_running_loop().run_in_executor(
+                    None, lambda: decode_images(images, max_image_pixels=max_image_pixels)
                 )
+                results = await asyncio.wrap_future(self._scorer.submit(model, decoded, options))
             except InvalidRequest as error:
                 raise InvalidInput(str(error)) from None
             if isinstance(payload, InferRequest):
@@ -520,7 +600,7 @@ def build_kserve_model(
 
         def stop(self) -> None:
             self.predictor.stop_watching()
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._scorer.close()
             super().stop()
 
     return FODKServeModel()
@@ -535,6 +615,7 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_batch: int = 16  # images of concurrent requests scored in one forward pass
     poll_interval: float = 10.0
     enable_grpc: bool = True
 
@@ -660,6 +741,7 @@ def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
         predictor,
         max_images=config.max_images,
         max_image_pixels=config.max_image_pixels,
+        max_batch=config.max_batch,
     )
     model.load()
     predictor.start_watching()
@@ -711,6 +793,9 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument(
         "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="per image"
     )
+    parser.add_argument(
+        "--max-batch", type=int, default=16, help="images of concurrent requests per forward"
+    )
 
 
 def serve_from_args(args) -> None:
@@ -726,6 +811,7 @@ def serve_from_args(args) -> None:
         max_request_bytes=int(args.max_request_mb * 2**20),
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
+        max_batch=args.max_batch,
         poll_interval=args.poll_interval,
         enable_grpc=not args.no_grpc,
     )

@@ -68,6 +68,20 @@ def test_v1_batch_scores_equal_fod_predict(server, test_images, cli_predictions)
         assert item["model_name"] == "fod-widget" and item["model_version"] == "7"
 
 
+def test_concurrent_requests_batched_together_score_as_alone(server, test_images, cli_predictions):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [[b64(p.read_bytes())] for p in test_images] * 3
+    with ThreadPoolExecutor(max_workers=len(bodies)) as pool:
+        answers = list(pool.map(lambda body: v1(server, body), bodies))
+    assert all(a.status_code == 200 for a in answers)
+    assert server.status()["scored"]["largest_batch_requests"] > 1  # they were batched
+    for index, answer in enumerate(answers):
+        expected = cli_predictions[index % len(test_images)]["score"]
+        # Another batch composition changes float32 rounding in the matrix products only.
+        assert answer.json()["predictions"][0]["score"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_v2_rest_and_grpc_give_the_same_scores(server, test_images, cli_predictions):
     from kserve import InferenceGRPCClient, InferInput, InferRequest
 
