@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="requests before measuring")
+    parser.add_argument("--max-batch", type=int, default=1, help="the server's --max-batch")
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args()
 
@@ -160,6 +161,7 @@ def main() -> None:
     argv = [
         sys.executable, "-m", "components.serving", "--model", args.model, "--name", "fod-bench",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--poll-interval", "0",
+        "--max-batch", str(args.max_batch),
     ]  # fmt: skip
     process = spawn_server(home, "fod-bench", argv)
     server = LocalServer("fod-bench", args.model, http_port, grpc_port, process.pid, process.log)

@@ -311,9 +311,11 @@ def image_results(
 @dataclass
 class _Pending:
     model: LoadedModel
-    images: list
+    images: list[bytes]
     options: RequestOptions
     future: Future
+    max_pixels: int
+    decoded: list = field(default_factory=list)
 
 
 class BatchScorer:
@@ -322,7 +324,7 @@ class BatchScorer:
     its larger-batch cost per image, and a lone request is scored at once, never delayed.
     Requests for different model versions (during a reload) are never mixed."""
 
-    def __init__(self, max_batch: int = 16, stats: dict | None = None) -> None:
+    def __init__(self, max_batch: int = 1, stats: dict | None = None) -> None:
         self.max_batch = max_batch
         self.stats = stats if stats is not None else {}
         self._pending: deque[_Pending] = deque()
@@ -331,10 +333,14 @@ class BatchScorer:
         self._thread = threading.Thread(target=self._run, name="fod-score", daemon=True)
         self._thread.start()
 
-    def submit(self, model: LoadedModel, images: list, options: RequestOptions) -> Future:
+    def submit(
+        self, model: LoadedModel, images: list[bytes], options: RequestOptions, max_pixels: int
+    ) -> Future:
+        """Encoded images; decoding happens on the scoring thread too (PyTorch already uses
+        every core: more threads would only oversubscribe them)."""
         future: Future = Future()
         with self._ready:
-            self._pending.append(_Pending(model, images, options, future))
+            self._pending.append(_Pending(model, images, options, future, max_pixels))
             self._ready.notify()
         return future
 
@@ -361,8 +367,18 @@ class BatchScorer:
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             detector = batch[0].model.detector
+            valid = []
+            for item in batch:  # a request with a bad image fails alone, with a 4xx
+                try:
+                    item.decoded = decode_images(item.images, max_image_pixels=item.max_pixels)
+                    valid.append(item)
+                except InvalidRequest as error:
+                    item.future.set_exception(error)
+            batch = valid
+            if not batch:
+                continue
             try:
-                images = [image for item in batch for image in item.images]
+                images = [image for item in batch for image in item.decoded]
                 predictions = detector.predict(images, batch_size=max(len(images), 1))
                 self.stats["batches"] = self.stats.get("batches", 0) + 1
                 self.stats["requests"] = self.stats.get("requests", 0) + len(batch)
@@ -372,9 +388,10 @@ class BatchScorer:
                 )
                 start = 0
                 for item in batch:
-                    mine = predictions[start : start + len(item.images)]
-                    start += len(item.images)
-                    item.future.set_result(image_results(detector, item.images, mine, item.options))
+                    mine = predictions[start : start + len(item.decoded)]
+                    start += len(item.decoded)
+                    results = image_results(detector, item.decoded, mine, item.options)
+                    item.future.set_result(results)
             except Exception as error:  # reported to each waiting request, the thread lives on
                 for item in batch:
                     if not item.future.done():
@@ -482,7 +499,7 @@ def build_kserve_model(
     *,
     max_images: int = DEFAULT_MAX_IMAGES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    max_batch: int = 16,
+    max_batch: int = 1,
 ):
     """The kserve.Model around a predictor (kserve is imported here, not at module import)."""
     kserve = import_kserve()
@@ -495,9 +512,8 @@ def build_kserve_model(
     )
 
     class FODKServeModel(kserve.Model):
-        """v1 and v2 predict over ``FODPredictor``: images are decoded in the loop's thread
-        pool, scored by one batching thread (the event loop stays free for health checks,
-        the CPU free of oversubscription)."""
+        """v1 and v2 predict over ``FODPredictor``: one batching thread decodes and scores
+        (the event loop stays free for health checks, the CPU free of oversubscription)."""
 
         def __init__(self) -> None:
             super().__init__(name)
@@ -542,10 +558,9 @@ def build_kserve_model(
                     raise InvalidRequest(
                         f"{len(images)} images in one request; the limit is {max_images}"
                     )
-                decoded = await asyncio.get_running_loop().run_in_executor(
-                    None, lambda: decode_images(images, max_image_pixels=max_image_pixels)
+                results = await asyncio.wrap_future(
+                    self._scorer.submit(model, images, options, max_image_pixels)
                 )
-                results = await asyncio.wrap_future(self._scorer.submit(model, decoded, options))
             except InvalidRequest as error:
                 raise InvalidInput(str(error)) from None
             if isinstance(payload, InferRequest):
@@ -615,7 +630,9 @@ class ServerConfig:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_images: int = DEFAULT_MAX_IMAGES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    max_batch: int = 16  # images of concurrent requests scored in one forward pass
+    # Images of concurrent requests scored in one forward pass. 1 on CPU: on the 2-core
+    # benchmark machine batching lowered throughput (BENCHMARKS.md); raise it on a GPU.
+    max_batch: int = 1
     poll_interval: float = 10.0
     enable_grpc: bool = True
 
@@ -794,7 +811,10 @@ def add_serve_arguments(parser) -> None:
         "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="per image"
     )
     parser.add_argument(
-        "--max-batch", type=int, default=16, help="images of concurrent requests per forward"
+        "--max-batch",
+        type=int,
+        default=1,
+        help="images of concurrent requests per forward pass (1 on CPU; e.g. 16 on a GPU)",
     )
 
 

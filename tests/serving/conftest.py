@@ -106,6 +106,8 @@ def server(model_a, tmp_path_factory):
         "4",
         "--max-image-pixels",
         "1000000",
+        "--max-batch",
+        "8",
     )
     yield running
     stop_server(running)
