@@ -171,6 +171,7 @@ class LocalServing:
         try:
             wait_healthy(f"model server {name}", process, lambda: bool(server.status()), timeout)
         except StackError as error:
+            self._state_file(name).unlink(missing_ok=True)  # no stale pid to signal later
             raise DeploymentError(str(error)) from error
         return server
 
@@ -339,7 +340,40 @@ def deploy_champion(
     grpc_port: int = 8081,
     env: dict | None = None,
 ) -> dict:
-    """The pipeline's deploy step: make the served model the given champion version."""
+    """The pipeline's deploy step: make the served model the given champion version.
+
+    The version gets the tag ``deployed`` (target and time) once done, so that a retrain
+    check can tell a champion whose deployment failed from one that is served."""
+    result = _deploy(
+        name,
+        version,
+        target,
+        namespace=namespace,
+        canary_traffic_percent=canary_traffic_percent,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        env=env,
+    )
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+
+    stamp = f"{target.value} {datetime.now(UTC).isoformat(timespec='seconds')}"
+    MlflowClient().set_model_version_tag(name, str(version), "deployed", stamp)
+    return result
+
+
+def _deploy(
+    name: str,
+    version: str,
+    target: DeployTarget,
+    *,
+    namespace: str,
+    canary_traffic_percent: int | None,
+    http_port: int,
+    grpc_port: int,
+    env: dict | None,
+) -> dict:
     if target is DeployTarget.NONE:
         return {"target": target.value, "deployed": False}
     if target is DeployTarget.LOCAL:

@@ -175,7 +175,10 @@ class RequestOptions:
 
     @classmethod
     def parse(cls, parameters: dict | None) -> RequestOptions:
-        parameters = dict(parameters or {})
+        if parameters is None:
+            parameters = {}
+        if not isinstance(parameters, dict):
+            raise InvalidRequest('"parameters" must be an object, e.g. {"anomaly_map": "png"}')
         raw_format = str(parameters.get("anomaly_map", MapFormat.NONE.value)).lower()
         try:
             map_format = MapFormat(raw_format)
@@ -186,7 +189,7 @@ class RequestOptions:
             ) from None
         try:
             grid_size = int(parameters.get("grid_size", DEFAULT_GRID_SIZE))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidRequest("parameter grid_size must be an integer") from None
         if not 1 <= grid_size <= 256:
             raise InvalidRequest(f"parameter grid_size={grid_size} must be in 1..256")
@@ -345,9 +348,14 @@ class BatchScorer:
         return future
 
     def close(self) -> None:
+        """Stop the thread; requests still queued fail instead of waiting forever."""
         with self._ready:
             self._closed = True
+            pending, self._pending = list(self._pending), deque()
             self._ready.notify()
+        for item in pending:
+            if item.future.set_running_or_notify_cancel():
+                item.future.set_exception(RuntimeError("the model server is shutting down"))
 
     def _next_batch(self) -> list[_Pending] | None:
         with self._ready:
@@ -362,40 +370,46 @@ class BatchScorer:
                     self._pending.remove(item)
                     batch.append(item)
                     size += len(item.images)
-            return batch
+        # A request whose client gave up (cancelled future) is not scored.
+        return [item for item in batch if item.future.set_running_or_notify_cancel()]
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            detector = batch[0].model.detector
-            valid = []
-            for item in batch:  # a request with a bad image fails alone, with a 4xx
-                try:
-                    item.decoded = decode_images(item.images, max_image_pixels=item.max_pixels)
-                    valid.append(item)
-                except InvalidRequest as error:
-                    item.future.set_exception(error)
-            batch = valid
-            if not batch:
-                continue
             try:
-                images = [image for item in batch for image in item.decoded]
-                predictions = detector.predict(images, batch_size=max(len(images), 1))
-                self.stats["batches"] = self.stats.get("batches", 0) + 1
-                self.stats["requests"] = self.stats.get("requests", 0) + len(batch)
-                self.stats["images"] = self.stats.get("images", 0) + len(images)
-                self.stats["largest_batch_requests"] = max(
-                    self.stats.get("largest_batch_requests", 0), len(batch)
-                )
-                start = 0
-                for item in batch:
-                    mine = predictions[start : start + len(item.decoded)]
-                    start += len(item.decoded)
-                    results = image_results(detector, item.decoded, mine, item.options)
-                    item.future.set_result(results)
-            except Exception as error:  # reported to each waiting request, the thread lives on
+                self._score(batch)
+            except BaseException as error:  # nothing may end this thread: report and go on
+                log.exception("scoring failed")
                 for item in batch:
                     if not item.future.done():
-                        item.future.set_exception(error)
+                        item.future.set_exception(
+                            error if isinstance(error, Exception) else RuntimeError(str(error))
+                        )
+
+    def _score(self, batch: list[_Pending]) -> None:
+        """Decode (a request with a bad image fails alone, 4xx), then one forward pass."""
+        valid = []
+        for item in batch:
+            try:
+                item.decoded = decode_images(item.images, max_image_pixels=item.max_pixels)
+                valid.append(item)
+            except InvalidRequest as error:
+                item.future.set_exception(error)
+        if not valid:
+            return
+        detector = valid[0].model.detector
+        images = [image for item in valid for image in item.decoded]
+        predictions = detector.predict(images, batch_size=len(images))
+        self.stats["batches"] = self.stats.get("batches", 0) + 1
+        self.stats["requests"] = self.stats.get("requests", 0) + len(valid)
+        self.stats["images"] = self.stats.get("images", 0) + len(images)
+        self.stats["largest_batch_requests"] = max(
+            self.stats.get("largest_batch_requests", 0), len(valid)
+        )
+        start = 0
+        for item in valid:
+            mine = predictions[start : start + len(item.decoded)]
+            start += len(item.decoded)
+            item.future.set_result(image_results(detector, item.decoded, mine, item.options))
 
 
 class FODPredictor:
@@ -487,7 +501,7 @@ class FODPredictor:
             "version": active.version if active else None,
             "loaded_at": active.loaded_at if active else None,
             "loading": self._loading,
-            "failed_versions": {v: error for v, (error, _) in self._failed.items()},
+            "failed_versions": {v: error for v, (error, _) in dict(self._failed).items()},
             "threshold": active.detector.post.threshold if active else None,
             "scored": dict(self.scoring_stats),
         }

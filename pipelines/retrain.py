@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from components.data_version import DataVersionError, DvcRepo, read_data_version, remote_url
+from components.data_version import DvcRepo, read_data_version, remote_url
 from components.settings import fod_home, load_settings
 from components.tracking import code_version, registered_name
 
@@ -45,17 +45,24 @@ class RetrainDecision:
     champion_version: str | None = None
 
 
-def decide(category: str, data_version: str, *, resume: bool = False) -> RetrainDecision:
-    """Retrain only when no registered version was trained on ``data_version`` yet."""
-    from mlflow import MlflowClient
+def _champion(client, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, "champion").version
+    except MlflowException:
+        return None
+
+
+def decide(category: str, data_version: str, *, resume: bool = False) -> RetrainDecision:
+    """Retrain only when no registered version was trained on ``data_version`` yet, or
+    when the champion trained on it was never deployed (its run failed at the deploy step:
+    running the pipeline again takes every completed step from the cache)."""
+    from mlflow import MlflowClient
 
     client = MlflowClient()
     name = registered_name(category)
-    try:
-        champion = client.get_model_version_by_alias(name, "champion").version
-    except MlflowException:
-        champion = None
+    champion = _champion(client, name)
     short = data_version.removesuffix(".dir")[:12]
     if resume:
         reason = f"an interrupted retrain on data {short} is resumed"
@@ -67,6 +74,9 @@ def decide(category: str, data_version: str, *, resume: bool = False) -> Retrain
     ]
     if trained:
         latest = max(trained, key=lambda v: int(v.version))
+        if latest.version == champion and "deployed" not in (latest.tags or {}):
+            reason = f"champion v{champion} (data {short}) was never deployed: the run is resumed"
+            return RetrainDecision(category, data_version, True, reason, champion)
         outcome = (
             "the champion"
             if latest.version == champion
@@ -202,7 +212,7 @@ def retrain_once(
             name = registered_name(category)
             versions = client.search_model_versions(f"name='{name}'")
             latest = max(versions, key=lambda v: int(v.version))
-            champion = client.get_model_version_by_alias(name, "champion").version
+            champion = _champion(client, name)
             report["results"][category] = {
                 "new_version": latest.version,
                 "promoted": champion == latest.version,
@@ -248,7 +258,7 @@ def retrain_every(
         except RetrainBusy as busy:
             outcome = {"error": str(busy)}
             log.warning("check %d skipped: %s", count, busy)
-        except (DataVersionError, RuntimeError, OSError) as error:
+        except Exception as error:  # a down registry, a failed run: the schedule goes on
             outcome = {"error": f"{type(error).__name__}: {error}"}
             log.error("check %d failed, the schedule goes on: %s", count, outcome["error"])
         outcomes.append(outcome)

@@ -9,7 +9,6 @@ run's spec (schedule, parameters) is kept in ``infra/kfp/recurring-run.yaml``;
 ``fod schedule create`` creates it through the kfp client.
 """
 
-
 from pathlib import Path
 
 import yaml

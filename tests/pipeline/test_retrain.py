@@ -219,3 +219,38 @@ def test_an_interrupted_retrain_is_resumed_and_reuses_the_completed_steps(stack,
         [experiment.experiment_id], filter_string="tags.stage = 'training'"
     )
     assert len(training_runs) == 1  # the second run took training from the KFP cache
+
+
+def test_a_champion_that_was_never_deployed_is_run_again(stack, settings, tmp_path):
+    import mlflow
+
+    from components.registry import PromotionGates, register_model
+    from components.tracking import connect
+    from fod_core.cache import LocalStore
+    from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+    from fod_core.train import train_model
+    from pipelines.retrain import decide
+
+    # A champion on data "d-undeployed" whose pipeline run stopped before deploy_model.
+    root = make_synthetic_dataset(
+        tmp_path, "undeployed", n_train=8, n_test_good=1, n_test_defect=1, size=64, seed=2
+    )
+    tiny = ModelConfig(image_size=64, levels=(LevelConfig(d_model=16, n_heads=4, n_layers=1),) * 2)
+    train_model(
+        root, "undeployed", tmp_path / "model", model_config=tiny,
+        train_config=TrainConfig(epochs=1, batch_size=4, val_fraction=0.25),
+        cache_store=LocalStore(tmp_path / "cache"), progress=False,
+    )  # fmt: skip
+    connect(settings.mlflow_uri, "undeployed")
+    with mlflow.start_run() as run:
+        pass
+    register_model(
+        tmp_path / "model", run_id=run.info.run_id, category="undeployed",
+        metrics={"image_auroc": 1.0}, data_version="d-undeployed", code_version="t",
+        gates=PromotionGates(min_image_auroc=0.0),
+    )  # fmt: skip
+    decision = decide("undeployed", "d-undeployed")
+    assert decision.retrain and "never deployed" in decision.reason
+    MlflowClient().set_model_version_tag("fod-undeployed", "1", "deployed", "local")
+    decision = decide("undeployed", "d-undeployed")
+    assert not decision.retrain and "already (the champion)" in decision.reason

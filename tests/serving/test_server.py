@@ -150,6 +150,7 @@ BAD_REQUESTS = {
     "v1 unknown map format": ("v1params", {"anomaly_map": "svg"}),
     "v1 grid size not a number": ("v1params", {"anomaly_map": "grid", "grid_size": "x"}),
     "v1 grid size out of range": ("v1params", {"anomaly_map": "grid", "grid_size": 0}),
+    "v1 parameters not an object": ("v1params", ["png"]),
     "payload over the limit": ("v1raw", b"x" * (2 * 1024 * 1024)),
     "v2 FP32 tensor": ("v2", [{"name": "image", "shape": [1], "datatype": "FP32", "data": [1.0]}]),
     "v2 shape and data disagree": (
