@@ -370,7 +370,7 @@ def _train_and_report(
     print(
         json.dumps(
             {
-                k: report[k]
+                k: report.get(k)
                 for k in (
                     "feature_extraction",
                     "training",
