@@ -94,19 +94,11 @@ def create_recurring_run(host: str, spec_path: str | Path = SPEC) -> str:
     """Create (or add) the recurring run in KFP from the spec; returns its id."""
     import tempfile
 
-    import kfp
-
-    from pipelines.training import SubmitError
+    from pipelines.training import kfp_call, kfp_client
 
     spec = load_spec(spec_path)
-    try:
-        client = kfp.Client(host=host)
-        experiment = client.create_experiment(spec.get("experiment", "fod"))
-    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
-        raise SubmitError(
-            f"KFP endpoint {host} is unreachable or refused the client: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        ) from error
+    client = kfp_client(host)
+    experiment = kfp_call(host, lambda: client.create_experiment(spec.get("experiment", "fod")))
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_check(Path(tmp) / "check.yaml")
         run = client.create_recurring_run(

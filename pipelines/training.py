@@ -259,6 +259,23 @@ class SubmitError(RuntimeError):
     """The KFP endpoint cannot take the pipeline, or the run did not succeed."""
 
 
+def kfp_call(host: str, call):
+    """``call()`` against a KFP endpoint; connection and API errors become a SubmitError."""
+    try:
+        return call()
+    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
+        raise SubmitError(
+            f"KFP endpoint {host} is unreachable or refused the client: "
+            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        ) from error
+
+
+def kfp_client(host: str):
+    import kfp
+
+    return kfp_call(host, lambda: kfp.Client(host=host))
+
+
 def submit(
     arguments: dict,
     host: str,
@@ -270,19 +287,14 @@ def submit(
     """Compile and submit the pipeline to a KFP endpoint; optionally wait for success."""
     import tempfile
 
-    import kfp
-
-    try:
-        client = kfp.Client(host=host)
-    except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
-        raise SubmitError(
-            f"KFP endpoint {host} is unreachable or refused the client: "
-            f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        ) from error
+    client = kfp_client(host)
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "pipeline.yaml")
-        run = client.create_run_from_pipeline_package(
-            str(package), arguments=arguments, experiment_name=experiment
+        run = kfp_call(
+            host,
+            lambda: client.create_run_from_pipeline_package(
+                str(package), arguments=arguments, experiment_name=experiment
+            ),
         )
     log.info("submitted run %s to %s", run.run_id, host)
     if wait:
