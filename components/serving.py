@@ -10,9 +10,10 @@ Requests:
   v1  POST /v1/models/NAME:predict
       {"instances": [{"image_bytes": {"b64": "..."}}, ...],
        "parameters": {"anomaly_map": "png" | "grid", "grid_size": 32}}
-  v2  POST /v2/models/NAME/infer (REST or gRPC), one BYTES input of shape [N]: encoded
-      PNG/JPEG bytes (gRPC ``bytes_contents`` or the REST binary extension) or base64
-      strings (REST JSON); request parameters as in v1.
+  v2  POST /v2/models/NAME/infer (REST or gRPC), one BYTES input of shape [N]: base64
+      strings in REST JSON, raw PNG/JPEG bytes in gRPC ``bytes_contents``; request
+      parameters as in v1. (The SDK's REST binary-data extension decodes BYTES as UTF-8
+      text, so raw image bytes over REST are not supported: use base64 or gRPC.)
 
 Every image yields score, is_anomalous (at the calibrated threshold), threshold, and the
 model name and version; optionally its anomaly map as a PNG heatmap or a coarse grid.
