@@ -705,6 +705,27 @@ def _add_status_route(app, name: str, predictor: FODPredictor) -> None:
         return predictor.status()
 
 
+def _requests_that_fail_to_decode_are_400(dataplane) -> None:
+    """The SDK turns a request body it cannot decode (e.g. raw image bytes through v2
+    REST's binary extension, which it reads as UTF-8 text) into a 500; it is the client's
+    request, so answer 400 with what to send instead."""
+    from kserve.errors import InferenceError, InvalidInput
+
+    decode = dataplane.decode
+
+    def checked_decode(*args, **kwargs):
+        try:
+            return decode(*args, **kwargs)
+        except InferenceError as error:
+            reason = str(error).split(":")[0][:200]
+            raise InvalidInput(
+                f"the request could not be decoded ({reason}); send images base64-encoded "
+                "in JSON, or as raw bytes over gRPC"
+            ) from None
+
+    dataplane.decode = checked_decode
+
+
 def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
     """Start KServe's REST (+gRPC) servers on ``config.host`` and block until stopped."""
     import_kserve()
@@ -785,6 +806,7 @@ def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
         enable_grpc=config.enable_grpc,
         grace_period=5,
     )
+    _requests_that_fail_to_decode_are_400(server.dataplane)
     log.info(
         "serving %s as %r on http://%s:%d (gRPC %s)",
         predictor.source.uri,

@@ -112,6 +112,36 @@ def test_v2_rest_and_grpc_give_the_same_scores(server, test_images, cli_predicti
     assert list(grpc_outputs["score"].data) == pytest.approx(expected, abs=1e-5)
 
 
+def test_raw_bytes_through_the_v2_rest_binary_extension_are_a_400(server, test_images):
+    import struct
+
+    image = test_images[0].read_bytes()
+    tensor = struct.pack("<I", len(image)) + image  # BYTES element: 4-byte length + bytes
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [1],
+                    "datatype": "BYTES",
+                    "parameters": {"binary_data_size": len(tensor)},
+                }
+            ]
+        }
+    ).encode()
+    response = requests.post(
+        f"{server.url}/v2/models/{server.name}/infer",
+        data=header + tensor,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+        timeout=60,
+    )
+    assert response.status_code == 400, response.text[:300]
+    assert "base64-encoded in JSON, or as raw bytes over gRPC" in response.json()["error"]
+
+
 def test_anomaly_maps_as_png_heatmap_or_grid(server, test_images):
     image = b64(test_images[-1].read_bytes())
     heatmap = v1(server, [image], parameters={"anomaly_map": "png"}).json()["predictions"][0]
