@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from components.deployment import LocalServer
-from components.stack import free_port, spawn_server, stop_server, wait_healthy
+from components.deployment import LocalServer, spawn_model_server
+from components.stack import ServerState, free_port, stop_server, wait_healthy
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,14 +157,15 @@ def main() -> None:
     if args.untrained_backbone:
         model = untrained_model(home / "model", args.untrained_backbone, args.image_size)
         args.model = str(model)
-    http_port, grpc_port = free_port(), free_port()
-    argv = [
-        sys.executable, "-m", "components.serving", "--model", args.model, "--name", "fod-bench",
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--poll-interval", "0",
-        "--max-batch", str(args.max_batch),
-    ]  # fmt: skip
-    process = spawn_server(home, "fod-bench", argv)
-    server = LocalServer("fod-bench", args.model, http_port, grpc_port, process.pid, process.log)
+    server = spawn_model_server(
+        home,
+        "fod-bench",
+        args.model,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        extra=("--poll-interval", "0", "--max-batch", str(args.max_batch)),
+    )
+    process = ServerState(pid=server.pid, log=server.log)
     started = time.perf_counter()
     wait_healthy("model server", process, lambda: bool(server.status()), timeout=300)
     startup_s = time.perf_counter() - started

@@ -98,6 +98,27 @@ class LocalServer:
             return json.loads(response.read())["predictions"]
 
 
+def spawn_model_server(
+    home: Path,
+    name: str,
+    model_uri: str,
+    *,
+    http_port: int,
+    grpc_port: int,
+    extra: tuple[str, ...] = (),
+    env: dict | None = None,
+    log_name: str | None = None,
+) -> LocalServer:
+    """Start ``python -m components.serving`` (what ``fod serve`` runs) in its own session,
+    logging under ``home/logs``; it is not waited for (``wait_healthy`` does that)."""
+    argv = [
+        sys.executable, "-m", "components.serving", "--model", model_uri, "--name", name,
+        "--http-port", str(http_port), "--grpc-port", str(grpc_port), *extra,
+    ]  # fmt: skip
+    process = spawn_server(home, log_name or name, argv, env)
+    return LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
+
+
 class LocalServing:
     """The local model servers under one fod home."""
 
@@ -149,23 +170,17 @@ class LocalServing:
     def _start(self, name, model_uri, http_port, grpc_port, env, timeout) -> LocalServer:
         http_port = http_port if http_port and port_is_free(http_port) else free_port()
         grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
-        argv = [
-            sys.executable,
-            "-m",
-            "components.serving",
-            "--model",
-            model_uri,
-            "--name",
+        server = spawn_model_server(
+            self.dir.parent,
             name,
-            "--http-port",
-            str(http_port),
-            "--grpc-port",
-            str(grpc_port),
-            "--poll-interval",
-            str(LOCAL_POLL_SECONDS),
-        ]
-        process = spawn_server(self.dir.parent, f"serve-{name}", argv, env)
-        server = LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
+            model_uri,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            extra=("--poll-interval", str(LOCAL_POLL_SECONDS)),
+            env=env,
+            log_name=f"serve-{name}",
+        )
+        process = ServerState(pid=server.pid, log=server.log)
         self._save(server)
         log.info("starting the model server for %s on %s", name, server.url)
         try:

@@ -45,8 +45,17 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
         "dvc_remote": args.dvc_remote or remote_url(settings),
         "data_version": args.data_version or read_data_version(args.dvc_file).md5,
         "categories": args.categories,
-        "data_format": args.format,
         "code_version": code_version(),
+        **_training_arguments(args),
+        "canary_traffic_percent": args.canary_percent,
+    }
+    return arguments
+
+
+def _training_arguments(args: argparse.Namespace) -> dict:
+    """Pipeline parameters that `fod pipeline` and `fod retrain` take the same way."""
+    return {
+        "data_format": args.format,
         "backbone": args.backbone,
         "image_size": args.image_size,
         "model_size": args.model_size,
@@ -54,9 +63,7 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
         "deploy_target": args.deploy,
-        "canary_traffic_percent": args.canary_percent,
     }
-    return arguments
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
@@ -182,14 +189,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     overrides = {
         key: value
         for key, value in {
-            "data_format": args.format,
-            "backbone": args.backbone,
-            "image_size": args.image_size,
-            "model_size": args.model_size,
-            "epochs": args.epochs,
-            "batch_size": args.batch_size,
-            "learning_rate": args.lr,
-            "deploy_target": args.deploy,
+            **_training_arguments(args),
             "warm_start": args.warm_start or None,
             "min_image_auroc": args.min_image_auroc,
         }.items()

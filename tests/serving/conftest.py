@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-from components.deployment import LocalServer
-from components.stack import free_port, spawn_server, stop_server, wait_healthy
+from components.deployment import LocalServer, spawn_model_server
+from components.stack import ServerState, free_port, stop_server, wait_healthy
 from fod_core.cache import LocalStore
 from fod_core.config import LevelConfig, ModelConfig, TrainConfig
 from fod_core.synthetic import make_synthetic_dataset
@@ -67,23 +66,10 @@ def test_images(served_data) -> list[Path]:
 
 def start_server(home: Path, model: str, name: str, *extra: str) -> LocalServer:
     """``python -m components.serving`` (what ``fod serve`` runs) as its own process."""
-    http_port, grpc_port = free_port(), free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "components.serving",
-        "--model",
-        model,
-        "--name",
-        name,
-        "--http-port",
-        str(http_port),
-        "--grpc-port",
-        str(grpc_port),
-        *extra,
-    ]
-    process = spawn_server(home, name, argv)
-    server = LocalServer(name, model, http_port, grpc_port, process.pid, process.log)
+    server = spawn_model_server(
+        home, name, model, http_port=free_port(), grpc_port=free_port(), extra=extra
+    )
+    process = ServerState(pid=server.pid, log=server.log)
     wait_healthy(name, process, lambda: bool(server.status()), timeout=120)
     return server
 
