@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from fod_core.cache import FeatureCache, LocalStore
+from fod_core.calibration import LevelWeighting
 from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.data import load_category, split_validation
 from fod_core.evaluate import evaluate_detector, ground_truth_masks
@@ -144,6 +145,13 @@ def main() -> None:
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
         "--skip-speed", action="store_true", help="no speed comparison (accuracy runs only)"
+    )
+    parser.add_argument(
+        "--level-weights",
+        choices=[w.value for w in LevelWeighting],
+        default=LevelWeighting.EQUAL.value,
+        help="equal: the method's average of the levels; synthetic: chosen on validation "
+        "images with planted anomalies",
     )
     parser.add_argument("--tiny", action="store_true", help="small model: smoke-test the script")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -337,6 +345,7 @@ def _train_and_report(
         cache_store=LocalStore(cache_dir),
         on_epoch_end=record,
         resume=args.resume,
+        level_weighting=args.level_weights,
     )
     epoch_seconds = [r.seconds for r in outcome.result.history]
     report["training"] = {
@@ -356,9 +365,16 @@ def _train_and_report(
     metrics = evaluate_detector(
         detector, data.test, args.out / "eval", title=args.category, max_overlays=24
     )
-    report["metrics"] = {
-        k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect_type")
-    }
+    keys = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect_type")
+    report["metrics"] = {k: metrics[k] for k in keys}
+    if outcome.level_weights is not None:
+        report["level_weights"] = outcome.level_weights.to_dict()
+        equal = load_detector(args.out / "model")
+        equal.post = replace(equal.post, level_weights=None)
+        method = evaluate_detector(
+            equal, data.test, args.out / "eval_equal_weights", title=args.category, max_overlays=0
+        )
+        report["metrics_equal_weights_record_only"] = {k: method[k] for k in keys}
 
     # 5. Inference latency and memory.
     report["inference"] = {

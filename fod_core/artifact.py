@@ -21,7 +21,15 @@ from fod_core.processing import PostProcessing, PreProcessing
 from fod_core.runtime import configure_cpu_numerics
 
 ARTIFACT_FORMAT = "fod-model"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2  # 2: post-processing may carry level weights
+
+
+def format_version(postprocessing: dict) -> int:
+    """The oldest format that reads this manifest: readers of version 1 know no level
+    weights, so only artefacts that have them are marked 2 (and refused there clearly)."""
+    return 2 if postprocessing.get("level_weights") is not None else 1
+
+
 MANIFEST = "fod.json"
 
 
@@ -46,7 +54,7 @@ def save_artifact(
     )
     manifest = {
         "format": ARTIFACT_FORMAT,
-        "format_version": ARTIFACT_VERSION,
+        "format_version": format_version(post.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model.config.to_dict(),
         "backbone": {
@@ -84,6 +92,7 @@ def update_manifest(directory: str | Path, **fields) -> dict:
     """Merge fields into fod.json (e.g. a new threshold from calibration)."""
     manifest = read_manifest(directory)
     manifest.update(fields)
+    manifest["format_version"] = format_version(manifest["postprocessing"])
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

@@ -1,14 +1,24 @@
-"""Alarm threshold from validation scores, never from test labels."""
+"""Choices made after training, on validation data, never on test labels: the alarm
+threshold, and optionally how the levels' maps are weighted into one anomaly map."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fod_core.metrics import f1_max
+from fod_core.metrics import aupro, f1_max, pixel_auroc
+
+if TYPE_CHECKING:
+    from fod_core.inference import AnomalyDetector
+
+log = logging.getLogger(__name__)
 
 
 class ThresholdMode(str, Enum):
@@ -62,6 +72,153 @@ def calibrate_threshold(
     return Threshold(value, mode, target_false_alarm_rate, int(normal.size), 0)
 
 
+class LevelWeighting(str, Enum):
+    """How the levels' maps are combined into the anomaly map."""
+
+    EQUAL = "equal"  # the method: the plain average
+    SYNTHETIC = "synthetic"  # weights with the best AUPRO on anomalies planted in validation
+
+
+@dataclass(frozen=True)
+class LevelWeightChoice:
+    weights: tuple[float, ...]
+    n_normal: int
+    n_anomalous: int
+    criterion: str = "aupro on synthetic anomalies, then pixel auroc"
+    candidates: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"weights": list(self.weights)}
+
+    def save_plot(self, path: Path) -> None:
+        """The metrics against the finer level's weight (two-level models only)."""
+        from fod_core.visualize import plot_level_weights
+
+        if len(self.weights) == 2 and self.candidates:
+            plot_level_weights(self.candidates, path)
+
+
+def weight_grid(n_levels: int, step: float = 0.1) -> list[tuple[float, ...]]:
+    """Every weight vector on the simplex whose entries are multiples of ``step``."""
+    parts = round(1 / step)
+    grid = []
+    for counts in itertools.product(range(parts + 1), repeat=n_levels - 1):
+        if sum(counts) <= parts:
+            grid.append(tuple(c / parts for c in (*counts, parts - sum(counts))))
+    return grid
+
+
+def choose_level_weights(
+    level_maps: Sequence[np.ndarray], masks: np.ndarray, *, step: float = 0.1
+) -> LevelWeightChoice:
+    """The weights (on a ``step`` grid) whose combined map has the best AUPRO, ties broken
+    by pixel AUROC, over images with known anomaly ``masks`` (N, S, S)."""
+    masks = np.asarray(masks).astype(bool)
+    if not masks.any() or masks.all():
+        raise ValueError("level weights need images with both normal and anomalous pixels")
+    candidates = []
+    for weights in weight_grid(len(level_maps), step):
+        combined = sum(w * m for w, m in zip(weights, level_maps, strict=True))
+        candidates.append(
+            {
+                "weights": list(weights),
+                "aupro": aupro(masks, combined),
+                "pixel_auroc": pixel_auroc(masks, combined),
+            }
+        )
+    best = max(candidates, key=lambda c: (c["aupro"], c["pixel_auroc"]))
+    n_anomalous = int(masks.any(axis=(1, 2)).sum())
+    return LevelWeightChoice(
+        tuple(best["weights"]), len(masks) - n_anomalous, n_anomalous, candidates=candidates
+    )
+
+
+def synthetic_level_weights(
+    detector: AnomalyDetector,
+    normal_images: Sequence[str | Path],
+    donor_images: Sequence[str | Path] = (),
+    *,
+    per_image: int = 3,
+    max_images: int = 64,
+    seed: int = 0,
+    step: float = 0.1,
+    batch_size: int = 8,
+) -> LevelWeightChoice:
+    """Level weights chosen on held-out normal images and copies of them with planted
+    anomalies (`fod_core.synthetic.plant_anomaly`, texture from ``donor_images``): real
+    defect types are unknown when a model is trained, so the choice needs no labels."""
+    import torch
+
+    from fod_core.processing import read_image
+    from fod_core.synthetic import plant_anomaly
+
+    if not normal_images:
+        raise ValueError("synthetic level weights need validation images")
+    if len(detector.model.levels) == 1:
+        return LevelWeightChoice((1.0,), 0, 0)
+    rng = np.random.default_rng(seed)
+
+    def load(path) -> np.ndarray:
+        return detector.pre.resize(read_image(path).convert("RGB")).permute(1, 2, 0).numpy()
+
+    normals = [load(p) for p in list(normal_images)[:max_images]]
+    donors = list(donor_images) or list(normal_images)
+    size = detector.pre.image_size
+    images, masks = list(normals), [np.zeros((size, size), bool) for _ in normals]
+    for _ in range(per_image):
+        for image in normals:
+            planted, mask = plant_anomaly(image, load(donors[rng.integers(len(donors))]), rng)
+            images.append(planted)
+            masks.append(mask)
+    per_level: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack(
+            [
+                detector.pre.normalize(torch.from_numpy(x).permute(2, 0, 1))
+                for x in images[start : start + batch_size]
+            ]
+        )
+        for level, level_map in enumerate(detector.level_maps(batch)):
+            if level == len(per_level):
+                per_level.append([])
+            per_level[level].append(level_map.numpy())
+    choice = choose_level_weights(
+        [np.concatenate(m) for m in per_level], np.stack(masks), step=step
+    )
+    log.info(
+        "level weights %s chosen on %d validation images and %d with planted anomalies",
+        choice.weights,
+        choice.n_normal,
+        choice.n_anomalous,
+    )
+    return choice
+
+
+def apply_level_weighting(
+    detector: AnomalyDetector,
+    weighting: LevelWeighting | str,
+    validation_images: Sequence[str | Path],
+    donor_images: Sequence[str | Path] = (),
+    *,
+    seed: int = 0,
+) -> LevelWeightChoice | None:
+    """Set ``detector``'s level weights; returns the choice (None for EQUAL)."""
+    from dataclasses import replace
+
+    weighting = LevelWeighting(weighting)
+    if weighting is LevelWeighting.EQUAL:
+        detector.post = replace(detector.post, level_weights=None)
+        return None
+    if not validation_images:
+        raise ValueError(
+            "level weighting 'synthetic' needs validation images: use a validation fraction "
+            "above 0 (or level weighting 'equal')"
+        )
+    choice = synthetic_level_weights(detector, validation_images, donor_images, seed=seed)
+    detector.post = replace(detector.post, level_weights=choice.weights)
+    return choice
+
+
 def calibrate_model(
     model_dir,
     data_root,
@@ -71,9 +228,11 @@ def calibrate_model(
     mode: ThresholdMode | str | None = None,
     target_false_alarm_rate: float = 0.01,
     anomalous_images: Sequence = (),
+    level_weighting: LevelWeighting | str | None = None,
     progress: bool = False,
 ) -> Threshold:
-    """Lifecycle stage 'calibrate': re-derive a model's threshold and store it in the artefact.
+    """Lifecycle stage 'calibrate': re-derive a model's threshold (and, when
+    ``level_weighting`` is given, its level weights) and store them in the artefact.
 
     Normal scores come from the validation split the model was trained with (the same
     file-name hash split, so no image the model trained on is used); labelled anomalies,
@@ -83,11 +242,24 @@ def calibrate_model(
     from fod_core.data import load_category, split_validation
 
     manifest = read_manifest(model_dir)
-    val_fraction = manifest.get("training", {}).get("config", {}).get("val_fraction", 0.1)
+    train_settings = manifest.get("training", {}).get("config", {})
+    val_fraction = train_settings.get("val_fraction", 0.1)
     data = load_category(data_root, category, format)
     train_records, val_records = split_validation(data.train, val_fraction)
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
+    extra = {}
+    if level_weighting is not None:
+        choice = apply_level_weighting(
+            detector,
+            level_weighting,
+            [r.path for r in val_records],
+            [r.path for r in train_records],
+            seed=train_settings.get("seed", 0),
+        )
+        extra["level_weights"] = choice.to_dict() if choice else {"weighting": "equal"}
+        if choice:
+            choice.save_plot(Path(model_dir) / "level_weights.png")
     normal = [p.score for p in detector.predict([r.path for r in calibration_records])]
     anomalous = (
         [p.score for p in detector.predict(list(anomalous_images))] if anomalous_images else []
@@ -95,16 +267,16 @@ def calibrate_model(
     threshold = calibrate_threshold(
         normal, anomalous, target_false_alarm_rate=target_false_alarm_rate, mode=mode
     )
-    post = {**manifest["postprocessing"], "threshold": threshold.value}
-    post["threshold_mode"] = threshold.mode.value
+    detector.with_threshold(threshold.value, threshold.mode.value)
     update_manifest(
         model_dir,
-        postprocessing=post,
+        postprocessing=detector.post.to_dict(),
         calibration={
             **threshold.to_dict(),
             "validation_scores": normal,
             "anomalous_scores": anomalous,
             "calibrated_on": "validation split" if val_records else "training images",
         },
+        **extra,
     )
     return threshold

@@ -1,4 +1,5 @@
-"""The ``fod`` command: train, evaluate, predict, and a quickstart that needs no stack."""
+"""The ``fod`` command: train, calibrate, evaluate, predict, and a quickstart that needs no
+stack."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
+from fod_core.calibration import LevelWeighting, ThresholdMode
 from fod_core.config import (
     Device,
     ModelConfig,
@@ -39,6 +41,17 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         default="mvtec",
         choices=[f.value for f in DatasetFormat],
         help="dataset layout (default: mvtec)",
+    )
+
+
+def _add_level_weights_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+    parser.add_argument(
+        "--level-weights",
+        default=default,
+        choices=[w.value for w in LevelWeighting],
+        help="equal: average the levels' maps (the method); synthetic: weights with the best "
+        "AUPRO on anomalies planted into validation images (no labels needed)"
+        + ("" if default else "; default: keep the model's"),
     )
 
 
@@ -77,6 +90,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="false-alarm rate the threshold is calibrated for",
     )
+    _add_level_weights_arg(parser, LevelWeighting.EQUAL.value)
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--keep-checkpoints", action="store_true")
@@ -120,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         target_false_alarm_rate=args.target_far,
+        level_weighting=args.level_weights,
         progress=not args.quiet,
     )
     print(
@@ -129,12 +144,32 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "best_epoch": outcome.result.best_epoch,
                 "best_val_loss": outcome.result.best_val_loss,
                 "threshold": outcome.threshold.value,
+                "level_weights": outcome.level_weights.weights if outcome.level_weights else None,
                 "feature_cache": {k: v.to_dict() for k, v in outcome.cache.items()},
                 **{k: round(v, 2) for k, v in outcome.seconds.items()},
             },
             indent=2,
         )
     )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from fod_core.artifact import read_manifest
+    from fod_core.calibration import calibrate_model
+
+    threshold = calibrate_model(
+        args.model,
+        args.data,
+        args.category,
+        format=args.format,
+        mode=args.mode,
+        target_false_alarm_rate=args.target_far,
+        anomalous_images=args.anomalies,
+        level_weighting=args.level_weights,
+    )
+    post = read_manifest(args.model)["postprocessing"]
+    print(json.dumps({**threshold.to_dict(), "level_weights": post.get("level_weights")}, indent=2))
     return 0
 
 
@@ -210,6 +245,23 @@ def build_parser(
     train.add_argument("--out", required=True, type=Path, help="model directory to write")
     _add_train_args(train)
     train.set_defaults(func=cmd_train)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="re-derive a model's threshold (and level weights) on validation data"
+    )
+    calibrate.add_argument("--model", required=True, type=Path)
+    _add_data_args(calibrate)
+    calibrate.add_argument(
+        "--mode",
+        choices=[m.value for m in ThresholdMode],
+        help="default: F1-optimal with --anomalies, else the false-alarm quantile",
+    )
+    calibrate.add_argument("--target-far", type=float, default=0.01)
+    calibrate.add_argument(
+        "--anomalies", nargs="*", type=Path, default=[], help="labelled validation anomalies"
+    )
+    _add_level_weights_arg(calibrate, None)
+    calibrate.set_defaults(func=cmd_calibrate)
 
     evaluate = sub.add_parser("evaluate", help="test metrics, plots and heatmaps of a model")
     evaluate.add_argument("--model", required=True, type=Path)

@@ -77,6 +77,12 @@ class AnomalyDetector:
         return maps.cpu(), self.post.image_score(maps).cpu()
 
     @torch.no_grad()
+    def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised images -> each level's map at the input size, on CPU (calibration)."""
+        grids = self.model.score_maps(self.extractor(images.to(self.device)))
+        return [m.cpu() for m in self.post.upsample(grids)]
+
+    @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images (N, 3, S, S) -> (anomaly maps, image scores)."""
         return self.score_features(self.extractor(images.to(self.device)))

@@ -142,22 +142,42 @@ class PostProcessing:
     score_sigma: float = 4.0
     threshold: float | None = None
     threshold_mode: str | None = None
+    # None: the method's plain average of the levels; else one weight per level (summing
+    # to 1), chosen on validation data (see fod_core.calibration.LevelWeighting).
+    level_weights: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.level_weights is None:
+            del data["level_weights"]  # what format-1 readers know
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PostProcessing:
+        data = dict(data)
+        if data.get("level_weights") is not None:
+            data["level_weights"] = tuple(float(w) for w in data["level_weights"])
         return cls(**data)
 
-    def anomaly_map(self, level_maps: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Average of the levels' grids, each bilinearly upsampled (align_corners=True)."""
+    def upsample(self, level_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each level's (N, H_l, W_l) grid bilinearly upsampled (align_corners=True)."""
         size = (self.image_size, self.image_size)
-        upsampled = [
+        return [
             F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
             for m in level_maps
         ]
-        return torch.stack(upsampled).mean(0)
+
+    def combine(self, upsampled: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The levels' upsampled maps -> one anomaly map (average, or weighted average)."""
+        if self.level_weights is None:
+            return torch.stack(list(upsampled)).mean(0)
+        if len(self.level_weights) != len(upsampled):
+            raise ValueError(f"{len(self.level_weights)} level weights for {len(upsampled)} levels")
+        return sum(w * m for w, m in zip(self.level_weights, upsampled, strict=True))
+
+    def anomaly_map(self, level_maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Level grids -> (N, S, S) anomaly map at the input size."""
+        return self.combine(self.upsample(level_maps))
 
     def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
         """Max of the Gaussian-smoothed map; (N,)."""

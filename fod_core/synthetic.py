@@ -1,7 +1,7 @@
-"""A small generated dataset in the MVTec AD layout, with planted defects and masks.
-
-Used by the demo job and the tests: it needs no download, and its defects are known
-exactly, so a working model must find them.
+"""Generated data: a small dataset in the MVTec AD layout with planted defects and masks
+(the demo job and the tests need no download, and a working model must find its known
+defects), and synthetic anomalies planted into real normal images, which let choices
+about anomaly maps be made on validation data without any labelled defect.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from scipy import ndimage
 
 DEFECT_TYPES = ("scratch", "stain")
 
@@ -86,3 +87,41 @@ def make_synthetic_dataset(
             image.save(folders[kind] / f"{i:03d}.png")
             mask.save(folders[f"gt_{kind}"] / f"{i:03d}_mask.png")
     return Path(root)
+
+
+def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One irregular connected region covering about 0.3-3 % of the image."""
+    for _ in range(100):
+        area = rng.uniform(0.003, 0.03) * size * size
+        noise = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=rng.uniform(4, 10))
+        cy, cx = rng.integers(size // 8, size - size // 8, 2)
+        yy, xx = np.mgrid[:size, :size]
+        distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.sqrt(area / np.pi)
+        labelled, count = ndimage.label(1 - distance + 0.6 * noise / noise.std() > 0)
+        if count:
+            keep = labelled[cy, cx] or int(np.argmax(np.bincount(labelled.ravel())[1:])) + 1
+            return labelled == keep
+    raise RuntimeError("could not draw an anomaly region")  # pragma: no cover
+
+
+def plant_anomaly(
+    image: np.ndarray, donor: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Replace an irregular region of ``image`` (S, S, 3 floats in [0, 1]) by foreign
+    texture (a shifted region of another normal image ``donor``), a colour change or noise,
+    partly blended. Returns (image, boolean mask)."""
+    size = image.shape[0]
+    mask = _blob_mask(rng, size)
+    kind = rng.integers(3)
+    if kind == 0:
+        shift = rng.integers(-size // 3, size // 3, 2)
+        source = np.roll(donor, tuple(shift), (0, 1))
+    elif kind == 1:
+        source = np.clip(image * rng.uniform(0.3, 1.7) + rng.uniform(-0.3, 0.3, 3), 0, 1)
+    else:
+        noise = ndimage.gaussian_filter(rng.uniform(0, 1, image.shape), (1.5, 1.5, 0))
+        source = np.clip(noise * 2 - 0.5 + image * 0.3, 0, 1)
+    alpha = rng.uniform(0.5, 1.0)
+    out = image.copy()
+    out[mask] = (1 - alpha) * image[mask] + alpha * source[mask]
+    return out.astype(np.float32), mask

@@ -14,7 +14,13 @@ import torch
 from fod_core.artifact import ArtifactError, read_manifest, save_artifact
 from fod_core.backbone import FeatureExtractor
 from fod_core.cache import BlobStore, CacheStats, FeatureCache, LocalStore
-from fod_core.calibration import Threshold, calibrate_threshold
+from fod_core.calibration import (
+    LevelWeightChoice,
+    LevelWeighting,
+    Threshold,
+    apply_level_weighting,
+    calibrate_threshold,
+)
 from fod_core.config import ModelConfig, TrainConfig
 from fod_core.data import DatasetFormat, load_category, split_validation
 from fod_core.inference import AnomalyDetector
@@ -40,6 +46,7 @@ class TrainOutcome:
     threshold: Threshold
     cache: dict[str, CacheStats]
     seconds: dict[str, float]
+    level_weights: LevelWeightChoice | None = None
 
 
 def train_model(
@@ -54,6 +61,7 @@ def train_model(
     resume: bool = False,
     keep_checkpoints: bool = False,
     target_false_alarm_rate: float = 0.01,
+    level_weighting: LevelWeighting | str = LevelWeighting.EQUAL,
     progress: bool = True,
     on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
     metadata: dict | None = None,
@@ -63,7 +71,9 @@ def train_model(
 
     ``init_from``: a model artefact of the same architecture whose FOD weights start the
     training (warm start when retraining on grown data); the class reference is always
-    recomputed from this data."""
+    recomputed from this data. ``level_weighting``: EQUAL averages the levels' maps (the
+    method); SYNTHETIC weights them for the best AUPRO on anomalies planted into the
+    validation images."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -112,6 +122,15 @@ def train_model(
         post=PostProcessing(model_config.image_size, model_config.score_sigma),
         device=device,
     )
+    started = time.perf_counter()
+    level_weights = apply_level_weighting(
+        detector,
+        level_weighting,
+        [r.path for r in val_records],
+        [r.path for r in train_records],
+        seed=train_config.seed,
+    )
+    timings["level_weights_s"] = time.perf_counter() - started
     calibration_records = val_records or train_records
     if not val_records:
         log.warning("no validation images: calibrating on training images (optimistic)")
@@ -143,14 +162,17 @@ def train_model(
             },
             "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
             "calibration": {**threshold.to_dict(), "validation_scores": val_scores},
+            "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
             **(metadata or {}),
         },
     )
     plot_training_curves(history, out_dir / "training_curves.png")
+    if level_weights is not None:
+        level_weights.save_plot(out_dir / "level_weights.png")
     if not keep_checkpoints:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return TrainOutcome(
-        out_dir, result, threshold, {"train": train_stats, "val": val_stats}, timings
+        out_dir, result, threshold, {"train": train_stats, "val": val_stats}, timings, level_weights
     )
 
 

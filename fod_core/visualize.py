@@ -101,3 +101,23 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_level_weights(candidates: Sequence[dict], path: Path) -> None:
+    """AUPRO and pixel AUROC on the synthetic anomalies against the first level's weight."""
+    x = [c["weights"][0] for c in candidates]
+    best = max(candidates, key=lambda c: (c["aupro"], c["pixel_auroc"]))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot(x, [c["aupro"] for c in candidates], "o-", label="AUPRO")
+    ax.plot(x, [c["pixel_auroc"] for c in candidates], "s-", label="pixel AUROC")
+    ax.axvline(0.5, color="grey", ls=":", label="equal (the method)")
+    ax.axvline(best["weights"][0], color="k", ls="--", label=f"chosen {best['weights'][0]:.1f}")
+    ax.set(
+        xlabel="weight of the finer level",
+        ylabel="on validation + planted anomalies",
+        title="level weights",
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -83,3 +83,15 @@ def test_post_processing_map_score_and_decision():
     assert post.is_anomalous(scores).tolist() == [False, True]
     with pytest.raises(ValueError, match="threshold"):
         PostProcessing(image_size=16).is_anomalous(scores)
+
+
+def test_level_weights_weight_the_maps_and_are_stored():
+    level_maps = [torch.ones(1, 4, 4), torch.zeros(1, 2, 2)]
+    weighted = PostProcessing(image_size=8, level_weights=(0.9, 0.1))
+    assert torch.allclose(weighted.anomaly_map(level_maps), torch.full((1, 8, 8), 0.9))
+    assert torch.allclose(PostProcessing(8).anomaly_map(level_maps), torch.full((1, 8, 8), 0.5))
+    assert PostProcessing.from_dict(weighted.to_dict()) == weighted
+    # Without weights the settings are what readers of format 1 know.
+    assert "level_weights" not in PostProcessing(8).to_dict()
+    with pytest.raises(ValueError, match="2 level weights for 3 levels"):
+        weighted.anomaly_map([*level_maps, torch.zeros(1, 2, 2)])

@@ -225,3 +225,74 @@ def test_recalibration_with_labelled_anomalies_is_f1_optimal(trained, tmp_path):
     again = calibrate_model(model_dir, root, "widget")
     assert again.mode is ThresholdMode.FALSE_ALARM_RATE
     assert again.value == pytest.approx(outcome.threshold.value, rel=1e-5)
+
+
+def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
+    """`fod calibrate --level-weights synthetic`, then back to the method's average."""
+    import shutil
+
+    from fod_core.calibration import calibrate_model
+
+    base, root, _, _ = trained
+    model_dir = tmp_path / "model"
+    shutil.copytree(base / "model", model_dir)
+    command = ["calibrate", "--model", str(model_dir), "--data", str(root)]
+    command += ["--category", "widget", "--level-weights", "synthetic"]
+    out = subprocess.run(
+        [sys.executable, "-m", "fod_core.cli", "-q", *command],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    printed = json.loads(out.stdout)
+    manifest = read_manifest(model_dir)
+    weights = manifest["postprocessing"]["level_weights"]
+    assert printed["level_weights"] == weights and sum(weights) == pytest.approx(1.0)
+    assert manifest["format_version"] == 2
+    choice = manifest["level_weights"]
+    n_val = manifest["data"]["val_images"]
+    assert (choice["n_normal"], choice["n_anomalous"]) == (n_val, 3 * n_val)
+    assert len(choice["candidates"]) == 11 and (model_dir / "level_weights.png").is_file()
+    detector = load_detector(model_dir)
+    assert detector.post.level_weights == tuple(weights)
+    # The threshold is re-derived on the weighted map: the validation quantile again.
+    val_scores = manifest["calibration"]["validation_scores"]
+    assert detector.post.threshold == pytest.approx(max(val_scores))
+    assert val_scores != read_manifest(base / "model")["calibration"]["validation_scores"]
+
+    calibrate_model(model_dir, root, "widget", level_weighting="equal")
+    manifest = read_manifest(model_dir)
+    assert "level_weights" not in manifest["postprocessing"]
+    assert manifest["format_version"] == 1
+    assert load_detector(model_dir).post.threshold == pytest.approx(
+        read_manifest(base / "model")["postprocessing"]["threshold"], rel=1e-5
+    )
+
+
+def test_training_with_synthetic_level_weights(synthetic_root, tmp_path):
+    outcome = train_model(
+        synthetic_root,
+        "widget",
+        tmp_path / "m",
+        model_config=TINY,
+        train_config=TrainConfig(epochs=1, val_fraction=0.2),
+        cache_store=LocalStore(tmp_path / "cache"),
+        level_weighting="synthetic",
+        progress=False,
+    )
+    assert outcome.level_weights is not None and len(outcome.level_weights.weights) == 2
+    post = read_manifest(tmp_path / "m")["postprocessing"]
+    assert post["level_weights"] == list(outcome.level_weights.weights)
+    assert (tmp_path / "m" / "level_weights.png").is_file()
+    with pytest.raises(ValueError, match="needs validation images"):
+        train_model(
+            synthetic_root,
+            "widget",
+            tmp_path / "m0",
+            model_config=TINY,
+            train_config=TrainConfig(epochs=1, val_fraction=0.0),
+            cache_store=LocalStore(tmp_path / "cache"),
+            level_weighting="synthetic",
+            progress=False,
+        )
