@@ -151,10 +151,12 @@ def calibrate_threshold(
     mode: str,
     target_false_alarm_rate: float,
     anomalies_subdir: str,
+    level_weights: str,
     model: Output[Model],
 ) -> float:
     """Threshold from validation normals (false-alarm quantile), or F1-optimal when a
-    folder of labelled validation anomalies is given; stored in the artefact."""
+    folder of labelled validation anomalies is given; stored in the artefact. Level weights
+    first: 'equal' (the method) or 'synthetic' (chosen on planted validation anomalies)."""
     import shutil
     from pathlib import Path
 
@@ -175,8 +177,10 @@ def calibrate_threshold(
         mode=None if mode == "auto" else mode,
         target_false_alarm_rate=target_false_alarm_rate,
         anomalous_images=anomalies,
+        level_weighting=level_weights,
     )
     model.metadata.update({k: str(v) for k, v in threshold.to_dict().items()})
+    model.metadata["level_weights"] = level_weights
     model.metadata["framework"] = "fod"
     return threshold.value
 

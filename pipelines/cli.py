@@ -13,6 +13,13 @@ import sys
 from pathlib import Path
 
 from fod_core import cli as core_cli
+from fod_core.calibration import LevelWeighting
+
+LEVEL_WEIGHTINGS = [w.value for w in LevelWeighting]
+LW_HELP = (
+    "how the levels' maps combine: equal (the method, default) or synthetic (weights chosen "
+    "on anomalies planted into validation images)"
+)
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
@@ -62,6 +69,7 @@ def _training_arguments(args: argparse.Namespace) -> dict:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "learning_rate": args.lr,
+        "level_weights": args.level_weights,
         "deploy_target": args.deploy,
     }
 
@@ -258,6 +266,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--batch-size", type=int, default=8)
     pipeline.add_argument("--lr", type=float, default=1e-4)
     pipeline.add_argument(
+        "--level-weights", default="equal", choices=LEVEL_WEIGHTINGS, help=LW_HELP
+    )
+    pipeline.add_argument(
         "--deploy",
         choices=["local", "kserve", "none"],
         help="serve the champion: local model server (default for run), InferenceService "
@@ -307,6 +318,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain.add_argument("--epochs", type=int)
     retrain.add_argument("--batch-size", type=int)
     retrain.add_argument("--lr", type=float)
+    retrain.add_argument("--level-weights", choices=LEVEL_WEIGHTINGS, help=LW_HELP)
     retrain.add_argument("--min-image-auroc", type=float)
     retrain.add_argument("--deploy", choices=["local", "kserve", "none"])
     retrain.add_argument(

@@ -62,6 +62,7 @@ def category_pipeline(
     threshold_mode: str,
     target_false_alarm_rate: float,
     anomalies_subdir: str,
+    level_weights: str,
     min_image_auroc: float,
     min_pixel_auroc: float,
     min_aupro: float,
@@ -119,6 +120,7 @@ def category_pipeline(
             mode=threshold_mode,
             target_false_alarm_rate=target_false_alarm_rate,
             anomalies_subdir=anomalies_subdir,
+            level_weights=level_weights,
         )
         with_stack(calibration).set_caching_options(True)
         evaluation = steps.evaluate_model(
@@ -177,6 +179,7 @@ def training_pipeline(
     threshold_mode: str = "auto",
     target_false_alarm_rate: float = 0.01,
     anomalies_subdir: str = "",
+    level_weights: str = "equal",
     min_image_auroc: float = 0.9,
     min_pixel_auroc: float = 0.0,
     min_aupro: float = 0.0,
@@ -208,6 +211,7 @@ def training_pipeline(
             threshold_mode=threshold_mode,
             target_false_alarm_rate=target_false_alarm_rate,
             anomalies_subdir=anomalies_subdir,
+            level_weights=level_weights,
             min_image_auroc=min_image_auroc,
             min_pixel_auroc=min_pixel_auroc,
             min_aupro=min_aupro,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from components.data_version import DvcRepo, remote_url
 from components.deployment import LocalServing
+from components.tracking import download_fod_model
+from fod_core.artifact import read_manifest
 from fod_core.synthetic import make_synthetic_dataset
 from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
 
@@ -70,8 +73,12 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     client = MlflowClient(settings.mlflow_uri)
     name = f"fod-{CATEGORY}"
 
-    run_local(_arguments(settings, version), tmp_path / "first")
+    run_local(_arguments(settings, version, level_weights="synthetic"), tmp_path / "first")
     champion = client.get_model_version_by_alias(name, "champion")
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    registered = download_fod_model(f"models:/{name}/{champion.version}", tmp_path / "champion")
+    weights = read_manifest(registered)["postprocessing"]["level_weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
     assert champion.tags["data_version"] == version.md5
     assert champion.tags["code_version"] == "test-code"
     assert json.loads(champion.tags["metrics"])["image_auroc"] >= 0.8
