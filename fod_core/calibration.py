@@ -205,12 +205,14 @@ def apply_level_weighting(
     """Set ``detector``'s level weights; returns the choice (None for EQUAL)."""
     from dataclasses import replace
 
+    from fod_core.data import DatasetError
+
     weighting = LevelWeighting(weighting)
     if weighting is LevelWeighting.EQUAL:
         detector.post = replace(detector.post, level_weights=None)
         return None
     if not validation_images:
-        raise ValueError(
+        raise DatasetError(
             "level weighting 'synthetic' needs validation images: use a validation fraction "
             "above 0 (or level weighting 'equal')"
         )

@@ -12,6 +12,7 @@ import torch
 from fod_core.artifact import ArtifactError, load_detector, read_manifest
 from fod_core.cache import LocalStore
 from fod_core.config import LevelConfig, ModelConfig, TrainConfig, model_config_for
+from fod_core.data import DatasetError, load_category, split_validation
 from fod_core.evaluate import evaluate_model
 from fod_core.synthetic import make_synthetic_dataset
 from fod_core.train import train_model
@@ -259,7 +260,9 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     # The threshold is re-derived on the weighted map: the validation quantile again.
     val_scores = manifest["calibration"]["validation_scores"]
     assert detector.post.threshold == pytest.approx(max(val_scores))
-    assert val_scores != read_manifest(base / "model")["calibration"]["validation_scores"]
+    _, val = split_validation(load_category(root, "widget").train, 0.2)
+    rescored = [p.score for p in detector.predict([r.path for r in val])]
+    assert rescored == pytest.approx(val_scores, rel=1e-5)
 
     calibrate_model(model_dir, root, "widget", level_weighting="equal")
     manifest = read_manifest(model_dir)
@@ -271,28 +274,22 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
 
 
 def test_training_with_synthetic_level_weights(synthetic_root, tmp_path):
-    outcome = train_model(
-        synthetic_root,
-        "widget",
-        tmp_path / "m",
-        model_config=TINY,
-        train_config=TrainConfig(epochs=1, val_fraction=0.2),
-        cache_store=LocalStore(tmp_path / "cache"),
-        level_weighting="synthetic",
-        progress=False,
-    )
-    assert outcome.level_weights is not None and len(outcome.level_weights.weights) == 2
-    post = read_manifest(tmp_path / "m")["postprocessing"]
-    assert post["level_weights"] == list(outcome.level_weights.weights)
-    assert (tmp_path / "m" / "level_weights.png").is_file()
-    with pytest.raises(ValueError, match="needs validation images"):
-        train_model(
+    def train(out: str, val_fraction: float):
+        return train_model(
             synthetic_root,
             "widget",
-            tmp_path / "m0",
+            tmp_path / out,
             model_config=TINY,
-            train_config=TrainConfig(epochs=1, val_fraction=0.0),
+            train_config=TrainConfig(epochs=1, val_fraction=val_fraction),
             cache_store=LocalStore(tmp_path / "cache"),
             level_weighting="synthetic",
             progress=False,
         )
+
+    outcome = train("m", 0.2)
+    assert outcome.level_weights is not None and len(outcome.level_weights.weights) == 2
+    post = read_manifest(tmp_path / "m")["postprocessing"]
+    assert post["level_weights"] == list(outcome.level_weights.weights)
+    assert (tmp_path / "m" / "level_weights.png").is_file()
+    with pytest.raises(DatasetError, match="needs validation images"):
+        train("m0", 0.0)
