@@ -144,6 +144,9 @@ def main() -> None:
     )
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument(
+        "--speed-only", action="store_true", help="the speed comparison alone, no training"
+    )
+    parser.add_argument(
         "--skip-speed", action="store_true", help="no speed comparison (accuracy runs only)"
     )
     parser.add_argument(
@@ -225,6 +228,10 @@ def main() -> None:
         measure_speed(
             args, report, model_config, train_config, extractor, pre, train_records, train_features
         )
+    if args.speed_only:
+        report["peak_rss_mb"] = peak_rss_mb()
+        (args.out / "speed.json").write_text(json.dumps(report, indent=2, default=str))
+        return
 
     # 3. Training on cached features; test AUROC per epoch for the record only.
     _train_and_report(
