@@ -61,7 +61,21 @@ def evaluate_and_track(
                     mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
             if (out_dir / "overlays").is_dir():
                 mlflow.log_artifacts(str(out_dir / "overlays"), artifact_path="evaluation/overlays")
+            _log_level_weights(Path(model_dir))
     return metrics
+
+
+def _log_level_weights(model_dir: Path) -> None:
+    """How the levels were combined, as a tag (a cached training run may be re-calibrated
+    with another choice, which a param would refuse) and its plot."""
+    import mlflow
+
+    from fod_core.artifact import read_manifest
+
+    weights = read_manifest(model_dir)["postprocessing"].get("level_weights")
+    mlflow.set_tag("level_weights", "equal" if weights is None else ",".join(map(str, weights)))
+    if (model_dir / "level_weights.png").is_file():
+        mlflow.log_artifact(str(model_dir / "level_weights.png"), artifact_path="calibration")
 
 
 def rescore_on(data_root: str | Path, category: str, data_format: str):
