@@ -70,10 +70,9 @@ def _log_level_weights(model_dir: Path) -> None:
     with another choice, which a param would refuse) and its plot."""
     import mlflow
 
-    from fod_core.artifact import read_manifest
+    from components.tracking import level_weights_tag
 
-    weights = read_manifest(model_dir)["postprocessing"].get("level_weights")
-    mlflow.set_tag("level_weights", "equal" if weights is None else ",".join(map(str, weights)))
+    mlflow.set_tag("level_weights", level_weights_tag(model_dir))
     if (model_dir / "level_weights.png").is_file():
         mlflow.log_artifact(str(model_dir / "level_weights.png"), artifact_path="calibration")
 

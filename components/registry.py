@@ -19,7 +19,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from components.tracking import download_fod_model, log_fod_model, registered_name
+from components.tracking import (
+    download_fod_model,
+    level_weights_tag,
+    log_fod_model,
+    registered_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,7 @@ def register_model(
             "code_version": code_version,
             "metrics": json.dumps({k: metrics.get(k) for k in GATED_METRICS}),
             "run_id": run_id,
+            "level_weights": level_weights_tag(model_dir),
         },
     ).version
     client.set_registered_model_alias(name, CHALLENGER, version)

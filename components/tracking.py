@@ -127,3 +127,11 @@ def download_fod_model(model_uri: str, dest: str | Path) -> Path:
     if not candidates:
         raise TrackingError(f"{model_uri} holds no FOD model artefact")
     return candidates[0].parent
+
+
+def level_weights_tag(model_dir: str | Path) -> str:
+    """How a model combines its levels, as a tag value: 'equal' or e.g. '0.9,0.1'."""
+    from fod_core.artifact import read_manifest
+
+    weights = read_manifest(model_dir)["postprocessing"].get("level_weights")
+    return "equal" if weights is None else ",".join(map(str, weights))

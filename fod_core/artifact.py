@@ -133,10 +133,19 @@ def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") 
             f"{directory / 'model.pt'} is corrupt or does not fit the manifest "
             f"({type(error).__name__}: {error})"
         ) from error
+    post = PostProcessing.from_dict(manifest["postprocessing"])
+    weights = post.level_weights
+    if weights is not None and (
+        len(weights) != len(config.levels) or not all(0 <= w <= 1 for w in weights)
+    ):
+        raise ArtifactError(
+            f"{directory / MANIFEST}: level weights {list(weights)} do not fit a model of "
+            f"{len(config.levels)} levels (one weight in [0, 1] per level)"
+        )
     return AnomalyDetector(
         extractor=extractor,
         model=model,
         pre=PreProcessing.from_dict(manifest["preprocessing"]),
-        post=PostProcessing.from_dict(manifest["postprocessing"]),
+        post=post,
         device=device,
     )

@@ -112,7 +112,8 @@ def choose_level_weights(
     level_maps: Sequence[np.ndarray], masks: np.ndarray, *, step: float = 0.1
 ) -> LevelWeightChoice:
     """The weights (on a ``step`` grid) whose combined map has the best AUPRO, ties broken
-    by pixel AUROC, over images with known anomaly ``masks`` (N, S, S)."""
+    by pixel AUROC, then by closeness to the method's equal weights, over images with known
+    anomaly ``masks`` (N, S, S)."""
     masks = np.asarray(masks).astype(bool)
     if not masks.any() or masks.all():
         raise ValueError("level weights need images with both normal and anomalous pixels")
@@ -126,7 +127,13 @@ def choose_level_weights(
                 "pixel_auroc": pixel_auroc(masks, combined),
             }
         )
-    best = max(candidates, key=lambda c: (c["aupro"], c["pixel_auroc"]))
+    equal = 1 / len(level_maps)
+
+    def rank(candidate: dict) -> tuple:
+        closeness = -sum(abs(w - equal) for w in candidate["weights"])
+        return candidate["aupro"], candidate["pixel_auroc"], closeness
+
+    best = max(candidates, key=rank)
     n_anomalous = int(masks.any(axis=(1, 2)).sum())
     return LevelWeightChoice(
         tuple(best["weights"]), len(masks) - n_anomalous, n_anomalous, candidates=candidates
@@ -154,8 +161,6 @@ def synthetic_level_weights(
 
     if not normal_images:
         raise ValueError("synthetic level weights need validation images")
-    if len(detector.model.levels) == 1:
-        return LevelWeightChoice((1.0,), 0, 0)
     rng = np.random.default_rng(seed)
 
     def load(path) -> np.ndarray:
@@ -194,6 +199,17 @@ def synthetic_level_weights(
     return choice
 
 
+def require_validation_images(weighting: LevelWeighting | str, n_validation: int) -> None:
+    """Fail before any work when the weighting cannot be chosen (before training, too)."""
+    from fod_core.data import DatasetError
+
+    if LevelWeighting(weighting) is LevelWeighting.SYNTHETIC and n_validation == 0:
+        raise DatasetError(
+            "level weighting 'synthetic' needs validation images: use a validation fraction "
+            "above 0 (or level weighting 'equal')"
+        )
+
+
 def apply_level_weighting(
     detector: AnomalyDetector,
     weighting: LevelWeighting | str,
@@ -202,20 +218,15 @@ def apply_level_weighting(
     *,
     seed: int = 0,
 ) -> LevelWeightChoice | None:
-    """Set ``detector``'s level weights; returns the choice (None for EQUAL)."""
+    """Set ``detector``'s level weights; returns the choice (None: the plain average, for
+    EQUAL and for one-level models, which have nothing to weight)."""
     from dataclasses import replace
 
-    from fod_core.data import DatasetError
-
     weighting = LevelWeighting(weighting)
-    if weighting is LevelWeighting.EQUAL:
+    if weighting is LevelWeighting.EQUAL or len(detector.model.levels) == 1:
         detector.post = replace(detector.post, level_weights=None)
         return None
-    if not validation_images:
-        raise DatasetError(
-            "level weighting 'synthetic' needs validation images: use a validation fraction "
-            "above 0 (or level weighting 'equal')"
-        )
+    require_validation_images(weighting, len(validation_images))
     choice = synthetic_level_weights(detector, validation_images, donor_images, seed=seed)
     detector.post = replace(detector.post, level_weights=choice.weights)
     return choice
@@ -260,8 +271,10 @@ def calibrate_model(
             seed=train_settings.get("seed", 0),
         )
         extra["level_weights"] = choice.to_dict() if choice else {"weighting": "equal"}
+        plot = Path(model_dir) / "level_weights.png"
+        plot.unlink(missing_ok=True)  # a plot of an earlier choice would mislead
         if choice:
-            choice.save_plot(Path(model_dir) / "level_weights.png")
+            choice.save_plot(plot)
     normal = [p.score for p in detector.predict([r.path for r in calibration_records])]
     anomalous = (
         [p.score for p in detector.predict(list(anomalous_images))] if anomalous_images else []

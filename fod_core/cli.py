@@ -158,6 +158,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from fod_core.artifact import read_manifest
     from fod_core.calibration import calibrate_model
 
+    if args.mode == ThresholdMode.F1.value and not args.anomalies:
+        raise DatasetError("--mode f1 needs labelled validation anomalies (--anomalies IMG...)")
     threshold = calibrate_model(
         args.model,
         args.data,

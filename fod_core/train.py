@@ -20,6 +20,7 @@ from fod_core.calibration import (
     Threshold,
     apply_level_weighting,
     calibrate_threshold,
+    require_validation_images,
 )
 from fod_core.config import ModelConfig, TrainConfig
 from fod_core.data import DatasetFormat, load_category, split_validation
@@ -81,6 +82,7 @@ def train_model(
     timings: dict[str, float] = {}
     data = load_category(data_root, category, format)
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
+    require_validation_images(level_weighting, len(val_records))
     log.info(
         "%s: %d training, %d validation images", category, len(train_records), len(val_records)
     )

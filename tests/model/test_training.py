@@ -264,10 +264,21 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     rescored = [p.score for p in detector.predict([r.path for r in val])]
     assert rescored == pytest.approx(val_scores, rel=1e-5)
 
+    # Weights that do not fit the model are refused when it loads, not at the first image.
+    broken = json.loads((model_dir / "fod.json").read_text())
+    broken["postprocessing"]["level_weights"] = [0.5, 0.3, 0.2]
+    (tmp_path / "broken").mkdir()
+    for name in ("model.pt", "backbone.pt"):
+        shutil.copy(model_dir / name, tmp_path / "broken" / name)
+    (tmp_path / "broken" / "fod.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="do not fit a model of 2 levels"):
+        load_detector(tmp_path / "broken")
+
     calibrate_model(model_dir, root, "widget", level_weighting="equal")
     manifest = read_manifest(model_dir)
     assert "level_weights" not in manifest["postprocessing"]
     assert manifest["format_version"] == 1
+    assert not (model_dir / "level_weights.png").exists()  # no plot of the earlier choice
     assert load_detector(model_dir).post.threshold == pytest.approx(
         read_manifest(base / "model")["postprocessing"]["threshold"], rel=1e-5
     )
@@ -293,3 +304,24 @@ def test_training_with_synthetic_level_weights(synthetic_root, tmp_path):
     assert (tmp_path / "m" / "level_weights.png").is_file()
     with pytest.raises(DatasetError, match="needs validation images"):
         train("m0", 0.0)
+    assert not (tmp_path / "m0").exists()  # refused before any training
+
+
+def test_one_level_models_have_nothing_to_weight(synthetic_root, tmp_path):
+    from dataclasses import replace
+
+    from fod_core.backbone import BackboneSpec
+
+    one_level = replace(TINY, backbone=BackboneSpec(out_indices=(2,)), levels=TINY.levels[:1])
+    outcome = train_model(
+        synthetic_root,
+        "widget",
+        tmp_path / "m",
+        model_config=one_level,
+        train_config=TrainConfig(epochs=1, val_fraction=0.2),
+        cache_store=LocalStore(tmp_path / "cache"),
+        level_weighting="synthetic",
+        progress=False,
+    )
+    assert outcome.level_weights is None
+    assert read_manifest(tmp_path / "m")["format_version"] == 1

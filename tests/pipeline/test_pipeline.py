@@ -79,7 +79,9 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     registered = download_fod_model(f"models:/{name}/{champion.version}", tmp_path / "champion")
     weights = read_manifest(registered)["postprocessing"]["level_weights"]
     assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
-    assert client.get_run(champion.run_id).data.tags["level_weights"] == ",".join(map(str, weights))
+    tag = ",".join(map(str, weights))
+    assert client.get_run(champion.run_id).data.tags["level_weights"] == tag
+    assert champion.tags["level_weights"] == tag
     calibration = {a.path for a in client.list_artifacts(champion.run_id, "calibration")}
     assert calibration == {"calibration/level_weights.png"}
     assert champion.tags["data_version"] == version.md5
