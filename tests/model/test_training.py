@@ -199,6 +199,11 @@ def test_cli_errors_are_readable(tmp_path):
     assert "category 'missing' not found" in out.stderr
     with pytest.raises(ArtifactError, match="not an FOD model directory"):
         load_detector(tmp_path)
+    calibrate = [sys.executable, "-m", "fod_core.cli", "calibrate", "--model", str(tmp_path)]
+    calibrate += ["--data", str(tmp_path), "--category", "c", "--mode", "f1"]
+    out = subprocess.run(calibrate, capture_output=True, text=True, env=_env())
+    assert out.returncode == 2
+    assert "--mode f1 needs labelled validation anomalies" in out.stderr
 
 
 def _env() -> dict:
