@@ -172,7 +172,8 @@ def synthetic_level_weights(
     images, masks = list(normals), [np.zeros((size, size), bool) for _ in normals]
     for _ in range(per_image):
         for image in normals:
-            planted, mask = plant_anomaly(image, load(donors[rng.integers(len(donors))]), rng)
+            donor = donors[rng.integers(len(donors))]
+            planted, mask = plant_anomaly(image, lambda path=donor: load(path), rng)
             images.append(planted)
             masks.append(mask)
     per_level: list[list[np.ndarray]] = []

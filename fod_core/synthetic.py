@@ -6,6 +6,7 @@ about anomaly maps be made on validation data without any labelled defect.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,17 +106,20 @@ def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def plant_anomaly(
-    image: np.ndarray, donor: np.ndarray, rng: np.random.Generator
+    image: np.ndarray,
+    donor: np.ndarray | Callable[[], np.ndarray],
+    rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace an irregular region of ``image`` (S, S, 3 floats in [0, 1]) by foreign
-    texture (a shifted region of another normal image ``donor``), a colour change or noise,
-    partly blended. Returns (image, boolean mask)."""
+    texture (a shifted region of another normal image ``donor``, or a function that loads
+    it: only one kind of anomaly in three needs it), a colour change or noise, partly
+    blended. Returns (image, boolean mask)."""
     size = image.shape[0]
     mask = _blob_mask(rng, size)
     kind = rng.integers(3)
     if kind == 0:
         shift = rng.integers(-size // 3, size // 3, 2)
-        source = np.roll(donor, tuple(shift), (0, 1))
+        source = np.roll(donor() if callable(donor) else donor, tuple(shift), (0, 1))
     elif kind == 1:
         source = np.clip(image * rng.uniform(0.3, 1.7) + rng.uniform(-0.3, 0.3, 3), 0, 1)
     else:
