@@ -180,7 +180,9 @@ def main() -> None:
     report: dict = {
         "command": "python benchmarks/bench_fod.py "
         + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in (False, None)
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if v not in (False, None)
         ),
         "machine": {
             "cpu": cpu_model() or platform.machine(),

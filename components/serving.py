@@ -33,10 +33,12 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -58,6 +60,14 @@ _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<ve
 
 class ServingError(RuntimeError):
     """The model to serve cannot be found or loaded."""
+
+
+T = TypeVar("T")
+TorchRunner = Callable[[Callable[[], T]], T]
+
+
+def _run_here(work: Callable[[], T]) -> T:
+    return work()
 
 
 class InvalidRequest(ValueError):
@@ -134,17 +144,19 @@ class ModelSource:
         except MlflowException as error:
             raise ServingError(f"{self.uri}: {error.message}") from error
 
-    def load(self, version: str) -> AnomalyDetector:
+    def load(self, version: str, *, run_torch: TorchRunner = _run_here) -> AnomalyDetector:
         """Load one version; a registry version is fetched by number, so an alias that
-        moves meanwhile cannot mix two versions."""
+        moves meanwhile cannot mix two versions. The download runs on the calling thread,
+        the PyTorch part through ``run_torch`` (see ``BatchScorer.call``)."""
         if not self.is_registry:
-            return load_detector(_find_artifact(Path(self.uri)))
+            directory = _find_artifact(Path(self.uri))
+            return run_torch(lambda: load_detector(directory))
         from components.tracking import download_fod_model
 
         name, _, _ = self._parts()
         with tempfile.TemporaryDirectory(prefix="fod-serve-") as tmp:
             model_dir = download_fod_model(f"models:/{name}/{version}", tmp)
-            return load_detector(model_dir)  # reads everything into memory
+            return run_torch(lambda: load_detector(model_dir))  # reads everything into memory
 
     @property
     def model_name(self) -> str:
@@ -326,12 +338,17 @@ class BatchScorer:
     """One scoring thread that puts the images of requests waiting at the same time into
     one forward pass (up to ``max_batch`` images): under concurrent load the model runs at
     its larger-batch cost per image, and a lone request is scored at once, never delayed.
-    Requests for different model versions (during a reload) are never mixed."""
+    Requests for different model versions (during a reload) are never mixed.
+
+    It is the process's only PyTorch thread: model loading runs here too (``call``).
+    A second thread running PyTorch ops gets OpenMP workers of its own, and with more of
+    them than cores every op gets slower (``fod_core.runtime``; ~20% at batch 1)."""
 
     def __init__(self, max_batch: int = 1, stats: dict | None = None) -> None:
         self.max_batch = max_batch
         self.stats = stats if stats is not None else {}
         self._pending: deque[_Pending] = deque()
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="fod-score", daemon=True)
@@ -348,22 +365,54 @@ class BatchScorer:
             self._ready.notify()
         return future
 
+    def call(self, work: Callable[[], T]) -> T:
+        """Run ``work`` on the scoring thread, before the next batch, and return its
+        result (or raise its error). Scoring waits meanwhile."""
+        if threading.current_thread() is self._thread:
+            return work()
+        future: Future = Future()
+        with self._ready:
+            if self._closed:
+                raise RuntimeError("the model server is shutting down")
+            self._jobs.append((work, future))
+            self._ready.notify()
+        return future.result()
+
     def close(self) -> None:
         """Stop the thread; requests still queued fail instead of waiting forever."""
         with self._ready:
             self._closed = True
             pending, self._pending = list(self._pending), deque()
+            jobs, self._jobs = list(self._jobs), deque()
             self._ready.notify()
-        for item in pending:
-            if item.future.set_running_or_notify_cancel():
-                item.future.set_exception(RuntimeError("the model server is shutting down"))
+        futures = [item.future for item in pending] + [future for _, future in jobs]
+        for future in futures:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the model server is shutting down"))
+
+    def _run_jobs(self) -> None:
+        while True:
+            with self._ready:
+                if not self._jobs:
+                    return
+                work, future = self._jobs.popleft()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(work())
+                except BaseException as error:  # the caller gets it; this thread goes on
+                    future.set_exception(error)
 
     def _next_batch(self) -> list[_Pending] | None:
+        self._run_jobs()
         with self._ready:
             while not self._pending and not self._closed:
+                if self._jobs:
+                    break
                 self._ready.wait()
             if self._closed:
                 return None
+            if not self._pending:
+                return []
             batch = [self._pending.popleft()]
             size = len(batch[0].images)
             for item in list(self._pending):
@@ -376,6 +425,8 @@ class BatchScorer:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
+            if not batch:
+                continue
             try:
                 self._score(batch)
             except BaseException as error:  # nothing may end this thread: report and go on
@@ -434,6 +485,9 @@ class FODPredictor:
         self.scoring_stats: dict[str, int] = {}  # batches, requests, images scored
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Where PyTorch work runs: here by default; the server's BatchScorer.call, so that
+        # loading and scoring share one thread.
+        self.run_torch: TorchRunner = _run_here
 
     @property
     def active(self) -> LoadedModel | None:
@@ -447,7 +501,7 @@ class FODPredictor:
         self._loading = version
         started = time.perf_counter()
         try:
-            detector = self.source.load(version)
+            detector = self.source.load(version, run_torch=self.run_torch)
         except Exception as error:
             self._failed[version] = (f"{type(error).__name__}: {error}", time.monotonic())
             raise
@@ -534,6 +588,7 @@ def build_kserve_model(
             super().__init__(name)
             self.predictor = predictor
             self._scorer = BatchScorer(max_batch=max_batch, stats=predictor.scoring_stats)
+            predictor.run_torch = self._scorer.call  # load on the one PyTorch thread
             self.ready = predictor.active is not None
 
         def get_input_types(self) -> list[dict]:

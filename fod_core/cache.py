@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fod_core.backbone import FeatureExtractor
 from fod_core.data import ImageRecord
 from fod_core.processing import PreProcessing, read_image
+from fod_core.runtime import decode_pool
 
 CACHE_FORMAT = 1
 
@@ -166,9 +167,19 @@ class FeatureCache:
 def _decoded_batches(
     records: Sequence[ImageRecord], pre: PreProcessing, batch_size: int
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
-    """Decode and resize images in two threads (PIL releases the GIL) while the backbone runs."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        for start in range(0, len(records), batch_size):
-            chunk = range(start, min(start + batch_size, len(records)))
-            tensors = list(pool.map(lambda i: pre(read_image(records[i].path)), chunk))
-            yield list(chunk), torch.stack(tensors)
+    """Decode the next batch in two threads (PIL releases the GIL) while the backbone runs
+    on this one; resizing stays here (``fod_core.runtime.decode_pool`` says why)."""
+    chunks = [
+        range(start, min(start + batch_size, len(records)))
+        for start in range(0, len(records), batch_size)
+    ]
+    with decode_pool() as pool:
+
+        def decode(chunk: range) -> list[Future]:
+            return [pool.submit(read_image, records[i].path) for i in chunk]
+
+        pending = decode(chunks[0]) if chunks else []
+        for k, chunk in enumerate(chunks):
+            images = [future.result() for future in pending]
+            pending = decode(chunks[k + 1]) if k + 1 < len(chunks) else []
+            yield list(chunk), torch.stack([pre(image) for image in images])

@@ -15,7 +15,7 @@ from PIL import Image
 from fod_core.backbone import FeatureExtractor
 from fod_core.model import FODModel
 from fod_core.processing import PostProcessing, PreProcessing, read_image
-from fod_core.runtime import configure_cpu_numerics
+from fod_core.runtime import configure_cpu_numerics, decode_pool
 
 
 @dataclass
@@ -53,15 +53,18 @@ class AnomalyDetector:
         self._pool: ThreadPoolExecutor | None = None
         configure_cpu_numerics()
 
-    def _prepare(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
-        image = source if isinstance(source, Image.Image) else read_image(source)
-        return self.pre(image)
-
-    def _decode_pool(self) -> ThreadPoolExecutor:
-        """Decoding and resizing release the GIL: overlap them across a batch."""
+    def _decode(self, sources: Sequence[str | Path | bytes | Image.Image]) -> list[Image.Image]:
+        """Decode in threads (PIL releases the GIL) but run no PyTorch op there: see
+        ``fod_core.runtime.decode_pool``."""
+        if all(isinstance(s, Image.Image) for s in sources):
+            return list(sources)
+        if len(sources) == 1:
+            return [read_image(sources[0])]
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fod-decode")
-        return self._pool
+            self._pool = decode_pool()
+        return list(
+            self._pool.map(lambda s: s if isinstance(s, Image.Image) else read_image(s), sources)
+        )
 
     def with_threshold(self, threshold: float, mode: str) -> AnomalyDetector:
         self.post = replace(self.post, threshold=float(threshold), threshold_mode=mode)
@@ -72,7 +75,8 @@ class AnomalyDetector:
         self, feature_maps: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features -> (anomaly maps (N, S, S), image scores (N,)), on CPU."""
-        level_maps = self.model.score_maps([f.to(self.device) for f in feature_maps])
+        levels = self.post.used_levels(len(self.model.levels))
+        level_maps = self.model.score_maps([f.to(self.device) for f in feature_maps], levels=levels)
         maps = self.post.anomaly_map(level_maps)
         return maps.cpu(), self.post.image_score(maps).cpu()
 
@@ -97,7 +101,7 @@ class AnomalyDetector:
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
-            batch = torch.stack(list(self._decode_pool().map(self._prepare, chunk)))
+            batch = torch.stack([self.pre(image) for image in self._decode(chunk)])
             maps, scores = self.score_batch(batch)
             decisions = (
                 self.post.is_anomalous(scores.numpy())

@@ -336,10 +336,18 @@ class FODModel(nn.Module):
         return [level(f) for level, f in zip(self.levels, feature_maps, strict=True)]
 
     @torch.no_grad()
-    def score_maps(self, feature_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map."""
-        maps = []
-        for level, features in zip(self.levels, feature_maps, strict=True):
+    def score_maps(
+        self, feature_maps: Sequence[torch.Tensor], *, levels: Sequence[bool] | None = None
+    ) -> list[torch.Tensor | None]:
+        """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map.
+        ``levels`` picks which to compute (the others are None): a level weighted 0 is
+        not run at all."""
+        maps: list[torch.Tensor | None] = []
+        wanted = levels if levels is not None else [True] * len(self.levels)
+        for level, features, use in zip(self.levels, feature_maps, wanted, strict=True):
+            if not use:
+                maps.append(None)
+                continue
             scores = FODLevel.token_scores(level(features, scoring=True), self.config.log_eps)
             maps.append(scores.view(-1, *level.grid))
         return maps

@@ -159,21 +159,35 @@ class PostProcessing:
             data["level_weights"] = tuple(float(w) for w in data["level_weights"])
         return cls(**data)
 
-    def upsample(self, level_maps: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Each level's (N, H_l, W_l) grid bilinearly upsampled (align_corners=True)."""
-        size = (self.image_size, self.image_size)
-        return [
-            F.interpolate(m[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
-            for m in level_maps
-        ]
+    def used_levels(self, n_levels: int) -> list[bool]:
+        """Which levels the map depends on: a level weighted 0 need not be scored."""
+        if self.level_weights is None:
+            return [True] * n_levels
+        if len(self.level_weights) != n_levels:
+            raise ValueError(f"{len(self.level_weights)} level weights for {n_levels} levels")
+        return [w > 0 for w in self.level_weights]
 
-    def combine(self, upsampled: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The levels' upsampled maps -> one anomaly map (average, or weighted average)."""
+    def upsample(self, level_maps: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each level's (N, H_l, W_l) grid bilinearly upsampled (align_corners=True); a
+        level that was not scored (None) stays None."""
+        size = (self.image_size, self.image_size)
+
+        def up(grid: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(grid[:, None].float(), size, mode="bilinear", align_corners=True)
+
+        return [None if m is None else up(m)[:, 0] for m in level_maps]
+
+    def combine(self, upsampled: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The levels' upsampled maps -> one anomaly map (average, or weighted average).
+        Only a level weighted 0 may be missing (None)."""
+        used = self.used_levels(len(upsampled))
+        missing = [i for i, m in enumerate(upsampled) if m is None and used[i]]
+        if missing:
+            raise ValueError(f"level(s) {missing} were not scored but the map needs them")
         if self.level_weights is None:
             return torch.stack(list(upsampled)).mean(0)
-        if len(self.level_weights) != len(upsampled):
-            raise ValueError(f"{len(self.level_weights)} level weights for {len(upsampled)} levels")
-        return sum(w * m for w, m in zip(self.level_weights, upsampled, strict=True))
+        weighted = [w * m for w, m in zip(self.level_weights, upsampled, strict=True) if w > 0]
+        return torch.stack(weighted).sum(0)
 
     def anomaly_map(self, level_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Level grids -> (N, S, S) anomaly map at the input size."""

@@ -9,6 +9,12 @@ Two things make FOD's CPU training several times slower than it needs to be:
   those with fresh ``mmap`` pages that the kernel must fault in and zero on every step;
   keeping freed memory in the heap for reuse halves the step time on CPU.
 
+* PyTorch's OpenMP workers belong to the thread that starts a parallel op. A second
+  thread that runs one (a decode thread resizing an image) gets workers of its own, and
+  once a process has more of them than cores, libgomp's idle workers stop spinning and
+  sleep between ops: every later op pays a wake-up, ~30% on FOD's many small ops. So
+  helper threads decode only (``decode_pool``), and PyTorch runs on one thread.
+
 ``FOD_MALLOC_TUNING=0`` leaves the allocator alone (memory is then returned to the OS
 sooner, at that cost in speed); ``FOD_FLUSH_DENORMAL=0`` keeps subnormals (only useful
 to measure what these settings buy, as the benchmark's reference baseline does).
@@ -20,6 +26,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -53,3 +60,9 @@ def configure_cpu_numerics() -> None:
     if os.environ.get("FOD_FLUSH_DENORMAL", "1") != "0":
         torch.set_flush_denormal(True)
     _tune_glibc_malloc()
+
+
+def decode_pool(max_workers: int = 2) -> ThreadPoolExecutor:
+    """Threads for image decoding (PIL releases the GIL). Give them no PyTorch op: see the
+    module docstring (more OpenMP teams than cores slow every op in the process)."""
+    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fod-decode")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fod_core.config import LevelConfig, ModelConfig
-from fod_core.kernels import outer_target, split_divergence_entropy
+from fod_core.kernels import divergence, outer_target, split_divergence_entropy
 from fod_core.losses import (
     entropy,
     fod_objective,
@@ -168,6 +168,19 @@ def test_fused_divergence_matches_autograd_of_the_definition():
     assert torch.allclose(l1.grad, l2.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_scoring_divergence_is_the_training_divergence():
+    """Scoring's one-logarithm form, sum (T-S) log((T+e)/(S+e)), is the same D."""
+    torch.manual_seed(1)
+    rows, cols = rbf_target_factors(squash_sigma(torch.randn(2, 3, 20, 2)), (4, 5))
+    corr = torch.softmax(4 * torch.randn(2, 3, 20, 20), -1)  # sharp rows: tiny S values
+    target = outer_target(rows, cols)
+    by_definition = kl_divergence(target, corr, 1e-4) + kl_divergence(corr, target, 1e-4)
+    scored = divergence(rows, cols, corr, 1e-4)
+    assert scored.shape == (2, 3, 20)
+    assert torch.allclose(scored, by_definition, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(scored, split_divergence_entropy(rows, cols, corr, 1e-4)[0], rtol=1e-5)
+
+
 def _grads(model, loss) -> dict[str, float]:
     model.zero_grad(set_to_none=True)
     loss.backward(retain_graph=True)
@@ -251,6 +264,18 @@ def test_scoring_path_skips_intra_maps_but_scores_the_same():
             assert torch.allclose(
                 FODLevel.token_scores(fast, 1e-4), FODLevel.token_scores(full, 1e-4), rtol=1e-4
             )
+
+
+def test_score_maps_runs_only_the_levels_asked_for():
+    model = make_model().eval()
+    feats = features(1, seed=5)
+    calls = []
+    for i, level in enumerate(model.levels):
+        level.register_forward_hook(lambda *_, i=i: calls.append(i))
+    both = model.score_maps(feats)
+    fine_only = model.score_maps(feats, levels=[True, False])
+    assert calls == [0, 1, 0] and fine_only[1] is None
+    assert torch.equal(fine_only[0], both[0])
 
 
 def test_batch_larger_than_one_trains():

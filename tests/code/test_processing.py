@@ -95,3 +95,16 @@ def test_level_weights_weight_the_maps_and_are_stored():
     assert "level_weights" not in PostProcessing(8).to_dict()
     with pytest.raises(ValueError, match="2 level weights for 3 levels"):
         weighted.anomaly_map([*level_maps, torch.zeros(1, 2, 2)])
+
+
+def test_a_level_weighted_zero_may_be_left_unscored():
+    level_maps = [torch.ones(1, 4, 4), torch.zeros(1, 2, 2)]
+    fine_only = PostProcessing(image_size=8, level_weights=(1.0, 0.0))
+    assert fine_only.used_levels(2) == [True, False]
+    assert PostProcessing(8).used_levels(2) == [True, True]
+    assert torch.equal(fine_only.anomaly_map([level_maps[0], None]), torch.ones(1, 8, 8))
+    assert torch.equal(fine_only.anomaly_map(level_maps), torch.ones(1, 8, 8))
+    with pytest.raises(ValueError, match=r"level\(s\) \[0\] were not scored"):
+        fine_only.anomaly_map([None, level_maps[1]])
+    with pytest.raises(ValueError, match="not scored"):
+        PostProcessing(8).anomaly_map([level_maps[0], None])

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 
 import pytest
 
-from components.serving import FODPredictor, ModelSource, ServingError
+from components.serving import BatchScorer, FODPredictor, ModelSource, ServingError
 from fod_core.artifact import ArtifactError
 
 
@@ -40,3 +41,34 @@ def test_model_uris_are_checked():
     assert not ModelSource("models:/fod-x/3").follows_alias
     with pytest.raises(ServingError, match="models:/NAME@ALIAS"):
         ModelSource("models:/fod-x@").current_version()
+
+
+def test_loading_runs_on_the_scoring_thread_and_errors_reach_the_caller(model_a, tmp_path):
+    """All PyTorch work shares one thread: a second one would get OpenMP workers of its
+    own and slow every op (fod_core.runtime)."""
+    scorer = BatchScorer()
+    try:
+        assert scorer.call(lambda: threading.current_thread().name) == "fod-score"
+        with pytest.raises(ZeroDivisionError):
+            scorer.call(lambda: 1 / 0)
+        assert scorer.call(lambda: 2) == 2  # the thread survives a failed job
+
+        threads = []
+
+        class RecordingSource(ModelSource):
+            def load(self, version, *, run_torch):
+                return run_torch(
+                    lambda: (
+                        threads.append(threading.current_thread().name)
+                        or super(RecordingSource, self).load(version)
+                    )
+                )
+
+        predictor = FODPredictor(RecordingSource(str(model_a)))
+        predictor.run_torch = scorer.call
+        loaded = predictor.load_current()
+        assert threads == ["fod-score"] and loaded.detector.post.image_size > 0
+    finally:
+        scorer.close()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        scorer.call(lambda: 0)
