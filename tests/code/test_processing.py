@@ -102,8 +102,8 @@ def test_a_level_weighted_zero_may_be_left_unscored():
     fine_only = PostProcessing(image_size=8, level_weights=(1.0, 0.0))
     assert fine_only.used_levels(2) == [True, False]
     assert PostProcessing(8).used_levels(2) == [True, True]
-    assert torch.equal(fine_only.anomaly_map([level_maps[0], None]), torch.ones(1, 8, 8))
-    assert torch.equal(fine_only.anomaly_map(level_maps), torch.ones(1, 8, 8))
+    assert torch.allclose(fine_only.anomaly_map([level_maps[0], None]), torch.ones(1, 8, 8))
+    assert torch.allclose(fine_only.anomaly_map(level_maps), torch.ones(1, 8, 8))
     with pytest.raises(ValueError, match=r"level\(s\) \[0\] were not scored"):
         fine_only.anomaly_map([None, level_maps[1]])
     with pytest.raises(ValueError, match="not scored"):
