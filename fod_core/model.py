@@ -18,6 +18,9 @@ from torch import nn
 from fod_core.config import LevelConfig, ModelConfig
 from fod_core.kernels import divergence, outer_target
 
+# Bytes of one layer's inter attention map per scoring pass (see FODLevel.scoring_chunk).
+SCORING_MAP_BUDGET = 64 << 20
+
 
 def sincos_position_embedding_2d(d_model: int, height: int, width: int) -> torch.Tensor:
     """Fixed 2-D sin/cos embedding (H*W, d): first half encodes the column, second the row."""
@@ -273,6 +276,15 @@ class FODLevel(nn.Module):
             self._reference_cache = (key, compute())
         return self._reference_cache[1]
 
+    def scoring_chunk(self) -> int:
+        """Images per scoring pass: enough that one layer's inter map (heads x L x L, fp32)
+        stays within ``SCORING_MAP_BUDGET``. At 1024 tokens a map is 32 MB per image; a batch
+        of 16 in one pass streams 512 MB per op through memory and costs more per image
+        than batch 1, so large batches are scored a few images at a time."""
+        length = self.grid[0] * self.grid[1]
+        per_image = self.layers[0].inter.n_heads * length * length * 4
+        return max(1, SCORING_MAP_BUDGET // per_image)
+
     def forward(self, feature_map: torch.Tensor, *, scoring: bool = False) -> LevelOutput:
         """feature_map: pooled backbone features (N, C, H, W)."""
         tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
@@ -348,8 +360,11 @@ class FODModel(nn.Module):
             if not use:
                 maps.append(None)
                 continue
-            scores = FODLevel.token_scores(level(features, scoring=True), self.config.log_eps)
-            maps.append(scores.view(-1, *level.grid))
+            scores = [
+                FODLevel.token_scores(level(chunk, scoring=True), self.config.log_eps)
+                for chunk in features.split(level.scoring_chunk(), dim=0)
+            ]
+            maps.append(torch.cat(scores).view(-1, *level.grid))
         return maps
 
 

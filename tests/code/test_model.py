@@ -278,6 +278,23 @@ def test_score_maps_runs_only_the_levels_asked_for():
     assert torch.equal(fine_only[0], both[0])
 
 
+def test_scoring_in_chunks_gives_the_same_maps(monkeypatch):
+    """Large batches are scored a few images at a time to bound the attention maps."""
+    import fod_core.model
+
+    model = make_model().eval()
+    feats = features(5, seed=6)
+    whole = model.score_maps(feats)
+    assert [level.scoring_chunk() for level in model.levels] == [
+        fod_core.model.SCORING_MAP_BUDGET // (4 * 4 * 64 * 64),  # fp32, 4 heads, L=64
+        fod_core.model.SCORING_MAP_BUDGET // (4 * 4 * 16 * 16),
+    ]
+    monkeypatch.setattr(fod_core.model, "SCORING_MAP_BUDGET", 1)  # one image per pass
+    assert [level.scoring_chunk() for level in model.levels] == [1, 1]
+    for chunked, full in zip(model.score_maps(feats), whole, strict=True):
+        assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-7)
+
+
 def test_batch_larger_than_one_trains():
     model = make_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
