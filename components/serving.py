@@ -342,7 +342,7 @@ class BatchScorer:
 
     It is the process's only PyTorch thread: model loading runs here too (``call``).
     A second thread running PyTorch ops gets OpenMP workers of its own, and with more of
-    them than cores every op gets slower (``fod_core.runtime``; ~20% at batch 1)."""
+    them than cores every op gets slower (``fod_core.runtime``; 20-30% here)."""
 
     def __init__(self, max_batch: int = 1, stats: dict | None = None) -> None:
         self.max_batch = max_batch

@@ -136,11 +136,13 @@ def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") 
     post = PostProcessing.from_dict(manifest["postprocessing"])
     weights = post.level_weights
     if weights is not None and (
-        len(weights) != len(config.levels) or not all(0 <= w <= 1 for w in weights)
+        len(weights) != len(config.levels)
+        or not all(0 <= w <= 1 for w in weights)
+        or abs(sum(weights) - 1) > 1e-6
     ):
         raise ArtifactError(
             f"{directory / MANIFEST}: level weights {list(weights)} do not fit a model of "
-            f"{len(config.levels)} levels (one weight in [0, 1] per level)"
+            f"{len(config.levels)} levels (one weight in [0, 1] per level, summing to 1)"
         )
     return AnomalyDetector(
         extractor=extractor,

@@ -276,11 +276,13 @@ class FODLevel(nn.Module):
             self._reference_cache = (key, compute())
         return self._reference_cache[1]
 
-    def scoring_chunk(self) -> int:
-        """Images per scoring pass: enough that one layer's inter map (heads x L x L, fp32)
-        stays within ``SCORING_MAP_BUDGET``. At 1024 tokens a map is 32 MB per image; a batch
-        of 16 in one pass streams 512 MB per op through memory and costs more per image
-        than batch 1, so large batches are scored a few images at a time."""
+    def scoring_chunk(self, device: torch.device) -> int:
+        """Images per scoring pass on CPU: as many as keep one layer's inter map (heads x
+        L x L, fp32) within ``SCORING_MAP_BUDGET``. At 1024 tokens a map is 32 MB per
+        image; a batch of 16 in one pass streams 512 MB per op through memory and costs
+        more per image than batch 1. A GPU takes the whole batch (it needs it to be busy)."""
+        if device.type != "cpu":
+            return 1 << 30
         length = self.grid[0] * self.grid[1]
         per_image = self.layers[0].inter.n_heads * length * length * 4
         return max(1, SCORING_MAP_BUDGET // per_image)
@@ -362,7 +364,7 @@ class FODModel(nn.Module):
                 continue
             scores = [
                 FODLevel.token_scores(level(chunk, scoring=True), self.config.log_eps)
-                for chunk in features.split(level.scoring_chunk(), dim=0)
+                for chunk in features.split(level.scoring_chunk(features.device), dim=0)
             ]
             maps.append(torch.cat(scores).view(-1, *level.grid))
         return maps

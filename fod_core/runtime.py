@@ -12,7 +12,7 @@ Two things make FOD's CPU training several times slower than it needs to be:
 * PyTorch's OpenMP workers belong to the thread that starts a parallel op. A second
   thread that runs one (a decode thread resizing an image) gets workers of its own, and
   once a process has more of them than cores, libgomp's idle workers stop spinning and
-  sleep between ops: every later op pays a wake-up, ~30% on FOD's many small ops. So
+  sleep between ops: every later op pays a wake-up, 20-30% on FOD's many small ops. So
   helper threads decode only (``decode_pool``), and PyTorch runs on one thread.
 
 ``FOD_MALLOC_TUNING=0`` leaves the allocator alone (memory is then returned to the OS

@@ -285,12 +285,13 @@ def test_scoring_in_chunks_gives_the_same_maps(monkeypatch):
     model = make_model().eval()
     feats = features(5, seed=6)
     whole = model.score_maps(feats)
-    assert [level.scoring_chunk() for level in model.levels] == [
+    assert [level.scoring_chunk(torch.device("cpu")) for level in model.levels] == [
         fod_core.model.SCORING_MAP_BUDGET // (4 * 4 * 64 * 64),  # fp32, 4 heads, L=64
         fod_core.model.SCORING_MAP_BUDGET // (4 * 4 * 16 * 16),
     ]
     monkeypatch.setattr(fod_core.model, "SCORING_MAP_BUDGET", 1)  # one image per pass
-    assert [level.scoring_chunk() for level in model.levels] == [1, 1]
+    assert [level.scoring_chunk(torch.device("cpu")) for level in model.levels] == [1, 1]
+    assert model.levels[0].scoring_chunk(torch.device("cuda")) > 1000  # not chunked on GPU
     for chunked, full in zip(model.score_maps(feats), whole, strict=True):
         assert torch.allclose(chunked, full, rtol=1e-5, atol=1e-7)
 

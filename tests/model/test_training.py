@@ -278,6 +278,10 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     (tmp_path / "broken" / "fod.json").write_text(json.dumps(broken))
     with pytest.raises(ArtifactError, match="do not fit a model of 2 levels"):
         load_detector(tmp_path / "broken")
+    broken["postprocessing"]["level_weights"] = [0.0, 0.0]  # would score no level at all
+    (tmp_path / "broken" / "fod.json").write_text(json.dumps(broken))
+    with pytest.raises(ArtifactError, match="summing to 1"):
+        load_detector(tmp_path / "broken")
 
     calibrate_model(model_dir, root, "widget", level_weighting="equal")
     manifest = read_manifest(model_dir)

@@ -9,7 +9,13 @@ import time
 
 import pytest
 
-from components.serving import BatchScorer, FODPredictor, ModelSource, ServingError
+from components.serving import (
+    BatchScorer,
+    FODPredictor,
+    ModelSource,
+    ServingError,
+    build_kserve_model,
+)
 from fod_core.artifact import ArtifactError
 
 
@@ -52,23 +58,60 @@ def test_loading_runs_on_the_scoring_thread_and_errors_reach_the_caller(model_a,
         with pytest.raises(ZeroDivisionError):
             scorer.call(lambda: 1 / 0)
         assert scorer.call(lambda: 2) == 2  # the thread survives a failed job
+        assert scorer.call(lambda: scorer.call(lambda: 3)) == 3  # nested: runs inline
 
-        threads = []
+        loaded_on = []
 
-        class RecordingSource(ModelSource):
-            def load(self, version, *, run_torch):
-                return run_torch(
-                    lambda: (
-                        threads.append(threading.current_thread().name)
-                        or super(RecordingSource, self).load(version)
-                    )
-                )
+        def recording_runner(work):
+            def recorded():
+                loaded_on.append(threading.current_thread().name)
+                return work()
 
-        predictor = FODPredictor(RecordingSource(str(model_a)))
-        predictor.run_torch = scorer.call
+            return scorer.call(recorded)
+
+        predictor = FODPredictor(ModelSource(str(model_a)))
+        predictor.run_torch = recording_runner
         loaded = predictor.load_current()
-        assert threads == ["fod-score"] and loaded.detector.post.image_size > 0
+        assert loaded_on == ["fod-score"] and loaded.detector.post.image_size > 0
     finally:
         scorer.close()
     with pytest.raises(RuntimeError, match="shutting down"):
         scorer.call(lambda: 0)
+
+
+def test_closing_fails_a_queued_job_instead_of_leaving_it_waiting():
+    scorer = BatchScorer()
+    release, started = threading.Event(), threading.Event()
+    blocker = threading.Thread(
+        target=scorer.call, args=(lambda: (started.set(), release.wait(5)),), daemon=True
+    )
+    blocker.start()
+    assert started.wait(5)  # the scoring thread is busy with the first job
+    outcome = []
+
+    def queued():
+        try:
+            outcome.append(scorer.call(lambda: "ran"))
+        except RuntimeError as error:
+            outcome.append(str(error))
+
+    waiter = threading.Thread(target=queued, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while not scorer._jobs and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scorer.close()
+    release.set()
+    waiter.join(5)
+    blocker.join(5)
+    assert outcome == ["the model server is shutting down"]
+
+
+def test_the_kserve_model_loads_through_its_scoring_thread(model_a):
+    predictor = FODPredictor(ModelSource(str(model_a)))
+    model = build_kserve_model("fod-test", predictor)
+    try:
+        assert predictor.run_torch == model._scorer.call
+        assert model.load() and predictor.active is not None
+    finally:
+        model.stop()
