@@ -13,7 +13,9 @@ Two things make FOD's CPU training several times slower than it needs to be:
   thread that runs one (a decode thread resizing an image) gets workers of its own, and
   once a process has more of them than cores, libgomp's idle workers stop spinning and
   sleep between ops: every later op pays a wake-up, 20-30% on FOD's many small ops. So
-  helper threads decode only (``decode_pool``), and PyTorch runs on one thread.
+  for inference helper threads decode only (``decode_pool``), and PyTorch runs on one
+  thread. Training measured the other way round (its feature extraction resizes in
+  threads: see ``fod_core.cache._decoded_batches``).
 
 ``FOD_MALLOC_TUNING=0`` leaves the allocator alone (memory is then returned to the OS
 sooner, at that cost in speed); ``FOD_FLUSH_DENORMAL=0`` keeps subnormals (only useful
