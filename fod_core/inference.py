@@ -15,7 +15,7 @@ from PIL import Image
 from fod_core.backbone import FeatureExtractor
 from fod_core.model import FODModel
 from fod_core.processing import PostProcessing, PreProcessing, read_image
-from fod_core.runtime import configure_cpu_numerics, decode_pool
+from fod_core.runtime import configure_cpu_numerics
 
 
 @dataclass
@@ -54,17 +54,17 @@ class AnomalyDetector:
         configure_cpu_numerics()
 
     def _decode(self, sources: Sequence[str | Path | bytes | Image.Image]) -> list[Image.Image]:
-        """Decode in threads (PIL releases the GIL) but run no PyTorch op there: see
-        ``fod_core.runtime.decode_pool``."""
-        if all(isinstance(s, Image.Image) for s in sources):
-            return list(sources)
-        if len(sources) == 1:
-            return [read_image(sources[0])]
+        """Decode in two threads (PIL releases the GIL) but run no PyTorch op there: a
+        second thread's OpenMP workers would slow every op (``fod_core.runtime``)."""
+
+        def as_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+            return source if isinstance(source, Image.Image) else read_image(source)
+
+        if len(sources) == 1 or all(isinstance(s, Image.Image) for s in sources):
+            return [as_image(s) for s in sources]
         if self._pool is None:
-            self._pool = decode_pool()
-        return list(
-            self._pool.map(lambda s: s if isinstance(s, Image.Image) else read_image(s), sources)
-        )
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fod-decode")
+        return list(self._pool.map(as_image, sources))
 
     def with_threshold(self, threshold: float, mode: str) -> AnomalyDetector:
         self.post = replace(self.post, threshold=float(threshold), threshold_mode=mode)

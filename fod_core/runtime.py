@@ -13,8 +13,8 @@ Two things make FOD's CPU training several times slower than it needs to be:
   thread that runs one (a decode thread resizing an image) gets workers of its own, and
   once a process has more of them than cores, libgomp's idle workers stop spinning and
   sleep between ops: every later op pays a wake-up, 20-30% on FOD's many small ops. So
-  for inference helper threads decode only (``decode_pool``), and PyTorch runs on one
-  thread. Training measured the other way round (its feature extraction resizes in
+  for inference helper threads decode only (``AnomalyDetector.predict``), and PyTorch
+  runs on one thread. Training measured the other way round (its feature extraction resizes in
   threads: see ``fod_core.cache._decoded_batches``).
 
 ``FOD_MALLOC_TUNING=0`` leaves the allocator alone (memory is then returned to the OS
@@ -28,7 +28,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -62,9 +61,3 @@ def configure_cpu_numerics() -> None:
     if os.environ.get("FOD_FLUSH_DENORMAL", "1") != "0":
         torch.set_flush_denormal(True)
     _tune_glibc_malloc()
-
-
-def decode_pool(max_workers: int = 2) -> ThreadPoolExecutor:
-    """Threads for image decoding (PIL releases the GIL). Give them no PyTorch op: see the
-    module docstring (more OpenMP teams than cores slow every op in the process)."""
-    return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fod-decode")
