@@ -13,7 +13,16 @@ from components.settings import StackSettings
 
 log = logging.getLogger(__name__)
 
-HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+HEADLINE = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1_max",
+    "false_alarm_rate",
+    "promised_false_alarm_rate",
+    "planted_image_auroc",
+    "planted_aupro",
+)
 
 
 def evaluate_and_track(
@@ -54,9 +63,16 @@ def evaluate_and_track(
             values = {f"test_{k}": metrics[k] for k in HEADLINE if metrics.get(k) is not None}
             confusion = metrics.get("confusion") or {}
             values |= {f"test_{k}": float(v) for k, v in confusion.items()}
+            values |= {f"split_{k}": float(v) for k, v in (metrics.get("splits") or {}).items()}
             mlflow.log_metrics(values)
+            mlflow.set_tag("evidence", metrics.get("evidence", ""))
             mlflow.log_dict(metrics, "evaluation/metrics.json")
-            for name in ("roc.png", "score_histogram.png", "predictions.csv"):
+            for name in (
+                "roc.png",
+                "score_histogram.png",
+                "planted_histogram.png",
+                "predictions.csv",
+            ):
                 if (out_dir / name).is_file():
                     mlflow.log_artifact(str(out_dir / name), artifact_path="evaluation")
             if (out_dir / "overlays").is_dir():
@@ -102,8 +118,11 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
     )
     confusion = metrics.get("confusion") or {}
     confusion_rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in confusion.items())
+    split_rows = "".join(
+        f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in (metrics.get("splits") or {}).items()
+    )
     images = ""
-    for name in ("roc.png", "score_histogram.png"):
+    for name in ("roc.png", "score_histogram.png", "planted_histogram.png"):
         path = eval_dir / name
         if path.is_file():
             data = base64.b64encode(path.read_bytes()).decode()
@@ -112,7 +131,10 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
     target.write_text(
         f"<html><head><title>FOD evaluation: {html.escape(title)}</title></head><body>"
         f"<h1>FOD evaluation: {html.escape(title)}</h1>"
-        f"<table border=1>{rows}</table><h2>At the calibrated threshold</h2>"
+        f"<p>Evidence: {html.escape(str(metrics.get('evidence', '')))}</p>"
+        + "".join(f"<p><i>{html.escape(n)}</i></p>" for n in metrics.get("notes", []))
+        + f"<table border=1>{rows}</table><h2>Splits</h2><table border=1>{split_rows}</table>"
+        f"<h2>At the calibrated threshold</h2>"
         f"<table border=1>{confusion_rows}</table>{images}"
         f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
         "</body></html>"

@@ -1,10 +1,16 @@
 """Registration and promotion in the MLflow model registry.
 
 Every trained model becomes a new version of ``fod-<category>`` with alias
-``challenger``. It becomes ``champion`` only when the gates pass: minimum absolute
-metrics, and not worse than the current champion *on the same evaluation data* (the
-champion is re-scored on this run's test set when it was evaluated on another data
-version).
+``challenger``. It becomes ``champion`` only when the gates pass, on the evidence the
+data has:
+- labelled defects in the test set: minimum image/pixel metrics (pixel ones need masks);
+- no labelled defect (a product with good images only): anomalies planted into the
+  held-out normals with a fixed seed (the same set for the challenger and the champion);
+- always: the false-alarm rate on held-out normals is not significantly above what the
+  threshold promised (one-sided binomial test).
+And it must not be worse than the current champion on the same evidence *and the same
+data* (the champion is re-scored on this run's test set when it was evaluated on another
+data version). The decision records which evidence it rests on.
 """
 
 from __future__ import annotations
@@ -28,7 +34,19 @@ from components.tracking import (
 
 log = logging.getLogger(__name__)
 
-GATED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+LABELLED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
+PLANTED_METRICS = ("planted_image_auroc", "planted_aupro")
+GATED_METRICS = LABELLED_METRICS + PLANTED_METRICS
+RECORDED_METRICS = (
+    *GATED_METRICS,
+    "false_alarm_rate",
+    "false_alarms",
+    "n_normal",
+    "promised_false_alarm_rate",
+    "false_alarm_p_value",
+    "n_anomalous",
+    "evidence",
+)
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
@@ -38,14 +56,55 @@ class PromotionGates:
     min_image_auroc: float = 0.9
     min_pixel_auroc: float = 0.0
     min_aupro: float = 0.0
+    min_planted_image_auroc: float = 0.5  # better than chance: small held-out sets are noisy
+    min_planted_aupro: float = 0.0
+    # refuse when the held-out false alarms are this unlikely under the promised rate
+    false_alarm_alpha: float = 0.05
     tolerance: float = 0.0  # how much worse than the champion still counts as "not worse"
 
-    def minimums(self) -> dict[str, float]:
+    def minimums(self, evidence: str) -> dict[str, float]:
+        if evidence == "planted":
+            return {
+                "planted_image_auroc": self.min_planted_image_auroc,
+                "planted_aupro": self.min_planted_aupro,
+            }
         return {
             "image_auroc": self.min_image_auroc,
             "pixel_auroc": self.min_pixel_auroc,
             "aupro": self.min_aupro,
         }
+
+
+def evidence_of(metrics: dict) -> str:
+    """'labelled' when the test set has labelled defects, else 'planted'."""
+    if metrics.get("evidence") in ("labelled", "planted"):
+        return metrics["evidence"]
+    return "labelled" if metrics.get("n_anomalous") or metrics.get("image_auroc") else "planted"
+
+
+def describe_evidence(metrics: dict) -> str:
+    """One line for tags and logs: what the decision rests on."""
+    splits = metrics.get("splits") or {}
+    n_normal = metrics.get("n_normal", splits.get("test_normal"))
+    if evidence_of(metrics) == "labelled":
+        masks = splits.get("test_masks")
+        mask_note = "" if masks is None else f", {masks} with masks"
+        main = (
+            f"labelled test defects: {metrics.get('n_anomalous')} anomalous{mask_note} and "
+            f"{n_normal} normal test images"
+        )
+    else:
+        main = (
+            f"no labelled defects: {metrics.get('n_planted')} anomalies planted into "
+            f"{n_normal} held-out normals (seed {metrics.get('planted_seed')})"
+        )
+    if metrics.get("false_alarm_rate") is not None:
+        promised = metrics.get("promised_false_alarm_rate")
+        promise = "" if promised is None else f" (promised at most {promised:.4g})"
+        main += (
+            f"; false alarms {metrics.get('false_alarms')}/{n_normal} on held-out normals{promise}"
+        )
+    return main
 
 
 @dataclass
@@ -56,6 +115,7 @@ class RegistrationResult:
     reasons: list[str] = field(default_factory=list)
     champion_version: str | None = None  # the champion after this step
     previous_champion: str | None = None
+    evidence: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,16 +128,28 @@ def check_gates(
 ) -> tuple[bool, list[str]]:
     """(passed, reasons): every reason is one readable line for logs and tags."""
     reasons = []
-    for key, minimum in gates.minimums().items():
+    evidence = evidence_of(metrics)
+    for key, minimum in gates.minimums(evidence).items():
         value = metrics.get(key)
         if value is None:
             if minimum > 0:
-                reasons.append(f"{key} not available (needs labelled test data), minimum {minimum}")
+                need = "masks" if key in ("pixel_auroc", "aupro") else "labelled test data"
+                if evidence == "planted":
+                    need = "held-out normal images"
+                reasons.append(f"{key} not available (needs {need}), minimum {minimum}")
             continue
         if value < minimum:
             reasons.append(f"{key} {value:.4f} below the minimum {minimum:.4f}")
+    p_value = metrics.get("false_alarm_p_value")
+    if p_value is not None and p_value < gates.false_alarm_alpha:
+        reasons.append(
+            f"{metrics.get('false_alarms')} false alarms in {metrics.get('n_normal')} held-out "
+            f"normals break the promised rate {metrics.get('promised_false_alarm_rate'):.4g} "
+            f"(binomial p {p_value:.3g} < {gates.false_alarm_alpha})"
+        )
     if champion_metrics is not None:
-        for key in GATED_METRICS:
+        compared = LABELLED_METRICS if evidence == "labelled" else PLANTED_METRICS
+        for key in compared:
             ours, theirs = metrics.get(key), champion_metrics.get(key)
             if ours is None or theirs is None:
                 continue
@@ -138,13 +210,17 @@ def register_model(
             "data_version": data_version,
             "eval_data_version": data_version,
             "code_version": code_version,
-            "metrics": json.dumps({k: metrics.get(k) for k in GATED_METRICS}),
+            "metrics": json.dumps({k: metrics.get(k) for k in RECORDED_METRICS}),
             "run_id": run_id,
             "level_weights": level_weights_tag(model_dir),
+            "splits": json.dumps(metrics.get("splits") or {}),
+            "threshold": threshold_tag(model_dir),
         },
     ).version
     client.set_registered_model_alias(name, CHALLENGER, version)
     passed, reasons = check_gates(metrics, gates, champion_metrics)
+    evidence = describe_evidence(metrics)
+    client.set_model_version_tag(name, version, "evidence", evidence)
     client.set_model_version_tag(name, version, "gates", "passed" if passed else "; ".join(reasons))
     if passed:
         client.set_registered_model_alias(name, CHAMPION, version)
@@ -153,6 +229,7 @@ def register_model(
         log.info("%s v%s promoted to champion (was %s)", name, version, previous or "none")
     else:
         log.warning("%s v%s stays challenger: %s", name, version, "; ".join(reasons))
+    log.info("%s v%s: decision rests on %s", name, version, evidence)
     return RegistrationResult(
         name=name,
         version=str(version),
@@ -160,4 +237,27 @@ def register_model(
         reasons=reasons,
         champion_version=str(version) if passed else previous,
         previous_champion=previous,
+        evidence=evidence,
     )
+
+
+def threshold_tag(model_dir: str | Path) -> str:
+    """The calibrated threshold and what it promises, as a tag value."""
+    from fod_core.artifact import read_manifest
+    from fod_core.calibration import Threshold, ThresholdMode
+
+    calibration = read_manifest(model_dir).get("calibration", {})
+    if "threshold" not in calibration:
+        return "not calibrated"
+    threshold = Threshold(
+        value=calibration["threshold"],
+        mode=ThresholdMode(calibration.get("threshold_mode", "false_alarm_rate")),
+        target_false_alarm_rate=calibration.get("target_false_alarm_rate"),
+        n_normal=calibration.get("n_normal", 0),
+        n_anomalous=calibration.get("n_anomalous", 0),
+        rank=calibration.get("threshold_rank"),
+        guaranteed_false_alarm_rate=calibration.get("guaranteed_false_alarm_rate"),
+    )
+    if threshold.mode is ThresholdMode.FALSE_ALARM_RATE and threshold.rank is None:
+        return f"{threshold.value:.6g} (quantile of {threshold.n_normal} validation normals)"
+    return f"{threshold.value:.6g}: {threshold.describe()}"

@@ -35,13 +35,16 @@ def validate_data(
     category: str,
     data_format: str,
     min_train: int,
+    min_val: int,
+    val_fraction: float,
     min_size: int,
+    require_masks: bool,
     data_docs: Output[Artifact],
     summary: Output[Metrics],
 ) -> bool:
     """Great Expectations over the image table; the data docs (and ``report.json``) are an
     artifact either way. Returns whether the data passed (a single output: the local runner
-    resolves conditions on it)."""
+    resolves conditions on it). Missing masks are a warning unless ``require_masks``."""
     from components.kfp_io import write_metrics_file
     from components.validation import ValidationRules, validate_images
 
@@ -49,7 +52,13 @@ def validate_data(
         dataset.path,
         category,
         data_format,
-        rules=ValidationRules(min_train=min_train, min_size=min_size),
+        rules=ValidationRules(
+            min_train=min_train,
+            min_val=min_val,
+            val_fraction=val_fraction,
+            min_size=min_size,
+            require_masks=require_masks,
+        ),
         docs_dir=data_docs.path,
     )
     summary.log_metric("images", report.rows)
@@ -234,9 +243,14 @@ def register_model(
     min_image_auroc: float,
     min_pixel_auroc: float,
     min_aupro: float,
+    min_planted_image_auroc: float,
+    min_planted_aupro: float,
     tolerance: float,
-) -> NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str):
-    """New registry version (alias challenger); champion only when the gates pass."""
+) -> NamedTuple(
+    "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
+):
+    """New registry version (alias challenger); champion only when the gates pass, on
+    labelled defects where the test set has them, else on planted anomalies."""
     import json
     from typing import NamedTuple
 
@@ -253,12 +267,21 @@ def register_model(
         metrics=json.loads(metrics_json),
         data_version=data_version,
         code_version=code_version,
-        gates=PromotionGates(min_image_auroc, min_pixel_auroc, min_aupro, tolerance),
+        gates=PromotionGates(
+            min_image_auroc=min_image_auroc,
+            min_pixel_auroc=min_pixel_auroc,
+            min_aupro=min_aupro,
+            min_planted_image_auroc=min_planted_image_auroc,
+            min_planted_aupro=min_planted_aupro,
+            tolerance=tolerance,
+        ),
         rescore=rescore_on(dataset.path, category, data_format),
     )
     print(json.dumps(result.to_dict()))
-    outputs = NamedTuple("RegistrationOutputs", version=str, promoted=bool, champion_version=str)
-    return outputs(result.version, result.promoted, result.champion_version or "")
+    outputs = NamedTuple(
+        "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
+    )
+    return outputs(result.version, result.promoted, result.champion_version or "", result.evidence)
 
 
 @component

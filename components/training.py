@@ -109,6 +109,9 @@ def train_and_track(
         }
         if outcome.result.best_val_loss is not None:
             summary["best_val_reconstruction"] = outcome.result.best_val_loss
+        summary |= {f"split_{k}": float(v) for k, v in (outcome.splits or {}).items()}
+        if outcome.threshold.guaranteed_false_alarm_rate is not None:
+            summary["guaranteed_false_alarm_rate"] = outcome.threshold.guaranteed_false_alarm_rate
         mlflow.log_metrics(summary)
         out_dir = Path(out_dir)
         mlflow.log_artifact(str(out_dir / "fod.json"), artifact_path="training")

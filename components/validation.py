@@ -23,8 +23,12 @@ MASK_OK = ("not_needed", "ok")
 class ValidationRules:
     min_size: int = 64  # pixels, both sides
     min_train: int = 10  # normal training images
+    min_val: int = 5  # normal validation images, which every choice rests on
+    val_fraction: float = 0.1  # of the training normals, as training will split them
     modes: tuple[str, ...] = ("RGB", "L")
-    require_masks: bool = True  # every defect image has a binary mask of its size
+    # Missing masks are a warning unless the run asks for pixel metrics; a mask that is
+    # there but unusable (unreadable, another size, not binary) always fails.
+    require_masks: bool = False
 
 
 @dataclass
@@ -34,10 +38,12 @@ class ValidationReport:
     failures: list[dict] = field(default_factory=list)  # expectation, column, files
     docs_dir: str | None = None
     counts: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def message(self) -> str:
+        warnings = "".join(f"\n  warning: {w}" for w in self.warnings)
         if self.success:
-            return f"data validation passed: {self.rows} images, {self.counts}"
+            return f"data validation passed: {self.rows} images, {self.counts}{warnings}"
         lines = [f"data validation FAILED ({len(self.failures)} expectation(s)):"]
         for failure in self.failures:
             files = failure.get("files") or []
@@ -49,7 +55,7 @@ class ValidationReport:
                 lines.append(f"      files: {shown}")
         if self.docs_dir:
             lines.append(f"  report: {self.docs_dir}/index.html")
-        return "\n".join(lines)
+        return "\n".join(lines) + warnings
 
     @classmethod
     def load(cls, docs_dir: str | Path) -> ValidationReport:
@@ -63,6 +69,7 @@ class ValidationReport:
             "counts": self.counts,
             "failures": self.failures,
             "docs_dir": self.docs_dir,
+            "warnings": self.warnings,
         }
 
 
@@ -108,20 +115,22 @@ def _mask_status(mask_path: Path | None, size: tuple[int, int]) -> str:
     return "ok"
 
 
-def image_table(root: str | Path, category: str, format: str = "mvtec", *, require_masks=True):
-    """One row per image of the category (a pandas DataFrame) and the split counts."""
+def image_table(root: str | Path, category: str, format: str = "mvtec", *, val_fraction=0.1):
+    """One row per image of the category (a pandas DataFrame) and the split counts (the
+    splits training will make: train, validation, test normals, test anomalies)."""
     import pandas as pd
 
-    from fod_core.data import load_category
+    from fod_core.data import load_category, split_sizes, split_validation
 
     root = Path(root)
-    data = load_category(root, category, format, require_masks=False)
+    data = load_category(root, category, format)
+    train, val = split_validation(data.train, val_fraction, min_train=0)
     rows = []
-    for split, records in (("train", data.train), ("test", data.test)):
+    for split, records in (("train", train), ("validation", val), ("test", data.test)):
         for record in records:
             row = _describe_image(record.path, root)
             row |= {"split": split, "label": record.label, "defect_type": record.defect_type}
-            if record.label == 0 or not require_masks:
+            if record.label == 0:
                 row["mask_status"] = "not_needed"
             elif not row["readable"]:
                 row["mask_status"] = "ok" if record.mask_path else "missing"
@@ -129,12 +138,7 @@ def image_table(root: str | Path, category: str, format: str = "mvtec", *, requi
                 row["mask_status"] = _mask_status(record.mask_path, (row["width"], row["height"]))
             rows.append(row)
     table = pd.DataFrame(rows)
-    counts = {
-        "train": len(data.train),
-        "test_normal": sum(r.label == 0 for r in data.test),
-        "test_anomalous": sum(r.label == 1 for r in data.test),
-    }
-    return table, counts
+    return table, split_sizes(data, train, val)
 
 
 def validate_images(
@@ -153,7 +157,16 @@ def validate_images(
     from great_expectations.expectations.row_conditions import Column
 
     rules = rules or ValidationRules()
-    table, counts = image_table(root, category, format, require_masks=rules.require_masks)
+    table, counts = image_table(root, category, format, val_fraction=rules.val_fraction)
+    missing = int((table["mask_status"] == "missing").sum()) if len(table) else 0
+    warnings = []
+    if missing and not rules.require_masks:
+        warnings.append(
+            f"{missing} of {counts['test_anomalous']} defect images have no mask: image "
+            "metrics only (pixel AUROC and AUPRO need masks; require_masks makes this an error)"
+        )
+        log.warning(warnings[-1])
+    mask_ok = list(MASK_OK) + ([] if rules.require_masks else ["missing"])
     context = gx.get_context(mode="ephemeral")
     if docs_dir:
         docs_dir = Path(docs_dir).resolve()
@@ -186,10 +199,11 @@ def validate_images(
                 column="height", min_value=rules.min_size, **readable_rows
             ),
             E.ExpectColumnValuesToBeUnique(column="sha256"),
-            E.ExpectColumnValuesToBeInSet(column="mask_status", value_set=list(MASK_OK)),
+            E.ExpectColumnValuesToBeInSet(column="mask_status", value_set=mask_ok),
         ],
         "counts": [
             E.ExpectColumnValuesToBeBetween(column="train", min_value=rules.min_train),
+            E.ExpectColumnValuesToBeBetween(column="validation", min_value=rules.min_val),
         ],
     }
     frames = {"images": table, "counts": pd.DataFrame([counts])}
@@ -235,7 +249,7 @@ def validate_images(
                 failures.append(
                     {
                         "expectation": f"{config.type}({column})",
-                        "detail": _failure_detail(config.type, column, values, counts),
+                        "detail": _failure_detail(config.type, column, values, counts, rules),
                         "files": files,
                     }
                 )
@@ -245,13 +259,14 @@ def validate_images(
         failures=failures,
         docs_dir=str(docs_dir) if docs_dir else None,
         counts=counts,
+        warnings=warnings,
     )
     if docs_dir:
         (Path(docs_dir) / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 
-def _failure_detail(kind: str, column: str, values: list, counts: dict) -> str:
+def _failure_detail(kind: str, column: str, values: list, counts: dict, rules) -> str:
     if column == "readable":
         return "files that cannot be decoded as images"
     if column == "mode":
@@ -263,5 +278,15 @@ def _failure_detail(kind: str, column: str, values: list, counts: dict) -> str:
     if column == "mask_status":
         return f"defect images without a usable mask: {sorted(set(map(str, values)))}"
     if column == "train":
-        return f"too few normal training images: {counts.get('train')}"
+        return (
+            f"too few normal training images: {counts.get('train')}, at least "
+            f"{rules.min_train} (rule min_train)"
+        )
+    if column == "validation":
+        normals = counts.get("train", 0) + counts.get("validation", 0)
+        return (
+            f"too few normal images left for validation: {counts.get('validation')} of "
+            f"{normals} at val_fraction {rules.val_fraction:g}, at least {rules.min_val} "
+            "(rule min_val_images): add normal images or raise val_fraction"
+        )
     return f"{kind} failed on {column}"

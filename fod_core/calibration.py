@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -28,20 +29,59 @@ class ThresholdMode(str, Enum):
 
 @dataclass(frozen=True)
 class Threshold:
+    """The alarm threshold and, for the false-alarm mode, what it promises: with ``n_normal``
+    validation normals and the ``rank``-th largest score as threshold, a new normal image
+    scores at or above it with probability at most ``rank / (n_normal + 1)``
+    (``guaranteed_false_alarm_rate``, exchangeable scores without ties)."""
+
     value: float
     mode: ThresholdMode
     target_false_alarm_rate: float | None = None
     n_normal: int = 0
     n_anomalous: int = 0
+    rank: int | None = None
+    guaranteed_false_alarm_rate: float | None = None
+
+    @property
+    def supports_target(self) -> bool:
+        return (
+            self.guaranteed_false_alarm_rate is None
+            or self.guaranteed_false_alarm_rate <= self.target_false_alarm_rate + 1e-12
+        )
 
     def to_dict(self) -> dict:
         return {
             "threshold": self.value,
             "threshold_mode": self.mode.value,
             "target_false_alarm_rate": self.target_false_alarm_rate,
+            "guaranteed_false_alarm_rate": self.guaranteed_false_alarm_rate,
+            "threshold_rank": self.rank,
             "n_normal": self.n_normal,
             "n_anomalous": self.n_anomalous,
         }
+
+    def describe(self) -> str:
+        if self.mode is ThresholdMode.F1:
+            return (
+                f"F1-optimal on {self.n_normal} normal and {self.n_anomalous} anomalous "
+                "validation images"
+            )
+        return (
+            f"false-alarm rate at most {self.guaranteed_false_alarm_rate:.4g} "
+            f"(target {self.target_false_alarm_rate:g}; score rank {self.rank} of "
+            f"{self.n_normal} validation normals)"
+        )
+
+
+def conformal_rank(n_normal: int, target_false_alarm_rate: float) -> int:
+    """The largest k with k / (n + 1) <= target, at least 1: the k-th largest of n normal
+    scores as threshold bounds the expected false-alarm rate by k / (n + 1)."""
+    return max(1, math.floor(target_false_alarm_rate * (n_normal + 1) + 1e-9))
+
+
+def normals_needed(target_false_alarm_rate: float) -> int:
+    """How many validation normals can promise ``target``: 1 / (n + 1) <= target."""
+    return max(1, math.ceil(1 / target_false_alarm_rate - 1 - 1e-9))
 
 
 def calibrate_threshold(
@@ -51,14 +91,15 @@ def calibrate_threshold(
     target_false_alarm_rate: float = 0.01,
     mode: ThresholdMode | str | None = None,
 ) -> Threshold:
-    """Quantile of normal validation scores by default; F1-optimal when anomalies exist
-    (or when asked). With few normal images the quantile is their maximum."""
+    """An order statistic of the normal validation scores by default (conformal: the
+    promise holds for any score distribution); F1-optimal when anomalies exist (or when
+    asked). Warns when there are too few normals for the target rate."""
     normal = np.asarray(normal_scores, dtype=np.float64)
     anomalous = np.asarray(anomalous_scores, dtype=np.float64)
     if normal.size == 0:
         raise ValueError("threshold calibration needs validation scores of normal images")
-    if not 0 <= target_false_alarm_rate < 1:
-        raise ValueError("target false-alarm rate must be in [0, 1)")
+    if not 0 < target_false_alarm_rate < 1:
+        raise ValueError("target false-alarm rate must be in (0, 1)")
     if mode is None:
         mode = ThresholdMode.F1 if anomalous.size else ThresholdMode.FALSE_ALARM_RATE
     mode = ThresholdMode(mode)
@@ -68,8 +109,21 @@ def calibrate_threshold(
         labels = np.r_[np.zeros(normal.size), np.ones(anomalous.size)]
         _, value = f1_max(labels, np.r_[normal, anomalous])
         return Threshold(float(value), mode, None, int(normal.size), int(anomalous.size))
-    value = float(np.quantile(normal, 1.0 - target_false_alarm_rate, method="higher"))
-    return Threshold(value, mode, target_false_alarm_rate, int(normal.size), 0)
+    n = int(normal.size)
+    rank = min(conformal_rank(n, target_false_alarm_rate), n)
+    value = float(np.sort(normal)[::-1][rank - 1])
+    threshold = Threshold(value, mode, target_false_alarm_rate, n, 0, rank, rank / (n + 1))
+    if not threshold.supports_target:
+        log.warning(
+            "%d validation normals cannot promise a %g false-alarm rate: the threshold (their "
+            "maximum) guarantees %.4g; %d validation normals are needed for %g",
+            n,
+            target_false_alarm_rate,
+            threshold.guaranteed_false_alarm_rate,
+            normals_needed(target_false_alarm_rate),
+            target_false_alarm_rate,
+        )
+    return threshold
 
 
 class LevelWeighting(str, Enum):
@@ -157,7 +211,7 @@ def synthetic_level_weights(
     import torch
 
     from fod_core.processing import read_image
-    from fod_core.synthetic import plant_anomaly
+    from fod_core.synthetic import plant_anomalies
 
     if not normal_images:
         raise ValueError("synthetic level weights need validation images")
@@ -169,13 +223,9 @@ def synthetic_level_weights(
     normals = [load(p) for p in list(normal_images)[:max_images]]
     donors = list(donor_images) or list(normal_images)
     size = detector.pre.image_size
-    images, masks = list(normals), [np.zeros((size, size), bool) for _ in normals]
-    for _ in range(per_image):
-        for image in normals:
-            donor = donors[rng.integers(len(donors))]
-            planted, mask = plant_anomaly(image, lambda path=donor: load(path), rng)
-            images.append(planted)
-            masks.append(mask)
+    planted = list(plant_anomalies(normals, donors, load, rng, per_image=per_image))
+    images = normals + [image for image, _ in planted]
+    masks = [np.zeros((size, size), bool) for _ in normals] + [mask for _, mask in planted]
     per_level: list[list[np.ndarray]] = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack(
@@ -257,9 +307,15 @@ def calibrate_model(
 
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
-    val_fraction = train_settings.get("val_fraction", 0.1)
     data = load_category(data_root, category, format)
-    train_records, val_records = split_validation(data.train, val_fraction)
+    train_records, val_records = split_validation(
+        data.train, train_settings.get("val_fraction", 0.1)
+    )
+    recorded = manifest.get("data", {}).get("validation_images")
+    if recorded is not None:  # the split the model was trained with, exactly
+        names = set(recorded)
+        val_records = [r for r in data.train if r.path.name in names]
+        train_records = [r for r in data.train if r.path.name not in names]
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
     extra = {}

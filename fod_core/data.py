@@ -1,13 +1,21 @@
 """Dataset layouts: MVTec AD, BTAD, MVTec AD-3D (RGB) and a generic folder of good images.
 
-Every loader returns the same typed records. A held-out validation split of the
-*normal training* images serves every choice (model selection, calibration); test
-labels are never used for a choice.
+Every loader returns the same typed records. Three disjoint sets of images exist:
+- test: the layout's test images; when the layout has no normal test images (a folder
+  of good parts), a ``test_fraction`` of the normal images is held out as test normals,
+  so a false-alarm rate can always be measured on images no choice has seen;
+- validation: a ``val_fraction`` of the remaining normal images, which every choice
+  (best epoch, level weights, threshold) uses;
+- train: the rest. Test labels are never used for a choice.
+
+Masks are optional in every layout: training and calibration never read the test set,
+and evaluation gives image metrics alone when anomalous images have no mask.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -125,7 +133,7 @@ def _test_records(test_dir: Path, normal_names: set[str], image_sub: str = "") -
     return records
 
 
-def load_mvtec(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
+def load_mvtec(root: Path, category: str, *, require_masks: bool = False) -> CategoryData:
     base = root / category
     train = [ImageRecord(p, 0) for p in _require_images(base / "train" / "good", "MVTec train")]
     test = _test_records(base / "test", {"good"}) if (base / "test").is_dir() else []
@@ -135,7 +143,7 @@ def load_mvtec(root: Path, category: str, *, require_masks: bool = True) -> Cate
     return CategoryData(category, root, DatasetFormat.MVTEC, train, test)
 
 
-def load_btad(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
+def load_btad(root: Path, category: str, *, require_masks: bool = False) -> CategoryData:
     base = root / category
     train = [ImageRecord(p, 0) for p in _require_images(base / "train" / "ok", "BTAD train")]
     test = _test_records(base / "test", {"ok"}) if (base / "test").is_dir() else []
@@ -145,7 +153,7 @@ def load_btad(root: Path, category: str, *, require_masks: bool = True) -> Categ
     return CategoryData(category, root, DatasetFormat.BTAD, train, test)
 
 
-def load_mvtec3d(root: Path, category: str, *, require_masks: bool = True) -> CategoryData:
+def load_mvtec3d(root: Path, category: str, *, require_masks: bool = False) -> CategoryData:
     """RGB only. The layout's validation/good images are normal: they join the training pool,
     from which our own validation split is drawn."""
     base = root / category
@@ -162,27 +170,18 @@ def load_mvtec3d(root: Path, category: str, *, require_masks: bool = True) -> Ca
     return CategoryData(category, root, DatasetFormat.MVTEC3D, train, test)
 
 
-def load_folder(
-    root: Path, category: str, *, test_fraction: float = 0.2, require_masks: bool = False
-) -> CategoryData:
+def load_folder(root: Path, category: str, *, require_masks: bool = False) -> CategoryData:
     """``ROOT/CATEGORY/good/`` holds normal images; optional ``defects/<type>/`` anomalous
-    ones and ``masks/<type>/<stem>.png`` their masks. When defects exist, a deterministic
-    ``test_fraction`` of the good images is held out as the test set's normal images."""
+    ones and ``masks/<type>/<stem>.png`` their masks. The test set's normal images are
+    held out of ``good/`` by `load_category` (``test_fraction``)."""
     base = root / category
     good = _require_images(base / "good", "folder layout good images")
     defects = _test_records(base / "defects", set()) if (base / "defects").is_dir() else []
     defects = _attach_masks(
         defects, lambda r: base / "masks" / r.defect_type, ("", "_mask"), required=require_masks
     )
-    test_normal: list[Path] = []
-    if defects:
-        ranked = sorted(good, key=lambda p: _stable_rank(p.name))
-        n_test = max(1, round(len(good) * test_fraction))
-        test_normal = sorted(ranked[:n_test])
-        good = sorted(ranked[n_test:])
     train = [ImageRecord(p, 0) for p in good]
-    test = [ImageRecord(p, 0) for p in test_normal] + defects
-    return CategoryData(category, root, DatasetFormat.FOLDER, train, test)
+    return CategoryData(category, root, DatasetFormat.FOLDER, train, defects)
 
 
 LOADERS = {
@@ -193,46 +192,85 @@ LOADERS = {
 }
 
 
+DEFAULT_TEST_FRACTION = 0.2
+
+
 def load_category(
     root: str | Path,
     category: str,
     format: DatasetFormat | str = DatasetFormat.MVTEC,
     *,
-    require_masks: bool | None = None,
+    require_masks: bool = False,
+    test_fraction: float = DEFAULT_TEST_FRACTION,
 ) -> CategoryData:
     """Load one category of a dataset root (the folder that holds ``<category>/``).
 
-    ``require_masks`` (default: the layout's own rule) set to False lists anomalous
-    images without masks instead of refusing them, so validation can report them all."""
+    ``require_masks`` refuses anomalous images without a mask (pixel metrics need them);
+    by default they are listed with ``mask_path`` None. When the layout has no normal test
+    images, ``test_fraction`` of the normal images become the test normals."""
     root = Path(root).expanduser()
     if not (root / category).is_dir():
         raise DatasetError(f"category '{category}' not found under {root}")
-    options = {} if require_masks is None else {"require_masks": require_masks}
-    return LOADERS[DatasetFormat(format)](root, category, **options)
+    data = LOADERS[DatasetFormat(format)](root, category, require_masks=require_masks)
+    if not any(r.label == 0 for r in data.test):
+        data.train, held_out = hold_out(data.train, test_fraction, salt="test", min_rest=1)
+        data.test = held_out + data.test
+    return data
 
 
-def _stable_rank(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()
+def _hash_rank(name: str, salt: str) -> str:
+    """A file name's place in a salted hash order: each split draws with its own salt, so
+    the test hold-out and the validation split are independent draws."""
+    return hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()
 
 
-def _unit_hash(name: str) -> float:
-    return int(_stable_rank(name)[:12], 16) / 16**12
+def hold_out(
+    records: list[ImageRecord], fraction: float, *, salt: str, min_rest: int = 1
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(rest, held out): the ``round(len * fraction)`` records first in the salted hash
+    order of their file names (at least one when ``fraction`` > 0), keeping ``min_rest``.
+
+    The choice depends on the names alone (no random state), so a data version always
+    splits the same way; adding images moves at most a few from the held-out side."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
+    count = round(len(records) * fraction)
+    if fraction > 0:
+        count = max(count, 1)
+    count = max(0, min(count, len(records) - min_rest))
+    ranked = sorted(records, key=lambda r: _hash_rank(r.path.name, salt))
+    held = set(ranked[:count])
+    return [r for r in records if r not in held], [r for r in records if r in held]
 
 
 def split_validation(
-    records: list[ImageRecord], fraction: float, *, min_train: int = 1
+    records: list[ImageRecord], fraction: float, *, min_train: int = 1, min_val: int = 0
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """Hold out normal training images for validation by a hash of the file name: each
-    image's side is fixed by its name alone, so adding images never moves one between
-    the splits (cached work and earlier scores stay comparable)."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    """(train, validation): ``fraction`` of the normal training images (plus or minus one)
+    held out for every choice. ``min_val`` validation images are required, with an error
+    that says how many images or which fraction would do."""
     if len(records) < min_train:
         raise DatasetError(f"{len(records)} training images; at least {min_train} are needed")
-    val = [r for r in records if _unit_hash(r.path.name) < fraction]
-    if fraction > 0 and not val and len(records) > min_train:
-        val = [min(records, key=lambda r: _unit_hash(r.path.name))]
-    while len(records) - len(val) < min_train:
-        val.remove(max(val, key=lambda r: _unit_hash(r.path.name)))
-    held_out = set(val)
-    return [r for r in records if r not in held_out], [r for r in records if r in held_out]
+    train, val = hold_out(records, fraction, salt="validation", min_rest=min_train)
+    if len(val) < min_val:
+        advice = f"raise the validation fraction to {min((min_val + 0.5) / len(records), 0.99):.2f}"
+        if fraction > 0:
+            needed = math.ceil((min_val - 0.5) / fraction)
+            advice = f"add normal images (about {needed} at this fraction) or {advice}"
+        raise DatasetError(
+            f"too few normal images left for validation: {len(val)} of {len(records)} "
+            f"training normals at val_fraction {fraction:g}, at least {min_val} needed "
+            f"(rule min_val_images): {advice}"
+        )
+    return train, val
+
+
+def split_sizes(data: CategoryData, train: list, val: list) -> dict[str, int]:
+    """The split sizes every record of a run keeps (manifest, report, MLflow)."""
+    return {
+        "train": len(train),
+        "validation": len(val),
+        "test_normal": sum(r.label == 0 for r in data.test),
+        "test_anomalous": sum(r.label == 1 for r in data.test),
+        "test_masks": sum(r.mask_path is not None for r in data.test if r.label == 1),
+    }

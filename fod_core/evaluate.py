@@ -8,13 +8,14 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
-from fod_core.artifact import load_detector
+from fod_core.artifact import load_detector, read_manifest
 from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category
 from fod_core.inference import AnomalyDetector
-from fod_core.metrics import compute_metrics, roc_points
-from fod_core.processing import read_image, read_mask
+from fod_core.metrics import aupro, compute_metrics, image_auroc, roc_points
+from fod_core.processing import read_image, read_mask, resize_mask
 from fod_core.visualize import overlay, plot_roc, plot_score_histogram
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,96 @@ def score_records(
 
 
 def ground_truth_masks(records: list[ImageRecord], size: int) -> np.ndarray | None:
-    """(N, S, S) masks, zeros for normal images; None when an anomaly has no mask."""
+    """(N, S, S) masks, zeros for normal images; None when an anomaly has no mask. A mask
+    whose size differs from its image is an error that names the files."""
     if any(r.label == 1 and r.mask_path is None for r in records):
         return None
+    wrong = []
+    for r in records:
+        if r.mask_path is None:
+            continue
+        with Image.open(r.path) as image, Image.open(r.mask_path) as mask:
+            if image.size != mask.size:
+                wrong.append(
+                    f"{r.mask_path} ({mask.size[0]}x{mask.size[1]}) for {r.path} "
+                    f"({image.size[0]}x{image.size[1]})"
+                )
+    if wrong:
+        shown = "\n  ".join(wrong[:10]) + (
+            f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+        )
+        raise DatasetError(
+            f"{len(wrong)} mask(s) differ in size from their image (a mask must match its "
+            f"image pixel for pixel):\n  {shown}"
+        )
     return np.stack(
         [
             read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8)
             for r in records
         ]
     )
+
+
+def false_alarms(normal_scores: np.ndarray, threshold: float, promised: float | None) -> dict:
+    """The false-alarm rate on held-out normals at the threshold, against the promise: the
+    one-sided binomial p-value of seeing this many alarms or more if the promise holds."""
+    from scipy.stats import binom
+
+    n = int(normal_scores.size)
+    alarms = int((normal_scores >= threshold).sum())
+    p_value = None
+    if promised is not None and n:
+        p_value = float(binom.sf(alarms - 1, n, promised)) if alarms else 1.0
+    return {
+        "false_alarm_rate": alarms / n if n else None,
+        "false_alarms": alarms,
+        "n_normal": n,
+        "promised_false_alarm_rate": promised,
+        "false_alarm_p_value": p_value,
+    }
+
+
+def planted_metrics(
+    detector: AnomalyDetector,
+    normal_paths: list[Path],
+    out_dir: Path | None = None,
+    *,
+    batch_size: int = 16,
+) -> dict:
+    """Image AUROC and AUPRO on anomalies planted into held-out normal images (a fixed
+    seed: every model is scored on the same set). Evidence for products without labelled
+    defects, and a second opinion for those with them."""
+    from fod_core.synthetic import PLANTED_SEED, planted_test_set
+
+    if not normal_paths:
+        return {}
+    normals, planted, masks = planted_test_set(normal_paths)
+    predictions = detector.predict(normals + planted, batch_size=batch_size)
+    scores = np.array([p.score for p in predictions])
+    maps = np.stack([p.anomaly_map for p in predictions])
+    size = detector.pre.image_size
+    resized = [resize_mask(m, size).astype(bool) for m in masks]
+    all_masks = np.stack([np.zeros((size, size), bool)] * len(normals) + resized)
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(planted))]
+    if out_dir is not None:
+        plot_score_histogram(
+            scores,
+            labels,
+            detector.post.threshold,
+            out_dir / "planted_histogram.png",
+            "held-out normals vs planted anomalies",
+        )
+    return {
+        "planted_image_auroc": image_auroc(labels, scores),
+        "planted_aupro": aupro(all_masks, maps),
+        "planted_detected": (
+            float(np.mean(scores[len(normals) :] >= detector.post.threshold))
+            if detector.post.threshold is not None
+            else None
+        ),
+        "n_planted": len(planted),
+        "planted_seed": PLANTED_SEED,
+    }
 
 
 def evaluate_detector(
@@ -61,10 +143,19 @@ def evaluate_detector(
     max_overlays: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    promised_false_alarm_rate: float | None = None,
+    splits: dict | None = None,
+    calibration: dict | None = None,
 ) -> dict:
-    """Score ``records`` and write metrics.json, predictions.csv, plots and overlays."""
+    """Score ``records`` and write metrics.json, predictions.csv, plots and overlays.
+
+    Labelled defects give image metrics, masks add pixel metrics; held-out normals alone
+    give the false-alarm rate and the planted-anomaly metrics, so a product with good
+    images only is evaluated too."""
     if not records:
-        raise DatasetError("nothing to evaluate: the test split is empty")
+        raise DatasetError(
+            "nothing to evaluate: the test split is empty (no held-out normal images)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = detector.pre.image_size
@@ -74,13 +165,42 @@ def evaluate_detector(
     masks = ground_truth_masks(records, size)
     threshold = detector.post.threshold
     metrics = compute_metrics(labels, scores, types, masks, maps, threshold=threshold)
+    n_anomalous = int(labels.sum())
+    without_mask = sum(r.label == 1 and r.mask_path is None for r in records)
+    notes = []
+    if n_anomalous == 0:
+        notes.append(
+            "no labelled defects: image metrics need anomalous test images; the evidence is "
+            "the false-alarm rate on held-out normals and the planted anomalies"
+        )
+    elif without_mask:
+        notes.append(
+            f"pixel metrics (pixel AUROC, AUPRO) need masks: {without_mask} of {n_anomalous} "
+            "anomalous test images have none; image metrics only"
+        )
+        log.warning(notes[-1])
+    metrics["evidence"] = "labelled" if n_anomalous else "planted"
+    metrics["notes"] = notes
+    if splits:
+        metrics["splits"] = splits
+    if calibration:  # what the threshold promised, beside what the held-out normals show
+        keys = ("threshold_mode", "target_false_alarm_rate", "guaranteed_false_alarm_rate")
+        metrics["calibration"] = {
+            k: calibration.get(k) for k in (*keys, "threshold_rank", "n_normal")
+        }
+    if threshold is not None:
+        metrics |= false_alarms(scores[labels == 0], threshold, promised_false_alarm_rate)
+    metrics |= planted_metrics(
+        detector, [r.path for r in records if r.label == 0], out_dir, batch_size=batch_size
+    )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
+    decisions = detector.post.is_anomalous(scores) if threshold is not None else None
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "defect_type", "label", "score", "is_anomalous"])
-        for r, s in zip(records, scores, strict=True):
-            decision = "" if threshold is None else int(s >= threshold)
+        for i, (r, s) in enumerate(zip(records, scores, strict=True)):
+            decision = "" if decisions is None else int(decisions[i])
             writer.writerow([str(r.path), r.defect_type, r.label, f"{s:.8g}", decision])
 
     fpr, tpr = roc_points(labels, scores) if metrics["image_auroc"] is not None else ([], [])
@@ -130,7 +250,24 @@ def evaluate_model(
     progress: bool = True,
 ) -> dict:
     detector = load_detector(model_dir, device=device)
+    manifest = read_manifest(model_dir)
     data = load_category(data_root, category, format)
+    splits = dict(manifest.get("data", {}).get("splits") or {})
+    splits |= {
+        "test_normal": sum(r.label == 0 for r in data.test),
+        "test_anomalous": sum(r.label == 1 for r in data.test),
+        "test_masks": sum(r.mask_path is not None for r in data.test if r.label == 1),
+    }
     return evaluate_detector(
-        detector, data.test, out_dir, title=category, max_overlays=max_overlays, progress=progress
+        detector,
+        data.test,
+        out_dir,
+        title=category,
+        max_overlays=max_overlays,
+        progress=progress,
+        promised_false_alarm_rate=manifest.get("calibration", {}).get(
+            "guaranteed_false_alarm_rate"
+        ),
+        splits=splits,
+        calibration=manifest.get("calibration"),
     )

@@ -61,12 +61,19 @@ def read_image(source: str | Path | bytes, *, max_pixels: int = MAX_IMAGE_PIXELS
     return image
 
 
+def resize_mask(mask: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """A binary mask at the model's square size, (size, size) uint8 (nearest neighbour)."""
+    if isinstance(mask, np.ndarray):
+        mask = Image.fromarray((mask > 0).astype(np.uint8) * 255)
+    resized = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
+    return (np.asarray(resized) > 0).astype(np.uint8)
+
+
 def read_mask(path: str | Path, size: int) -> np.ndarray:
     """Binary ground-truth mask resized to the model's square size, (size, size) uint8."""
     try:
         with Image.open(path) as mask:
-            mask = mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
-            return (np.asarray(mask) > 0).astype(np.uint8)
+            return resize_mask(mask, size)
     except (OSError, UnidentifiedImageError) as err:
         raise ImageDecodeError(f"{path}: not a readable mask ({err})") from err
 

@@ -6,7 +6,7 @@ about anomaly maps be made on validation data without any labelled defect.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +90,31 @@ def make_synthetic_dataset(
     return Path(root)
 
 
-def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
+def make_good_only_folder(
+    root: str | Path, category: str = "widget", *, n_good: int = 40, size: int = 128, seed: int = 0
+) -> Path:
+    """Write ``root/category/good/`` with normal images only, the folder layout a factory
+    starts with; returns the dataset root."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / category / "good"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        _normal_image(rng, size).save(folder / f"part_{i:03d}.png")
+    return Path(root)
+
+
+def _blob_mask(rng: np.random.Generator, height: int, width: int | None = None) -> np.ndarray:
     """One irregular connected region covering about 0.3-3 % of the image."""
+    width = height if width is None else width
     for _ in range(100):
-        area = rng.uniform(0.003, 0.03) * size * size
-        noise = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma=rng.uniform(4, 10))
-        cy, cx = rng.integers(size // 8, size - size // 8, 2)
-        yy, xx = np.mgrid[:size, :size]
+        area = rng.uniform(0.003, 0.03) * height * width
+        noise = ndimage.gaussian_filter(rng.normal(size=(height, width)), sigma=rng.uniform(4, 10))
+        if height == width:  # one draw for both, as square images always had
+            cy, cx = rng.integers(height // 8, height - height // 8, 2)
+        else:
+            cy = rng.integers(height // 8, height - height // 8)
+            cx = rng.integers(width // 8, width - width // 8)
+        yy, xx = np.mgrid[:height, :width]
         distance = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2) / np.sqrt(area / np.pi)
         labelled, count = ndimage.label(1 - distance + 0.6 * noise / noise.std() > 0)
         if count:
@@ -105,21 +123,34 @@ def _blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
     raise RuntimeError("could not draw an anomaly region")  # pragma: no cover
 
 
+def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A donor image resized to the image it is planted into, when the sizes differ."""
+    if array.shape == shape:
+        return array
+    image = Image.fromarray((np.clip(array, 0, 1) * 255).astype(np.uint8))
+    resized = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32) / 255.0
+
+
 def plant_anomaly(
     image: np.ndarray,
     donor: np.ndarray | Callable[[], np.ndarray],
     rng: np.random.Generator,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Replace an irregular region of ``image`` (S, S, 3 floats in [0, 1]) by foreign
+    """Replace an irregular region of ``image`` (H, W, 3 floats in [0, 1]) by foreign
     texture (a shifted region of another normal image ``donor``, or a function that loads
     it: only one kind of anomaly in three needs it), a colour change or noise, partly
     blended. Returns (image, boolean mask)."""
-    size = image.shape[0]
-    mask = _blob_mask(rng, size)
+    height, width = image.shape[:2]
+    mask = _blob_mask(rng, height, width)
     kind = rng.integers(3)
     if kind == 0:
-        shift = rng.integers(-size // 3, size // 3, 2)
-        source = np.roll(donor() if callable(donor) else donor, tuple(shift), (0, 1))
+        if height == width:
+            shift = rng.integers(-height // 3, height // 3, 2)
+        else:
+            shift = (rng.integers(-height // 3, height // 3), rng.integers(-width // 3, width // 3))
+        texture = _fit(donor() if callable(donor) else donor, image.shape)
+        source = np.roll(texture, tuple(shift), (0, 1))
     elif kind == 1:
         source = np.clip(image * rng.uniform(0.3, 1.7) + rng.uniform(-0.3, 0.3, 3), 0, 1)
     else:
@@ -129,3 +160,69 @@ def plant_anomaly(
     out = image.copy()
     out[mask] = (1 - alpha) * image[mask] + alpha * source[mask]
     return out.astype(np.float32), mask
+
+
+def plant_anomalies(
+    normals: Sequence[np.ndarray],
+    donors: Sequence,
+    load: Callable[[object], np.ndarray],
+    rng: np.random.Generator,
+    *,
+    per_image: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(planted image, mask) for ``per_image`` planted copies of every normal image
+    (floats in [0, 1]), in a fixed order of draws from ``rng``; foreign texture comes from
+    ``load(donor)``."""
+    for _ in range(per_image):
+        for image in normals:
+            donor = donors[rng.integers(len(donors))]
+            yield plant_anomaly(image, lambda d=donor: load(d), rng)
+
+
+PLANTED_SEED = 0
+
+
+def planted_test_set(
+    normal_images: Sequence[str | Path], *, per_image: int = 2, seed: int = PLANTED_SEED
+) -> tuple[list[Image.Image], list[Image.Image], list[np.ndarray]]:
+    """(normals, planted copies, their masks) of held-out normal images at their own
+    resolution: evidence of what a model finds when no labelled defect exists. Depends only
+    on the images and the seed, never on a model, so a challenger and the champion are
+    scored on the same set; nothing but the planted region differs from the normal image."""
+    from fod_core.processing import read_image
+
+    paths = sorted(normal_images, key=lambda p: Path(p).name)
+    normals = [read_image(p) for p in paths]
+
+    def as_array(image: Image.Image) -> np.ndarray:
+        return np.asarray(image, dtype=np.float32) / 255.0
+
+    def to_image(array: np.ndarray) -> Image.Image:
+        return Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+    by_path = dict(zip(paths, normals, strict=True))
+    planted, masks = [], []
+    draws = plant_anomalies(
+        _Converted(normals, as_array),  # floats one image at a time: large photos add up
+        paths,
+        lambda p: as_array(by_path[p]),
+        np.random.default_rng(seed),
+        per_image=per_image,
+    )
+    for image, mask in draws:
+        planted.append(to_image(image))
+        masks.append(mask)
+    return normals, planted, masks
+
+
+class _Converted(Sequence):
+    """A sequence that converts its items when they are read."""
+
+    def __init__(self, items: Sequence, convert: Callable) -> None:
+        self.items, self.convert = items, convert
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.convert(self.items[index])

@@ -23,7 +23,7 @@ from fod_core.calibration import (
     require_validation_images,
 )
 from fod_core.config import ModelConfig, TrainConfig
-from fod_core.data import DatasetFormat, load_category, split_validation
+from fod_core.data import DatasetFormat, load_category, split_sizes, split_validation
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
@@ -48,6 +48,7 @@ class TrainOutcome:
     cache: dict[str, CacheStats]
     seconds: dict[str, float]
     level_weights: LevelWeightChoice | None = None
+    splits: dict[str, int] | None = None
 
 
 def train_model(
@@ -80,11 +81,17 @@ def train_model(
     train_config = train_config or TrainConfig()
     out_dir = Path(out_dir)
     timings: dict[str, float] = {}
-    data = load_category(data_root, category, format)
+    data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     require_validation_images(level_weighting, len(val_records))
+    splits = split_sizes(data, train_records, val_records)
     log.info(
-        "%s: %d training, %d validation images", category, len(train_records), len(val_records)
+        "%s: %d training, %d validation images (%d normal, %d anomalous test images held out)",
+        category,
+        splits["train"],
+        splits["validation"],
+        splits["test_normal"],
+        splits["test_anomalous"],
     )
 
     device = resolve_device(train_config.device)
@@ -100,6 +107,7 @@ def train_model(
     )
     timings["features_s"] = time.perf_counter() - started
 
+    torch.manual_seed(train_config.seed)  # the seed fixes the initial weights too
     model = create_fod_model(
         model_config, in_channels=extractor.channels, strides=extractor.strides
     )
@@ -153,6 +161,8 @@ def train_model(
                 "root": str(data.root),
                 "train_images": len(train_records),
                 "val_images": len(val_records),
+                "splits": splits,
+                "validation_images": sorted(r.path.name for r in val_records),
             },
             "training": {
                 "config": train_config.to_dict(),
@@ -163,7 +173,11 @@ def train_model(
                 **timings,
             },
             "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
-            "calibration": {**threshold.to_dict(), "validation_scores": val_scores},
+            "calibration": {
+                **threshold.to_dict(),
+                "validation_scores": val_scores,
+                "calibrated_on": "validation split" if val_records else "training images",
+            },
             "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
             **(metadata or {}),
         },
@@ -174,7 +188,13 @@ def train_model(
     if not keep_checkpoints:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return TrainOutcome(
-        out_dir, result, threshold, {"train": train_stats, "val": val_stats}, timings, level_weights
+        out_dir,
+        result,
+        threshold,
+        {"train": train_stats, "val": val_stats},
+        timings,
+        level_weights,
+        splits,
     )
 
 

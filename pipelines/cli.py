@@ -56,7 +56,7 @@ def _pipeline_arguments(args: argparse.Namespace) -> dict:
         **_training_arguments(args),
         "canary_traffic_percent": args.canary_percent,
     }
-    return arguments
+    return {key: value for key, value in arguments.items() if value is not None}
 
 
 def _training_arguments(args: argparse.Namespace) -> dict:
@@ -71,6 +71,12 @@ def _training_arguments(args: argparse.Namespace) -> dict:
         "learning_rate": args.lr,
         "level_weights": args.level_weights,
         "deploy_target": args.deploy,
+        # None: the pipeline's default
+        "val_fraction": args.val_fraction,
+        "min_val_images": args.min_val_images,
+        "require_masks": args.require_masks,
+        "min_image_auroc": args.min_image_auroc,
+        "min_planted_image_auroc": args.min_planted_image_auroc,
     }
 
 
@@ -199,7 +205,6 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         for key, value in {
             **_training_arguments(args),
             "warm_start": args.warm_start or None,
-            "min_image_auroc": args.min_image_auroc,
         }.items()
         if value is not None
     }
@@ -238,6 +243,31 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_data_rules(parser: argparse.ArgumentParser) -> None:
+    """Splits, data rules and gates that `fod pipeline` and `fod retrain` take the same way
+    (unset: the pipeline's defaults)."""
+    parser.add_argument(
+        "--val-fraction", type=float, help="share of the normal images held out for validation"
+    )
+    parser.add_argument(
+        "--min-val-images", type=int, help="fail early with fewer validation normals (5)"
+    )
+    parser.add_argument(
+        "--require-masks",
+        action="store_true",
+        default=None,
+        help="fail validation when a defect image has no mask (pixel metrics need them)",
+    )
+    parser.add_argument(
+        "--min-image-auroc", type=float, help="gate on labelled defects (default 0.9)"
+    )
+    parser.add_argument(
+        "--min-planted-image-auroc",
+        type=float,
+        help="gate without labelled defects: image AUROC on planted anomalies (default 0.5)",
+    )
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from components.serving import add_serve_arguments
 
@@ -268,6 +298,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.add_argument(
         "--level-weights", default="equal", choices=LEVEL_WEIGHTINGS, help=LW_HELP
     )
+    _add_data_rules(pipeline)
     pipeline.add_argument(
         "--deploy",
         choices=["local", "kserve", "none"],
@@ -319,7 +350,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain.add_argument("--batch-size", type=int)
     retrain.add_argument("--lr", type=float)
     retrain.add_argument("--level-weights", choices=LEVEL_WEIGHTINGS, help=LW_HELP)
-    retrain.add_argument("--min-image-auroc", type=float)
+    _add_data_rules(retrain)
     retrain.add_argument("--deploy", choices=["local", "kserve", "none"])
     retrain.add_argument(
         "--kfp-host", help="submit the pipeline to this KFP endpoint and wait (in a cluster)"

@@ -218,13 +218,16 @@ def retrain_once(
                 "promoted": champion == latest.version,
                 "champion_version": champion,
                 "gates": (latest.tags or {}).get("gates"),
+                "evidence": (latest.tags or {}).get("evidence"),
+                "threshold": (latest.tags or {}).get("threshold"),
             }
             log.info(
-                "%s: v%s %s (champion v%s)",
+                "%s: v%s %s (champion v%s); the decision rests on %s",
                 category,
                 latest.version,
                 "promoted" if champion == latest.version else "not promoted",
                 champion,
+                (latest.tags or {}).get("evidence", "unrecorded evidence"),
             )
         return report
 

@@ -13,7 +13,6 @@ from fod_core.losses import (
     entropy,
     fod_objective,
     kl_divergence,
-    reference_objective,
     total_objective,
 )
 from fod_core.model import (
@@ -212,25 +211,81 @@ def test_each_phase_moves_only_its_parameters():
         assert all(v == 0 for k, v in grads.items() if k.startswith("levels.1."))
 
 
+def _spec_target(sigma: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """FOD_METHOD.md's target, written out: for query cell i and key cell j,
+    T_ij = 1/(2 pi sy sx) exp(-dy^2/(2 sy^2) - dx^2/(2 sx^2)), each row normalised."""
+    height, width = grid
+    cell_y = torch.arange(height, dtype=torch.float32).repeat_interleave(width)
+    cell_x = torch.arange(width, dtype=torch.float32).repeat(height)
+    dy2 = (cell_y[:, None] - cell_y[None, :]) ** 2
+    dx2 = (cell_x[:, None] - cell_x[None, :]) ** 2
+    sy, sx = sigma[..., 0, None], sigma[..., 1, None]  # (N, heads, L, 1)
+    gauss = torch.exp(-dy2 / (2 * sy**2) - dx2 / (2 * sx**2)) / (2 * math.pi * sy * sx)
+    return gauss / gauss.sum(-1, keepdim=True)
+
+
+def _spec_kl(p: torch.Tensor, q: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)
+
+
+def _two_phase_reference_gradients(model, feats, lambda1: float, lambda2: float) -> dict:
+    """The spec's two-phase objective from the model's raw outputs, two backward passes:
+    backward(L1, retain_graph) then backward(L2), gradients summed in .grad."""
+    eps = 1e-4
+    model.zero_grad(set_to_none=True)
+    phase1 = phase2 = 0.0
+    for level, out in zip(model.levels, model(feats), strict=True):
+        x, y = out.tokens, out.reconstruction
+        cosine = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+        rec = ((y - x) ** 2).mean() + (1 - cosine).mean()
+
+        def branch(maps, grid=level.grid):
+            """Div(T, sg S), Div(sg T, S) and Ent(S), each a mean over layers, batch,
+            heads and tokens (all layers have the same shape)."""
+            targets = torch.stack([_spec_target(m.sigma, grid) for m in maps])
+            corr = torch.stack([m.correlation for m in maps])
+            t_sg, s_sg = targets.detach(), corr.detach()
+            div_t = (_spec_kl(targets, s_sg, eps) + _spec_kl(s_sg, targets, eps)).mean()
+            div_s = (_spec_kl(t_sg, corr, eps) + _spec_kl(corr, t_sg, eps)).mean()
+            ent = -(corr * torch.log(corr + eps)).sum(-1).mean()
+            return div_t, div_s, ent
+
+        intra_t, intra_s, intra_ent = branch(out.intra)
+        inter_t, inter_s, inter_ent = branch(out.inter)
+        phase1 = phase1 + rec + lambda1 * intra_t - lambda1 * inter_t
+        phase2 = phase2 + (
+            rec - lambda1 * intra_s - lambda2 * intra_ent + lambda1 * inter_s + lambda2 * inter_ent
+        )
+    phase1.backward(retain_graph=True)
+    phase2.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
 def test_single_backward_equals_the_two_phase_reference():
-    """backward(L1 + L2) == backward(L1, retain) then backward(L2), with the dense target."""
+    """The trainer's one backward pass gives the gradients of the method's two phases,
+    each written here from FOD_METHOD.md and backpropagated on its own."""
+    from dataclasses import replace
+
+    from fod_core.config import TrainConfig
+    from fod_core.trainer import FODTrainer
+
+    lambda1, lambda2 = 0.3, 0.7  # unequal, so that swapped weights show
     model = make_model()
+    model.config = replace(model.config, lambda1=lambda1, lambda2=lambda2)
     feats = features(2)
+    reference = _two_phase_reference_gradients(model, feats, lambda1, lambda2)
 
-    def gradients(objective, two_passes: bool) -> list[torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        terms = [objective(o, lambda1=0.5, lambda2=0.5, eps=1e-4) for o in model(feats)]
-        if two_passes:
-            sum(t.phase1 for t in terms).backward(retain_graph=True)
-            sum(t.phase2 for t in terms).backward()
-        else:
-            total_objective(terms).backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    fused = gradients(fod_objective, two_passes=False)
-    reference = gradients(reference_objective, two_passes=True)
-    for a, b in zip(fused, reference, strict=True):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    trainer = FODTrainer(model, config=TrainConfig(lr=1e-4, device="cpu", precision="fp32"))
+    trainer.train_step(feats)  # zero_grad, one backward, a step; .grad keeps the gradients
+    trained = dict(model.named_parameters())
+    assert set(trained) == set(reference)
+    # Absolute slack relative to the largest gradient: the key biases' true gradient is
+    # 0 (softmax ignores a shift shared by all keys), so theirs is float noise.
+    atol = 1e-6 * max(float(g.abs().max()) for g in reference.values())
+    for name, expected in reference.items():
+        got = trained[name].grad
+        assert got is not None, name
+        assert torch.allclose(got, expected, rtol=1e-4, atol=atol), name
 
 
 def test_scores_do_not_depend_on_batch_size():
@@ -244,13 +299,65 @@ def test_scores_do_not_depend_on_batch_size():
 
 
 def test_token_scores_are_weighted_reconstruction_error():
-    model = make_model().eval()
-    with torch.no_grad():
-        out = model.levels[0](features(1)[0])
-        scores = FODLevel.token_scores(out, 1e-4)
-    assert scores.shape == (1, 64)
-    assert (scores >= 0).all()
-    assert scores.min() == 0  # the token with the smallest discrepancy gets weight 0
+    """score = rec * (max(softmax(-corr)) - softmax(-corr)) on hand-made tensors, with
+    rec = mean_c (in - out)^2 + 1 - cos(in, out) and corr the inter branch's
+    KL(S||T) + KL(T||S) averaged over heads and layers; softmax and max over the tokens."""
+    from fod_core.model import AttentionMaps, LevelOutput
+
+    eps = 1e-4
+    # Two images of a 2x2 grid (L = 4 tokens), 2 channels.
+    tokens = torch.tensor(
+        [
+            [[1.0, 0.0], [0.0, 2.0], [3.0, 4.0], [1.0, 1.0]],
+            [[2.0, 1.0], [-1.0, 1.0], [0.5, 0.5], [0.0, -3.0]],
+        ]
+    )
+    reconstruction = torch.tensor(
+        [
+            [[0.0, 1.0], [0.0, 1.0], [3.0, 4.0], [2.0, 0.5]],
+            [[1.0, 1.0], [1.0, -1.0], [0.5, 1.5], [0.5, -2.0]],
+        ]
+    )
+    # Token (0, 0): in (1, 0), out (0, 1): mse 1, cosine 0 -> rec 2; token (0, 2) is exact.
+    g = torch.Generator().manual_seed(0)
+
+    def rows(*shape: int) -> torch.Tensor:  # probability rows (sum 1 over the last dim)
+        raw = torch.rand(*shape, generator=g) + 0.05
+        return raw / raw.sum(-1, keepdim=True)
+
+    def maps(sharpness: float) -> AttentionMaps:  # N=2, heads=2, L=4, grid 2x2
+        corr = torch.softmax(sharpness * torch.log(rows(2, 2, 4, 4)), -1)
+        return AttentionMaps(corr, torch.zeros(2, 2, 4, 2), rows(2, 2, 4, 2), rows(2, 2, 4, 2))
+
+    inter = [maps(3.0), maps(1.0)]  # two layers
+    intra = [maps(2.0), maps(0.5)]  # must not enter the score
+    output = LevelOutput(tokens, reconstruction, intra, inter)
+    scores = FODLevel.token_scores(output, eps)
+
+    x, y = tokens.double(), reconstruction.double()
+    cosine = (x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))
+    rec = ((x - y) ** 2).mean(-1) + 1 - cosine  # (N, L)
+    assert rec[0, 0] == pytest.approx(2.0) and rec[0, 2] == pytest.approx(0.0, abs=1e-12)
+
+    def kl(p, q):
+        return (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)
+
+    per_layer = []
+    for m in inter:
+        s = m.correlation.double()
+        ty, tx = m.target_rows.double(), m.target_cols.double()
+        t = (ty[..., :, None] * tx[..., None, :]).reshape(2, 2, 4, 4)  # T[i, (r, c)]
+        per_layer.append((kl(s, t) + kl(t, s)).mean(1))  # mean over heads -> (N, L)
+    corr = torch.stack(per_layer).mean(0)
+    weights = torch.softmax(-corr, dim=-1)
+    expected = rec * (weights.max(-1, keepdim=True).values - weights)
+
+    assert scores.shape == (2, 4)
+    assert torch.allclose(scores.double(), expected, rtol=1e-5, atol=1e-7)
+    # Each image's most-correlated token (least discrepancy) gets weight 0.
+    least = corr.argmin(-1)
+    assert torch.equal(scores[torch.arange(2), least], torch.zeros(2))
+    assert expected.abs().max() > 1e-2  # the comparison is not between near-zero numbers
 
 
 def test_scoring_path_skips_intra_maps_but_scores_the_same():

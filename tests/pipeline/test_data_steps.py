@@ -7,11 +7,13 @@ import shutil
 
 import pytest
 from kfp.dsl import Artifact, Dataset, Metrics
+from PIL import Image
 
 from components import steps
 from components.data_version import DvcRepo, read_data_version, remote_url
 from components.storage import StorageError, fetch_dvc_directory
-from components.validation import ValidationReport, validate_images
+from components.validation import ValidationReport, ValidationRules, validate_images
+from fod_core.data import DatasetError
 from fod_core.synthetic import make_synthetic_dataset
 
 
@@ -70,7 +72,10 @@ def test_valid_data_passes_through_the_component(synthetic_root, tmp_path):
         category="widget",
         data_format="mvtec",
         min_train=10,
+        min_val=2,
+        val_fraction=0.1,
         min_size=64,
+        require_masks=False,
         data_docs=docs,
         summary=summary,
     )
@@ -86,7 +91,8 @@ def test_corrupt_image_and_missing_mask_fail_with_file_names(synthetic_root, tmp
     next((root / "widget/ground_truth/stain").glob("*.png")).unlink()
     shutil.copy(root / "widget/train/good/004.png", root / "widget/train/good/copy.png")
 
-    report = validate_images(root, "widget", docs_dir=tmp_path / "docs")
+    rules = ValidationRules(min_val=2, require_masks=True)
+    report = validate_images(root, "widget", rules=rules, docs_dir=tmp_path / "docs")
     assert not report.success
     message = report.message()
     assert "widget/train/good/003.png" in message
@@ -97,3 +103,40 @@ def test_corrupt_image_and_missing_mask_fail_with_file_names(synthetic_root, tmp
     with pytest.raises(RuntimeError, match=r"003\.png"):
         steps.fail_validation.python_func(data_docs=Artifact(uri=str(tmp_path / "docs")))
     assert ValidationReport.load(tmp_path / "docs").failures == report.failures
+
+
+def test_missing_masks_are_a_warning_with_their_count(synthetic_root, tmp_path):
+    root = tmp_path / "nomasks"
+    shutil.copytree(synthetic_root, root)
+    shutil.rmtree(root / "widget/ground_truth")
+    report = validate_images(root, "widget", rules=ValidationRules(min_val=2))
+    assert report.success, report.message()
+    assert report.warnings == [
+        "8 of 8 defect images have no mask: image metrics only (pixel AUROC and AUPRO need "
+        "masks; require_masks makes this an error)"
+    ]
+    assert "warning: 8 of 8 defect images have no mask" in report.message()
+    strict = validate_images(root, "widget", rules=ValidationRules(min_val=2, require_masks=True))
+    assert not strict.success and "missing" in strict.message()
+
+
+def test_mask_of_another_size_fails_even_when_masks_are_optional(synthetic_root, tmp_path):
+    root = tmp_path / "badmask"
+    shutil.copytree(synthetic_root, root)
+    Image.new("L", (40, 30), 255).save(root / "widget/ground_truth/scratch/001_mask.png")
+    report = validate_images(root, "widget", rules=ValidationRules(min_val=2))
+    assert not report.success
+    assert "size_mismatch" in report.message() and "widget/test/scratch/001.png" in report.message()
+
+
+def test_too_few_normals_for_validation_fail_with_the_rule(synthetic_root, tmp_path):
+    report = validate_images(synthetic_root, "widget", rules=ValidationRules(min_val=5))
+    assert not report.success
+    assert "too few normal images left for validation: 2 of 24" in report.message()
+    assert "min_val_images" in report.message()
+
+
+def test_empty_good_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "parts/good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"no images .* in .*parts/good"):
+        validate_images(tmp_path, "parts", "folder")

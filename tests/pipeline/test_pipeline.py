@@ -8,6 +8,7 @@ import mlflow
 import pytest
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from components.data_version import DvcRepo, remote_url
 from components.deployment import LocalServing
@@ -117,7 +118,8 @@ def test_invalid_data_stops_the_run_and_registers_nothing(settings, tmp_path, ca
         bad_root / "data", "broken", n_train=12, n_test_good=2, n_test_defect=2, size=64, seed=9
     )
     (bad_root / "data/broken/train/good/002.png").write_bytes(b"corrupt")
-    next((bad_root / "data/broken/ground_truth/scratch").glob("*.png")).unlink()
+    mask = next((bad_root / "data/broken/ground_truth/scratch").glob("*.png"))
+    Image.new("L", (10, 10), 255).save(mask)  # a mask of another size than its image
     repo = DvcRepo(bad_root)
     repo.ensure(settings, remote_url(settings, "dvc-pipeline"))
     bad_version = repo.add_and_push(bad_root / "data")
@@ -126,7 +128,8 @@ def test_invalid_data_stops_the_run_and_registers_nothing(settings, tmp_path, ca
     output = capfd.readouterr()
     logs = output.out + output.err
     assert "broken/train/good/002.png" in logs
-    assert "broken/test/scratch/000.png" in logs
+    assert "broken/test/scratch/000.png" in logs and "size_mismatch" in logs
+    assert "too few normal images left for validation" in logs  # 12 normals, 2 for validation
     assert not MlflowClient(settings.mlflow_uri).search_model_versions("name='fod-broken'")
 
 

@@ -30,3 +30,49 @@ def test_missing_metric_only_fails_when_a_minimum_is_set():
     unlabelled = {"image_auroc": 0.95, "pixel_auroc": None, "aupro": None}
     assert check_gates(unlabelled, PromotionGates(min_image_auroc=0.9), None)[0]
     assert not check_gates(unlabelled, PromotionGates(min_pixel_auroc=0.9), None)[0]
+
+
+GOOD_ONLY = {
+    "evidence": "planted",
+    "image_auroc": None,
+    "n_anomalous": 0,
+    "planted_image_auroc": 0.97,
+    "planted_aupro": 0.8,
+    "false_alarm_rate": 0.0,
+    "false_alarms": 0,
+    "n_normal": 8,
+    "promised_false_alarm_rate": 1 / 6,
+    "false_alarm_p_value": 1.0,
+}
+
+
+def test_good_only_models_pass_on_planted_anomalies_not_on_labelled_metrics():
+    """Without labelled defects the labelled minimums do not apply (they once failed every
+    good-only model); the planted-anomaly minimums do."""
+    assert check_gates(GOOD_ONLY, PromotionGates(min_image_auroc=0.9), None) == (True, [])
+    passed, reasons = check_gates(
+        {**GOOD_ONLY, "planted_image_auroc": 0.6}, PromotionGates(min_planted_image_auroc=0.8), None
+    )
+    assert not passed and reasons == ["planted_image_auroc 0.6000 below the minimum 0.8000"]
+
+
+def test_worse_on_the_planted_set_than_the_champion_is_refused():
+    passed, reasons = check_gates({**GOOD_ONLY, "planted_aupro": 0.7}, PromotionGates(), GOOD_ONLY)
+    assert not passed and reasons == ["planted_aupro 0.7000 worse than the champion's 0.8000"]
+    # labelled metrics decide when labelled defects exist, planted ones are not compared
+    labelled = {**GOOD, "evidence": "labelled", "planted_aupro": 0.1}
+    assert check_gates(labelled, PromotionGates(), {**GOOD, "planted_aupro": 0.9})[0]
+
+
+def test_false_alarms_beyond_the_promise_are_refused():
+    """5 alarms in 20 held-out normals when 1/21 was promised: binomial p about 0.002."""
+    from scipy.stats import binom
+
+    p_value = float(binom.sf(4, 20, 1 / 21))
+    noisy = {**GOOD_ONLY, "false_alarms": 5, "n_normal": 20, "false_alarm_rate": 0.25}
+    noisy |= {"promised_false_alarm_rate": 1 / 21, "false_alarm_p_value": p_value}
+    passed, reasons = check_gates(noisy, PromotionGates(), None)
+    assert not passed and "5 false alarms in 20 held-out normals" in reasons[0]
+    # one alarm in 20 at a promised 1/21 is what the promise allows
+    one = noisy | {"false_alarms": 1, "false_alarm_p_value": float(binom.sf(0, 20, 1 / 21))}
+    assert check_gates(one, PromotionGates(), None)[0]

@@ -21,7 +21,7 @@ FAST = {
     "epochs": 15,
     "batch_size": 8,
     "learning_rate": 1e-3,
-    "val_fraction": 0.2,
+    "val_fraction": 0.25,  # 5 of 20 normals: the minimum the validation step asks for
     "cache_prefix": "features-retrain-test",
     "min_image_auroc": 0.0,
     "promotion_tolerance": 1.0,  # a model on grown data passes "not worse" here
@@ -121,14 +121,30 @@ def test_a_second_check_while_one_runs_exits_with_a_clear_message(stack, repo, c
     assert "another retrain is running (pid" in capsys.readouterr().err
 
 
-def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, repo, capsys):
+@pytest.fixture
+def tracked_repo(settings, tmp_path):
+    """A data folder of its own, tracked by DVC (``data.dvc``) and pushed to the stack's
+    remote, so that a test needs no other test to have tracked the module's repo first."""
+    from components.data_version import DvcRepo
+
+    root = tmp_path / "tracked-repo"
+    make_synthetic_dataset(
+        root / "data", "remote", n_train=2, n_test_good=1, n_test_defect=1, size=64, seed=3
+    )
+    repo = DvcRepo(root)
+    repo.ensure(settings)
+    repo.add_and_push(root / "data")
+    return root
+
+
+def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, tracked_repo, capsys):
     from components.stack import free_port
     from pipelines.cli import main
 
-    if not (repo / "data.dvc").exists():
-        pytest.skip("needs the data version that the first test of this module tracks")
+    dvc_file = tracked_repo / "data.dvc"
+    assert dvc_file.is_file()  # set up above, whatever ran before
     code = main(
-        ["retrain", "--categories", "remote", "--dvc-file", str(repo / "data.dvc"),
+        ["retrain", "--categories", "remote", "--dvc-file", str(dvc_file),
          "--kfp-host", f"http://127.0.0.1:{free_port()}"]
     )  # fmt: skip
     assert code == 2
@@ -178,7 +194,7 @@ def test_an_interrupted_retrain_is_resumed_and_reuses_the_completed_steps(stack,
     cli = [
         "--categories", category, "--track", "data", "--pipeline-root", str(runs),
         "--image-size", "64", "--model-size", "compact", "--epochs", "10", "--lr", "0.001",
-        "--min-image-auroc", "0",
+        "--min-image-auroc", "0", "--val-fraction", "0.32",  # 5 of 16 for validation
     ]  # fmt: skip
     first = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "-q", "retrain", *cli],
@@ -209,6 +225,7 @@ def test_an_interrupted_retrain_is_resumed_and_reuses_the_completed_steps(stack,
             "epochs": 10,
             "learning_rate": 0.001,
             "min_image_auroc": 0.0,
+            "val_fraction": 0.32,
         },
         home=stack.home,
     )

@@ -1,0 +1,144 @@
+"""A user's own data: no masks, good images only, one seed for the whole run."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from fod_core.artifact import read_manifest
+from fod_core.cache import LocalStore
+from fod_core.config import TrainConfig, model_config_for
+from fod_core.data import DatasetError
+from fod_core.evaluate import evaluate_model
+from fod_core.synthetic import make_good_only_folder, make_synthetic_dataset
+from fod_core.train import train_model
+
+CONFIG = model_config_for("compact", image_size=64)
+SCHEDULE = TrainConfig(epochs=12, batch_size=8, lr=1e-3, val_fraction=0.2)
+
+
+@pytest.fixture(scope="module")
+def no_masks(tmp_path_factory):
+    """MVTec layout with labelled defect images and no ground_truth/ at all; one test image
+    is not even readable: training must not open the test set."""
+    base = tmp_path_factory.mktemp("nomasks")
+    root = make_synthetic_dataset(
+        base / "data", "widget", n_train=28, n_test_good=8, n_test_defect=6, size=64, seed=5
+    )
+    shutil.rmtree(root / "widget" / "ground_truth")
+    return base, root
+
+
+def test_mvtec_without_masks_trains_and_evaluates_image_metrics(no_masks):
+    base, root = no_masks
+    broken = root / "widget/test/good/000.png"
+    saved = broken.read_bytes()
+    broken.write_bytes(b"not an image")  # training and calibration never read the test set
+    outcome = train_model(
+        root,
+        "widget",
+        base / "model",
+        model_config=CONFIG,
+        train_config=SCHEDULE,
+        cache_store=LocalStore(base / "cache"),
+        progress=False,
+    )
+    broken.write_bytes(saved)
+    splits = {"train": 22, "validation": 6, "test_normal": 8, "test_anomalous": 12}
+    assert outcome.splits == splits | {"test_masks": 0}
+    manifest = read_manifest(base / "model")
+    assert manifest["data"]["splits"] == outcome.splits
+    assert len(manifest["data"]["validation_images"]) == 6
+    assert manifest["calibration"]["guaranteed_false_alarm_rate"] == pytest.approx(1 / 7)
+
+    metrics = evaluate_model(base / "model", root, "widget", base / "eval", progress=False)
+    assert metrics["image_auroc"] >= 0.75, metrics  # a short schedule: the labels are read
+    assert metrics["pixel_auroc"] is None and metrics["aupro"] is None
+    assert metrics["evidence"] == "labelled"
+    assert metrics["notes"] == [
+        "pixel metrics (pixel AUROC, AUPRO) need masks: 12 of 12 anomalous test images have "
+        "none; image metrics only"
+    ]
+    assert metrics["splits"] == outcome.splits
+    assert metrics["n_normal"] == 8 and metrics["promised_false_alarm_rate"] == pytest.approx(1 / 7)
+    assert 0 <= metrics["false_alarm_p_value"] <= 1
+    assert metrics["planted_image_auroc"] is not None  # a second opinion, always
+    assert (base / "eval" / "roc.png").is_file()
+
+
+def test_mask_of_another_size_is_a_clear_error_in_evaluation(no_masks, tmp_path):
+    base, root = no_masks
+    copy = tmp_path / "data"
+    shutil.copytree(root, copy)
+    for kind, side in (("scratch", 64), ("stain", 32)):  # stain masks: not their image's size
+        (copy / f"widget/ground_truth/{kind}").mkdir(parents=True)
+        for image in (copy / f"widget/test/{kind}").glob("*.png"):
+            mask = copy / f"widget/ground_truth/{kind}/{image.stem}_mask.png"
+            Image.new("L", (side, side), 0).save(mask)
+    with pytest.raises(
+        DatasetError, match=r"(?s)6 mask\(s\) differ in size.*stain/000_mask\.png \(32x32\)"
+    ):
+        evaluate_model(base / "model", copy, "widget", tmp_path / "eval", progress=False)
+
+
+def test_good_only_folder_is_evaluated_on_held_out_normals(tmp_path):
+    # 128 px: planted regions of 0.3-3 % of a 64 px image are a few pixels, which the
+    # 8 x 8 token grid of a 64 px model cannot resolve
+    root = make_good_only_folder(tmp_path / "data", "parts", n_good=40, size=128, seed=3)
+    outcome = train_model(
+        root,
+        "parts",
+        tmp_path / "model",
+        format="folder",
+        model_config=model_config_for("compact", image_size=128),
+        train_config=SCHEDULE,
+        cache_store=LocalStore(tmp_path / "cache"),
+        progress=False,
+    )
+    assert outcome.splits == {
+        "train": 26,
+        "validation": 6,
+        "test_normal": 8,
+        "test_anomalous": 0,
+        "test_masks": 0,
+    }
+    metrics = evaluate_model(
+        tmp_path / "model", root, "parts", tmp_path / "eval", format="folder", progress=False
+    )
+    assert metrics["evidence"] == "planted" and metrics["image_auroc"] is None
+    assert metrics["n_normal"] == 8 and metrics["n_planted"] == 16
+    assert metrics["planted_image_auroc"] > 0.5, metrics  # better than chance
+    assert 0.3 < metrics["planted_aupro"] <= 1, metrics
+    assert (tmp_path / "eval" / "planted_histogram.png").is_file()
+    assert "no labelled defects" in metrics["notes"][0]
+
+
+def test_one_seed_gives_identical_weights(tmp_path):
+    """Initial weights, data order and planted anomalies all follow the seed (run this test
+    on its own too: it must not depend on what ran before)."""
+    root = make_synthetic_dataset(
+        tmp_path / "data", "widget", n_train=16, n_test_good=2, n_test_defect=1, size=64, seed=2
+    )
+    schedule = TrainConfig(epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25, seed=11)
+    states = []
+    for run in ("a", "b"):
+        torch.manual_seed(int.from_bytes(run.encode(), "big"))  # a different global state
+        train_model(
+            root,
+            "widget",
+            tmp_path / run,
+            model_config=CONFIG,
+            train_config=schedule,
+            cache_store=LocalStore(tmp_path / "cache"),
+            level_weighting="synthetic",
+            progress=False,
+        )
+        states.append(torch.load(tmp_path / run / "model.pt", weights_only=True))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+    weights = [read_manifest(tmp_path / r)["postprocessing"].get("level_weights") for r in "ab"]
+    assert weights[0] == weights[1]
