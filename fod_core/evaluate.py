@@ -120,6 +120,7 @@ def planted_metrics(
             detector.post.threshold,
             out_dir / "planted_histogram.png",
             "held-out normals vs planted anomalies",
+            names=("held-out normal", "planted anomaly"),
         )
     return {
         "planted_image_auroc": image_auroc(labels, scores),

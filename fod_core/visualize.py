@@ -71,13 +71,14 @@ def plot_score_histogram(
     threshold: float | None,
     path: Path,
     title: str,
+    names: tuple[str, str] = ("normal", "anomalous"),
 ) -> None:
     scores, labels = np.asarray(scores), np.asarray(labels)
     fig = Figure(figsize=(6, 3.5))
     ax = fig.subplots()
     bins = np.linspace(scores.min(), scores.max(), 30) if scores.size else 10
-    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="normal", color="tab:green")
-    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="anomalous", color="tab:red")
+    ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=names[0], color="tab:green")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=names[1], color="tab:red")
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
     ax.set(xlabel="image anomaly score", ylabel="images", title=title)
