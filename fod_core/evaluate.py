@@ -97,6 +97,7 @@ def planted_metrics(
     out_dir: Path | None = None,
     *,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> dict:
     """Image AUROC and AUPRO on anomalies planted into held-out normal images (a fixed
     seed: every model is scored on the same set). Evidence for products without labelled
@@ -106,7 +107,13 @@ def planted_metrics(
     if not normal_paths:
         return {}
     normals, planted, masks = planted_test_set(normal_paths)
-    predictions = detector.predict(normals + planted, batch_size=batch_size)
+    images = normals + planted
+    predictions = []
+    with tqdm(total=len(images), desc="planted", unit="img", disable=not progress) as bar:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            predictions += detector.predict(chunk, batch_size=batch_size)
+            bar.update(len(chunk))
     scores = np.array([p.score for p in predictions])
     maps = np.stack([p.anomaly_map for p in predictions])
     size = detector.pre.image_size
@@ -192,7 +199,11 @@ def evaluate_detector(
     if threshold is not None:
         metrics |= false_alarms(scores[labels == 0], threshold, promised_false_alarm_rate)
     metrics |= planted_metrics(
-        detector, [r.path for r in records if r.label == 0], out_dir, batch_size=batch_size
+        detector,
+        [r.path for r in records if r.label == 0],
+        out_dir,
+        batch_size=batch_size,
+        progress=progress,
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
