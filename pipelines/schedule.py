@@ -34,6 +34,7 @@ def retrain_check(
     import json
     import subprocess
     import tempfile
+    from pathlib import Path  # only the body reaches the container: every import is here
 
     from pipelines.retrain import retrain_once
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from components.settings import (
@@ -69,3 +70,37 @@ def test_creating_the_schedule_on_an_unreachable_kfp_is_a_clear_error(capsys):
     code = main(["schedule", "create", "--host", f"http://127.0.0.1:{free_port()}"])
     assert code == 2
     assert "is unreachable" in capsys.readouterr().err
+
+
+def test_the_check_body_runs_without_the_module_around_it(tmp_path):
+    """KFP ships only the function's source to the container: a name imported at module
+    level (once ``Path``) is a NameError there. Run the body alone, as the container does,
+    against a repository without data.dvc: it must fail on the data, not on a name."""
+    import inspect
+    import subprocess
+    import textwrap
+
+    from pipelines.schedule import retrain_check
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(origin)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    (origin / "README").write_text("no data.dvc here\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+
+    source = inspect.getsource(retrain_check.python_func)
+    body = "\n".join(line for line in source.splitlines() if not line.startswith("@"))
+    namespace: dict = {}
+    exec(textwrap.dedent(body), namespace)  # builtins only, like the container's module
+    with pytest.raises(Exception) as raised:
+        namespace["retrain_check"](
+            git_url=str(origin),
+            git_ref="main",
+            categories=["widget"],
+            kfp_host="http://127.0.0.1:9",
+            deploy_target="none",
+            warm_start=False,
+        )
+    assert not isinstance(raised.value, NameError), raised.value
