@@ -224,6 +224,22 @@ class LocalServing:
 
 
 # -- cluster ----------------------------------------------------------------------------
+def kubernetes_name(name: str) -> str:
+    """A DNS-1035 label for a Kubernetes object named after a model (``fod-metal_nut`` is a
+    valid MLflow name and MVTec category, not a valid InferenceService name). Names that
+    had to change get a short hash of the original, so two models never share one."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]+", "-", name.lower())).strip("-")
+    if not slug or not slug[0].isalpha():
+        slug = f"m-{slug}".rstrip("-")
+    if slug == name and len(slug) <= 63:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{slug[: 63 - 7].rstrip('-')}-{digest}"
+
+
 def inference_service(
     name: str,
     *,
@@ -238,7 +254,8 @@ def inference_service(
     cpu: str = "2",
     memory: str = "4Gi",
 ) -> dict:
-    """The InferenceService for one model version, as a plain dict (YAML-ready)."""
+    """The InferenceService for one model version, as a plain dict (YAML-ready). It serves
+    the model as ``name``; the object's own name is `kubernetes_name` of it."""
     from components.serving import import_kserve
 
     kserve = import_kserve()
@@ -283,9 +300,12 @@ def inference_service(
         api_version=kserve.constants.KSERVE_V1BETA1,
         kind=kserve.constants.KSERVE_KIND_INFERENCESERVICE,
         metadata=k8s.V1ObjectMeta(
-            name=name,
+            name=kubernetes_name(name),
             namespace=namespace,
-            labels={"app.kubernetes.io/part-of": "fod-pipeline", "fod/model": name},
+            labels={
+                "app.kubernetes.io/part-of": "fod-pipeline",
+                "fod/model": kubernetes_name(name),
+            },
             annotations={"fod/model-version": str(model_version), "fod/storage-uri": storage_uri},
         ),
         spec=kserve.V1beta1InferenceServiceSpec(

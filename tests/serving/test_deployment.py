@@ -111,3 +111,23 @@ def test_applying_to_an_unreachable_cluster_is_a_clear_error(tmp_path, monkeypat
     with pytest.raises(DeploymentError, match="fod/fod-bottle"):
         apply_inference_service(manifest := inference_service("fod-bottle", **EXAMPLE))
     assert manifest["metadata"]["namespace"] == "fod"
+
+
+def test_every_mvtec_category_gets_a_valid_inference_service_name():
+    """``fod-metal_nut`` (an MVTec category) is a valid model name but not a Kubernetes one;
+    the object is renamed, the served model keeps its name, and names stay distinct."""
+    import re
+
+    from components.deployment import kubernetes_name
+
+    dns_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+    assert kubernetes_name("fod-bottle") == "fod-bottle"  # valid names are kept
+    renamed = kubernetes_name("fod-metal_nut")
+    assert dns_1035.match(renamed) and renamed.startswith("fod-metal-nut-")
+    assert renamed != kubernetes_name("fod-metal-nut")
+    for name in ("fod-Screw", "fod-" + "x" * 80, "fod-__", "9parts"):
+        assert dns_1035.match(kubernetes_name(name)) and len(kubernetes_name(name)) <= 63, name
+    manifest = inference_service("fod-metal_nut", **EXAMPLE)
+    assert manifest["metadata"]["name"] == renamed
+    args = manifest["spec"]["predictor"]["containers"][0]["args"]
+    assert args[args.index("--name") + 1] == "fod-metal_nut"  # clients call the model's name
