@@ -292,8 +292,10 @@ def inference_service(
             http_get=k8s.V1HTTPGetAction(path=f"/v2/models/{name}/ready", port=8080),
             period_seconds=5,
         ),
+        # A CPU limit as high as the request: without one KServe applies its default
+        # limit (1 CPU), below the request, and the pod is rejected.
         resources=k8s.V1ResourceRequirements(
-            requests={"cpu": cpu, "memory": memory}, limits={"memory": memory}
+            requests={"cpu": cpu, "memory": memory}, limits={"cpu": cpu, "memory": memory}
         ),
     )
     service = kserve.V1beta1InferenceService(

@@ -131,3 +131,11 @@ def test_every_mvtec_category_gets_a_valid_inference_service_name():
     assert manifest["metadata"]["name"] == renamed
     args = manifest["spec"]["predictor"]["containers"][0]["args"]
     assert args[args.index("--name") + 1] == "fod-metal_nut"  # clients call the model's name
+
+
+def test_the_cpu_limit_is_not_below_the_request():
+    """KServe's default CPU limit is 1: a request of 2 without a limit is rejected."""
+    resources = inference_service("fod-bottle", **EXAMPLE)["spec"]["predictor"]["containers"][0][
+        "resources"
+    ]
+    assert resources["limits"]["cpu"] == resources["requests"]["cpu"] == "2"
