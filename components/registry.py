@@ -249,15 +249,7 @@ def threshold_tag(model_dir: str | Path) -> str:
     calibration = read_manifest(model_dir).get("calibration", {})
     if "threshold" not in calibration:
         return "not calibrated"
-    threshold = Threshold(
-        value=calibration["threshold"],
-        mode=ThresholdMode(calibration.get("threshold_mode", "false_alarm_rate")),
-        target_false_alarm_rate=calibration.get("target_false_alarm_rate"),
-        n_normal=calibration.get("n_normal", 0),
-        n_anomalous=calibration.get("n_anomalous", 0),
-        rank=calibration.get("threshold_rank"),
-        guaranteed_false_alarm_rate=calibration.get("guaranteed_false_alarm_rate"),
-    )
+    threshold = Threshold.from_dict(calibration)
     if threshold.mode is ThresholdMode.FALSE_ALARM_RATE and threshold.rank is None:
         return f"{threshold.value:.6g} (quantile of {threshold.n_normal} validation normals)"
     return f"{threshold.value:.6g}: {threshold.describe()}"

@@ -283,10 +283,10 @@ def _failure_detail(kind: str, column: str, values: list, counts: dict, rules) -
             f"{rules.min_train} (rule min_train)"
         )
     if column == "validation":
+        from fod_core.data import validation_shortfall
+
         normals = counts.get("train", 0) + counts.get("validation", 0)
-        return (
-            f"too few normal images left for validation: {counts.get('validation')} of "
-            f"{normals} at val_fraction {rules.val_fraction:g}, at least {rules.min_val} "
-            "(rule min_val_images): add normal images or raise val_fraction"
+        return validation_shortfall(
+            counts.get("validation", 0), normals, rules.val_fraction, rules.min_val
         )
     return f"{kind} failed on {column}"

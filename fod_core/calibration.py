@@ -60,6 +60,18 @@ class Threshold:
             "n_anomalous": self.n_anomalous,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Threshold:
+        return cls(
+            value=data["threshold"],
+            mode=ThresholdMode(data.get("threshold_mode", ThresholdMode.FALSE_ALARM_RATE)),
+            target_false_alarm_rate=data.get("target_false_alarm_rate"),
+            n_normal=data.get("n_normal", 0),
+            n_anomalous=data.get("n_anomalous", 0),
+            rank=data.get("threshold_rank"),
+            guaranteed_false_alarm_rate=data.get("guaranteed_false_alarm_rate"),
+        )
+
     def describe(self) -> str:
         if self.mode is ThresholdMode.F1:
             return (
@@ -308,14 +320,15 @@ def calibrate_model(
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
     data = load_category(data_root, category, format)
-    train_records, val_records = split_validation(
-        data.train, train_settings.get("val_fraction", 0.1)
-    )
     recorded = manifest.get("data", {}).get("validation_images")
     if recorded is not None:  # the split the model was trained with, exactly
         names = set(recorded)
         val_records = [r for r in data.train if r.path.name in names]
         train_records = [r for r in data.train if r.path.name not in names]
+    else:  # a model from before the names were kept: the same rule again
+        train_records, val_records = split_validation(
+            data.train, train_settings.get("val_fraction", 0.1)
+        )
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
     extra = {}

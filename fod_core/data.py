@@ -253,24 +253,34 @@ def split_validation(
         raise DatasetError(f"{len(records)} training images; at least {min_train} are needed")
     train, val = hold_out(records, fraction, salt="validation", min_rest=min_train)
     if len(val) < min_val:
-        advice = f"raise the validation fraction to {min((min_val + 0.5) / len(records), 0.99):.2f}"
-        if fraction > 0:
-            needed = math.ceil((min_val - 0.5) / fraction)
-            advice = f"add normal images (about {needed} at this fraction) or {advice}"
-        raise DatasetError(
-            f"too few normal images left for validation: {len(val)} of {len(records)} "
-            f"training normals at val_fraction {fraction:g}, at least {min_val} needed "
-            f"(rule min_val_images): {advice}"
-        )
+        raise DatasetError(validation_shortfall(len(val), len(records), fraction, min_val))
     return train, val
 
 
-def split_sizes(data: CategoryData, train: list, val: list) -> dict[str, int]:
-    """The split sizes every record of a run keeps (manifest, report, MLflow)."""
+def test_sizes(data: CategoryData) -> dict[str, int]:
     return {
-        "train": len(train),
-        "validation": len(val),
         "test_normal": sum(r.label == 0 for r in data.test),
         "test_anomalous": sum(r.label == 1 for r in data.test),
         "test_masks": sum(r.mask_path is not None for r in data.test if r.label == 1),
     }
+
+
+def split_sizes(data: CategoryData, train: list, val: list) -> dict[str, int]:
+    """The split sizes every record of a run keeps (manifest, report, MLflow)."""
+    return {"train": len(train), "validation": len(val), **test_sizes(data)}
+
+
+def validation_shortfall(n_val: int, n_normals: int, fraction: float, min_val: int) -> str:
+    """Why a category cannot be validated, with what would fix it (training and the data
+    validation step say the same)."""
+    advice = (
+        f"raise the validation fraction to {min((min_val + 0.5) / max(n_normals, 1), 0.99):.2f}"
+    )
+    if fraction > 0:
+        needed = math.ceil((min_val - 0.5) / fraction)
+        advice = f"add normal images (about {needed} at this fraction) or {advice}"
+    return (
+        f"too few normal images left for validation: {n_val} of {n_normals} training "
+        f"normals at val_fraction {fraction:g}, at least {min_val} needed (rule "
+        f"min_val_images): {advice}"
+    )

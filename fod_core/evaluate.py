@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fod_core.artifact import load_detector, read_manifest
-from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category
+from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category, test_sizes
 from fod_core.inference import AnomalyDetector
 from fod_core.metrics import aupro, compute_metrics, image_auroc, roc_points
 from fod_core.processing import read_image, read_mask, resize_mask
@@ -23,17 +24,19 @@ log = logging.getLogger(__name__)
 
 def score_records(
     detector: AnomalyDetector,
-    records: list[ImageRecord],
+    sources: Sequence[str | Path | Image.Image],
     *,
     batch_size: int = 16,
     progress: bool = True,
+    desc: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores (N,), anomaly maps (N, S, S)) through the shared inference path."""
+    """(image scores (N,), anomaly maps (N, S, S)) of image files or decoded images,
+    through the shared inference path."""
     scores, maps = [], []
-    bar = tqdm(total=len(records), desc="scoring", unit="img", disable=not progress)
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        for prediction in detector.predict([r.path for r in chunk], batch_size=batch_size):
+    bar = tqdm(total=len(sources), desc=desc, unit="img", disable=not progress)
+    for start in range(0, len(sources), batch_size):
+        chunk = sources[start : start + batch_size]
+        for prediction in detector.predict(chunk, batch_size=batch_size):
             scores.append(prediction.score)
             maps.append(prediction.anomaly_map)
         bar.update(len(chunk))
@@ -46,9 +49,10 @@ def ground_truth_masks(records: list[ImageRecord], size: int) -> np.ndarray | No
     whose size differs from its image is an error that names the files."""
     if any(r.label == 1 and r.mask_path is None for r in records):
         return None
-    wrong = []
+    masks, wrong = [], []
     for r in records:
         if r.mask_path is None:
+            masks.append(np.zeros((size, size), np.uint8))
             continue
         with Image.open(r.path) as image, Image.open(r.mask_path) as mask:
             if image.size != mask.size:
@@ -56,6 +60,8 @@ def ground_truth_masks(records: list[ImageRecord], size: int) -> np.ndarray | No
                     f"{r.mask_path} ({mask.size[0]}x{mask.size[1]}) for {r.path} "
                     f"({image.size[0]}x{image.size[1]})"
                 )
+        if not wrong:
+            masks.append(read_mask(r.mask_path, size))
     if wrong:
         shown = "\n  ".join(wrong[:10]) + (
             f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""
@@ -64,30 +70,24 @@ def ground_truth_masks(records: list[ImageRecord], size: int) -> np.ndarray | No
             f"{len(wrong)} mask(s) differ in size from their image (a mask must match its "
             f"image pixel for pixel):\n  {shown}"
         )
-    return np.stack(
-        [
-            read_mask(r.mask_path, size) if r.mask_path else np.zeros((size, size), np.uint8)
-            for r in records
-        ]
-    )
+    return np.stack(masks)
 
 
-def false_alarms(normal_scores: np.ndarray, threshold: float, promised: float | None) -> dict:
-    """The false-alarm rate on held-out normals at the threshold, against the promise: the
-    one-sided binomial p-value of seeing this many alarms or more if the promise holds."""
+def false_alarms(normal_decisions: np.ndarray, promised: float | None) -> dict:
+    """The false-alarm rate on held-out normals (their decisions at the threshold) against
+    the promise: the one-sided binomial p-value of this many alarms or more if it holds."""
     from scipy.stats import binom
 
-    n = int(normal_scores.size)
-    alarms = int((normal_scores >= threshold).sum())
-    p_value = None
-    if promised is not None and n:
-        p_value = float(binom.sf(alarms - 1, n, promised)) if alarms else 1.0
+    n = int(normal_decisions.size)
+    alarms = int(normal_decisions.sum())
     return {
         "false_alarm_rate": alarms / n if n else None,
         "false_alarms": alarms,
         "n_normal": n,
         "promised_false_alarm_rate": promised,
-        "false_alarm_p_value": p_value,
+        "false_alarm_p_value": (
+            float(binom.sf(alarms - 1, n, promised)) if promised is not None and n else None
+        ),
     }
 
 
@@ -107,15 +107,9 @@ def planted_metrics(
     if not normal_paths:
         return {}
     normals, planted, masks = planted_test_set(normal_paths)
-    images = normals + planted
-    predictions = []
-    with tqdm(total=len(images), desc="planted", unit="img", disable=not progress) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            predictions += detector.predict(chunk, batch_size=batch_size)
-            bar.update(len(chunk))
-    scores = np.array([p.score for p in predictions])
-    maps = np.stack([p.anomaly_map for p in predictions])
+    scores, maps = score_records(
+        detector, normals + planted, batch_size=batch_size, progress=progress, desc="planted"
+    )
     size = detector.pre.image_size
     resized = [resize_mask(m, size).astype(bool) for m in masks]
     all_masks = np.stack([np.zeros((size, size), bool)] * len(normals) + resized)
@@ -133,7 +127,7 @@ def planted_metrics(
         "planted_image_auroc": image_auroc(labels, scores),
         "planted_aupro": aupro(all_masks, maps),
         "planted_detected": (
-            float(np.mean(scores[len(normals) :] >= detector.post.threshold))
+            float(np.mean(detector.post.is_anomalous(scores[len(normals) :])))
             if detector.post.threshold is not None
             else None
         ),
@@ -167,11 +161,14 @@ def evaluate_detector(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = detector.pre.image_size
-    scores, maps = score_records(detector, records, batch_size=batch_size, progress=progress)
+    scores, maps = score_records(
+        detector, [r.path for r in records], batch_size=batch_size, progress=progress
+    )
     labels = np.array([r.label for r in records])
     types = [r.defect_type for r in records]
     masks = ground_truth_masks(records, size)
     threshold = detector.post.threshold
+    decisions = detector.post.is_anomalous(scores) if threshold is not None else None
     metrics = compute_metrics(labels, scores, types, masks, maps, threshold=threshold)
     n_anomalous = int(labels.sum())
     without_mask = sum(r.label == 1 and r.mask_path is None for r in records)
@@ -196,8 +193,8 @@ def evaluate_detector(
         metrics["calibration"] = {
             k: calibration.get(k) for k in (*keys, "threshold_rank", "n_normal")
         }
-    if threshold is not None:
-        metrics |= false_alarms(scores[labels == 0], threshold, promised_false_alarm_rate)
+    if decisions is not None:
+        metrics |= false_alarms(decisions[labels == 0], promised_false_alarm_rate)
     metrics |= planted_metrics(
         detector,
         [r.path for r in records if r.label == 0],
@@ -207,7 +204,6 @@ def evaluate_detector(
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    decisions = detector.post.is_anomalous(scores) if threshold is not None else None
     with open(out_dir / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "defect_type", "label", "score", "is_anomalous"])
@@ -264,12 +260,7 @@ def evaluate_model(
     detector = load_detector(model_dir, device=device)
     manifest = read_manifest(model_dir)
     data = load_category(data_root, category, format)
-    splits = dict(manifest.get("data", {}).get("splits") or {})
-    splits |= {
-        "test_normal": sum(r.label == 0 for r in data.test),
-        "test_anomalous": sum(r.label == 1 for r in data.test),
-        "test_masks": sum(r.mask_path is not None for r in data.test if r.label == 1),
-    }
+    splits = {**(manifest.get("data", {}).get("splits") or {}), **test_sizes(data)}
     return evaluate_detector(
         detector,
         data.test,
