@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
 
-from components.settings import COMPONENT_IMAGE, fod_home
+from components.settings import fod_home
 from components.stack import (
     ServerState,
     StackError,
@@ -246,7 +246,7 @@ def inference_service(
     storage_uri: str,
     model_version: str,
     namespace: str = "fod",
-    image: str = COMPONENT_IMAGE,
+    image: str | None = None,
     canary_traffic_percent: int | None = None,
     service_account: str = S3_SERVICE_ACCOUNT,
     min_replicas: int = 1,
@@ -261,6 +261,9 @@ def inference_service(
     kserve = import_kserve()
     from kubernetes import client as k8s
 
+    from components.settings import images
+
+    image = image or images().cpu
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ValueError(f"canary_traffic_percent {canary_traffic_percent} is not in 0..100")
     container = k8s.V1Container(
@@ -336,34 +339,204 @@ def champion_storage_uri(name: str, version: str, artifacts_root: str) -> str:
     return uri
 
 
-def apply_inference_service(manifest: dict) -> str:
-    """Create the InferenceService, or patch it so KServe rolls out a new revision."""
-    from components.serving import import_kserve
+KSERVE_API = ("serving.kserve.io", "v1beta1", "inferenceservices")  # group, version, plural
+# The deploy step's identity on a cluster: the token Secret of the ServiceAccount
+# fod-deployer (it may get, create and patch InferenceServices, nothing more), mounted by
+# the pipeline (pipelines/training.py). The pod's own account runs the step, not the deploy.
+DEPLOYER_TOKEN_DIR = "/var/run/secrets/fod-deployer"
+READY_TIMEOUT = 600.0
+READY_POLL_SECONDS = 5.0
 
-    kserve = import_kserve()
+
+@dataclass
+class Applied:
+    """What the API server did with the InferenceService, and the spec generation to wait for."""
+
+    action: str  # created | patched
+    name: str
+    namespace: str
+    generation: int
+    previous_revision: str | None = None  # the predictor's latest revision before the change
+
+
+def kubernetes_api(token_dir: str | Path | None = None):
+    """A CustomObjectsApi client and a description of whom it acts as.
+
+    In order: the deployer's token (a pipeline's deploy step), ``KUBECONFIG`` or
+    ``~/.kube/config`` (a workstation), the pod's own service account."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    token_dir = Path(token_dir or os.environ.get("FOD_DEPLOYER_TOKEN_DIR", DEPLOYER_TOKEN_DIR))
+    try:
+        if (token_dir / "token").is_file():
+            host = os.environ["KUBERNETES_SERVICE_HOST"]
+            host = f"[{host}]" if ":" in host else host
+            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+            configuration.host = f"https://{host}:{port}"
+            configuration.api_key = {"authorization": (token_dir / "token").read_text().strip()}
+            configuration.api_key_prefix = {"authorization": "Bearer"}
+            configuration.ssl_ca_cert = str(token_dir / "ca.crt")
+            identity = f"the service account whose token is in {token_dir}"
+        else:
+            try:
+                # KUBECONFIG read now (the kubernetes package reads it once, at import).
+                config.load_kube_config(
+                    config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
+                )
+                identity = "the current kubeconfig context's user"
+            except (config.ConfigException, OSError, TypeError):
+                config.load_incluster_config(client_configuration=configuration)
+                identity = "this pod's service account"
+    except Exception as error:  # no token, no kubeconfig, not in a pod
+        raise DeploymentError(f"no Kubernetes cluster configured: {error}") from error
+    return client.CustomObjectsApi(client.ApiClient(configuration)), identity
+
+
+def _api_error(
+    error: Exception, what: str, namespace: str, name: str, identity: str
+) -> DeploymentError:
+    from kubernetes.client.rest import ApiException
+
+    if isinstance(error, ApiException) and error.status in (401, 403):
+        return DeploymentError(
+            f"{identity} may not {what} InferenceServices in namespace {namespace} "
+            f"({error.status} {error.reason}). The deploy step needs the Role fod-deployer "
+            "(infra/base/rbac.yaml) bound to its ServiceAccount; see docs/deploy.md."
+        )
+    if isinstance(error, ApiException):
+        reason = (error.body or str(error)).splitlines()[0][:300]
+        return DeploymentError(f"could not {what} InferenceService {namespace}/{name}: {reason}")
+    reason = str(error).splitlines()[0][:300]
+    return DeploymentError(
+        f"could not {what} InferenceService {namespace}/{name}: {type(error).__name__}: {reason}"
+    )
+
+
+def apply_inference_service(manifest: dict, *, api=None) -> Applied:
+    """Create the InferenceService, or merge-patch it so KServe rolls out a new revision.
+
+    The patch sets ``canaryTrafficPercent`` to null when the manifest has none: a merge
+    patch keeps fields it does not name, and an old canary split would stay."""
     import urllib3
     from kubernetes.client.rest import ApiException
 
+    api, identity = (api, "the given client") if api is not None else kubernetes_api()
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
-    try:
-        # KUBECONFIG read now (the kubernetes package reads it once, at import).
-        client = kserve.KServeClient(config_file=os.environ.get("KUBECONFIG"))
-    except Exception as error:  # no kubeconfig, no in-cluster service account
-        raise DeploymentError(f"no Kubernetes cluster configured: {error}") from error
-    try:
+    group, version, plural = KSERVE_API
+    failures = (ApiException, OSError, urllib3.exceptions.HTTPError)
+
+    def get() -> dict | None:
         try:
-            client.get(name, namespace=namespace)
-        except RuntimeError:  # the SDK wraps a 404 in RuntimeError
-            client.create(manifest, namespace=namespace)
-            return "created"
-        client.patch(name, manifest, namespace=namespace)
-        return "patched"
-    except (ApiException, RuntimeError, OSError, urllib3.exceptions.HTTPError) as error:
-        reason = str(error).splitlines()[0][:300]
-        raise DeploymentError(
-            f"applying InferenceService {namespace}/{name} failed: {type(error).__name__}: {reason}"
-        ) from error
+            return api.get_namespaced_custom_object(group, version, namespace, plural, name)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise _api_error(error, "get", namespace, name, identity) from error
+        except failures as error:
+            raise _api_error(error, "get", namespace, name, identity) from error
+
+    existing = get()
+    if existing is None:
+        try:
+            created = api.create_namespaced_custom_object(
+                group, version, namespace, plural, manifest
+            )
+            return Applied("created", name, namespace, created["metadata"].get("generation", 1))
+        except ApiException as error:
+            if error.status != 409:  # 409: created meanwhile by someone else; patch it
+                raise _api_error(error, "create", namespace, name, identity) from error
+        except failures as error:
+            raise _api_error(error, "create", namespace, name, identity) from error
+        existing = get() or {}
+    previous = existing.get("status", {}).get("components", {}).get("predictor", {})
+    spec = json.loads(json.dumps(manifest["spec"]))
+    spec["predictor"].setdefault("canaryTrafficPercent", None)
+    patch = {
+        "metadata": {k: manifest["metadata"][k] for k in ("labels", "annotations")},
+        "spec": spec,
+    }
+    for attempt in range(3):
+        try:
+            patched = api.patch_namespaced_custom_object(
+                group, version, namespace, plural, name, patch
+            )
+            break
+        except ApiException as error:
+            if error.status != 409 or attempt == 2:  # 409: a concurrent writer; try again
+                raise _api_error(error, "patch", namespace, name, identity) from error
+            time.sleep(1.0)
+        except failures as error:
+            raise _api_error(error, "patch", namespace, name, identity) from error
+    return Applied(
+        "patched",
+        name,
+        namespace,
+        patched["metadata"].get("generation", 0),
+        previous.get("latestCreatedRevision"),
+    )
+
+
+def rollout_state(service: dict, applied: Applied) -> tuple[bool, str]:
+    """Whether the InferenceService is Ready *for the applied spec*, and why not.
+
+    A Ready condition alone can be the previous revision's: the controller may not have
+    seen the change yet. Ready counts once the status is of this generation
+    (``observedGeneration``) or, where the controller does not report it, once the
+    predictor's latest revision is a new one and is the ready one."""
+    status = service.get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = conditions.get("Ready", {})
+    predictor = (status.get("components") or {}).get("predictor") or {}
+    created, ready_revision = (
+        predictor.get("latestCreatedRevision"),
+        predictor.get("latestReadyRevision"),
+    )
+    observed = status.get("observedGeneration")
+    if observed is not None and observed < applied.generation:
+        return False, f"the controller has not seen generation {applied.generation} yet"
+    if (
+        observed is None
+        and created
+        and (created == applied.previous_revision or created != ready_revision)
+    ):
+        return False, f"revision {created} is not ready yet"
+    if ready.get("status") != "True":
+        reason = f"{ready.get('reason') or 'no Ready condition yet'} {ready.get('message', '')}"
+        return False, f"Ready is {ready.get('status', 'unknown')}: {reason.strip()}"
+    return True, f"Ready (revision {ready_revision or 'n/a'})"
+
+
+def wait_until_ready(
+    applied: Applied, *, api=None, timeout: float = READY_TIMEOUT, poll: float | None = None
+) -> dict:
+    """Poll the InferenceService until the applied spec is Ready; DeploymentError on timeout.
+
+    A timeout changes nothing: KServe keeps routing to the last ready revision."""
+    api, identity = (api, "the given client") if api is not None else kubernetes_api()
+    group, version, plural = KSERVE_API
+    deadline = time.monotonic() + timeout
+    why = "not polled"
+    while True:
+        try:
+            service = api.get_namespaced_custom_object(
+                group, version, applied.namespace, plural, applied.name
+            )
+            ready, why = rollout_state(service, applied)
+            if ready:
+                return service
+        except Exception as error:  # a poll that fails is retried until the deadline
+            why = str(_api_error(error, "get", applied.namespace, applied.name, identity))
+        if time.monotonic() >= deadline:
+            raise DeploymentError(
+                f"InferenceService {applied.namespace}/{applied.name} was not Ready for "
+                f"generation {applied.generation} within {timeout:.0f}s ({why}). Nothing was "
+                "rolled back: KServe keeps serving the last ready revision, the champion alias "
+                "is unchanged and the version is not tagged deployed. Inspect it with "
+                f"`kubectl -n {applied.namespace} describe inferenceservice {applied.name}`."
+            )
+        time.sleep(READY_POLL_SECONDS if poll is None else poll)
 
 
 def deploy_champion(
@@ -376,11 +549,13 @@ def deploy_champion(
     http_port: int = 8080,
     grpc_port: int = 8081,
     env: dict | None = None,
+    ready_timeout: float = READY_TIMEOUT,
 ) -> dict:
     """The pipeline's deploy step: make the served model the given champion version.
 
-    The version gets the tag ``deployed`` (target and time) once done, so that a retrain
-    check can tell a champion whose deployment failed from one that is served."""
+    The version gets the tag ``deployed`` (target, time and revision) only once it is
+    served: the local server reports it, or the InferenceService is Ready for the applied
+    spec. A retrain check can so tell a champion whose deployment failed from a served one."""
     result = _deploy(
         name,
         version,
@@ -390,12 +565,17 @@ def deploy_champion(
         http_port=http_port,
         grpc_port=grpc_port,
         env=env,
+        ready_timeout=ready_timeout,
     )
+    if not result["deployed"]:
+        return result
     from datetime import UTC, datetime
 
     from mlflow import MlflowClient
 
     stamp = f"{target.value} {datetime.now(UTC).isoformat(timespec='seconds')}"
+    if result.get("revision"):
+        stamp += f" {result['revision']}"
     MlflowClient().set_model_version_tag(name, str(version), "deployed", stamp)
     return result
 
@@ -410,6 +590,7 @@ def _deploy(
     http_port: int,
     grpc_port: int,
     env: dict | None,
+    ready_timeout: float,
 ) -> dict:
     if target is DeployTarget.NONE:
         return {"target": target.value, "deployed": False}
@@ -418,17 +599,31 @@ def _deploy(
             name, version, http_port=http_port, grpc_port=grpc_port, env=env
         )
         return {"target": target.value, "deployed": True, "url": server.url, "version": version}
-    from components.settings import load_settings
+    from components.settings import images, load_settings
 
     manifest = inference_service(
         name,
         storage_uri=champion_storage_uri(name, version, load_settings().mlflow_artifacts),
         model_version=version,
         namespace=namespace,
+        image=images().cpu,
         canary_traffic_percent=canary_traffic_percent,
     )
-    action = apply_inference_service(manifest)
-    return {"target": target.value, "deployed": True, "action": action, "version": version}
+    client = kubernetes_api()
+    applied = apply_inference_service(manifest, api=client[0])
+    log.info("%s InferenceService %s/%s; waiting until it is Ready", applied.action,
+             namespace, applied.name)  # fmt: skip
+    service = wait_until_ready(applied, api=client[0], timeout=ready_timeout)
+    predictor = (service.get("status", {}).get("components") or {}).get("predictor") or {}
+    return {
+        "target": target.value,
+        "deployed": True,
+        "action": applied.action,
+        "name": applied.name,
+        "version": version,
+        "revision": predictor.get("latestReadyRevision", ""),
+        "url": (service.get("status") or {}).get("url", ""),
+    }
 
 
 def schema_errors(value, type_name: str = "V1beta1InferenceService", path: str = "") -> list[str]:

@@ -10,6 +10,8 @@ embedded loopback stack on a laptop, against MinIO/SeaweedFS in a cluster, or AW
     FOD_BUCKET             bucket for DVC data, the feature cache and models (default fod)
     MLFLOW_TRACKING_URI    MLflow tracking server
     FOD_MLFLOW_ARTIFACTS   that server's --artifacts-destination (default s3://<bucket>/mlflow)
+    FOD_IMAGE              the CPU image of a cluster's steps and model server
+    FOD_CUDA_IMAGE         the CUDA image of the training step
 
 Where none of these is set, the embedded stack's state file (``fod stack up``) is used.
 """
@@ -22,8 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_BUCKET = "fod"
-# The image every component and the model server run in on a cluster (infra/ builds it).
-COMPONENT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
+# The images a cluster runs (infra/images/Dockerfile builds both). Yours are named by
+# FOD_IMAGE and FOD_CUDA_IMAGE, read when the pipeline is compiled or submitted and by the
+# deploy step (the fod-settings ConfigMap carries them), so no code edit is needed.
+DEFAULT_IMAGE = "ghcr.io/fod-pipeline/fod-pipeline:0.1.0"
+DEFAULT_CUDA_IMAGE = f"{DEFAULT_IMAGE}-cuda"
 # In a cluster the settings come from these (infra/base): endpoints in a ConfigMap, the S3
 # keys in a Secret that the user creates.
 CLUSTER_CONFIG_MAP = "fod-settings"
@@ -35,10 +40,28 @@ CLUSTER_CONFIG_KEYS = (
     "FOD_MLFLOW_ARTIFACTS",
     "AWS_DEFAULT_REGION",
     "HF_HUB_OFFLINE",
+    "FOD_IMAGE",
+    "FOD_CUDA_IMAGE",
 )
 CLUSTER_SECRET = "fod-s3-credentials"
 CLUSTER_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 ENV_KEYS = ("FOD_S3_ENDPOINT", "MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID")
+
+
+@dataclass(frozen=True)
+class Images:
+    """The image per role: CUDA for the training step, CPU for every other step, the model
+    server, MLflow and the retrain check."""
+
+    cpu: str
+    cuda: str
+
+
+def images() -> Images:
+    return Images(
+        cpu=os.environ.get("FOD_IMAGE") or DEFAULT_IMAGE,
+        cuda=os.environ.get("FOD_CUDA_IMAGE") or DEFAULT_CUDA_IMAGE,
+    )
 
 
 class SettingsError(RuntimeError):

@@ -11,10 +11,11 @@ from typing import NamedTuple
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.settings import COMPONENT_IMAGE
+from components.settings import DEFAULT_IMAGE
 
-# COMPONENT_IMAGE contains this package, so components install nothing at start-up.
-component = dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+# The image contains this package, so components install nothing at start-up. The image
+# of each step is set when the pipeline is compiled (pipelines.training.set_images).
+component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 
 
 @component

@@ -41,6 +41,33 @@ def split_s3_url(url: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.strip("/")
 
 
+def ensure_bucket(settings: StackSettings) -> bool:
+    """Create the settings' bucket where it is missing (a cluster's first start: MLflow's
+    artifacts and DVC's remote live in it). True when it was created."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    client = settings.s3_client()
+    try:
+        client.head_bucket(Bucket=settings.bucket)
+        return False
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket"):
+            raise StorageError(_describe(error, settings.s3_endpoint)) from error
+    except BotoCoreError as error:
+        raise StorageError(_describe(error, settings.s3_endpoint)) from error
+    try:
+        client.create_bucket(Bucket=settings.bucket)
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") not in (
+            "BucketAlreadyOwnedByYou",
+            "BucketAlreadyExists",
+        ):
+            raise StorageError(_describe(error, settings.s3_endpoint)) from error
+        return False
+    log.info("created bucket %s at %s", settings.bucket, settings.s3_endpoint or "AWS S3")
+    return True
+
+
 class S3Store:
     """Key -> bytes in a bucket prefix; the feature cache's store in the pipeline."""
 

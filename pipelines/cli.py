@@ -25,6 +25,15 @@ LW_HELP = (
 def cmd_stack(args: argparse.Namespace) -> int:
     from components.stack import EmbeddedStack
 
+    if args.action == "bucket":
+        from components.settings import load_settings
+        from components.storage import ensure_bucket
+
+        settings = load_settings(args.home)
+        created = ensure_bucket(settings)
+        where = settings.s3_endpoint or "AWS S3"
+        print(f"bucket {settings.bucket} {'created' if created else 'exists'} at {where}")
+        return 0
     stack = EmbeddedStack(args.home, s3_port=args.s3_port, mlflow_port=args.mlflow_port)
     if args.action == "up":
         settings = stack.up()
@@ -272,7 +281,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from components.serving import add_serve_arguments
 
     stack = sub.add_parser("stack", help="the embedded S3 (SeaweedFS) + MLflow on 127.0.0.1")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "action",
+        choices=["up", "down", "status", "bucket"],
+        help="bucket: create FOD_BUCKET on the configured S3 if missing (a cluster's first start)",
+    )
     stack.add_argument("--home", type=Path, help="state folder (default ./.fod or FOD_HOME)")
     stack.add_argument("--s3-port", type=int, default=8333)
     stack.add_argument("--mlflow-port", type=int, default=5055)

@@ -14,14 +14,14 @@ from pathlib import Path
 import yaml
 from kfp import compiler, dsl
 
-from components.settings import COMPONENT_IMAGE
-from pipelines.training import with_stack
+from components.settings import DEFAULT_IMAGE
+from pipelines.training import set_images, with_stack
 
 SPEC = Path(__file__).resolve().parents[1] / "infra" / "kfp" / "recurring-run.yaml"
 COMPILED_YAML = Path(__file__).with_name("fod_retrain_check.yaml")
 
 
-@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
+@dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 def retrain_check(
     git_url: str,
     git_ref: str,
@@ -30,27 +30,33 @@ def retrain_check(
     deploy_target: str,
     warm_start: bool,
 ) -> str:
-    """Clone, compare the data version with the registry, submit training where it is new."""
+    """Clone, compare the data version with the registry, submit training where it is new.
+
+    It runs ``fod retrain`` in a process of its own: KFP runs this body with ``kfp.dsl`` in
+    its runtime mode (``_KFP_RUNTIME``), where a pipeline cannot be compiled for submission."""
     import json
+    import os
     import subprocess
+    import sys
     import tempfile
     from pathlib import Path  # only the body reaches the container: every import is here
 
-    from pipelines.retrain import retrain_once
-
+    env = {key: value for key, value in os.environ.items() if key != "_KFP_RUNTIME"}
     with tempfile.TemporaryDirectory() as work:
         subprocess.run(
             ["git", "clone", "--depth=1", "--branch", git_ref, git_url, work], check=True
         )
-        report = retrain_once(
-            list(categories),
-            repo_root=work,
-            kfp_host=kfp_host,
-            home=Path(work) / ".fod",
-            arguments={"deploy_target": deploy_target, "warm_start": warm_start},
-        )
-    print(json.dumps(report, indent=2))
-    return json.dumps(report)
+        env["FOD_HOME"] = str(Path(work) / ".fod")
+        argv = [
+            sys.executable, "-m", "pipelines.cli", "retrain", "--categories", *categories,
+            "--kfp-host", kfp_host, "--deploy", deploy_target,
+            *(["--warm-start"] if warm_start else []),
+        ]  # fmt: skip
+        result = subprocess.run(argv, cwd=work, env=env, stdout=subprocess.PIPE, text=True)
+    print(result.stdout)
+    if result.returncode != 0:
+        raise RuntimeError(f"the retrain check failed (exit {result.returncode}); see the log")
+    return json.dumps(json.loads(result.stdout))
 
 
 @dsl.pipeline(
@@ -78,7 +84,7 @@ def retrain_check_pipeline(
 
 def compile_check(path: str | Path = COMPILED_YAML) -> Path:
     compiler.Compiler().compile(retrain_check_pipeline, str(path))
-    return Path(path)
+    return set_images(path, cuda_steps=())
 
 
 def load_spec(path: str | Path = SPEC) -> dict:

@@ -14,17 +14,24 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Dataset, Input
 
 from components import steps
+from components.deployment import DEPLOYER_TOKEN_DIR
 from components.settings import (
     CLUSTER_CONFIG_KEYS,
     CLUSTER_CONFIG_MAP,
     CLUSTER_SECRET,
     CLUSTER_SECRET_KEYS,
+    images,
 )
 
 log = logging.getLogger(__name__)
 
 PIPELINE_NAME = "fod-training"
 COMPILED_YAML = Path(__file__).with_name("fod_training.yaml")
+# The steps that run the CUDA image; every other step runs the CPU image.
+CUDA_STEPS = ("train-fod",)
+GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+# The deploy step talks to the Kubernetes API as fod-deployer (infra/kfp-standalone).
+DEPLOYER_TOKEN_SECRET = "fod-deployer-token"
 
 
 def with_stack(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -75,6 +82,7 @@ def category_pipeline(
     canary_traffic_percent: int,
     warm_start: bool,
     promotion_tolerance: float,
+    gpu_tolerations: list,
 ):
     validation = steps.validate_data(
         dataset=dataset,
@@ -117,8 +125,10 @@ def category_pipeline(
         ).after(features)
         with_stack(train).set_caching_options(True)
         train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
-        # A GPU on a cluster; the local runner ignores the request and trains on CPU.
+        # A GPU on a cluster, tolerating the taint of GPU nodes (a parameter: clusters name
+        # it differently); the local runner ignores both and trains on CPU.
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        kubernetes.add_toleration_json(train, gpu_tolerations)
         calibration = steps.calibrate_threshold(
             dataset=dataset,
             trained_model=train.outputs["model"],
@@ -154,7 +164,8 @@ def category_pipeline(
             min_planted_aupro=min_planted_aupro,
             tolerance=promotion_tolerance,
         )
-        with_stack(registration).set_caching_options(True)
+        # Never cached: it moves aliases in the registry, and a cached run would skip that.
+        with_stack(registration).set_caching_options(False)
         deployment = steps.deploy_model(
             category=category,
             champion_version=registration.outputs["champion_version"],
@@ -163,6 +174,12 @@ def category_pipeline(
             canary_traffic_percent=canary_traffic_percent,
         )
         with_stack(deployment).set_caching_options(False)  # it checks a live server every time
+        kubernetes.use_secret_as_volume(
+            deployment,
+            secret_name=DEPLOYER_TOKEN_SECRET,
+            mount_path=DEPLOYER_TOKEN_DIR,
+            optional=True,  # without it the step acts as the pod's account (and says so on 403)
+        )
 
 
 @dsl.pipeline(
@@ -201,6 +218,7 @@ def training_pipeline(
     canary_traffic_percent: int = 0,
     warm_start: bool = False,
     promotion_tolerance: float = 0.0,
+    gpu_tolerations: list = GPU_TOLERATIONS,
 ):
     data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
     with_stack(data).set_caching_options(True)
@@ -237,14 +255,34 @@ def training_pipeline(
             canary_traffic_percent=canary_traffic_percent,
             warm_start=warm_start,
             promotion_tolerance=promotion_tolerance,
+            gpu_tolerations=gpu_tolerations,
         )
+
+
+def set_images(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_STEPS) -> Path:
+    """Give each step of a compiled pipeline its role's image (``components.settings.images``:
+    FOD_IMAGE, FOD_CUDA_IMAGE), so that a user's registry needs no code edit."""
+    import yaml
+
+    path = Path(path)
+    chosen = images()
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    documents = list(yaml.safe_load_all(text))
+    executors = documents[0]["deploymentSpec"]["executors"]
+    for executor, spec in executors.items():
+        if "container" in spec:
+            cuda = executor.removeprefix("exec-") in cuda_steps
+            spec["container"]["image"] = chosen.cuda if cuda else chosen.cpu
+    path.write_text(header + yaml.safe_dump_all(documents, sort_keys=False))
+    return path
 
 
 def compile_pipeline(path: str | Path = COMPILED_YAML) -> Path:
     """Write the KFP IR YAML that a cluster runs (kept in the repo, checked by a test)."""
     path = Path(path)
     compiler.Compiler().compile(training_pipeline, str(path))
-    return path
+    return set_images(path)
 
 
 @dataclass
@@ -292,9 +330,15 @@ def kfp_call(host: str, call):
 
 
 def kfp_client(host: str):
+    """A client of ``host``. Multi-user KFP: runs go to the profile namespace named by
+    FOD_KFP_NAMESPACE, and the client authenticates with the projected ServiceAccount token
+    at KF_PIPELINES_SA_TOKEN_PATH where the pod has one (infra/retrain)."""
+    import os
+
     import kfp
 
-    return kfp_call(host, lambda: kfp.Client(host=host))
+    namespace = os.environ.get("FOD_KFP_NAMESPACE") or None
+    return kfp_call(host, lambda: kfp.Client(host=host, namespace=namespace))
 
 
 def submit(

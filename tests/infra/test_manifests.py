@@ -49,28 +49,154 @@ def test_kustomization_builds_and_validates(directory):
             pytest.fail(f"{directory.name}: {name} is invalid: {error}")
 
 
-def test_the_whole_deployment_holds_what_a_cluster_needs():
-    kinds = {(o["kind"], o["metadata"]["name"]) for o in build(INFRA)}
-    assert {
-        ("Namespace", "fod"),
-        ("Deployment", "mlflow"),
-        ("Deployment", "seaweedfs"),
-        ("CronJob", "fod-retrain"),
-        ("Role", "fod-deployer"),
-        ("RoleBinding", "fod-deployer"),
-        ("ServiceAccount", "fod-pipeline"),
-        ("ServiceAccount", "fod-s3"),
-    } <= kinds
-    assert ("InferenceService", "fod-bottle") in {
-        (o["kind"], o["metadata"]["name"]) for o in build(INFRA / "serving")
+def _index(objects: list[dict]) -> dict[tuple[str, str, str], dict]:
+    return {
+        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in objects
     }
-    cron = next(o for o in build(INFRA) if o["kind"] == "CronJob")
-    assert cron["spec"]["concurrencyPolicy"] == "Forbid"  # never two retrain checks at once
+
+
+def test_the_whole_deployment_holds_what_a_cluster_needs():
+    objects = _index(build(INFRA))
+    assert {
+        ("Namespace", "", "fod"),
+        ("Deployment", "fod", "mlflow"),
+        ("Deployment", "fod", "seaweedfs"),
+        ("Job", "fod", "fod-bucket"),
+        ("CronJob", "fod", "fod-retrain"),
+        ("Role", "fod", "fod-deployer"),
+        ("RoleBinding", "fod", "fod-deployer"),
+        ("ServiceAccount", "fod", "fod-retrain"),
+        ("ServiceAccount", "fod", "fod-s3"),
+        ("ServiceAccount", "kubeflow", "fod-deployer"),
+        ("ConfigMap", "fod", "fod-settings"),
+        ("ConfigMap", "kubeflow", "fod-settings"),
+    } <= set(objects)
+    assert ("InferenceService", "fod", "fod-bottle") in _index(build(INFRA / "serving"))
+    assert objects["CronJob", "fod", "fod-retrain"]["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+# Where each mode runs the pipeline's pods, and where the InferenceServices live.
+MODES = {"infra": ("kubeflow", "fod"), "infra/multi-user": ("fod", "fod")}
+USER_SECRETS = {"fod-s3-credentials", "fod-seaweedfs-s3-config"}  # created by the user
+
+
+def _references(pod_spec: dict) -> set[tuple[str, str]]:
+    """The ConfigMaps and Secrets a pod reads: envFrom, env valueFrom, volumes."""
+    refs = set()
+    for container in pod_spec.get("containers", []) + pod_spec.get("initContainers", []):
+        for source in container.get("envFrom", []):
+            for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
+                if key in source:
+                    refs.add((kind, source[key]["name"]))
+        for env in container.get("env", []):
+            value_from = env.get("valueFrom", {})
+            for kind, key in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                if key in value_from:
+                    refs.add((kind, value_from[key]["name"]))
+    for volume in pod_spec.get("volumes", []):
+        if "configMap" in volume:
+            refs.add(("ConfigMap", volume["configMap"]["name"]))
+        if "secret" in volume:
+            refs.add(("Secret", volume["secret"]["secretName"]))
+    return refs
+
+
+def _pipeline_references(compiled: Path) -> set[tuple[str, str]]:
+    platform = list(yaml.safe_load_all(compiled.read_text()))[1]
+    refs = set()
+    for executor in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+        refs |= {("ConfigMap", c["configMapName"]) for c in executor.get("configMapAsEnv", [])}
+        refs |= {("Secret", c["secretName"]) for c in executor.get("secretAsEnv", [])}
+        refs |= {("Secret", c["secretName"]) for c in executor.get("secretAsVolume", [])}
+    return refs
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_configmap_secret_and_role_is_where_its_readers_run(mode):
+    """Pods read ConfigMaps and Secrets from their own namespace only: the CronJob's, the
+    Deployments', and the pipeline's steps (which run where KFP puts them: kubeflow for
+    standalone KFP, the profile namespace for multi-user). The deploy step's account must
+    be bound, from there, to the Role in the InferenceServices' namespace."""
+    from pipelines.schedule import COMPILED_YAML as CHECK_YAML
+    from pipelines.training import COMPILED_YAML, DEPLOYER_TOKEN_SECRET
+
+    pipeline_ns, serving_ns = MODES[mode]
+    objects = _index(build(ROOT / mode))
+    present = {(kind, ns, name) for kind, ns, name in objects}
+
+    def exists(kind: str, namespace: str, name: str) -> bool:
+        return (kind, namespace, name) in present or (kind == "Secret" and name in USER_SECRETS)
+
+    for (kind, namespace, name), obj in objects.items():
+        pod = {
+            "Deployment": lambda o: o["spec"]["template"]["spec"],
+            "Job": lambda o: o["spec"]["template"]["spec"],
+            "CronJob": lambda o: o["spec"]["jobTemplate"]["spec"]["template"]["spec"],
+        }.get(kind)
+        if pod is None:
+            continue
+        spec = pod(obj)
+        missing = [r for r in _references(spec) if not exists(r[0], namespace, r[1])]
+        assert not missing, f"{kind} {namespace}/{name} reads what is not there: {missing}"
+        account = spec.get("serviceAccountName")
+        assert account is None or ("ServiceAccount", namespace, account) in present, name
+    for compiled in (COMPILED_YAML, CHECK_YAML):
+        missing = [r for r in _pipeline_references(compiled) if not exists(r[0], pipeline_ns, r[1])]
+        assert not missing, f"{compiled.name}: not in {pipeline_ns}: {missing}"
+    token = objects["Secret", pipeline_ns, DEPLOYER_TOKEN_SECRET]
+    assert token["type"] == "kubernetes.io/service-account-token"
+    deployer = token["metadata"]["annotations"]["kubernetes.io/service-account.name"]
+    assert ("ServiceAccount", pipeline_ns, deployer) in present
+    binding = objects["RoleBinding", serving_ns, "fod-deployer"]
+    assert {"kind": "ServiceAccount", "name": deployer, "namespace": pipeline_ns} in binding[
+        "subjects"
+    ]
+    role = objects["Role", serving_ns, binding["roleRef"]["name"]]
+    assert role["rules"] == [
+        {
+            "apiGroups": ["serving.kserve.io"],
+            "resources": ["inferenceservices"],
+            "verbs": ["get", "create", "patch"],
+        }
+    ], "the deploy step may manage InferenceServices and nothing more"
+
+
+def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
+    from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
+
+    for mode in MODES:
+        cron = _index(build(ROOT / mode))["CronJob", "fod", "fod-retrain"]
+        spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        volume = next(v for v in spec["volumes"] if "projected" in v)
+        token = volume["projected"]["sources"][0]["serviceAccountToken"]
+        assert token["audience"] == "pipelines.kubeflow.org"
+        mount = next(
+            m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]
+        )
+        assert f"{mount['mountPath']}/{token['path']}" == KF_PIPELINES_SA_TOKEN_PATH
+    multi = _index(build(ROOT / "infra/multi-user"))
+    assert multi["ConfigMap", "fod", "fod-retrain"]["data"]["FOD_KFP_NAMESPACE"] == "fod"
+    binding = multi["RoleBinding", "fod", "fod-retrain-pipelines"]
+    assert binding["roleRef"]["name"] == "kubeflow-pipelines-edit"
+    assert ("Namespace", "", "fod") not in multi  # the Profile owns it
+
+
+def test_mlflow_can_write_its_sqlite_file_and_has_one_writer():
+    mlflow = _index(build(INFRA))["Deployment", "fod", "mlflow"]["spec"]["template"]["spec"]
+    uid = re.search(r"--uid (\d+)", (INFRA / "images" / "Dockerfile").read_text())[1]
+    assert mlflow["securityContext"]["fsGroup"] == int(uid)
+    assert mlflow["securityContext"]["runAsUser"] == int(uid)
+    args = mlflow["containers"][0]["args"]
+    if any(a.startswith("--backend-store-uri=sqlite") for a in args):
+        assert "--workers=1" in args  # SQLite takes one writer
 
 
 def test_no_secret_values_and_pinned_images():
-    objects = build(INFRA) + build(INFRA / "serving")
-    assert not [o for o in objects if o["kind"] == "Secret"], "Secrets are created by the user"
+    objects = build(INFRA) + build(INFRA / "serving") + build(ROOT / "infra/multi-user")
+    secrets = [o for o in objects if o["kind"] == "Secret"]
+    assert all(  # only token Secrets, which Kubernetes fills
+        s["type"] == "kubernetes.io/service-account-token" and not s.get("data") for s in secrets
+    ), "Secrets with values are created by the user"
     lines = [
         line
         for path in INFRA.rglob("*.yaml")

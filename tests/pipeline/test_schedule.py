@@ -20,7 +20,9 @@ from pipelines.training import COMPILED_YAML as TRAINING_YAML
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
 
-def test_compiled_check_pipeline_is_current(tmp_path):
+def test_compiled_check_pipeline_is_current(tmp_path, monkeypatch):
+    for variable in ("FOD_IMAGE", "FOD_CUDA_IMAGE"):  # the defaults are checked in
+        monkeypatch.delenv(variable, raising=False)
     fresh = compile_check(tmp_path / "check.yaml")
     fresh_docs = list(yaml.safe_load_all(fresh.read_text()))
     assert fresh_docs == list(yaml.safe_load_all(COMPILED_YAML.read_text())), (
@@ -45,7 +47,7 @@ def _platform_env(path: Path) -> dict[str, dict]:
 def test_every_step_gets_the_cluster_settings_from_configmap_and_secret():
     config_map = next(
         d
-        for d in yaml.safe_load_all((INFRA / "base" / "rbac.yaml").read_text())
+        for d in yaml.safe_load_all((INFRA / "settings" / "settings.yaml").read_text())
         if d["kind"] == "ConfigMap"
     )
     assert config_map["metadata"]["name"] == CLUSTER_CONFIG_MAP
@@ -104,3 +106,46 @@ def test_the_check_body_runs_without_the_module_around_it(tmp_path):
             warm_start=False,
         )
     assert not isinstance(raised.value, NameError), raised.value
+
+
+def test_the_check_runs_through_the_kfp_local_runner(settings, tmp_path, capfd):
+    """The recurring run's one step, run by ``kfp.local`` as a cluster runs it: from its own
+    source, cloning a git repository whose data.dvc is a new data version. It gets as far as
+    submitting to KFP, which does not exist here, and fails there, with that message."""
+    import subprocess
+
+    from kfp import local
+
+    from components.data_version import DvcRepo
+    from components.stack import free_port
+    from fod_core.synthetic import make_synthetic_dataset
+    from pipelines.schedule import retrain_check_pipeline
+
+    origin = tmp_path / "origin"
+    make_synthetic_dataset(
+        origin / "data", "scheduled", n_train=2, n_test_good=1, n_test_defect=1, size=64, seed=4
+    )
+    repo = DvcRepo(origin)
+    repo.ensure(settings)
+    repo.add_and_push(origin / "data")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(origin)]
+    subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
+    subprocess.run([*git, "add", "data.dvc", ".dvc/config"], check=True)
+    subprocess.run([*git, "commit", "-qm", "data"], check=True)
+
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(tmp_path / "root"),
+        raise_on_error=False,
+    )
+    retrain_check_pipeline(
+        git_url=str(origin),
+        categories=["scheduled"],
+        kfp_host=f"http://127.0.0.1:{free_port()}",
+        deploy_target="kserve",
+    )
+    output = capfd.readouterr()
+    log = output.out + output.err
+    assert "NameError" not in log
+    assert "new data" in log or "first training" in log, log[-4000:]  # data.dvc, registry read
+    assert "is unreachable" in log, log[-3000:]

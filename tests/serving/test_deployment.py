@@ -60,7 +60,18 @@ def test_canary_option_and_overlay():
 
 
 @pytest.mark.slow
-def test_storage_uri_points_at_the_registered_files_in_s3(settings, model_a):
+def test_the_serving_pods_data_path(settings, model_a, tmp_path):
+    """What the pod does: KServe's storage initializer (the ``kserve-storage`` package) fetches
+    the champion's storageUri from S3 with the credentials KServe injects, and the predictor
+    container runs the InferenceService's own command line on that folder."""
+    import os
+    import sys
+    import urllib.request
+
+    from kserve_storage import Storage
+
+    from components.stack import free_port, spawn_server, stop_server, wait_healthy
+
     connect(settings.mlflow_uri, "stored")
     with mlflow.start_run() as run:
         pass
@@ -75,11 +86,48 @@ def test_storage_uri_points_at_the_registered_files_in_s3(settings, model_a):
     ).version
     uri = champion_storage_uri("fod-stored", version, settings.mlflow_artifacts)
     assert uri.startswith(f"s3://{settings.bucket}/mlflow/")
-    prefix = uri.removeprefix(f"s3://{settings.bucket}/")
-    listing = settings.s3_client().list_objects_v2(Bucket=settings.bucket, Prefix=prefix)
-    keys = {item["Key"].removeprefix(prefix).lstrip("/") for item in listing["Contents"]}
-    assert "MLmodel" in keys  # the MLflow model: KServe's /mnt/models, where fod serve looks
-    assert any(k.startswith("artifacts/") and k.endswith("/fod.json") for k in keys), keys
+
+    pod_env = {  # what KServe sets from the fod-s3 ServiceAccount's Secret and annotations
+        "AWS_ACCESS_KEY_ID": settings.access_key,
+        "AWS_SECRET_ACCESS_KEY": settings.secret_key,
+        "AWS_ENDPOINT_URL": settings.s3_endpoint,
+        "AWS_DEFAULT_REGION": settings.region,
+        "S3_USE_HTTPS": "0",
+    }
+    mount = tmp_path / "mnt-models"
+    saved = {key: os.environ.get(key) for key in pod_env}
+    os.environ.update(pod_env)
+    try:
+        Storage.download(uri, str(mount))
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert (mount / "MLmodel").is_file()  # the MLflow model: where fod serve looks
+    assert list(mount.rglob("fod.json")), sorted(p.name for p in mount.rglob("*"))
+
+    container = inference_service("fod-stored", storage_uri=uri, model_version=version)["spec"][
+        "predictor"
+    ]["containers"][0]
+    port = free_port()
+    args = [str(mount) if a == "/mnt/models" else a for a in container["args"]]
+    args[args.index("--host") + 1] = "127.0.0.1"  # tests listen on loopback only
+    args[args.index("--http-port") + 1] = str(port)
+    command = [str(Path(sys.executable).with_name(container["command"][0])), *args]
+    server = spawn_server(tmp_path, "predictor", command, {"HF_HUB_OFFLINE": "1"})
+    ready_url = f"http://127.0.0.1:{port}" + container["readinessProbe"]["httpGet"]["path"]
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(ready_url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_healthy("the predictor", server, ready, timeout=120)
+        assert ready_url.endswith("/v2/models/fod-stored/ready")
+    finally:
+        stop_server(server)
 
 
 def test_applying_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):

@@ -1,0 +1,259 @@
+"""A small HTTP server that answers the Kubernetes API paths of KServe's InferenceService
+CRD, for the tests of the deploy step.
+
+No real Kubernetes API server can be installed on this machine (no container runtime, and
+kind, k3s or envtest binaries cannot be fetched), so this one plays its part on loopback:
+GET, POST and merge-PATCH on ``/apis/serving.kserve.io/v1beta1/namespaces/NS/
+inferenceservices[/NAME]``, a bearer token check, 401/403/404/409/415/422 answers in the
+API server's ``Status`` form, a ``generation`` that grows with each spec change, and a
+controller that reports Ready some polls later, first showing the previous revision's
+status as a real one does until it has reconciled. Every request body is validated
+against the KServe SDK's models, which are generated from the CRD's OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PATH = re.compile(
+    r"^/apis/serving\.kserve\.io/v1beta1/namespaces/(?P<ns>[^/]+)/inferenceservices"
+    r"(?:/(?P<name>[^/?]+))?/?(?:\?.*)?$"
+)
+
+
+def merge_patch(target, patch):
+    """RFC 7386: null deletes, objects merge, everything else replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def revision(name: str, generation: int) -> str:
+    return f"{name}-predictor-{generation:05d}"
+
+
+@dataclass
+class FakeKubeApi:
+    token: str = "deployer-token"
+    forbidden: set[str] = field(default_factory=set)  # verbs answered with 403
+    conflicts_on_create: int = 0  # 409 AlreadyExists (someone created it meanwhile)
+    conflicts_on_patch: int = 0  # 409 Conflict, then success
+    polls_until_ready: int = 3  # GETs after a change before the new revision is Ready
+    never_ready: bool = False
+    reports_observed_generation: bool = True
+    objects: dict = field(default_factory=dict)
+    requests: list = field(default_factory=list)
+    invalid_bodies: list = field(default_factory=list)
+    _pending: dict = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # -- the controller ----------------------------------------------------------------
+    def _status(self, obj: dict, generation: int, ready: bool, reason: str = "") -> dict:
+        name = obj["metadata"]["name"]
+        status = {
+            "conditions": [
+                {"type": "Ready", "status": "True" if ready else "False", "reason": reason}
+            ],
+            "components": {
+                "predictor": {
+                    "latestCreatedRevision": revision(name, generation),
+                    "latestReadyRevision": revision(name, generation if ready else generation - 1),
+                }
+            },
+            "url": f"http://{name}.{obj['metadata']['namespace']}.example.com",
+        }
+        if self.reports_observed_generation:
+            status["observedGeneration"] = generation
+        return status
+
+    def _changed(self, key) -> None:
+        self._pending[key] = self.polls_until_ready
+
+    def _observe(self, key) -> dict:
+        """What a GET returns: the old status until the controller has reconciled, then
+        NotReady while the revision starts, then Ready (unless it never becomes Ready)."""
+        obj = self.objects[key]
+        generation = obj["metadata"]["generation"]
+        left = self._pending.get(key, 0)
+        if self.never_ready or left > 0:
+            self._pending[key] = max(left - 1, 0)
+            if left > self.polls_until_ready // 2 and generation > 1:
+                obj["status"] = self._status(obj, generation - 1, ready=True)  # stale
+            else:
+                obj["status"] = self._status(obj, generation, False, "RevisionMissing")
+        else:
+            obj["status"] = self._status(obj, generation, ready=True)
+        return obj
+
+    # -- the API -----------------------------------------------------------------------
+    def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
+        self.requests.append((method, path))
+        if headers.get("Authorization") != f"Bearer {self.token}":
+            return _status_body(401, "Unauthorized", "invalid bearer token")
+        match = PATH.match(path)
+        if not match:
+            return _status_body(404, "NotFound", f"no route {path}")
+        namespace, name = match["ns"], match["name"]
+        verb = {"GET": "get", "POST": "create", "PATCH": "patch"}.get(method, method.lower())
+        if verb in self.forbidden:
+            return _status_body(
+                403,
+                "Forbidden",
+                f'inferenceservices.serving.kserve.io is forbidden: User "system:serviceaccount:'
+                f'kubeflow:pipeline-runner" cannot {verb} resource "inferenceservices" in API '
+                f'group "serving.kserve.io" in the namespace "{namespace}"',
+            )
+        with self._lock:
+            if method == "GET" and name:
+                if (namespace, name) not in self.objects:
+                    return _status_body(404, "NotFound", f'inferenceservices "{name}" not found')
+                return 200, copy.deepcopy(self._observe((namespace, name)))
+            payload = json.loads(body or b"{}")
+            if method == "POST" and not name:
+                return self._create(namespace, payload)
+            if method == "PATCH" and name:
+                if headers.get("Content-Type") != "application/merge-patch+json":
+                    return _status_body(415, "UnsupportedMediaType", headers.get("Content-Type"))
+                return self._patch(namespace, name, payload)
+        return _status_body(405, "MethodNotAllowed", method)
+
+    def _validate(self, obj: dict) -> list[str]:
+        from components.deployment import schema_errors
+
+        errors = schema_errors({k: v for k, v in obj.items() if k != "status"})
+        if obj.get("kind") != "InferenceService" or not obj.get("metadata", {}).get("name"):
+            errors.append("kind InferenceService with metadata.name expected")
+        self.invalid_bodies += errors
+        return errors
+
+    def _create(self, namespace: str, payload: dict) -> tuple[int, dict]:
+        if errors := self._validate(payload):
+            return _status_body(422, "Invalid", "; ".join(errors))
+        key = (namespace, payload["metadata"]["name"])
+        if self.conflicts_on_create > 0:
+            self.conflicts_on_create -= 1
+            if key not in self.objects:  # another writer got there first
+                self._store(key, copy.deepcopy(payload))
+            return _status_body(409, "AlreadyExists", f"{key[1]} already exists")
+        if key in self.objects:
+            return _status_body(409, "AlreadyExists", f"{key[1]} already exists")
+        return 201, copy.deepcopy(self._store(key, payload))
+
+    def _store(self, key, obj: dict) -> dict:
+        obj.setdefault("metadata", {})["generation"] = 1
+        obj["metadata"]["namespace"] = key[0]
+        self.objects[key] = obj
+        self._changed(key)
+        return obj
+
+    def _patch(self, namespace: str, name: str, payload: dict) -> tuple[int, dict]:
+        key = (namespace, name)
+        if key not in self.objects:
+            return _status_body(404, "NotFound", f'inferenceservices "{name}" not found')
+        if self.conflicts_on_patch > 0:
+            self.conflicts_on_patch -= 1
+            return _status_body(409, "Conflict", "the object has been modified; try again")
+        current = self.objects[key]
+        merged = merge_patch(current, payload)
+        if errors := self._validate(merged):
+            return _status_body(422, "Invalid", "; ".join(errors))
+        if merged.get("spec") != current.get("spec"):
+            merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
+            self._changed(key)
+        self.objects[key] = merged
+        return 200, copy.deepcopy(merged)
+
+    # -- serving -----------------------------------------------------------------------
+    def serve(self, tls: tuple[str, str] | None = None) -> ThreadingHTTPServer:
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                code, payload = api.handle(
+                    self.command, self.path, self.headers, self.rfile.read(length)
+                )
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
+
+            def log_message(self, *args):  # keep the test output clean
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls:
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+
+def _status_body(code: int, reason: str, message) -> tuple[int, dict]:
+    return code, {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "message": str(message),
+        "reason": reason,
+        "code": code,
+    }
+
+
+def self_signed_certificate(directory) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 and its key: the API server's, and the ca.crt of a
+    service-account token Secret."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "ca.crt", directory / "server.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return str(cert_path), str(key_path)

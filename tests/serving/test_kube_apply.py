@@ -1,0 +1,210 @@
+"""The deploy step against the Kubernetes API: create, merge-patch, 403, 409, a Ready that
+arrives late, and a timeout that changes nothing.
+
+No real Kubernetes API server can be installed here; ``kube_api.FakeKubeApi`` answers the
+InferenceService CRD's paths on loopback (see its docstring) and validates every body
+against the KServe SDK's models. The client side is the real one: the kubernetes package
+with a kubeconfig, or with a service-account token Secret over TLS as in the pod.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from kube_api import FakeKubeApi, self_signed_certificate
+
+from components import deployment
+from components.deployment import (
+    DeploymentError,
+    apply_inference_service,
+    inference_service,
+    kubernetes_api,
+    wait_until_ready,
+)
+
+EXAMPLE = dict(storage_uri="s3://fod/mlflow/1/models/m-1/artifacts", model_version="1")
+
+
+@pytest.fixture
+def kube(tmp_path, monkeypatch):
+    """A fake API server and a kubeconfig that points at it (as ``kubectl`` would use)."""
+    api = FakeKubeApi()
+    server = api.serve()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "c",
+                        "cluster": {"server": f"http://127.0.0.1:{server.server_address[1]}"},
+                    }
+                ],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "c",
+                "users": [{"name": "u", "user": {"token": api.token}}],
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("FOD_DEPLOYER_TOKEN_DIR", str(tmp_path / "no-token"))
+    yield api
+    server.shutdown()
+
+
+def manifest(**options) -> dict:
+    return inference_service("fod-bottle", **(EXAMPLE | options))
+
+
+def test_create_then_wait_until_the_new_revision_is_ready(kube):
+    applied = apply_inference_service(manifest())
+    assert (applied.action, applied.name, applied.namespace) == ("created", "fod-bottle", "fod")
+    assert [m for m, _ in kube.requests] == ["GET", "POST"]  # 404 first, then create
+    service = wait_until_ready(applied, timeout=10, poll=0.01)
+    assert service["status"]["components"]["predictor"]["latestReadyRevision"] == (
+        "fod-bottle-predictor-00001"
+    )
+    assert kube.invalid_bodies == []
+
+
+@pytest.mark.parametrize("observed_generation", [True, False], ids=["observed", "revisions"])
+def test_patch_waits_past_the_previous_revisions_ready(kube, observed_generation):
+    """Right after a patch the status still says Ready, for the old revision: that must not
+    count, whether or not the controller reports observedGeneration."""
+    kube.reports_observed_generation = observed_generation
+    kube.polls_until_ready = 0
+    wait_until_ready(apply_inference_service(manifest()), timeout=10, poll=0.01)
+    kube.polls_until_ready = 6
+    applied = apply_inference_service(manifest(model_version="2"))
+    assert (applied.action, applied.generation) == ("patched", 2)
+    polls_before = sum(1 for m, _ in kube.requests if m == "GET")
+    service = wait_until_ready(applied, timeout=10, poll=0.01)
+    polls = sum(1 for m, _ in kube.requests if m == "GET") - polls_before
+    assert polls == 7  # three stale Ready answers, three NotReady, then Ready
+    assert service["status"]["components"]["predictor"]["latestReadyRevision"].endswith("00002")
+    stored = kube.objects[("fod", "fod-bottle")]
+    assert stored["metadata"]["annotations"]["fod/model-version"] == "2"
+    assert kube.invalid_bodies == []
+
+
+def test_patch_clears_an_old_canary_split(kube):
+    """A merge patch keeps fields it does not name: the canary share must be nulled."""
+    apply_inference_service(manifest(canary_traffic_percent=10))
+    assert kube.objects[("fod", "fod-bottle")]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    apply_inference_service(manifest(model_version="2"))
+    assert "canaryTrafficPercent" not in kube.objects[("fod", "fod-bottle")]["spec"]["predictor"]
+
+
+@pytest.mark.parametrize("verb", ["get", "create", "patch"])
+def test_forbidden_names_the_identity_and_the_role(kube, verb):
+    if verb == "patch":
+        apply_inference_service(manifest())
+    kube.forbidden = {verb}
+    with pytest.raises(DeploymentError) as error:
+        apply_inference_service(manifest(model_version="2"))
+    message = str(error.value)
+    assert f"may not {verb} InferenceServices in namespace fod (403" in message
+    assert "kubeconfig" in message and "fod-deployer" in message
+    if verb == "get":  # a 403 on get is not taken for "absent"
+        assert [m for m, _ in kube.requests] == ["GET"]
+
+
+def test_conflicts_are_resolved_by_patching_and_retrying(kube, monkeypatch):
+    monkeypatch.setattr(deployment.time, "sleep", lambda seconds: None)
+    kube.conflicts_on_create = 1  # created by someone else between our GET and POST
+    kube.conflicts_on_patch = 2  # then two concurrent writers
+    applied = apply_inference_service(manifest())
+    assert applied.action == "patched"
+    assert [m for m, _ in kube.requests] == ["GET", "POST", "GET", "PATCH", "PATCH", "PATCH"]
+    kube.conflicts_on_patch = 3
+    with pytest.raises(DeploymentError, match="could not patch"):
+        apply_inference_service(manifest(model_version="3"))
+
+
+def test_a_timeout_rolls_nothing_back_and_says_so(kube):
+    wait_until_ready(apply_inference_service(manifest()), timeout=10, poll=0.01)
+    kube.never_ready = True
+    applied = apply_inference_service(manifest(model_version="2"))
+    with pytest.raises(DeploymentError) as error:
+        wait_until_ready(applied, timeout=0.2, poll=0.01)
+    message = str(error.value)
+    assert "was not Ready for generation 2" in message and "Nothing was rolled back" in message
+    assert "kubectl -n fod describe inferenceservice fod-bottle" in message
+
+
+def test_an_invalid_body_is_refused_by_the_schema(kube):
+    bad = manifest()
+    bad["spec"]["predictor"]["replicas"] = 2  # not a field of the CRD's predictor
+    with pytest.raises(DeploymentError, match="Invalid"):
+        apply_inference_service(bad)
+    assert kube.invalid_bodies
+
+
+def test_the_deployer_token_secret_is_used_over_tls(tmp_path, monkeypatch):
+    """In the pipeline's deploy step: the fod-deployer token Secret (token, ca.crt) mounted
+    as a volume, the API server from KUBERNETES_SERVICE_HOST/PORT, over verified TLS."""
+    token_dir = tmp_path / "fod-deployer"
+    token_dir.mkdir()
+    api = FakeKubeApi(token="the-deployers-token")
+    server = api.serve(tls=self_signed_certificate(token_dir))
+    try:
+        (token_dir / "token").write_text("the-deployers-token\n")
+        monkeypatch.setenv("FOD_DEPLOYER_TOKEN_DIR", str(token_dir))
+        monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+        monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
+        monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
+        client, identity = kubernetes_api()
+        assert str(token_dir) in identity
+        applied = apply_inference_service(manifest(), api=client)
+        assert applied.action == "created"
+        (token_dir / "token").write_text("a-stolen-token")
+        with pytest.raises(DeploymentError, match=r"\(401"):
+            apply_inference_service(manifest(), api=kubernetes_api()[0])
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.slow
+def test_a_version_is_tagged_deployed_only_once_ready(kube, settings, model_a, monkeypatch):
+    """The deploy step on the real MLflow: the tag ``deployed`` names the ready revision;
+    a version that never becomes Ready is not tagged and the champion alias is not moved."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from components.deployment import DeployTarget, deploy_champion
+    from components.registry import PromotionGates, register_model
+    from components.tracking import connect
+
+    monkeypatch.setattr(deployment, "READY_POLL_SECONDS", 0.01)
+    connect(settings.mlflow_uri, "kube")
+    versions = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            pass
+        versions.append(
+            register_model(
+                model_a,
+                run_id=run.info.run_id,
+                category="kube",
+                metrics={"image_auroc": 1.0},
+                data_version="d",
+                code_version="c",
+                gates=PromotionGates(min_image_auroc=0.0),
+            ).version
+        )
+    client = MlflowClient()
+    first = deploy_champion("fod-kube", versions[0], DeployTarget.KSERVE, ready_timeout=10)
+    assert first["revision"] == "fod-kube-predictor-00001"
+    tag = client.get_model_version("fod-kube", versions[0]).tags["deployed"]
+    assert tag.startswith("kserve ") and tag.endswith("fod-kube-predictor-00001")
+
+    champion_before = client.get_model_version_by_alias("fod-kube", "champion").version
+    kube.never_ready = True
+    with pytest.raises(DeploymentError, match="not tagged deployed"):
+        deploy_champion("fod-kube", versions[1], DeployTarget.KSERVE, ready_timeout=0.3)
+    assert "deployed" not in client.get_model_version("fod-kube", versions[1]).tags
+    assert client.get_model_version_by_alias("fod-kube", "champion").version == champion_before
+    stored = kube.objects[("fod", "fod-kube")]
+    assert stored["metadata"]["annotations"]["fod/model-version"] == str(versions[1])
