@@ -29,8 +29,9 @@ def _describe(error: Exception, endpoint: str | None) -> str:
     text = str(error)
     if "Could not connect" in text or "Connect timeout" in text or "EndpointConnection" in text:
         return f"S3 at {where} is unreachable ({text}); is the stack up? (`fod stack status`)"
-    if "SignatureDoesNotMatch" in text or "InvalidAccessKeyId" in text or "AccessDenied" in text:
-        return f"S3 at {where} refused the credentials: {text}"
+    refusals = ("SignatureDoesNotMatch", "InvalidAccessKeyId", "AccessDenied", "(403)")
+    if any(refusal in text for refusal in refusals):
+        return f"S3 at {where} refused the credentials (or they give no access): {text}"
     return f"S3 error at {where}: {text}"
 
 

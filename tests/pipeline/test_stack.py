@@ -69,3 +69,17 @@ def test_port_taken_is_a_clear_error(tmp_path):
         port = sock.getsockname()[1]
         with pytest.raises(StackError, match=f"port {port} .* is taken"):
             EmbeddedStack(tmp_path, s3_port=port, mlflow_port=0).up()
+
+
+def test_the_bucket_is_created_once_on_a_fresh_s3(stack, monkeypatch, capsys):
+    """What infra/storage's Job runs on a cluster's first start: `fod stack bucket`."""
+    from pipelines.cli import main
+
+    monkeypatch.setenv("FOD_BUCKET", "fresh-bucket")
+    assert main(["stack", "bucket"]) == 0
+    assert "bucket fresh-bucket created" in capsys.readouterr().out
+    assert main(["stack", "bucket"]) == 0
+    assert "bucket fresh-bucket exists" in capsys.readouterr().out
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    assert main(["stack", "bucket"]) == 2
+    assert "refused the credentials" in capsys.readouterr().err
