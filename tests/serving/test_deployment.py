@@ -173,8 +173,13 @@ def test_every_mvtec_category_gets_a_valid_inference_service_name():
     renamed = kubernetes_name("fod-metal_nut")
     assert dns_1035.match(renamed) and renamed.startswith("fod-metal-nut-")
     assert renamed != kubernetes_name("fod-metal-nut")
-    for name in ("fod-Screw", "fod-" + "x" * 80, "fod-__", "9parts"):
+    odd = ["fod-Screw", "fod-" + "x" * 60, "fod-" + "x" * 80, "fod-" + "x" * 81, "fod-__", "9parts"]
+    for name in odd:
         assert dns_1035.match(kubernetes_name(name)) and len(kubernetes_name(name)) <= 63, name
+        assert kubernetes_name(name) == kubernetes_name(name)  # stable: no randomness
+    mvtec = "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile"
+    names = [f"fod-{c}" for c in mvtec.split()] + odd + ["fod-metal-nut", "fod-Metal_Nut"]
+    assert len({kubernetes_name(n) for n in names}) == len(names)  # no two collide
     manifest = inference_service("fod-metal_nut", **EXAMPLE)
     assert manifest["metadata"]["name"] == renamed
     args = manifest["spec"]["predictor"]["containers"][0]["args"]
