@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pytest
 import yaml
+from registered import register_version
 
 from components.deployment import (
     DeploymentError,
@@ -15,8 +15,6 @@ from components.deployment import (
     champion_storage_uri,
     inference_service,
 )
-from components.registry import PromotionGates, register_model
-from components.tracking import connect
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "serving"
 EXAMPLE = dict(
@@ -72,18 +70,7 @@ def test_the_serving_pods_data_path(settings, model_a, tmp_path):
 
     from components.stack import free_port, spawn_server, stop_server, wait_healthy
 
-    connect(settings.mlflow_uri, "stored")
-    with mlflow.start_run() as run:
-        pass
-    version = register_model(
-        model_a,
-        run_id=run.info.run_id,
-        category="stored",
-        metrics={"image_auroc": 1.0},
-        data_version="d",
-        code_version="c",
-        gates=PromotionGates(min_image_auroc=0.0),
-    ).version
+    version = register_version(settings, model_a, "stored")
     uri = champion_storage_uri("fod-stored", version, settings.mlflow_artifacts)
     assert uri.startswith(f"s3://{settings.bucket}/mlflow/")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import yaml
 from kube_api import FakeKubeApi, self_signed_certificate
+from registered import register_version
 
 from components import deployment
 from components.deployment import (
@@ -170,30 +171,12 @@ def test_the_deployer_token_secret_is_used_over_tls(tmp_path, monkeypatch):
 def test_a_version_is_tagged_deployed_only_once_ready(kube, settings, model_a, monkeypatch):
     """The deploy step on the real MLflow: the tag ``deployed`` names the ready revision;
     a version that never becomes Ready is not tagged and the champion alias is not moved."""
-    import mlflow
     from mlflow import MlflowClient
 
     from components.deployment import DeployTarget, deploy_champion
-    from components.registry import PromotionGates, register_model
-    from components.tracking import connect
 
     monkeypatch.setattr(deployment, "READY_POLL_SECONDS", 0.01)
-    connect(settings.mlflow_uri, "kube")
-    versions = []
-    for _ in range(2):
-        with mlflow.start_run() as run:
-            pass
-        versions.append(
-            register_model(
-                model_a,
-                run_id=run.info.run_id,
-                category="kube",
-                metrics={"image_auroc": 1.0},
-                data_version="d",
-                code_version="c",
-                gates=PromotionGates(min_image_auroc=0.0),
-            ).version
-        )
+    versions = [register_version(settings, model_a, "kube") for _ in range(2)]
     client = MlflowClient()
     first = deploy_champion("fod-kube", versions[0], DeployTarget.KSERVE, ready_timeout=10)
     assert first["revision"] == "fod-kube-predictor-00001"
