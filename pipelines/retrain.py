@@ -7,6 +7,10 @@ extracts only the new images, the registry's gates decide whether the new model 
 the champion, and the deploy step serves it. Otherwise nothing runs and the reason is
 logged. A lock lets one retrain run at a time; an interrupted one is started again with
 the same data version and finishes, reusing the steps that completed (KFP caching).
+
+On a cluster (``kfp_host``) the checking pod keeps no state: a claim in MLflow
+(``RetrainClaims``) says which check submitted which data version and its KFP run, so a
+second scheduler does not submit it again and a new pod waits for the run of one that died.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "retrain.json"
 LOCK_FILE = "retrain.lock"
+CLAIMS_EXPERIMENT = "fod-retrain-claims"
+CLAIM_STALE_SECONDS = 2 * 6 * 3600.0  # twice a KFP run's timeout: its holder is gone
 
 
 class RetrainBusy(RuntimeError):
@@ -126,6 +132,92 @@ class RetrainLock:
             self._handle = None
 
 
+@dataclass(frozen=True)
+class Claim:
+    run_id: str  # the MLflow run that holds it
+    data_version: str
+    started_ms: int
+    holder: str = ""
+    kfp_run_id: str = ""
+
+
+class RetrainClaims:
+    """Which check is retraining which data version, kept in MLflow (one RUNNING run per
+    claim) so that it outlives the checking pod, whose state is an emptyDir, and is seen
+    by every scheduler: the CronJob, a KFP recurring run, a person running `fod retrain`.
+
+    A check submits only with a claim; a check that finds a claim with a KFP run waits for
+    that run (a resume after its holder died) instead of submitting it twice."""
+
+    def __init__(self, client=None) -> None:
+        from mlflow import MlflowClient
+
+        self.client = client or MlflowClient()
+        found = self.client.get_experiment_by_name(CLAIMS_EXPERIMENT)
+        self.experiment_id = (
+            found.experiment_id if found else self.client.create_experiment(CLAIMS_EXPERIMENT)
+        )
+
+    def active(self, data_version: str) -> list[Claim]:
+        """The live claims on a data version, oldest first; stale ones are closed."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.data_version = '{data_version}'",
+        )
+        now_ms = time.time() * 1000
+        claims = []
+        for run in runs:
+            if now_ms - run.info.start_time > CLAIM_STALE_SECONDS * 1000:
+                log.warning("closing a stale retrain claim %s", run.info.run_id)
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                continue
+            tags = run.data.tags
+            claims.append(
+                Claim(
+                    run.info.run_id,
+                    data_version,
+                    run.info.start_time,
+                    tags.get("holder", ""),
+                    tags.get("kfp_run_id", ""),
+                )
+            )
+        return sorted(claims, key=lambda c: (c.started_ms, c.run_id))
+
+    def create(self, data_version: str, categories: list[str], holder: str) -> Claim:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"retrain {data_version[:12]}",
+            tags={
+                "data_version": data_version,
+                "categories": ",".join(categories),
+                "holder": holder,
+            },
+        )
+        return Claim(run.info.run_id, data_version, run.info.start_time, holder)
+
+    def acquire(
+        self, data_version: str, categories: list[str], holder: str
+    ) -> tuple[Claim | None, Claim | None]:
+        """``(mine, None)`` when this check may submit, ``(None, theirs)`` when another
+        holds the data version. Two checks that claim at the same moment both see both
+        claims once written; the older one wins, the other withdraws."""
+        existing = self.active(data_version)
+        if existing:
+            return None, existing[0]
+        mine = self.create(data_version, categories, holder)
+        first = self.active(data_version)[0]
+        if first.run_id != mine.run_id:
+            self.release(mine, "KILLED")
+            return None, first
+        return mine, None
+
+    def record(self, claim: Claim, kfp_run_id: str) -> None:
+        self.client.set_tag(claim.run_id, "kfp_run_id", kfp_run_id)
+
+    def release(self, claim: Claim, status: str = "FINISHED") -> None:
+        self.client.set_terminated(claim.run_id, status)
+
+
 def _read_state(home: Path) -> dict:
     path = home / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -157,7 +249,7 @@ def retrain_once(
     local runner."""
     from mlflow import MlflowClient
 
-    from pipelines.training import run_local, submit
+    from pipelines.training import run_local
 
     home = Path(home or fod_home())
     repo_root = Path(repo_root).resolve()
@@ -202,7 +294,12 @@ def retrain_once(
         } | (arguments or {})
         started = time.perf_counter()
         if kfp_host:
-            report["kfp_run_id"] = submit(pipeline_arguments, kfp_host, wait=True)
+            run_id = _run_on_kfp(pipeline_arguments, kfp_host, version.md5, todo)
+            if run_id is None:
+                report["busy"] = "another check is submitting this data version"
+                _write_state(home, {"status": "done", "data_version": version.md5})
+                return report
+            report["kfp_run_id"] = run_id
         else:
             run_local(pipeline_arguments, Path(pipeline_root))
         report["pipeline_seconds"] = round(time.perf_counter() - started, 1)
@@ -230,6 +327,42 @@ def retrain_once(
                 (latest.tags or {}).get("evidence", "unrecorded evidence"),
             )
         return report
+
+
+def _run_on_kfp(arguments: dict, host: str, data_version: str, categories: list[str]):
+    """Submit under a claim and wait; or wait for the run of a claim already held. None
+    when another check holds the data version and has not submitted yet."""
+    import socket
+
+    from pipelines.training import submit, wait_for_run
+
+    claims = RetrainClaims()
+    mine, theirs = claims.acquire(data_version, categories, holder=socket.gethostname())
+    short = data_version.removesuffix(".dir")[:12]
+    if theirs is not None:
+        if not theirs.kfp_run_id:
+            log.info("data %s is claimed by %s, which is submitting: nothing to do", short,
+                     theirs.holder or theirs.run_id)  # fmt: skip
+            return None
+        log.info("data %s is already being trained by KFP run %s (claimed by %s): waiting "
+                 "for it instead of submitting again", short, theirs.kfp_run_id,
+                 theirs.holder or theirs.run_id)  # fmt: skip
+        try:
+            wait_for_run(host, theirs.kfp_run_id)
+        except BaseException:
+            claims.release(theirs, "FAILED")
+            raise
+        claims.release(theirs)
+        return theirs.kfp_run_id
+    try:
+        run_id = submit(arguments, host)
+        claims.record(mine, run_id)
+        wait_for_run(host, run_id)
+    except BaseException:
+        claims.release(mine, "FAILED")  # the next check submits again (KFP's cache helps)
+        raise
+    claims.release(mine)
+    return run_id
 
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")

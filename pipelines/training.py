@@ -32,6 +32,7 @@ CUDA_STEPS = ("train-fod",)
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 # The deploy step talks to the Kubernetes API as fod-deployer (infra/kfp-standalone).
 DEPLOYER_TOKEN_SECRET = "fod-deployer-token"
+RUN_TIMEOUT = 6 * 3600.0  # how long a submitter waits for a KFP run
 
 
 def with_stack(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -347,7 +348,7 @@ def submit(
     *,
     experiment: str = "fod",
     wait: bool = False,
-    timeout: float = 6 * 3600,
+    timeout: float = RUN_TIMEOUT,
 ) -> str:
     """Compile and submit the pipeline to a KFP endpoint; optionally wait for success."""
     import tempfile
@@ -363,8 +364,15 @@ def submit(
         )
     log.info("submitted run %s to %s", run.run_id, host)
     if wait:
-        detail = client.wait_for_run_completion(run.run_id, timeout=timeout)
-        state = str(getattr(detail, "state", "")).upper()
-        if "SUCCEEDED" not in state:
-            raise SubmitError(f"KFP run {run.run_id} ended in state {state or 'unknown'}")
+        wait_for_run(host, run.run_id, timeout=timeout, client=client)
     return run.run_id
+
+
+
+def wait_for_run(host: str, run_id: str, *, timeout: float = RUN_TIMEOUT, client=None) -> None:
+    """Until the KFP run ends; SubmitError unless it succeeded."""
+    client = client or kfp_client(host)
+    detail = kfp_call(host, lambda: client.wait_for_run_completion(run_id, timeout=timeout))
+    state = str(getattr(detail, "state", "")).upper()
+    if "SUCCEEDED" not in state:
+        raise SubmitError(f"KFP run {run_id} ended in state {state or 'unknown'}")

@@ -149,6 +149,62 @@ def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, tracked_repo, 
     )  # fmt: skip
     assert code == 2
     assert "is unreachable" in capsys.readouterr().err
+    # the claim taken to submit is closed: the next check is not kept out by it
+    from components.data_version import read_data_version
+    from pipelines.retrain import RetrainClaims
+
+    claims = RetrainClaims()
+    version = read_data_version(dvc_file).md5
+    assert claims.active(version) == []
+    closed = claims.client.search_runs(
+        [claims.experiment_id], filter_string=f"tags.data_version = '{version}'"
+    )
+    assert [run.info.status for run in closed] == ["FAILED"]
+
+
+def test_claims_keep_one_submitter_per_data_version_and_let_a_new_pod_resume(stack):
+    """The CronJob's state is an emptyDir, and a KFP recurring run may check too: which
+    check trains which data version is in MLflow. A second check does not submit again; a
+    new pod finds the KFP run of a holder that died and waits for it."""
+    from pipelines.retrain import RetrainClaims
+
+    claims = RetrainClaims()
+    data = "claimed-version.dir"
+    mine, theirs = claims.acquire(data, ["widget"], "cronjob-pod-1")
+    assert mine is not None and theirs is None
+    second, theirs = claims.acquire(data, ["widget"], "recurring-run-pod")
+    assert second is None and theirs.run_id == mine.run_id and not theirs.kfp_run_id
+    claims.record(mine, "kfp-run-7")
+    _, theirs = RetrainClaims().acquire(data, ["widget"], "cronjob-pod-2")  # pod 1 died
+    assert (theirs.kfp_run_id, theirs.holder) == ("kfp-run-7", "cronjob-pod-1")
+    claims.release(mine)
+    fresh, theirs = claims.acquire(data, ["widget"], "cronjob-pod-3")
+    assert fresh is not None and theirs is None
+    claims.release(fresh)
+
+
+def test_of_two_claims_written_at_once_the_older_wins(stack):
+    from pipelines.retrain import RetrainClaims
+
+    claims = RetrainClaims()
+    data = "raced-version.dir"
+    first = claims.create(data, ["widget"], "cronjob")
+    second = claims.create(data, ["widget"], "recurring-run")
+    assert [c.run_id for c in claims.active(data)] == [first.run_id, second.run_id]
+    _, theirs = claims.acquire(data, ["widget"], "a-third-check")
+    assert theirs.run_id == first.run_id
+    for claim in (first, second):
+        claims.release(claim)
+
+
+def test_a_stale_claim_is_closed(stack, monkeypatch):
+    from pipelines import retrain
+
+    claims = retrain.RetrainClaims()
+    stale = claims.create("stale-version.dir", ["widget"], "a-pod-long-gone")
+    monkeypatch.setattr(retrain, "CLAIM_STALE_SECONDS", 0.0)
+    assert claims.active("stale-version.dir") == []
+    assert claims.client.get_run(stale.run_id).info.status == "KILLED"
 
 
 @pytest.mark.slow
