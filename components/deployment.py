@@ -55,7 +55,9 @@ class DeploymentError(RuntimeError):
 
 
 def champion_uri(name: str) -> str:
-    return f"models:/{name}@champion"
+    from components.registry import CHAMPION
+
+    return f"models:/{name}@{CHAMPION}"
 
 
 # -- local ------------------------------------------------------------------------------

@@ -162,22 +162,19 @@ class ModelSource:
     def model_name(self) -> str:
         if self.is_registry:
             return self._parts()[0]
+        from components.tracking import registered_name
+
         category = read_manifest(_find_artifact(Path(self.uri))).get("category")
-        return f"fod-{category}" if category else "fod"
+        return registered_name(category) if category else "fod"
 
 
 def _find_artifact(path: Path) -> Path:
-    if not path.exists():
-        raise ServingError(f"{path} does not exist")
-    if (path / "fod.json").is_file():
-        return path
-    found = sorted(p.parent for p in path.rglob("fod.json"))
-    if len(found) != 1:
-        raise ServingError(
-            f"{path} holds {'no' if not found else len(found)} FOD model artefacts (fod.json); "
-            "point at one model directory"
-        )
-    return found[0]
+    from fod_core.artifact import ArtifactError, find_model_dir
+
+    try:
+        return find_model_dir(path)
+    except ArtifactError as error:
+        raise ServingError(str(error)) from error
 
 
 # -- request decoding -------------------------------------------------------------------

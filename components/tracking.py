@@ -122,11 +122,13 @@ def log_fod_model(model_dir: str | Path, run_id: str) -> str:
 
 def download_fod_model(model_uri: str, dest: str | Path) -> Path:
     """The FOD artefact directory of a logged/registered model (e.g. ``models:/x@champion``)."""
+    from fod_core.artifact import ArtifactError, find_model_dir
+
     local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dest))
-    candidates = list(Path(local).rglob("fod.json"))
-    if not candidates:
-        raise TrackingError(f"{model_uri} holds no FOD model artefact")
-    return candidates[0].parent
+    try:
+        return find_model_dir(local)
+    except ArtifactError as error:
+        raise TrackingError(f"{model_uri}: {error}") from error
 
 
 def level_weights_tag(model_dir: str | Path) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from components.features import DEFAULT_CACHE_PREFIX
 from components.settings import StackSettings
 from components.storage import S3Store
+from fod_core.artifact import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def train_and_track(
             summary["guaranteed_false_alarm_rate"] = outcome.threshold.guaranteed_false_alarm_rate
         mlflow.log_metrics(summary)
         out_dir = Path(out_dir)
-        mlflow.log_artifact(str(out_dir / "fod.json"), artifact_path="training")
+        mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="training")
         if (out_dir / "training_curves.png").is_file():
             mlflow.log_artifact(str(out_dir / "training_curves.png"), artifact_path="training")
         return run.info.run_id, summary

@@ -37,6 +37,23 @@ class ArtifactError(RuntimeError):
     """A model directory that is missing, incomplete or of another format."""
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """The one model directory at or under ``path`` (the folder with ``fod.json``): a model
+    directory itself, or a downloaded MLflow model that holds one."""
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist")
+    if (path / MANIFEST).is_file():
+        return path
+    found = sorted(p.parent for p in path.rglob(MANIFEST))
+    if len(found) != 1:
+        raise ArtifactError(
+            f"{path} holds {'no' if not found else len(found)} FOD model artefacts "
+            f"({MANIFEST}); point at one model directory"
+        )
+    return found[0]
+
+
 def save_artifact(
     directory: str | Path,
     *,

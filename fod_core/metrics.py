@@ -96,9 +96,14 @@ def roc_points(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarr
     return fpr, tpr
 
 
+def alarms(scores, threshold: float) -> np.ndarray:
+    """The decision rule, in its one home: a score at or above the threshold is an alarm."""
+    return np.asarray(scores) >= threshold
+
+
 def confusion_at(labels: Sequence[int], scores: Sequence[float], threshold: float) -> dict:
     labels = np.asarray(labels).astype(bool)
-    predicted = np.asarray(scores) >= threshold
+    predicted = alarms(scores, threshold)
     return {
         "tp": int((predicted & labels).sum()),
         "fp": int((predicted & ~labels).sum()),

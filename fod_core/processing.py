@@ -213,4 +213,6 @@ class PostProcessing:
     def is_anomalous(self, scores: torch.Tensor | np.ndarray) -> np.ndarray:
         if self.threshold is None:
             raise ValueError("the model has no calibrated threshold; run calibration first")
-        return np.asarray(scores) >= self.threshold
+        from fod_core.metrics import alarms
+
+        return alarms(scores, self.threshold)

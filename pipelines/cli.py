@@ -151,6 +151,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         deploy_champion,
         inference_service,
     )
+    from components.registry import CHAMPION
+    from components.tracking import registered_name
 
     if args.action == "render":
         import yaml
@@ -158,7 +160,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if not (args.storage_uri and args.model_version):
             raise DeploymentError("`fod deploy render` needs --storage-uri and --model-version")
         manifest = inference_service(
-            f"fod-{args.category}",
+            registered_name(args.category),
             storage_uri=args.storage_uri,
             model_version=args.model_version,
             namespace=args.namespace,
@@ -177,7 +179,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             print(json.dumps({"name": server.name, "url": server.url, "status": server.status()}))
         return 0
     if args.action == "stop":
-        names = [f"fod-{args.category}"] if args.category else [s.name for s in serving.servers()]
+        names = (
+            [registered_name(args.category)]
+            if args.category
+            else [s.name for s in serving.servers()]
+        )
         for name in names:
             serving.stop(name)
             print(f"stopped {name}")
@@ -191,7 +197,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     settings.export()
     name = registered_name(args.category)
     client = MlflowClient()
-    version = args.model_version or client.get_model_version_by_alias(name, "champion").version
+    version = args.model_version or client.get_model_version_by_alias(name, CHAMPION).version
     result = deploy_champion(
         name,
         version,

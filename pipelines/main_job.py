@@ -97,9 +97,11 @@ def run_main_job(
     run_local(arguments, repo_root / "runs" / "pipeline")
     timings["pipeline_s"] = time.perf_counter() - started - sum(timings.values())
 
+    from components.registry import CHAMPION
+
     client = MlflowClient(settings.mlflow_uri)
     name = registered_name(DEMO_CATEGORY)
-    champion = client.get_model_version_by_alias(name, "champion")
+    champion = client.get_model_version_by_alias(name, CHAMPION)
     latest = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     server = LocalServing(stack.home).get(name)
     samples = sorted((data_dir / DEMO_CATEGORY / "test").glob("*/000.png"))

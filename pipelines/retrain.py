@@ -54,8 +54,10 @@ class RetrainDecision:
 def _champion(client, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
+    from components.registry import CHAMPION
+
     try:
-        return client.get_model_version_by_alias(name, "champion").version
+        return client.get_model_version_by_alias(name, CHAMPION).version
     except MlflowException:
         return None
 

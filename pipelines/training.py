@@ -368,7 +368,6 @@ def submit(
     return run.run_id
 
 
-
 def wait_for_run(host: str, run_id: str, *, timeout: float = RUN_TIMEOUT, client=None) -> None:
     """Until the KFP run ends; SubmitError unless it succeeded."""
     client = client or kfp_client(host)
