@@ -26,19 +26,16 @@ def fill_cache(
     progress: bool = True,
 ) -> dict[str, float]:
     """Extract features of every image the cache lacks; returns hits, misses, seconds."""
-    from fod_core.backbone import BackboneSpec, FeatureExtractor
+    from fod_core.backbone import BackboneSpec
     from fod_core.cache import FeatureCache
     from fod_core.data import load_category
-    from fod_core.processing import PreProcessing
     from fod_core.runtime import configure_cpu_numerics
 
     configure_cpu_numerics()
     store = S3Store(settings, cache_prefix)
     store.check()
     data = load_category(data_root, category, data_format)
-    extractor = FeatureExtractor(spec=BackboneSpec(name=backbone))
-    pre = PreProcessing(image_size, extractor.mean, extractor.std)
-    cache = FeatureCache(store, extractor, pre)
+    cache = FeatureCache.for_backbone(store, BackboneSpec(name=backbone), image_size)
     started = time.perf_counter()
     _, stats = cache.features(data.train, progress=progress, desc=category)
     seconds = time.perf_counter() - started

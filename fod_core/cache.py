@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fod_core.backbone import FeatureExtractor
+from fod_core.backbone import BackboneSpec, FeatureExtractor
 from fod_core.data import ImageRecord
 from fod_core.processing import PreProcessing, read_image
 
@@ -100,6 +100,13 @@ class FeatureCache:
         self.extractor = extractor
         self.pre = pre
         self.prefix = extractor_key(extractor, pre)
+
+    @classmethod
+    def for_backbone(cls, store: BlobStore, spec: BackboneSpec, image_size: int) -> FeatureCache:
+        """The one way the pipeline's cache step and training build the extractor and its
+        pre-processing: both must agree for the cache to hit."""
+        extractor = FeatureExtractor(spec=spec)
+        return cls(store, extractor, PreProcessing(image_size, extractor.mean, extractor.std))
 
     def _key(self, content_hash: str) -> str:
         return f"{self.prefix}/{content_hash[:2]}/{content_hash}.npz"

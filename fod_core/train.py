@@ -26,7 +26,7 @@ from fod_core.config import ModelConfig, TrainConfig
 from fod_core.data import DatasetFormat, load_category, split_sizes, split_validation
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
-from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.processing import PostProcessing
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import FODTrainer, TrainResult, class_references, resolve_device
 from fod_core.visualize import plot_training_curves
@@ -96,9 +96,12 @@ def train_model(
 
     device = resolve_device(train_config.device)
     started = time.perf_counter()
-    extractor = FeatureExtractor(spec=model_config.backbone)
-    pre = PreProcessing(model_config.image_size, extractor.mean, extractor.std)
-    cache = FeatureCache(cache_store or LocalStore(default_cache_dir()), extractor, pre)
+    cache = FeatureCache.for_backbone(
+        cache_store or LocalStore(default_cache_dir()),
+        model_config.backbone,
+        model_config.image_size,
+    )
+    extractor, pre = cache.extractor, cache.pre
     train_features, train_stats = cache.features(
         train_records, device=device, progress=progress, desc="train features"
     )
