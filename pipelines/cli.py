@@ -114,9 +114,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.main_job import DemoSettings, run_main_job
+    from pipelines.demo import DemoSettings, run_demo
 
-    summary = run_main_job(".", demo=DemoSettings(epochs=args.epochs))
+    summary = run_demo(".", demo=DemoSettings(epochs=args.epochs))
     print("\nFOD main job done")
     print(f"  MLflow UI          {summary['mlflow_ui']}")
     print(
@@ -224,7 +224,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         if value is not None
     }
     if args.preset == "demo":
-        from pipelines.main_job import DemoSettings
+        from pipelines.demo import DemoSettings
 
         overrides = DemoSettings().training_arguments() | overrides
     check = partial(

@@ -15,7 +15,7 @@ import yaml
 from kfp import compiler, dsl
 
 from components.settings import DEFAULT_IMAGE
-from pipelines.training import set_images, with_stack
+from pipelines.training import set_images, with_cluster_settings
 
 SPEC = Path(__file__).resolve().parents[1] / "infra" / "kfp" / "recurring-run.yaml"
 COMPILED_YAML = Path(__file__).with_name("fod_retrain_check.yaml")
@@ -79,7 +79,8 @@ def retrain_check_pipeline(
         deploy_target=deploy_target,
         warm_start=warm_start,
     )
-    with_stack(check).set_caching_options(False)  # a check must look at the data every time
+    # never cached: a check must look at the data every time
+    with_cluster_settings(check).set_caching_options(False)
 
 
 def compile_check(path: str | Path = COMPILED_YAML) -> Path:

@@ -35,7 +35,7 @@ DEPLOYER_TOKEN_SECRET = "fod-deployer-token"
 RUN_TIMEOUT = 6 * 3600.0  # how long a submitter waits for a KFP run
 
 
-def with_stack(task: dsl.PipelineTask) -> dsl.PipelineTask:
+def with_cluster_settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """In a cluster every step reaches S3 and MLflow through the environment: endpoints
     from the ConfigMap, keys from the Secret (infra/base). The local runner ignores this
     and passes the embedded stack's environment instead."""
@@ -95,9 +95,9 @@ def category_pipeline(
         min_size=min_image_size,
         require_masks=require_masks,
     )
-    with_stack(validation).set_caching_options(False)
+    with_cluster_settings(validation).set_caching_options(False)
     with dsl.If(validation.outputs["Output"] == False, name="data-invalid"):  # noqa: E712
-        with_stack(steps.fail_validation(data_docs=validation.outputs["data_docs"]))
+        with_cluster_settings(steps.fail_validation(data_docs=validation.outputs["data_docs"]))
     with dsl.If(validation.outputs["Output"] == True, name="data-valid"):  # noqa: E712
         features = steps.cache_features(
             dataset=dataset,
@@ -107,7 +107,7 @@ def category_pipeline(
             image_size=image_size,
             cache_prefix=cache_prefix,
         )
-        with_stack(features).set_caching_options(False)
+        with_cluster_settings(features).set_caching_options(False)
         train = steps.train_fod(
             dataset=dataset,
             category=category,
@@ -124,7 +124,7 @@ def category_pipeline(
             cache_prefix=cache_prefix,
             warm_start=warm_start,
         ).after(features)
-        with_stack(train).set_caching_options(True)
+        with_cluster_settings(train).set_caching_options(True)
         train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
         # A GPU on a cluster, tolerating the taint of GPU nodes (a parameter: clusters name
         # it differently); the local runner ignores both and trains on CPU.
@@ -140,7 +140,7 @@ def category_pipeline(
             anomalies_subdir=anomalies_subdir,
             level_weights=level_weights,
         )
-        with_stack(calibration).set_caching_options(True)
+        with_cluster_settings(calibration).set_caching_options(True)
         evaluation = steps.evaluate_model(
             dataset=dataset,
             model=calibration.outputs["model"],
@@ -148,7 +148,7 @@ def category_pipeline(
             data_format=data_format,
             run_id=train.outputs["Output"],
         )
-        with_stack(evaluation).set_caching_options(True)
+        with_cluster_settings(evaluation).set_caching_options(True)
         registration = steps.register_model(
             model=calibration.outputs["model"],
             dataset=dataset,
@@ -166,7 +166,7 @@ def category_pipeline(
             tolerance=promotion_tolerance,
         )
         # Never cached: it moves aliases in the registry, and a cached run would skip that.
-        with_stack(registration).set_caching_options(False)
+        with_cluster_settings(registration).set_caching_options(False)
         deployment = steps.deploy_model(
             category=category,
             champion_version=registration.outputs["champion_version"],
@@ -174,7 +174,8 @@ def category_pipeline(
             namespace=serving_namespace,
             canary_traffic_percent=canary_traffic_percent,
         )
-        with_stack(deployment).set_caching_options(False)  # it checks a live server every time
+        # never cached: it checks a live server every time
+        with_cluster_settings(deployment).set_caching_options(False)
         kubernetes.use_secret_as_volume(
             deployment,
             secret_name=DEPLOYER_TOKEN_SECRET,
@@ -222,7 +223,7 @@ def training_pipeline(
     gpu_tolerations: list = GPU_TOLERATIONS,
 ):
     data = steps.fetch_data(dvc_remote=dvc_remote, data_version=data_version)
-    with_stack(data).set_caching_options(True)
+    with_cluster_settings(data).set_caching_options(True)
     with dsl.ParallelFor(categories, parallelism=4) as category:
         category_pipeline(
             dataset=data.outputs["dataset"],

@@ -62,7 +62,7 @@ def pipeline_arguments(
     }
 
 
-def run_main_job(
+def run_demo(
     repo_root: str | Path = ".",
     *,
     demo: DemoSettings | None = None,
