@@ -162,6 +162,7 @@ def calibrate_threshold(
     target_false_alarm_rate: float,
     anomalies_subdir: str,
     level_weights: str,
+    run_id: str,
     model: Output[Model],
 ) -> float:
     """Threshold from validation normals (false-alarm quantile), or F1-optimal when a
@@ -170,6 +171,8 @@ def calibrate_threshold(
     import shutil
     from pathlib import Path
 
+    from components.settings import load_settings
+    from components.tracking import log_calibration
     from fod_core.calibration import calibrate_model
     from fod_core.data import list_images
 
@@ -189,6 +192,8 @@ def calibrate_threshold(
         anomalous_images=anomalies,
         level_weighting=level_weights,
     )
+    load_settings().export()
+    log_calibration(run_id, threshold)
     model.metadata.update({k: str(v) for k, v in threshold.to_dict().items()})
     model.metadata["level_weights"] = level_weights
     model.metadata["framework"] = "fod"

@@ -120,6 +120,16 @@ def log_fod_model(model_dir: str | Path, run_id: str) -> str:
     return info.model_uri
 
 
+def log_calibration(run_id: str, threshold) -> None:
+    """The calibrated threshold and its promise, in the training run (the one place)."""
+    metrics = {"threshold": threshold.value}
+    if threshold.guaranteed_false_alarm_rate is not None:
+        metrics["guaranteed_false_alarm_rate"] = threshold.guaranteed_false_alarm_rate
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(metrics)
+        mlflow.log_param("threshold.mode", threshold.mode.value)
+
+
 def download_fod_model(model_uri: str, dest: str | Path) -> Path:
     """The FOD artefact directory of a logged/registered model (e.g. ``models:/x@champion``)."""
     from fod_core.artifact import ArtifactError, find_model_dir

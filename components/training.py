@@ -94,6 +94,7 @@ def train_and_track(
                 progress=progress,
                 metadata={"data_version": data_version, "code_version": code_version},
                 init_from=init_dir,
+                calibrate=False,  # the pipeline's calibrate_threshold step does it, once
             )
         for record in outcome.result.history:
             values = {k.replace("/", "."): v for k, v in record.train.items()}
@@ -103,7 +104,6 @@ def train_and_track(
             mlflow.log_metrics(values, step=record.epoch)
         summary = {
             "best_epoch": float(outcome.result.best_epoch),
-            "threshold": outcome.threshold.value,
             "cache_hits": float(outcome.cache["train"].hits + outcome.cache["val"].hits),
             "cache_misses": float(outcome.cache["train"].misses + outcome.cache["val"].misses),
             **{k: round(v, 3) for k, v in outcome.seconds.items()},
@@ -111,8 +111,6 @@ def train_and_track(
         if outcome.result.best_val_loss is not None:
             summary["best_val_reconstruction"] = outcome.result.best_val_loss
         summary |= {f"split_{k}": float(v) for k, v in (outcome.splits or {}).items()}
-        if outcome.threshold.guaranteed_false_alarm_rate is not None:
-            summary["guaranteed_false_alarm_rate"] = outcome.threshold.guaranteed_false_alarm_rate
         mlflow.log_metrics(summary)
         out_dir = Path(out_dir)
         mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="training")

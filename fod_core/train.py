@@ -44,7 +44,7 @@ def default_cache_dir() -> Path:
 class TrainOutcome:
     model_dir: Path
     result: TrainResult
-    threshold: Threshold
+    threshold: Threshold | None  # None: left to a calibration step (the pipeline's)
     cache: dict[str, CacheStats]
     seconds: dict[str, float]
     level_weights: LevelWeightChoice | None = None
@@ -68,6 +68,7 @@ def train_model(
     on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
     metadata: dict | None = None,
     init_from: str | Path | None = None,
+    calibrate: bool = True,
 ) -> TrainOutcome:
     """Train one category and write a calibrated model artefact to ``out_dir``.
 
@@ -75,7 +76,8 @@ def train_model(
     training (warm start when retraining on grown data); the class reference is always
     recomputed from this data. ``level_weighting``: EQUAL averages the levels' maps (the
     method); SYNTHETIC weights them for the best AUPRO on anomalies planted into the
-    validation images."""
+    validation images. ``calibrate=False`` leaves level weights and threshold to a later
+    ``calibrate_model`` (the pipeline's calibration step), so they are derived once."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -135,21 +137,28 @@ def train_model(
         post=PostProcessing(model_config.image_size, model_config.score_sigma),
         device=device,
     )
-    started = time.perf_counter()
-    level_weights = apply_level_weighting(
-        detector,
-        level_weighting,
-        [r.path for r in val_records],
-        [r.path for r in train_records],
-        seed=train_config.seed,
-    )
-    timings["level_weights_s"] = time.perf_counter() - started
-    calibration_records = val_records or train_records
-    if not val_records:
-        log.warning("no validation images: calibrating on training images (optimistic)")
-    val_scores = [p.score for p in detector.predict([r.path for r in calibration_records])]
-    threshold = calibrate_threshold(val_scores, target_false_alarm_rate=target_false_alarm_rate)
-    detector.with_threshold(threshold.value, threshold.mode.value)
+    level_weights, threshold, calibration = None, None, {"pending": "a calibration step"}
+    if calibrate:
+        started = time.perf_counter()
+        level_weights = apply_level_weighting(
+            detector,
+            level_weighting,
+            [r.path for r in val_records],
+            [r.path for r in train_records],
+            seed=train_config.seed,
+        )
+        timings["level_weights_s"] = time.perf_counter() - started
+        calibration_records = val_records or train_records
+        if not val_records:
+            log.warning("no validation images: calibrating on training images (optimistic)")
+        val_scores = [p.score for p in detector.predict([r.path for r in calibration_records])]
+        threshold = calibrate_threshold(val_scores, target_false_alarm_rate=target_false_alarm_rate)
+        detector.with_threshold(threshold.value, threshold.mode.value)
+        calibration = {
+            **threshold.to_dict(),
+            "validation_scores": val_scores,
+            "calibrated_on": "validation split" if val_records else "training images",
+        }
     history = [r.__dict__ for r in result.history]
     save_artifact(
         out_dir,
@@ -176,11 +185,7 @@ def train_model(
                 **timings,
             },
             "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
-            "calibration": {
-                **threshold.to_dict(),
-                "validation_scores": val_scores,
-                "calibrated_on": "validation split" if val_records else "training images",
-            },
+            "calibration": calibration,
             "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
             **(metadata or {}),
         },

@@ -139,6 +139,7 @@ def category_pipeline(
             target_false_alarm_rate=target_false_alarm_rate,
             anomalies_subdir=anomalies_subdir,
             level_weights=level_weights,
+            run_id=train.outputs["Output"],
         )
         with_cluster_settings(calibration).set_caching_options(True)
         evaluation = steps.evaluate_model(

@@ -151,6 +151,10 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     run = client.get_run(champion.run_id)
     assert run.data.tags["data_version"] == version.md5
     assert len(client.get_metric_history(run.info.run_id, "val_reconstruction")) == 30
+    # The threshold is calibrated once per run, and MLflow has the value the model uses.
+    thresholds = client.get_metric_history(run.info.run_id, "threshold")
+    served = read_manifest(registered)["postprocessing"]["threshold"]
+    assert [m.value for m in thresholds] == [pytest.approx(served)]
     assert run.data.metrics["test_image_auroc"] >= 0.8
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/roc.png", "evaluation/metrics.json"} <= artifacts
