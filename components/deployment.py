@@ -14,6 +14,7 @@ KServe's storage initializer downloads from the MLflow artifact location in S3 i
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -361,7 +362,13 @@ class Applied:
     previous_revision: str | None = None  # the predictor's latest revision before the change
 
 
-def kubernetes_api(token_dir: str | Path | None = None):
+@dataclass(frozen=True)
+class KubeClient:
+    api: object  # kubernetes.client.CustomObjectsApi
+    identity: str  # whom it acts as, for error messages
+
+
+def kubernetes_api(token_dir: str | Path | None = None) -> KubeClient:
     """A CustomObjectsApi client and a description of whom it acts as.
 
     In order: the deployer's token (a pipeline's deploy step), ``KUBECONFIG`` or
@@ -392,7 +399,11 @@ def kubernetes_api(token_dir: str | Path | None = None):
                 identity = "this pod's service account"
     except Exception as error:  # no token, no kubeconfig, not in a pod
         raise DeploymentError(f"no Kubernetes cluster configured: {error}") from error
-    return client.CustomObjectsApi(client.ApiClient(configuration)), identity
+    return KubeClient(client.CustomObjectsApi(client.ApiClient(configuration)), identity)
+
+
+def _predictor_status(service: dict) -> dict:
+    return ((service.get("status") or {}).get("components") or {}).get("predictor") or {}
 
 
 def _api_error(
@@ -415,7 +426,7 @@ def _api_error(
     )
 
 
-def apply_inference_service(manifest: dict, *, api=None) -> Applied:
+def apply_inference_service(manifest: dict, *, client: KubeClient | None = None) -> Applied:
     """Create the InferenceService, or merge-patch it so KServe rolls out a new revision.
 
     The patch sets ``canaryTrafficPercent`` to null when the manifest has none: a merge
@@ -423,7 +434,8 @@ def apply_inference_service(manifest: dict, *, api=None) -> Applied:
     import urllib3
     from kubernetes.client.rest import ApiException
 
-    api, identity = (api, "the given client") if api is not None else kubernetes_api()
+    client = client or kubernetes_api()
+    api, identity = client.api, client.identity
     name = manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
     group, version, plural = KSERVE_API
@@ -452,8 +464,8 @@ def apply_inference_service(manifest: dict, *, api=None) -> Applied:
         except failures as error:
             raise _api_error(error, "create", namespace, name, identity) from error
         existing = get() or {}
-    previous = existing.get("status", {}).get("components", {}).get("predictor", {})
-    spec = json.loads(json.dumps(manifest["spec"]))
+    previous = _predictor_status(existing)
+    spec = copy.deepcopy(manifest["spec"])
     spec["predictor"].setdefault("canaryTrafficPercent", None)
     patch = {
         "metadata": {k: manifest["metadata"][k] for k in ("labels", "annotations")},
@@ -490,7 +502,7 @@ def rollout_state(service: dict, applied: Applied) -> tuple[bool, str]:
     status = service.get("status") or {}
     conditions = {c.get("type"): c for c in status.get("conditions") or []}
     ready = conditions.get("Ready", {})
-    predictor = (status.get("components") or {}).get("predictor") or {}
+    predictor = _predictor_status(service)
     created, ready_revision = (
         predictor.get("latestCreatedRevision"),
         predictor.get("latestReadyRevision"),
@@ -511,25 +523,29 @@ def rollout_state(service: dict, applied: Applied) -> tuple[bool, str]:
 
 
 def wait_until_ready(
-    applied: Applied, *, api=None, timeout: float = READY_TIMEOUT, poll: float | None = None
+    applied: Applied,
+    *,
+    client: KubeClient | None = None,
+    timeout: float = READY_TIMEOUT,
+    poll: float | None = None,
 ) -> dict:
     """Poll the InferenceService until the applied spec is Ready; DeploymentError on timeout.
 
     A timeout changes nothing: KServe keeps routing to the last ready revision."""
-    api, identity = (api, "the given client") if api is not None else kubernetes_api()
+    client = client or kubernetes_api()
     group, version, plural = KSERVE_API
     deadline = time.monotonic() + timeout
     why = "not polled"
     while True:
         try:
-            service = api.get_namespaced_custom_object(
+            service = client.api.get_namespaced_custom_object(
                 group, version, applied.namespace, plural, applied.name
             )
             ready, why = rollout_state(service, applied)
             if ready:
                 return service
         except Exception as error:  # a poll that fails is retried until the deadline
-            why = str(_api_error(error, "get", applied.namespace, applied.name, identity))
+            why = str(_api_error(error, "get", applied.namespace, applied.name, client.identity))
         if time.monotonic() >= deadline:
             raise DeploymentError(
                 f"InferenceService {applied.namespace}/{applied.name} was not Ready for "
@@ -601,22 +617,21 @@ def _deploy(
             name, version, http_port=http_port, grpc_port=grpc_port, env=env
         )
         return {"target": target.value, "deployed": True, "url": server.url, "version": version}
-    from components.settings import images, load_settings
+    from components.settings import load_settings
 
     manifest = inference_service(
         name,
         storage_uri=champion_storage_uri(name, version, load_settings().mlflow_artifacts),
         model_version=version,
         namespace=namespace,
-        image=images().cpu,
         canary_traffic_percent=canary_traffic_percent,
     )
     client = kubernetes_api()
-    applied = apply_inference_service(manifest, api=client[0])
+    applied = apply_inference_service(manifest, client=client)
     log.info("%s InferenceService %s/%s; waiting until it is Ready", applied.action,
              namespace, applied.name)  # fmt: skip
-    service = wait_until_ready(applied, api=client[0], timeout=ready_timeout)
-    predictor = (service.get("status", {}).get("components") or {}).get("predictor") or {}
+    service = wait_until_ready(applied, client=client, timeout=ready_timeout)
+    predictor = _predictor_status(service)
     return {
         "target": target.value,
         "deployed": True,

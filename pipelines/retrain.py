@@ -349,21 +349,18 @@ def _run_on_kfp(arguments: dict, host: str, data_version: str, categories: list[
         log.info("data %s is already being trained by KFP run %s (claimed by %s): waiting "
                  "for it instead of submitting again", short, theirs.kfp_run_id,
                  theirs.holder or theirs.run_id)  # fmt: skip
-        try:
-            wait_for_run(host, theirs.kfp_run_id)
-        except BaseException:
-            claims.release(theirs, "FAILED")
-            raise
-        claims.release(theirs)
-        return theirs.kfp_run_id
+        claim, run_id = theirs, theirs.kfp_run_id
+    else:
+        claim, run_id = mine, None
     try:
-        run_id = submit(arguments, host)
-        claims.record(mine, run_id)
+        if run_id is None:
+            run_id = submit(arguments, host)
+            claims.record(claim, run_id)
         wait_for_run(host, run_id)
     except BaseException:
-        claims.release(mine, "FAILED")  # the next check submits again (KFP's cache helps)
+        claims.release(claim, "FAILED")  # the next check submits again (KFP's cache helps)
         raise
-    claims.release(mine)
+    claims.release(claim)
     return run_id
 
 

@@ -156,13 +156,13 @@ def test_the_deployer_token_secret_is_used_over_tls(tmp_path, monkeypatch):
         monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "127.0.0.1")
         monkeypatch.setenv("KUBERNETES_SERVICE_PORT", str(server.server_address[1]))
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))
-        client, identity = kubernetes_api()
-        assert str(token_dir) in identity
-        applied = apply_inference_service(manifest(), api=client)
+        client = kubernetes_api()
+        assert str(token_dir) in client.identity
+        applied = apply_inference_service(manifest(), client=client)
         assert applied.action == "created"
         (token_dir / "token").write_text("a-stolen-token")
         with pytest.raises(DeploymentError, match=r"\(401"):
-            apply_inference_service(manifest(), api=kubernetes_api()[0])
+            apply_inference_service(manifest(), client=kubernetes_api())
     finally:
         server.shutdown()
 
