@@ -39,7 +39,7 @@ def main() -> None:
 
     from mlflow import MlflowClient
 
-    from components.stack import EmbeddedStack
+    from components.local.stack import EmbeddedStack
     from fod_core.synthetic import make_synthetic_dataset
     from pipelines.retrain import retrain_once
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import requests
 
-from components.deployment import LocalServer, spawn_model_server
-from components.stack import ServerState, free_port, stop_server, wait_healthy
+from components.local.processes import ServerState, free_port, stop_server, wait_healthy
+from components.local.servers import LocalServer, spawn_model_server
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -51,6 +51,11 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+def champion_uri(name: str) -> str:
+    """The MLflow URI that follows a registered model's champion alias."""
+    return f"models:/{name}@{CHAMPION}"
+
+
 @dataclass(frozen=True)
 class PromotionGates:
     min_image_auroc: float = 0.9

@@ -14,7 +14,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from components.settings import DEFAULT_IMAGE
 
 # The image contains this package, so components install nothing at start-up. The image
-# of each step is set when the pipeline is compiled (pipelines.training.set_images).
+# of each step is set when the pipeline is compiled (pipelines.dag.set_images).
 component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 
 
@@ -35,10 +35,10 @@ def validate_data(
     dataset: Input[Dataset],
     category: str,
     data_format: str,
-    min_train: int,
-    min_val: int,
+    min_train_images: int,
+    min_val_images: int,
     val_fraction: float,
-    min_size: int,
+    min_image_size: int,
     require_masks: bool,
     data_docs: Output[Artifact],
     summary: Output[Metrics],
@@ -54,10 +54,10 @@ def validate_data(
         category,
         data_format,
         rules=ValidationRules(
-            min_train=min_train,
-            min_val=min_val,
+            min_train=min_train_images,
+            min_val=min_val_images,
             val_fraction=val_fraction,
-            min_size=min_size,
+            min_size=min_image_size,
             require_masks=require_masks,
         ),
         docs_dir=data_docs.path,
@@ -123,27 +123,28 @@ def train_fod(
 ) -> str:
     """Train on cached features (GPU when the pod has one); returns the MLflow run id."""
     from components.kfp_io import write_metrics_file
+    from components.registry import champion_uri
     from components.settings import load_settings
     from components.tracking import registered_name
     from components.training import train_and_track
+    from fod_core.config import TrainConfig, model_config_for
 
+    model_config = model_config_for(model_size, image_size=image_size, backbone=backbone)
+    train_config = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction
+    )
     run_id, summary = train_and_track(
         dataset.path,
         category,
         model.path,
         settings=load_settings(),
+        model_config=model_config,
+        train_config=train_config,
         data_format=data_format,
         data_version=data_version,
         code_version=code_version,
-        backbone=backbone,
-        image_size=image_size,
-        model_size=model_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        val_fraction=val_fraction,
         cache_prefix=cache_prefix,
-        warm_start_from=f"models:/{registered_name(category)}@champion" if warm_start else None,
+        warm_start_from=champion_uri(registered_name(category)) if warm_start else None,
     )
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():
@@ -158,7 +159,7 @@ def calibrate_threshold(
     trained_model: Input[Model],
     category: str,
     data_format: str,
-    mode: str,
+    threshold_mode: str,
     target_false_alarm_rate: float,
     anomalies_subdir: str,
     level_weights: str,
@@ -187,7 +188,7 @@ def calibrate_threshold(
         dataset.path,
         category,
         format=data_format,
-        mode=None if mode == "auto" else mode,
+        mode=None if threshold_mode == "auto" else threshold_mode,
         target_false_alarm_rate=target_false_alarm_rate,
         anomalous_images=anomalies,
         level_weighting=level_weights,
@@ -251,7 +252,7 @@ def register_model(
     min_aupro: float,
     min_planted_image_auroc: float,
     min_planted_aupro: float,
-    tolerance: float,
+    promotion_tolerance: float,
 ) -> NamedTuple(
     "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
 ):
@@ -279,7 +280,7 @@ def register_model(
             min_aupro=min_aupro,
             min_planted_image_auroc=min_planted_image_auroc,
             min_planted_aupro=min_planted_aupro,
-            tolerance=tolerance,
+            tolerance=promotion_tolerance,
         ),
         rescore=rescore_on(dataset.path, category, data_format),
     )
@@ -294,15 +295,15 @@ def register_model(
 def deploy_model(
     category: str,
     champion_version: str,
-    target: str,
-    namespace: str,
+    deploy_target: str,
+    serving_namespace: str,
     canary_traffic_percent: int,
 ) -> str:
     """Serve the champion: locally a KServe model server on loopback (it follows the alias),
-    on a cluster an InferenceService (``target``: local, kserve or none)."""
+    on a cluster an InferenceService (``deploy_target``: local, kserve or none)."""
     import json
 
-    from components.deployment import DeployTarget, deploy_champion
+    from components.deploy import DeployTarget, deploy_champion
     from components.settings import load_settings
     from components.tracking import registered_name
 
@@ -310,12 +311,12 @@ def deploy_model(
     settings.export()
     if not champion_version:
         print(f"{registered_name(category)} has no champion yet: nothing to deploy")
-        return json.dumps({"target": target, "deployed": False})
+        return json.dumps({"target": deploy_target, "deployed": False})
     result = deploy_champion(
         registered_name(category),
         champion_version,
-        DeployTarget(target),
-        namespace=namespace,
+        DeployTarget(deploy_target),
+        namespace=serving_namespace,
         canary_traffic_percent=canary_traffic_percent or None,
         env=settings.env(),
     )

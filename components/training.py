@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
-from components.features import DEFAULT_CACHE_PREFIX
 from components.settings import StackSettings
 from components.storage import S3Store
 from fod_core.artifact import MANIFEST
+from fod_core.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +32,12 @@ def train_and_track(
     out_dir: str | Path,
     *,
     settings: StackSettings,
-    data_format: str = "mvtec",
-    data_version: str = "unversioned",
-    code_version: str = "unknown",
-    backbone: str = "efficientnet_lite0",
-    image_size: int = 256,
-    model_size: str = "method",
-    epochs: int = 100,
-    batch_size: int = 8,
-    learning_rate: float = 1e-4,
-    val_fraction: float = 0.1,
-    cache_prefix: str = DEFAULT_CACHE_PREFIX,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_format: str,
+    data_version: str,
+    code_version: str,
+    cache_prefix: str,
     progress: bool = True,
     warm_start_from: str | None = None,
 ) -> tuple[str, dict[str, float]]:
@@ -51,20 +45,11 @@ def train_and_track(
     import mlflow
 
     from components.tracking import connect
-    from fod_core.config import TrainConfig, model_config_for
     from fod_core.train import train_model
 
     store = S3Store(settings, cache_prefix)
     store.check()
     connect(settings.mlflow_uri, category)
-    model_config = model_config_for(model_size, image_size=image_size, backbone=backbone)
-    train_config = replace(
-        TrainConfig(),
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=learning_rate,
-        val_fraction=val_fraction,
-    )
     with mlflow.start_run(run_name=f"{category}-{data_version[:8]}") as run:
         mlflow.set_tags(
             {

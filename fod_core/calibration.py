@@ -180,12 +180,18 @@ def choose_level_weights(
     """The weights (on a ``step`` grid) whose combined map has the best AUPRO, ties broken
     by pixel AUROC, then by closeness to the method's equal weights, over images with known
     anomaly ``masks`` (N, S, S)."""
+    import torch
+
+    from fod_core.processing import PostProcessing
+
     masks = np.asarray(masks).astype(bool)
     if not masks.any() or masks.all():
         raise ValueError("level weights need images with both normal and anomalous pixels")
+    maps = [torch.as_tensor(np.asarray(m)) for m in level_maps]
     candidates = []
     for weights in weight_grid(len(level_maps), step):
-        combined = sum(w * m for w, m in zip(weights, level_maps, strict=True))
+        # combined as the detector combines them (PostProcessing.combine)
+        combined = PostProcessing(masks.shape[-1], level_weights=weights).combine(maps).numpy()
         candidates.append(
             {
                 "weights": list(weights),
@@ -222,34 +228,29 @@ def synthetic_level_weights(
     defect types are unknown when a model is trained, so the choice needs no labels."""
     import torch
 
-    from fod_core.processing import read_image
-    from fod_core.synthetic import plant_anomalies
+    from fod_core.processing import resize_mask
+    from fod_core.synthetic import planted_copies
 
     if not normal_images:
         raise ValueError("synthetic level weights need validation images")
-    rng = np.random.default_rng(seed)
-
-    def load(path) -> np.ndarray:
-        return detector.pre.resize(read_image(path).convert("RGB")).permute(1, 2, 0).numpy()
-
-    normals = [load(p) for p in list(normal_images)[:max_images]]
-    donors = list(donor_images) or list(normal_images)
     size = detector.pre.image_size
-    planted = list(plant_anomalies(normals, donors, load, rng, per_image=per_image))
-    images = normals + [image for image, _ in planted]
-    masks = [np.zeros((size, size), bool) for _ in normals] + [mask for _, mask in planted]
-    per_level: list[list[np.ndarray]] = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack(
-            [
-                detector.pre.normalize(torch.from_numpy(x).permute(2, 0, 1))
-                for x in images[start : start + batch_size]
-            ]
-        )
+    normals, draws = planted_copies(
+        list(normal_images)[:max_images], donor_images, per_image=per_image, seed=seed
+    )
+    # Photos go through the model's own pre-processing, masks through the ground truth's
+    # resize; the planted copies are drawn batch by batch (large photos add up).
+    samples = itertools.chain(
+        ((image, np.zeros((size, size), bool)) for image in normals),
+        ((image, resize_mask(mask, size) > 0) for image, mask in draws),
+    )
+    masks, per_level = [], []
+    while chunk := list(itertools.islice(samples, batch_size)):
+        batch = torch.stack([detector.pre(image) for image, _ in chunk])
         for level, level_map in enumerate(detector.level_maps(batch)):
             if level == len(per_level):
                 per_level.append([])
             per_level[level].append(level_map.numpy())
+        masks += [mask for _, mask in chunk]
     choice = choose_level_weights(
         [np.concatenate(m) for m in per_level], np.stack(masks), step=step
     )

@@ -182,17 +182,21 @@ def plant_anomalies(
 PLANTED_SEED = 0
 
 
-def planted_test_set(
-    normal_images: Sequence[str | Path], *, per_image: int = 2, seed: int = PLANTED_SEED
-) -> tuple[list[Image.Image], list[Image.Image], list[np.ndarray]]:
-    """(normals, planted copies, their masks) of held-out normal images at their own
-    resolution: evidence of what a model finds when no labelled defect exists. Depends only
-    on the images and the seed, never on a model, so a challenger and the champion are
-    scored on the same set; nothing but the planted region differs from the normal image."""
+def planted_copies(
+    normal_images: Sequence[str | Path],
+    donor_images: Sequence[str | Path] = (),
+    *,
+    per_image: int,
+    seed: int,
+) -> tuple[list[Image.Image], Iterator[tuple[Image.Image, np.ndarray]]]:
+    """(normals, planted copies with their masks) at the images' own resolution, so that
+    they go through the model's pre-processing like any photo. Foreign texture comes from
+    ``donor_images`` (default: the normals). The copies are drawn lazily: large photos add up."""
     from fod_core.processing import read_image
 
-    paths = sorted(normal_images, key=lambda p: Path(p).name)
+    paths = list(normal_images)
     normals = [read_image(p) for p in paths]
+    by_path = dict(zip(paths, normals, strict=True))
 
     def as_array(image: Image.Image) -> np.ndarray:
         return np.asarray(image, dtype=np.float32) / 255.0
@@ -200,17 +204,31 @@ def planted_test_set(
     def to_image(array: np.ndarray) -> Image.Image:
         return Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8))
 
-    by_path = dict(zip(paths, normals, strict=True))
-    planted, masks = [], []
+    def donor(path) -> np.ndarray:
+        return as_array(by_path[path] if path in by_path else read_image(path))
+
     draws = plant_anomalies(
-        _Converted(normals, as_array),  # floats one image at a time: large photos add up
-        paths,
-        lambda p: as_array(by_path[p]),
+        _Converted(normals, as_array),  # floats one image at a time
+        list(donor_images) or paths,
+        donor,
         np.random.default_rng(seed),
         per_image=per_image,
     )
+    return normals, ((to_image(image), mask) for image, mask in draws)
+
+
+def planted_test_set(
+    normal_images: Sequence[str | Path], *, per_image: int = 2, seed: int = PLANTED_SEED
+) -> tuple[list[Image.Image], list[Image.Image], list[np.ndarray]]:
+    """(normals, planted copies, their masks) of held-out normal images at their own
+    resolution: evidence of what a model finds when no labelled defect exists. Depends only
+    on the images and the seed, never on a model, so a challenger and the champion are
+    scored on the same set; nothing but the planted region differs from the normal image."""
+    paths = sorted(normal_images, key=lambda p: Path(p).name)
+    normals, draws = planted_copies(paths, per_image=per_image, seed=seed)
+    planted, masks = [], []
     for image, mask in draws:
-        planted.append(to_image(image))
+        planted.append(image)
         masks.append(mask)
     return normals, planted, masks
 

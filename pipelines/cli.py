@@ -13,17 +13,10 @@ import sys
 from pathlib import Path
 
 from fod_core import cli as core_cli
-from fod_core.calibration import LevelWeighting
-
-LEVEL_WEIGHTINGS = [w.value for w in LevelWeighting]
-LW_HELP = (
-    "how the levels' maps combine: equal (the method, default) or synthetic (weights chosen "
-    "on anomalies planted into validation images)"
-)
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from components.stack import EmbeddedStack
+    from components.local.stack import EmbeddedStack
 
     if args.action == "bucket":
         from components.settings import load_settings
@@ -50,47 +43,22 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def _pipeline_arguments(args: argparse.Namespace) -> dict:
-    if args.deploy is None:
-        args.deploy = "local" if args.action == "run" else "kserve"
-    from components.data_version import read_data_version, remote_url
-    from components.settings import load_settings
-    from components.tracking import code_version
+    from components.data_version import read_data_version
+    from pipelines.parameters import from_arguments, run_arguments
 
-    settings = load_settings()
-    arguments = {
-        "dvc_remote": args.dvc_remote or remote_url(settings),
-        "data_version": args.data_version or read_data_version(args.dvc_file).md5,
-        "categories": args.categories,
-        "code_version": code_version(),
-        **_training_arguments(args),
-        "canary_traffic_percent": args.canary_percent,
-    }
-    return {key: value for key, value in arguments.items() if value is not None}
-
-
-def _training_arguments(args: argparse.Namespace) -> dict:
-    """Pipeline parameters that `fod pipeline` and `fod retrain` take the same way."""
-    return {
-        "data_format": args.format,
-        "backbone": args.backbone,
-        "image_size": args.image_size,
-        "model_size": args.model_size,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "learning_rate": args.lr,
-        "level_weights": args.level_weights,
-        "deploy_target": args.deploy,
-        # None: the pipeline's default
-        "val_fraction": args.val_fraction,
-        "min_val_images": args.min_val_images,
-        "require_masks": args.require_masks,
-        "min_image_auroc": args.min_image_auroc,
-        "min_planted_image_auroc": args.min_planted_image_auroc,
-    }
+    overrides = from_arguments(args)
+    overrides.setdefault("deploy_target", "local" if args.action == "run" else "kserve")
+    return run_arguments(
+        data_version=args.data_version or read_data_version(args.dvc_file).md5,
+        categories=args.categories,
+        dvc_remote=args.dvc_remote,
+        overrides=overrides,
+    )
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from pipelines.training import COMPILED_YAML, SubmitError, compile_pipeline, run_local, submit
+    from pipelines.dag import COMPILED_YAML, compile_pipeline
+    from pipelines.runner import SubmitError, run_local, submit
 
     if args.action == "compile":
         print(compile_pipeline(args.out or COMPILED_YAML))
@@ -137,20 +105,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from components.serving import serve_from_args
+    from components.serving.server import serve_from_args
 
     serve_from_args(args)
     return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from components.deployment import (
-        DeploymentError,
-        DeployTarget,
-        LocalServing,
-        deploy_champion,
-        inference_service,
-    )
+    from components.deploy import DeployTarget, deploy_champion, inference_service
+    from components.errors import DeploymentError
+    from components.local.servers import LocalServing
     from components.registry import CHAMPION
     from components.tracking import registered_name
 
@@ -213,16 +177,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from functools import partial
 
+    from pipelines.parameters import from_arguments
     from pipelines.retrain import parse_duration, retrain_every, retrain_once
 
-    overrides = {
-        key: value
-        for key, value in {
-            **_training_arguments(args),
-            "warm_start": args.warm_start or None,
-        }.items()
-        if value is not None
-    }
+    overrides = from_arguments(args)
     if args.preset == "demo":
         from pipelines.demo import DemoSettings
 
@@ -245,8 +203,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines.runner import SubmitError
     from pipelines.schedule import COMPILED_YAML, compile_check, create_recurring_run
-    from pipelines.training import SubmitError
 
     if args.action == "compile":
         print(compile_check(args.out or COMPILED_YAML))
@@ -258,33 +216,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_data_rules(parser: argparse.ArgumentParser) -> None:
-    """Splits, data rules and gates that `fod pipeline` and `fod retrain` take the same way
-    (unset: the pipeline's defaults)."""
-    parser.add_argument(
-        "--val-fraction", type=float, help="share of the normal images held out for validation"
-    )
-    parser.add_argument(
-        "--min-val-images", type=int, help="fail early with fewer validation normals (5)"
-    )
-    parser.add_argument(
-        "--require-masks",
-        action="store_true",
-        default=None,
-        help="fail validation when a defect image has no mask (pixel metrics need them)",
-    )
-    parser.add_argument(
-        "--min-image-auroc", type=float, help="gate on labelled defects (default 0.9)"
-    )
-    parser.add_argument(
-        "--min-planted-image-auroc",
-        type=float,
-        help="gate without labelled defects: image AUROC on planted anomalies (default 0.5)",
-    )
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from components.serving import add_serve_arguments
+    from components.deploy import DEFAULT_NAMESPACE
+    from components.serving.server import add_serve_arguments
+    from pipelines.parameters import DEFAULT_CATEGORIES
+    from pipelines.parameters import add_arguments as add_parameter_arguments
 
     stack = sub.add_parser("stack", help="the embedded S3 (SeaweedFS) + MLflow on 127.0.0.1")
     stack.add_argument(
@@ -306,27 +242,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
     pipeline.add_argument("--dvc-remote", help="default: s3://<bucket>/dvc")
     pipeline.add_argument("--data-version", help="default: the md5 in --dvc-file")
-    pipeline.add_argument("--categories", nargs="+", default=["widget"])
-    pipeline.add_argument("--format", default="mvtec")
-    pipeline.add_argument("--backbone", default="efficientnet_lite0")
-    pipeline.add_argument("--image-size", type=int, default=256)
-    pipeline.add_argument("--model-size", default="method")
-    pipeline.add_argument("--epochs", type=int, default=100)
-    pipeline.add_argument("--batch-size", type=int, default=8)
-    pipeline.add_argument("--lr", type=float, default=1e-4)
-    pipeline.add_argument(
-        "--level-weights", default="equal", choices=LEVEL_WEIGHTINGS, help=LW_HELP
-    )
-    _add_data_rules(pipeline)
-    pipeline.add_argument(
-        "--deploy",
-        choices=["local", "kserve", "none"],
-        help="serve the champion: local model server (default for run), InferenceService "
-        "(default for submit) or none",
-    )
-    pipeline.add_argument(
-        "--canary-percent", type=int, default=0, help="kserve: traffic share of a new version"
-    )
+    pipeline.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
+    add_parameter_arguments(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)
 
     serve = sub.add_parser("serve", help="KServe model server (v1, v2 REST and gRPC) on 127.0.0.1")
@@ -340,7 +257,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--category", default="widget")
     deploy.add_argument("--model-version", help="default: the current champion")
     deploy.add_argument("--storage-uri", help="render: the model's S3 location")
-    deploy.add_argument("--namespace", default="fod")
+    deploy.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     deploy.add_argument("--canary-percent", type=int, help="kserve: new version's traffic share")
     deploy.add_argument("--image", help="render: the serving image")
     deploy.add_argument("--out", type=Path, help="render: write the YAML here")
@@ -349,7 +266,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain = sub.add_parser(
         "retrain", help="retrain when the data version changed; promote only through the gates"
     )
-    retrain.add_argument("--categories", nargs="+", default=["widget"])
+    retrain.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
     retrain.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
     retrain.add_argument(
         "--track", type=Path, help="data folder to `dvc add` and push first (new images in it)"
@@ -360,17 +277,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain.add_argument(
         "--preset", choices=["demo"], help="the main job's small training settings"
     )
-    retrain.add_argument("--warm-start", action="store_true", help="start from the champion")
-    retrain.add_argument("--format")
-    retrain.add_argument("--backbone")
-    retrain.add_argument("--image-size", type=int)
-    retrain.add_argument("--model-size")
-    retrain.add_argument("--epochs", type=int)
-    retrain.add_argument("--batch-size", type=int)
-    retrain.add_argument("--lr", type=float)
-    retrain.add_argument("--level-weights", choices=LEVEL_WEIGHTINGS, help=LW_HELP)
-    _add_data_rules(retrain)
-    retrain.add_argument("--deploy", choices=["local", "kserve", "none"])
+    add_parameter_arguments(retrain)
     retrain.add_argument(
         "--kfp-host", help="submit the pipeline to this KFP endpoint and wait (in a cluster)"
     )
@@ -392,15 +299,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from components.data_version import DataVersionError
-    from components.deployment import DeploymentError
+    from components.errors import DeploymentError, ServingError, StackError
     from components.registry import MlflowException
-    from components.serving import ServingError
     from components.settings import SettingsError
-    from components.stack import StackError
     from components.storage import StorageError
     from components.tracking import TrackingError
     from pipelines.retrain import RetrainBusy
-    from pipelines.training import SubmitError
+    from pipelines.runner import SubmitError
 
     return core_cli.main(
         argv,

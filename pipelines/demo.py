@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.data_version import DvcRepo, remote_url
-from components.deployment import LocalServing
-from components.stack import EmbeddedStack
-from components.tracking import code_version, registered_name
+from components.local.servers import LocalServing
+from components.local.stack import EmbeddedStack
+from components.tracking import registered_name
+from pipelines.parameters import DEFAULT_CATEGORIES, checked, run_arguments
 
 log = logging.getLogger(__name__)
 
-DEMO_CATEGORY = "widget"
+DEMO_CATEGORY = DEFAULT_CATEGORIES[0]
 
 
 @dataclass(frozen=True)
@@ -39,27 +40,16 @@ class DemoSettings:
 
     def training_arguments(self) -> dict:
         """The pipeline parameters these settings fix (the main job and `--preset demo`)."""
-        return {
-            "image_size": self.image_size,
-            "model_size": self.model_size,
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "learning_rate": self.learning_rate,
-            "val_fraction": 0.15,
-        }
-
-
-def pipeline_arguments(
-    settings, data_version: str, demo: DemoSettings, repo_root: Path, categories: list[str]
-) -> dict:
-    return {
-        "dvc_remote": remote_url(settings),
-        "data_version": data_version,
-        "categories": categories,
-        "code_version": code_version(repo_root),
-        **demo.training_arguments(),
-        "deploy_target": "local",
-    }
+        return checked(
+            {
+                "image_size": self.image_size,
+                "model_size": self.model_size,
+                "epochs": self.epochs,
+                "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate,
+                "val_fraction": 0.15,
+            }
+        )
 
 
 def run_demo(
@@ -71,7 +61,7 @@ def run_demo(
     from mlflow import MlflowClient
 
     from fod_core.synthetic import make_synthetic_dataset
-    from pipelines.training import run_local
+    from pipelines.runner import run_local
 
     demo = demo or DemoSettings()
     repo_root = Path(repo_root).resolve()
@@ -93,7 +83,13 @@ def run_demo(
     version = repo.add_and_push(data_dir)
     timings["data_s"] = time.perf_counter() - started - timings["stack_s"]
 
-    arguments = pipeline_arguments(settings, version.md5, demo, repo_root, [DEMO_CATEGORY])
+    arguments = run_arguments(
+        data_version=version.md5,
+        categories=[DEMO_CATEGORY],
+        repo_root=repo_root,
+        dvc_remote=remote_url(settings),
+        overrides=demo.training_arguments() | {"deploy_target": "local"},
+    )
     run_local(arguments, repo_root / "runs" / "pipeline")
     timings["pipeline_s"] = time.perf_counter() - started - sum(timings.values())
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from components.data_version import DvcRepo, read_data_version, remote_url
 from components.settings import fod_home, load_settings
-from components.tracking import code_version, registered_name
+from components.tracking import registered_name
+from pipelines.parameters import run_arguments
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ def retrain_once(
     local runner."""
     from mlflow import MlflowClient
 
-    from pipelines.training import run_local
+    from pipelines.runner import run_local
 
     home = Path(home or fod_home())
     repo_root = Path(repo_root).resolve()
@@ -287,13 +288,13 @@ def retrain_once(
         if not todo:
             return report
         _write_state(home, {"status": "running", "data_version": version.md5, "categories": todo})
-        pipeline_arguments = {
-            "dvc_remote": remote_url(settings),
-            "data_version": version.md5,
-            "categories": todo,
-            "code_version": code_version(repo_root),
-            "deploy_target": "kserve" if kfp_host else "local",
-        } | (arguments or {})
+        pipeline_arguments = run_arguments(
+            data_version=version.md5,
+            categories=todo,
+            repo_root=repo_root,
+            dvc_remote=remote_url(settings),
+            overrides={"deploy_target": "kserve" if kfp_host else "local"} | (arguments or {}),
+        )
         started = time.perf_counter()
         if kfp_host:
             run_id = _run_on_kfp(pipeline_arguments, kfp_host, version.md5, todo)
@@ -336,7 +337,7 @@ def _run_on_kfp(arguments: dict, host: str, data_version: str, categories: list[
     when another check holds the data version and has not submitted yet."""
     import socket
 
-    from pipelines.training import submit, wait_for_run
+    from pipelines.runner import submit, wait_for_run
 
     claims = RetrainClaims()
     mine, theirs = claims.acquire(data_version, categories, holder=socket.gethostname())

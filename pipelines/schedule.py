@@ -15,7 +15,7 @@ import yaml
 from kfp import compiler, dsl
 
 from components.settings import DEFAULT_IMAGE
-from pipelines.training import set_images, with_cluster_settings
+from pipelines.dag import set_images, with_cluster_settings
 
 SPEC = Path(__file__).resolve().parents[1] / "infra" / "kfp" / "recurring-run.yaml"
 COMPILED_YAML = Path(__file__).with_name("fod_retrain_check.yaml")
@@ -102,7 +102,7 @@ def create_recurring_run(host: str, spec_path: str | Path = SPEC) -> str:
     """Create (or add) the recurring run in KFP from the spec; returns its id."""
     import tempfile
 
-    from pipelines.training import kfp_call, kfp_client
+    from pipelines.runner import kfp_call, kfp_client
 
     spec = load_spec(spec_path)
     client = kfp_client(host)

@@ -47,7 +47,7 @@ def mvtec_root() -> Path:
 def stack(tmp_path_factory):
     """A real embedded stack (SeaweedFS S3 + MLflow server) on loopback with free ports;
     components, KFP's subprocesses and local model servers find it through the environment."""
-    from components.stack import EmbeddedStack
+    from components.local.stack import EmbeddedStack
 
     stack = EmbeddedStack(tmp_path_factory.mktemp("fod-home"), s3_port=0, mlflow_port=0)
     settings = stack.up()

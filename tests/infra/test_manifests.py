@@ -34,7 +34,7 @@ def build(directory: Path) -> list[dict]:
 def test_kustomization_builds_and_validates(directory):
     import kubernetes_validate
 
-    from components.deployment import schema_errors
+    from components.deploy import schema_errors
 
     objects = build(directory)
     assert objects
@@ -117,8 +117,8 @@ def test_every_configmap_secret_and_role_is_where_its_readers_run(mode):
     Deployments', and the pipeline's steps (which run where KFP puts them: kubeflow for
     standalone KFP, the profile namespace for multi-user). The deploy step's account must
     be bound, from there, to the Role in the InferenceServices' namespace."""
+    from pipelines.dag import COMPILED_YAML, DEPLOYER_TOKEN_SECRET
     from pipelines.schedule import COMPILED_YAML as CHECK_YAML
-    from pipelines.training import COMPILED_YAML, DEPLOYER_TOKEN_SECRET
 
     pipeline_ns, serving_ns = MODES[mode]
     objects = _index(build(ROOT / mode))

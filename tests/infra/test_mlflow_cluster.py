@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.stack import free_port, spawn_server, stop_server, wait_healthy
+from components.local.processes import free_port, spawn_server, stop_server, wait_healthy
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 CLUSTER_HOST = "mlflow.fod.svc.cluster.local:5000"  # MLFLOW_TRACKING_URI in infra/settings

@@ -67,7 +67,7 @@ def test_the_secrets_the_reader_creates_are_the_ones_pods_read():
 
 
 def test_every_name_in_backticks_is_an_object_or_a_known_model_name(built):
-    from components.deployment import kubernetes_name
+    from components.deploy import kubernetes_name
     from pipelines.retrain import CLAIMS_EXPERIMENT  # an MLflow experiment, not an object
 
     names = {name for _, _, name in built} | USER_SECRETS | {CLAIMS_EXPERIMENT}

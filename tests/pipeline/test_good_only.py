@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 
 from components.data_version import DvcRepo, remote_url
-from components.deployment import LocalServing
+from components.local.servers import LocalServing
 from fod_core.synthetic import make_good_only_folder
-from pipelines.training import run_local
+from pipelines.runner import run_local
 
 CATEGORY = "plainpart"  # its own registered model: other tests share the MLflow server
 

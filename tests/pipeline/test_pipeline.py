@@ -11,11 +11,12 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from components.data_version import DvcRepo, remote_url
-from components.deployment import LocalServing
+from components.local.servers import LocalServing
 from components.tracking import download_fod_model
 from fod_core.artifact import read_manifest
 from fod_core.synthetic import make_synthetic_dataset
-from pipelines.training import COMPILED_YAML, compile_pipeline, run_local
+from pipelines.dag import COMPILED_YAML, compile_pipeline
+from pipelines.runner import run_local
 
 CATEGORY = "gadget"  # its own registered model: other tests share the MLflow server
 

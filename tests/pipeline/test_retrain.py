@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from components.data_version import DataVersionError
-from components.deployment import LocalServing
+from components.local.servers import LocalServing
 from fod_core.synthetic import make_synthetic_dataset
 from pipelines.retrain import RetrainLock, parse_duration, retrain_every, retrain_once
 
@@ -138,7 +138,7 @@ def tracked_repo(settings, tmp_path):
 
 
 def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, tracked_repo, capsys):
-    from components.stack import free_port
+    from components.local.processes import free_port
     from pipelines.cli import main
 
     dvc_file = tracked_repo / "data.dvc"

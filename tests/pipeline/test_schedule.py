@@ -14,8 +14,8 @@ from components.settings import (
     CLUSTER_SECRET,
     CLUSTER_SECRET_KEYS,
 )
+from pipelines.dag import COMPILED_YAML as TRAINING_YAML
 from pipelines.schedule import COMPILED_YAML, SPEC, compile_check, load_spec
-from pipelines.training import COMPILED_YAML as TRAINING_YAML
 
 INFRA = Path(__file__).resolve().parents[2] / "infra"
 
@@ -66,7 +66,7 @@ def test_every_step_gets_the_cluster_settings_from_configmap_and_secret():
 
 
 def test_creating_the_schedule_on_an_unreachable_kfp_is_a_clear_error(capsys):
-    from components.stack import free_port
+    from components.local.processes import free_port
     from pipelines.cli import main
 
     code = main(["schedule", "create", "--host", f"http://127.0.0.1:{free_port()}"])
@@ -117,7 +117,7 @@ def test_the_check_runs_through_the_kfp_local_runner(settings, tmp_path, capfd):
     from kfp import local
 
     from components.data_version import DvcRepo
-    from components.stack import free_port
+    from components.local.processes import free_port
     from fod_core.synthetic import make_synthetic_dataset
     from pipelines.schedule import retrain_check_pipeline
 

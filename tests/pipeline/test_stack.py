@@ -7,8 +7,9 @@ import stat
 
 import pytest
 
+from components.errors import StackError
+from components.local.stack import EmbeddedStack
 from components.settings import StackSettings
-from components.stack import EmbeddedStack, StackError
 from components.storage import S3Store, StorageError
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from components.deployment import LocalServer, spawn_model_server
-from components.stack import ServerState, free_port, stop_server, wait_healthy
+from components.local.processes import ServerState, free_port, stop_server, wait_healthy
+from components.local.servers import LocalServer, spawn_model_server
 from fod_core.cache import LocalStore
 from fod_core.config import LevelConfig, ModelConfig, TrainConfig
 from fod_core.synthetic import make_synthetic_dataset

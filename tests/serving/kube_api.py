@@ -129,7 +129,7 @@ class FakeKubeApi:
         return _status_body(405, "MethodNotAllowed", method)
 
     def _validate(self, obj: dict) -> list[str]:
-        from components.deployment import schema_errors
+        from components.deploy import schema_errors
 
         errors = schema_errors({k: v for k, v in obj.items() if k != "status"})
         if obj.get("kind") != "InferenceService" or not obj.get("metadata", {}).get("name"):

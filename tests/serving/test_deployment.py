@@ -9,12 +9,8 @@ import pytest
 import yaml
 from registered import register_version
 
-from components.deployment import (
-    DeploymentError,
-    apply_inference_service,
-    champion_storage_uri,
-    inference_service,
-)
+from components.deploy import apply_inference_service, champion_storage_uri, inference_service
+from components.errors import DeploymentError
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "serving"
 EXAMPLE = dict(
@@ -68,7 +64,7 @@ def test_the_serving_pods_data_path(settings, model_a, tmp_path):
 
     from kserve_storage import Storage
 
-    from components.stack import free_port, spawn_server, stop_server, wait_healthy
+    from components.local.processes import free_port, spawn_server, stop_server, wait_healthy
 
     version = register_version(settings, model_a, "stored")
     uri = champion_storage_uri("fod-stored", version, settings.mlflow_artifacts)
@@ -125,7 +121,7 @@ def test_applying_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_applying_to_an_unreachable_cluster_is_a_clear_error(tmp_path, monkeypatch):
-    from components.stack import free_port
+    from components.local.processes import free_port
 
     kubeconfig = tmp_path / "config"
     kubeconfig.write_text(
@@ -153,7 +149,7 @@ def test_every_mvtec_category_gets_a_valid_inference_service_name():
     the object is renamed, the served model keeps its name, and names stay distinct."""
     import re
 
-    from components.deployment import kubernetes_name
+    from components.deploy import kubernetes_name
 
     dns_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
     assert kubernetes_name("fod-bottle") == "fod-bottle"  # valid names are kept

@@ -14,14 +14,14 @@ import yaml
 from kube_api import FakeKubeApi, self_signed_certificate
 from registered import register_version
 
-from components import deployment
-from components.deployment import (
-    DeploymentError,
+from components import deploy
+from components.deploy import (
     apply_inference_service,
     inference_service,
     kubernetes_api,
     wait_until_ready,
 )
+from components.errors import DeploymentError
 
 EXAMPLE = dict(storage_uri="s3://fod/mlflow/1/models/m-1/artifacts", model_version="1")
 
@@ -113,7 +113,7 @@ def test_forbidden_names_the_identity_and_the_role(kube, verb):
 
 
 def test_conflicts_are_resolved_by_patching_and_retrying(kube, monkeypatch):
-    monkeypatch.setattr(deployment.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(deploy.time, "sleep", lambda seconds: None)
     kube.conflicts_on_create = 1  # created by someone else between our GET and POST
     kube.conflicts_on_patch = 2  # then two concurrent writers
     applied = apply_inference_service(manifest())
@@ -173,9 +173,9 @@ def test_a_version_is_tagged_deployed_only_once_ready(kube, settings, model_a, m
     a version that never becomes Ready is not tagged and the champion alias is not moved."""
     from mlflow import MlflowClient
 
-    from components.deployment import DeployTarget, deploy_champion
+    from components.deploy import DeployTarget, deploy_champion
 
-    monkeypatch.setattr(deployment, "READY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(deploy, "READY_POLL_SECONDS", 0.01)
     versions = [register_version(settings, model_a, "kube") for _ in range(2)]
     client = MlflowClient()
     first = deploy_champion("fod-kube", versions[0], DeployTarget.KSERVE, ready_timeout=10)

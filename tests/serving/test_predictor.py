@@ -9,13 +9,11 @@ import time
 
 import pytest
 
-from components.serving import (
-    BatchScorer,
-    FODPredictor,
-    ModelSource,
-    ServingError,
-    build_kserve_model,
-)
+from components.errors import ServingError
+from components.serving.kserve_model import build_kserve_model
+from components.serving.predictor import FODPredictor
+from components.serving.scorer import BatchScorer
+from components.serving.source import ModelSource
 from fod_core.artifact import ArtifactError
 
 

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import requests
 
-from components.deployment import DeploymentError, LocalServing
+from components.errors import DeploymentError
+from components.local.servers import LocalServing
 from components.registry import PromotionGates, register_model
 from components.tracking import connect
 from fod_core.predict import predict_images

@@ -1,46 +1,29 @@
-"""Deploying the champion: a local KServe model server on loopback, or an InferenceService.
-
-Locally, one ``fod serve`` process per registered model follows its ``champion`` alias
-(it reloads in the background when the alias moves); ``deploy`` starts it when it is not
-running and waits until it answers with the expected version. State lives in
-``<fod home>/serving/<name>.json`` beside the embedded stack's, and ``fod stack down``
-stops these servers too.
+"""Deploy targets for the champion: a local model server, or a KServe InferenceService.
 
 On a cluster, ``inference_service`` builds the InferenceService with the KServe SDK's
 ``V1beta1InferenceService``: the serving image runs ``fod serve`` on the model that
 KServe's storage initializer downloads from the MLflow artifact location in S3 into
 /mnt/models; ``canary_traffic_percent`` rolls a new version out to part of the traffic.
+``apply_inference_service`` creates or patches it as the deployer identity, and
+``deploy_champion`` tags the registry version ``deployed`` only once it is Ready.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
-import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from components.settings import fod_home
-from components.stack import (
-    ServerState,
-    StackError,
-    free_port,
-    pid_alive,
-    port_is_free,
-    spawn_server,
-    stop_server,
-    wait_healthy,
-)
+from components.errors import DeploymentError
+from components.local.servers import LocalServing
 
 log = logging.getLogger(__name__)
 
-LOCAL_POLL_SECONDS = 2.0
+DEFAULT_NAMESPACE = "fod"  # of the InferenceService (infra/base creates it)
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
 S3_SERVICE_ACCOUNT = "fod-s3"  # carries the S3 secret reference (infra/serving)
 
@@ -49,181 +32,6 @@ class DeployTarget(str, Enum):
     LOCAL = "local"  # a model server on this machine's loopback
     KSERVE = "kserve"  # an InferenceService in the current Kubernetes context
     NONE = "none"
-
-
-class DeploymentError(RuntimeError):
-    """The model server did not come up, or did not switch to the expected version."""
-
-
-def champion_uri(name: str) -> str:
-    from components.registry import CHAMPION
-
-    return f"models:/{name}@{CHAMPION}"
-
-
-# -- local ------------------------------------------------------------------------------
-@dataclass
-class LocalServer:
-    name: str
-    model_uri: str
-    http_port: int
-    grpc_port: int
-    pid: int | None = None
-    log: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    def status(self) -> dict | None:
-        """The server's own view (served version, loading, failures); None when down."""
-        try:
-            with urllib.request.urlopen(
-                f"{self.url}/v2/models/{self.name}/status", timeout=3
-            ) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-
-    def predict(self, images: list[bytes], timeout: float = 60.0) -> list[dict]:
-        """Score encoded images through the v1 endpoint (the demo's and the tests' client)."""
-        import base64
-
-        body = json.dumps(
-            {"instances": [{"image_bytes": {"b64": base64.b64encode(i).decode()}} for i in images]}
-        ).encode()
-        request = urllib.request.Request(
-            f"{self.url}/v1/models/{self.name}:predict",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())["predictions"]
-
-
-def spawn_model_server(
-    home: Path,
-    name: str,
-    model_uri: str,
-    *,
-    http_port: int,
-    grpc_port: int,
-    extra: tuple[str, ...] = (),
-    env: dict | None = None,
-    log_name: str | None = None,
-) -> LocalServer:
-    """Start ``python -m components.serving`` (what ``fod serve`` runs) in its own session,
-    logging under ``home/logs``; it is not waited for (``wait_healthy`` does that)."""
-    argv = [
-        sys.executable, "-m", "components.serving", "--model", model_uri, "--name", name,
-        "--http-port", str(http_port), "--grpc-port", str(grpc_port), *extra,
-    ]  # fmt: skip
-    process = spawn_server(home, log_name or name, argv, env)
-    return LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
-
-
-class LocalServing:
-    """The local model servers under one fod home."""
-
-    def __init__(self, home: str | Path | None = None) -> None:
-        self.dir = Path(home or fod_home()) / "serving"
-
-    def _state_file(self, name: str) -> Path:
-        return self.dir / f"{name}.json"
-
-    def get(self, name: str) -> LocalServer | None:
-        path = self._state_file(name)
-        return LocalServer(**json.loads(path.read_text())) if path.is_file() else None
-
-    def servers(self) -> list[LocalServer]:
-        return [LocalServer(**json.loads(p.read_text())) for p in sorted(self.dir.glob("*.json"))]
-
-    def _save(self, server: LocalServer) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file(server.name).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(server), indent=2))
-        tmp.replace(self._state_file(server.name))
-
-    def deploy(
-        self,
-        name: str,
-        expected_version: str,
-        *,
-        model_uri: str | None = None,
-        http_port: int = 8080,
-        grpc_port: int = 8081,
-        env: dict | None = None,
-        timeout: float = 180.0,
-    ) -> LocalServer:
-        """Serve ``model_uri`` (default: the champion alias) and wait for ``expected_version``.
-
-        A server already running on the same URI is left running: it follows the alias
-        and switches to the new version by itself, without a restart."""
-        model_uri = model_uri or champion_uri(name)
-        server = self.get(name)
-        if server and pid_alive(server.pid) and server.model_uri == model_uri:
-            log.info("%s is served at %s; waiting for v%s", name, server.url, expected_version)
-        else:
-            if server:
-                stop_server(ServerState(pid=server.pid))
-            server = self._start(name, model_uri, http_port, grpc_port, env, timeout)
-        self._wait_for_version(server, expected_version, timeout)
-        return server
-
-    def _start(self, name, model_uri, http_port, grpc_port, env, timeout) -> LocalServer:
-        http_port = http_port if http_port and port_is_free(http_port) else free_port()
-        grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
-        server = spawn_model_server(
-            self.dir.parent,
-            name,
-            model_uri,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            extra=("--poll-interval", str(LOCAL_POLL_SECONDS)),
-            env=env,
-            log_name=f"serve-{name}",
-        )
-        process = ServerState(pid=server.pid, log=server.log)
-        self._save(server)
-        log.info("starting the model server for %s on %s", name, server.url)
-        try:
-            wait_healthy(f"model server {name}", process, lambda: bool(server.status()), timeout)
-        except StackError as error:
-            self._state_file(name).unlink(missing_ok=True)  # no stale pid to signal later
-            raise DeploymentError(str(error)) from error
-        return server
-
-    @staticmethod
-    def _wait_for_version(server: LocalServer, version: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
-            status = server.status()
-            if status and status.get("version") == str(version):
-                log.info("%s serves version %s at %s", server.name, version, server.url)
-                return
-            if status and str(version) in status.get("failed_versions", {}):
-                raise DeploymentError(
-                    f"{server.name} could not load version {version}: "
-                    f"{status['failed_versions'][str(version)]}"
-                )
-            if not pid_alive(server.pid):
-                raise DeploymentError(f"the model server of {server.name} exited; see {server.log}")
-            time.sleep(0.5)
-        raise DeploymentError(
-            f"{server.name} did not switch to version {version} within {timeout:.0f}s "
-            f"(it reports {status}); log: {server.log}"
-        )
-
-    def stop(self, name: str) -> None:
-        server = self.get(name)
-        if server:
-            stop_server(ServerState(pid=server.pid))
-            self._state_file(name).unlink(missing_ok=True)
-
-    def stop_all(self) -> None:
-        for server in self.servers():
-            self.stop(server.name)
 
 
 # -- cluster ----------------------------------------------------------------------------
@@ -248,7 +56,7 @@ def inference_service(
     *,
     storage_uri: str,
     model_version: str,
-    namespace: str = "fod",
+    namespace: str = DEFAULT_NAMESPACE,
     image: str | None = None,
     canary_traffic_percent: int | None = None,
     service_account: str = S3_SERVICE_ACCOUNT,
@@ -259,7 +67,7 @@ def inference_service(
 ) -> dict:
     """The InferenceService for one model version, as a plain dict (YAML-ready). It serves
     the model as ``name``; the object's own name is `kubernetes_name` of it."""
-    from components.serving import import_kserve
+    from components.serving.kserve_model import import_kserve
 
     kserve = import_kserve()
     from kubernetes import client as k8s
@@ -345,7 +153,7 @@ def champion_storage_uri(name: str, version: str, artifacts_root: str) -> str:
 KSERVE_API = ("serving.kserve.io", "v1beta1", "inferenceservices")  # group, version, plural
 # The deploy step's identity on a cluster: the token Secret of the ServiceAccount
 # fod-deployer (it may get, create and patch InferenceServices, nothing more), mounted by
-# the pipeline (pipelines/training.py). The pod's own account runs the step, not the deploy.
+# the pipeline (pipelines/dag.py). The pod's own account runs the step, not the deploy.
 DEPLOYER_TOKEN_DIR = "/var/run/secrets/fod-deployer"
 READY_TIMEOUT = 600.0
 READY_POLL_SECONDS = 5.0
@@ -562,7 +370,7 @@ def deploy_champion(
     version: str,
     target: DeployTarget,
     *,
-    namespace: str = "fod",
+    namespace: str = DEFAULT_NAMESPACE,
     canary_traffic_percent: int | None = None,
     http_port: int = 8080,
     grpc_port: int = 8081,
@@ -648,7 +456,7 @@ def schema_errors(value, type_name: str = "V1beta1InferenceService", path: str =
     and Kubernetes OpenAPI schemas) do not define, or of the wrong kind; [] when valid."""
     import re
 
-    from components.serving import import_kserve
+    from components.serving.kserve_model import import_kserve
 
     kserve = import_kserve()
     from kubernetes.client import models as k8s_models

@@ -8,27 +8,31 @@ idempotent: a healthy stack is left alone, a dead one is restarted on its data.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from components.errors import StackError
+from components.local.processes import (
+    LOOPBACK,
+    ServerState,
+    executable,
+    free_port,
+    pid_alive,
+    port_is_free,
+    spawn_server,
+    stop_server,
+    wait_healthy,
+)
 from components.settings import DEFAULT_BUCKET, StackSettings, fod_home, read_credentials
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
 DEFAULT_S3_PORT = 8333
 DEFAULT_MLFLOW_PORT = 5055
 # SeaweedFS 'mini' runs master, volume, filer, S3, WebDAV and admin servers, each with
@@ -47,60 +51,6 @@ _WEED_PORT_FLAGS = (
     "admin.port",
     "admin.port.grpc",
 )
-
-
-class StackError(RuntimeError):
-    """A server could not start, died, or a port it needs is taken."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((LOOPBACK, port))
-        except OSError:
-            return False
-        return True
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped) is not alive.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
-
-
-def _bin(name: str) -> str:
-    """An executable of this environment first (weed, mlflow), then PATH."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    found = shutil.which(name)
-    if not found:
-        raise StackError(f"`{name}` not found: install the pipeline extras (make setup)")
-    return found
-
-
-@dataclass
-class ServerState:
-    pid: int | None = None
-    port: int = 0
-    log: str = ""
 
 
 @dataclass
@@ -233,7 +183,7 @@ class EmbeddedStack:
         state = self.read_state()
         if state is None:
             return
-        from components.deployment import LocalServing
+        from components.local.servers import LocalServing
 
         LocalServing(self.home).stop_all()  # model servers first: they use MLflow and S3
         self._stop_server(state.mlflow)
@@ -283,7 +233,7 @@ class EmbeddedStack:
         data = self.home / "s3"
         data.mkdir(parents=True, exist_ok=True)
         argv = [
-            _bin("weed"),
+            executable("weed"),
             "mini",
             f"-dir={data}",
             f"-ip={LOOPBACK}",
@@ -325,7 +275,7 @@ class EmbeddedStack:
         db = self.home / "mlflow" / "mlflow.db"
         db.parent.mkdir(parents=True, exist_ok=True)
         argv = [
-            _bin("mlflow"),
+            executable("mlflow"),
             "server",
             "--backend-store-uri",
             f"sqlite:///{db}",
@@ -349,57 +299,3 @@ class EmbeddedStack:
     @staticmethod
     def _stop_server(server: ServerState, timeout: float = 15.0) -> None:
         stop_server(server, timeout)
-
-
-def spawn_server(home: Path, name: str, argv: list[str], env: dict | None = None) -> ServerState:
-    """Start a server in its own session (it outlives the CLI), logging to home/logs."""
-    logs = home / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{name}.log"
-    with open(log_path, "ab") as handle:
-        process = subprocess.Popen(
-            argv,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=home,
-            start_new_session=True,  # survives the CLI; stopped as a process group
-        )
-    return ServerState(pid=process.pid, log=str(log_path))
-
-
-def wait_healthy(name: str, server: ServerState, healthy, timeout: float) -> None:
-    """Until ``healthy()``; a server that exits or stays unhealthy is an error with its log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(server.pid):
-            raise StackError(f"{name} exited during start-up:\n{_tail(server.log)}")
-        if healthy():
-            return
-        time.sleep(0.3)
-    stop_server(server)
-    raise StackError(f"{name} was not healthy after {timeout:.0f}s:\n{_tail(server.log)}")
-
-
-def stop_server(server: ServerState, timeout: float = 15.0) -> None:
-    """SIGTERM the server's process group, SIGKILL what is left after ``timeout``."""
-    if not pid_alive(server.pid):
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(server.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pid_alive(server.pid):
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(server.pid, os.WNOHANG)
-        time.sleep(0.2)
-    if pid_alive(server.pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(server.pid, signal.SIGKILL)
-
-
-def _tail(path: str, lines: int = 20) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

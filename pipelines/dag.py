@@ -1,0 +1,181 @@
+"""The FOD training pipeline's DAG: fetch a data version, then per category (in parallel):
+validate -> cache features -> train -> calibrate -> evaluate -> register/promote -> deploy.
+
+The same DAG compiles to KFP YAML for a cluster (``fod pipeline compile``), runs on one
+machine through the KFP local runner and is submitted to a KFP endpoint
+(``pipelines.runner``). Its parameters are ``pipelines.parameters``'s: each step receives
+those named like its inputs.
+"""
+
+import functools
+import inspect
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl import Dataset, Input
+
+from components import steps
+from components.deploy import DEPLOYER_TOKEN_DIR
+from components.settings import (
+    CLUSTER_CONFIG_KEYS,
+    CLUSTER_CONFIG_MAP,
+    CLUSTER_SECRET,
+    CLUSTER_SECRET_KEYS,
+    images,
+)
+from pipelines.parameters import RUN_INPUTS, PipelineParameters, step_inputs
+
+PIPELINE_NAME = "fod-training"
+COMPILED_YAML = Path(__file__).with_name("fod_training.yaml")
+# The steps that run the CUDA image; every other step runs the CPU image.
+CUDA_STEPS = ("train-fod",)
+# The deploy step talks to the Kubernetes API as fod-deployer (infra/kfp-standalone).
+DEPLOYER_TOKEN_SECRET = "fod-deployer-token"
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+
+
+def with_cluster_settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """In a cluster every step reaches S3 and MLflow through the environment: endpoints
+    from the ConfigMap, keys from the Secret (infra/base). The local runner ignores this
+    and passes the embedded stack's environment instead."""
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=CLUSTER_CONFIG_MAP,
+        config_map_key_to_env={k: k for k in CLUSTER_CONFIG_KEYS},
+    )
+    kubernetes.use_secret_as_env(
+        task, secret_name=CLUSTER_SECRET, secret_key_to_env={k: k for k in CLUSTER_SECRET_KEYS}
+    )
+    return task
+
+
+def _signature(leading: dict[str, tuple[type, object]], *, defaults: bool) -> inspect.Signature:
+    """``leading`` inputs, then every pipeline parameter (with its default when asked)."""
+    empty = inspect.Parameter.empty
+    given = PipelineParameters()
+    items = [(name, kind, default) for name, (kind, default) in leading.items()]
+    items += [
+        (spec.name, _TYPES[spec.type], getattr(given, spec.name) if defaults else empty)
+        for spec in fields(PipelineParameters)
+    ]
+    return inspect.Signature(
+        [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                annotation=kind,
+                default=empty if default is MISSING else default,
+            )
+            for name, kind, default in items
+        ]
+    )
+
+
+def _with_signature(signature: inspect.Signature):
+    """A pipeline function with ``signature`` (KFP reads its inputs from it) whose body gets
+    all its arguments as one dict, so the parameter list is written once."""
+
+    def decorate(body):
+        @functools.wraps(body)
+        def pipeline_func(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return body(dict(bound.arguments))
+
+        pipeline_func.__signature__ = signature
+        del pipeline_func.__wrapped__  # inspect.signature would follow it to ``body``
+        return pipeline_func
+
+    return decorate
+
+
+CATEGORY_INPUTS = {"dataset": (Input[Dataset], MISSING), "category": (str, MISSING)}
+CATEGORY_INPUTS["data_version"] = RUN_INPUTS["data_version"]
+
+
+@dsl.pipeline(name="fod-category", description="One category: validate to registration.")
+@_with_signature(_signature(CATEGORY_INPUTS, defaults=False))
+def category_pipeline(p: dict):
+    validation = steps.validate_data(**step_inputs(steps.validate_data, p))
+    with_cluster_settings(validation).set_caching_options(False)
+    with dsl.If(validation.outputs["Output"] == False, name="data-invalid"):  # noqa: E712
+        with_cluster_settings(steps.fail_validation(data_docs=validation.outputs["data_docs"]))
+    with dsl.If(validation.outputs["Output"] == True, name="data-valid"):  # noqa: E712
+        features = steps.cache_features(**step_inputs(steps.cache_features, p))
+        with_cluster_settings(features).set_caching_options(False)
+        train = steps.train_fod(**step_inputs(steps.train_fod, p)).after(features)
+        with_cluster_settings(train).set_caching_options(True)
+        train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
+        # A GPU on a cluster, tolerating the taint of GPU nodes (a parameter: clusters name
+        # it differently); the local runner ignores both and trains on CPU.
+        train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+        kubernetes.add_toleration_json(train, p["gpu_tolerations"])
+        trained = {"run_id": train.outputs["Output"]}
+        calibration = steps.calibrate_threshold(
+            **step_inputs(steps.calibrate_threshold, p),
+            trained_model=train.outputs["model"],
+            **trained,
+        )
+        with_cluster_settings(calibration).set_caching_options(True)
+        calibrated = {"model": calibration.outputs["model"], **trained}
+        evaluation = steps.evaluate_model(**step_inputs(steps.evaluate_model, p), **calibrated)
+        with_cluster_settings(evaluation).set_caching_options(True)
+        registration = steps.register_model(
+            **step_inputs(steps.register_model, p),
+            **calibrated,
+            metrics_json=evaluation.outputs["Output"],
+        )
+        # Never cached: it moves aliases in the registry, and a cached run would skip that.
+        with_cluster_settings(registration).set_caching_options(False)
+        deployment = steps.deploy_model(
+            **step_inputs(steps.deploy_model, p),
+            champion_version=registration.outputs["champion_version"],
+        )
+        # never cached: it checks a live server every time
+        with_cluster_settings(deployment).set_caching_options(False)
+        kubernetes.use_secret_as_volume(
+            deployment,
+            secret_name=DEPLOYER_TOKEN_SECRET,
+            mount_path=DEPLOYER_TOKEN_DIR,
+            optional=True,  # without it the step acts as the pod's account (and says so on 403)
+        )
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Validate, train, calibrate, evaluate and register an FOD model per category.",
+)
+@_with_signature(_signature(RUN_INPUTS, defaults=True))
+def training_pipeline(p: dict):
+    data = steps.fetch_data(**step_inputs(steps.fetch_data, p))
+    with_cluster_settings(data).set_caching_options(True)
+    with dsl.ParallelFor(p["categories"], parallelism=4) as category:
+        per_category = p | {"dataset": data.outputs["dataset"], "category": category}
+        category_pipeline(**step_inputs(category_pipeline, per_category))
+
+
+def set_images(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_STEPS) -> Path:
+    """Give each step of a compiled pipeline its role's image (``components.settings.images``:
+    FOD_IMAGE, FOD_CUDA_IMAGE), so that a user's registry needs no code edit."""
+    import yaml
+
+    path = Path(path)
+    chosen = images()
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    documents = list(yaml.safe_load_all(text))
+    executors = documents[0]["deploymentSpec"]["executors"]
+    for executor, spec in executors.items():
+        if "container" in spec:
+            cuda = executor.removeprefix("exec-") in cuda_steps
+            spec["container"]["image"] = chosen.cuda if cuda else chosen.cpu
+    path.write_text(header + yaml.safe_dump_all(documents, sort_keys=False))
+    return path
+
+
+def compile_pipeline(path: str | Path = COMPILED_YAML) -> Path:
+    """Write the KFP IR YAML that a cluster runs (kept in the repo, checked by a test)."""
+    path = Path(path)
+    compiler.Compiler().compile(training_pipeline, str(path))
+    return set_images(path)
