@@ -382,19 +382,17 @@ def deploy_champion(
     The version gets the tag ``deployed`` (target, time and revision) only once it is
     served: the local server reports it, or the InferenceService is Ready for the applied
     spec. A retrain check can so tell a champion whose deployment failed from a served one."""
-    result = _deploy(
-        name,
-        version,
-        target,
-        namespace=namespace,
-        canary_traffic_percent=canary_traffic_percent,
-        http_port=http_port,
-        grpc_port=grpc_port,
-        env=env,
-        ready_timeout=ready_timeout,
-    )
-    if not result["deployed"]:
-        return result
+    if target is DeployTarget.NONE:
+        return {"target": target.value, "deployed": False}
+    if target is DeployTarget.LOCAL:
+        server = LocalServing().deploy(
+            name, version, http_port=http_port, grpc_port=grpc_port, env=env
+        )
+        result = {"target": target.value, "deployed": True, "url": server.url, "version": version}
+    else:
+        result = _deploy_inference_service(
+            name, version, namespace, canary_traffic_percent, ready_timeout
+        )
     from datetime import UTC, datetime
 
     from mlflow import MlflowClient
@@ -406,25 +404,14 @@ def deploy_champion(
     return result
 
 
-def _deploy(
+def _deploy_inference_service(
     name: str,
     version: str,
-    target: DeployTarget,
-    *,
     namespace: str,
     canary_traffic_percent: int | None,
-    http_port: int,
-    grpc_port: int,
-    env: dict | None,
     ready_timeout: float,
 ) -> dict:
-    if target is DeployTarget.NONE:
-        return {"target": target.value, "deployed": False}
-    if target is DeployTarget.LOCAL:
-        server = LocalServing().deploy(
-            name, version, http_port=http_port, grpc_port=grpc_port, env=env
-        )
-        return {"target": target.value, "deployed": True, "url": server.url, "version": version}
+    """Apply the version's InferenceService and wait until it is Ready."""
     from components.settings import load_settings
 
     manifest = inference_service(
@@ -441,7 +428,7 @@ def _deploy(
     service = wait_until_ready(applied, client=client, timeout=ready_timeout)
     predictor = _predictor_status(service)
     return {
-        "target": target.value,
+        "target": DeployTarget.KSERVE.value,
         "deployed": True,
         "action": applied.action,
         "name": applied.name,

@@ -70,8 +70,9 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 
         load_settings().export()
         os.environ.setdefault("FOD_HOME", str(fod_home()))  # where the deploy step keeps state
-        result = run_local(_pipeline_arguments(args), args.pipeline_root)
+        result = run_local(_pipeline_arguments(args), args.pipeline_root, verbose=args.verbose)
         print(f"pipeline finished; outputs under {result.pipeline_root}")
+        print(f"raw logs: {result.log_path}")
         return 0
     # submit
     if not args.host:
@@ -84,7 +85,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoSettings, run_demo
 
-    summary = run_demo(".", demo=DemoSettings(epochs=args.epochs))
+    summary = run_demo(".", demo=DemoSettings(epochs=args.epochs), verbose=args.verbose)
     print("\nFOD main job done")
     print(f"  MLflow UI          {summary['mlflow_ui']}")
     print(
@@ -193,6 +194,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         pipeline_root=args.pipeline_root,
         arguments=overrides,
         kfp_host=args.kfp_host,
+        verbose=args.verbose,
     )
     if args.every is None:
         print(json.dumps(check(), indent=2))

@@ -57,6 +57,7 @@ def run_demo(
     *,
     demo: DemoSettings | None = None,
     stack: EmbeddedStack | None = None,
+    verbose: bool = False,
 ) -> dict:
     from mlflow import MlflowClient
 
@@ -90,7 +91,7 @@ def run_demo(
         dvc_remote=remote_url(settings),
         overrides=demo.training_arguments() | {"deploy_target": "local"},
     )
-    run_local(arguments, repo_root / "runs" / "pipeline")
+    run_local(arguments, repo_root / "runs" / "pipeline", verbose=verbose)
     timings["pipeline_s"] = time.perf_counter() - started - sum(timings.values())
 
     from components.registry import CHAMPION

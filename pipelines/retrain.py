@@ -243,6 +243,7 @@ def retrain_once(
     arguments: dict | None = None,
     home: Path | None = None,
     kfp_host: str | None = None,
+    verbose: bool = False,
 ) -> dict:
     """One check: decide per category, run the pipeline for those with new data.
 
@@ -304,7 +305,7 @@ def retrain_once(
                 return report
             report["kfp_run_id"] = run_id
         else:
-            run_local(pipeline_arguments, Path(pipeline_root))
+            run_local(pipeline_arguments, Path(pipeline_root), verbose=verbose)
         report["pipeline_seconds"] = round(time.perf_counter() - started, 1)
         _write_state(home, {"status": "done", "data_version": version.md5, "categories": todo})
         client = MlflowClient()

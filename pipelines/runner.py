@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.dag import compile_pipeline, training_pipeline
+from pipelines.parameters import checked
 
 log = logging.getLogger(__name__)
 
@@ -16,18 +17,23 @@ RUN_TIMEOUT = 6 * 3600.0  # how long a submitter waits for a KFP run
 @dataclass
 class LocalRunResult:
     pipeline_root: Path
-    registrations: dict[str, dict] = field(default_factory=dict)
-    state: str = ""
+    log_path: Path  # the KFP runner's raw output
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, status) in order
 
 
 def run_local(
     arguments: dict,
     pipeline_root: str | Path,
+    *,
+    verbose: bool = False,
 ) -> LocalRunResult:
-    """Execute the pipeline with the KFP local runner (subprocesses, this Python).
+    """Execute the pipeline with the KFP local runner (subprocesses, this Python), reporting
+    one line per step; the runner's raw output goes to a log file (``-v``: to the console).
 
     Components reach the stack through the environment (``StackSettings.export``)."""
     from kfp import local
+
+    from pipelines.progress import log_path_for, reported
 
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
@@ -37,9 +43,13 @@ def run_local(
         raise_on_error=True,
         enable_caching=True,  # same data, code and parameters: reuse the step's outputs
     )
-    task = training_pipeline(**arguments)
-    result = LocalRunResult(pipeline_root=pipeline_root, state=str(getattr(task, "state", "")))
-    return result
+    log_path = log_path_for(pipeline_root)
+    with reported(log_path, verbose=verbose) as report:
+        try:
+            training_pipeline(**checked(arguments))
+        except RuntimeError as error:  # a step failed: its output was shown, the rest is logged
+            raise SubmitError(f"{error}; the run's raw logs: {log_path}") from error
+    return LocalRunResult(pipeline_root, log_path, report.finished)
 
 
 class SubmitError(RuntimeError):
