@@ -24,7 +24,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '?(?P<task>[\w.-]+)'?")
 _CACHED = re.compile(r"Task '?(?P<task>[\w.-]+)'? cache hit")
 _FINISHED = re.compile(r"Task '?(?P<task>[\w.-]+)'? finished with status (?P<status>\w+)")
-_SKIPPED = re.compile(r"Skipping (?:conditional )?task '?(?P<task>[\w.-]+)'?")
+_SKIPPED = re.compile(r"Skipping (?P<conditional>conditional )?task '?(?P<task>[\w.-]+)'?")
 _EPOCH = re.compile(r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)")
 TRAINING_STEP = "train-fod"
 FAILURE_TAIL = 60  # lines of a failed step's output shown on the console
@@ -99,7 +99,8 @@ class StepReport:
         elif match := _FINISHED.search(line):
             self._finish(match["task"], match["status"])
         elif match := _SKIPPED.search(line):
-            self._say(f"  - {match['task']:<22} skipped")
+            why = "condition false" if match["conditional"] else "upstream step failed"
+            self._say(f"  - {match['task']:<22} skipped ({why})")
             self.finished.append((match["task"], "skipped"))
         elif self.current is not None:
             if match := _EPOCH.search(line):  # a progress bar: shown as ours, not in the tail
