@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -24,7 +23,7 @@ import torch
 
 from fod_core.cache import FeatureCache, LocalStore
 from fod_core.calibration import LevelWeighting
-from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
+from fod_core.config import Device, LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.data import load_category, split_validation
 from fod_core.evaluate import evaluate_detector, ground_truth_masks
 from fod_core.inference import AnomalyDetector
@@ -32,28 +31,10 @@ from fod_core.losses import reference_objective
 from fod_core.metrics import image_auroc, pixel_auroc
 from fod_core.model import create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.train import train_model
-from fod_core.trainer import FODTrainer, class_references
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide bf16 speed (AMX, AVX512-bf16)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    wanted = ("amx", "avx512_bf16", "avx512f", "avx2")
-    return sorted({f for f in flags.split() if f.startswith(wanted)})
-
-
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return ""
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+from fod_core.trainer import FODTrainer, class_references, resolve_device
 
 
 def peak_rss_mb() -> float:
@@ -175,6 +156,9 @@ def main() -> None:
         lr=args.lr,
         precision=Precision(args.precision),
     )
+    device = resolve_device(train_config.device)
+    where = machine(device)
+    rates = measure_rates(where)
     data = load_category(args.data, args.category)
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     report: dict = {
@@ -185,10 +169,12 @@ def main() -> None:
             if v not in (False, None)
         ),
         "machine": {
-            "cpu": cpu_model() or platform.machine(),
+            "device": str(device),
+            "name": where.name,
+            "isa": list(where.isa),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(),
+            "matmul_gflops": {"fp32": rates.fp32, "bf16": rates.bf16},
         },
         "data": data.summary() | {"train_split": len(train_records), "val_split": len(val_records)},
         "model_config": model_config.to_dict(),
@@ -201,6 +187,13 @@ def main() -> None:
 
     extractor = FeatureExtractor(spec=model_config.backbone)
     pre = PreProcessing(args.image_size, extractor.mean, extractor.std)
+    flops = fod_flops(
+        create_fod_model(model_config, in_channels=extractor.channels, strides=extractor.strides),
+        extractor,
+        batch_size=train_config.batch_size,
+    )
+    report["flops_per_image"] = flops.to_dict()
+    print(roofline_header(where, rates, flops), flush=True)  # first: every figure is read by it
     cache = FeatureCache(LocalStore(cache_dir), extractor, pre)
     started = time.perf_counter()
     train_features, stats = cache.features(data.train, desc="all train features")
@@ -289,6 +282,7 @@ def measure_speed(
         check=True,
     )
     reference = json.loads(child.stdout.strip().splitlines()[-1])["baseline_seconds_per_image"]
+    train_step, matmul = report["flops_per_image"]["train_step"], report["machine"]["matmul_gflops"]
     report["speed"] = {
         "our_seconds_per_image": ours,
         "baseline_seconds_per_image": baseline,
@@ -298,7 +292,8 @@ def measure_speed(
         "speedup_bf16_vs_reference_process": reference / ours_bf16,
         "our_seconds_per_image_bf16_autocast": ours_bf16,
         "speedup_bf16_autocast": baseline / ours_bf16,
-        "cpu_flags": cpu_flags(),
+        "fp32_of_matmul": achieved(train_step, ours, matmul["fp32"]),
+        "bf16_of_matmul": achieved(train_step, ours_bf16, matmul["bf16"] or matmul["fp32"]),
         "timing_batches": args.timing_batches,
         "baseline_iterations": args.baseline_iterations,
     }
@@ -362,6 +357,11 @@ def _train_and_report(
         "seconds_per_epoch_median": statistics.median(epoch_seconds),
         "seconds_per_epoch_first": epoch_seconds[0],
         "seconds_per_image": statistics.median(epoch_seconds) / report["data"]["train_split"],
+        "of_matmul": achieved(
+            report["flops_per_image"]["train_step"],
+            statistics.median(epoch_seconds) / report["data"]["train_split"],
+            report["machine"]["matmul_gflops"]["fp32"],
+        ),
         "best_epoch_by_validation": outcome.result.best_epoch,
         "val_loss_by_epoch": [r.val_loss for r in outcome.result.history],
         "test_by_epoch_record_only": by_epoch,
@@ -370,7 +370,8 @@ def _train_and_report(
     # 4. The selected model on the test set, through the shared inference path.
     from fod_core.artifact import load_detector
 
-    detector = load_detector(args.out / "model")
+    device = resolve_device(Device.AUTO)
+    detector = load_detector(args.out / "model", device=device)
     metrics = evaluate_detector(
         detector, data.test, args.out / "eval", title=args.category, max_overlays=24
     )
@@ -378,7 +379,7 @@ def _train_and_report(
     report["metrics"] = {k: metrics[k] for k in keys}
     if outcome.level_weights is not None:
         report["level_weights"] = outcome.level_weights.to_dict()
-        equal = load_detector(args.out / "model")
+        equal = load_detector(args.out / "model", device=device)
         equal.post = replace(equal.post, level_weights=None)
         method = evaluate_detector(
             equal, data.test, args.out / "eval_equal_weights", title=args.category, max_overlays=0
@@ -386,10 +387,13 @@ def _train_and_report(
         report["metrics_equal_weights_record_only"] = {k: method[k] for k in keys}
 
     # 5. Inference latency and memory.
-    report["inference"] = {
-        "batch_1": inference_ms(detector, data.test, 1, repeats=10),
-        "batch_16": inference_ms(detector, data.test, 16, repeats=3),
-    }
+    peak = report["machine"]["matmul_gflops"]["fp32"]
+    report["inference"] = {}
+    for batch, repeats in ((1, 10), (16, 3)):
+        timing = inference_ms(detector, data.test, batch, repeats=repeats)
+        seconds = timing["ms_per_image_median"] / 1000
+        timing["of_matmul"] = achieved(report["flops_per_image"]["inference"], seconds, peak)
+        report["inference"][f"batch_{batch}"] = timing
     report["peak_rss_mb"] = peak_rss_mb()
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
     print(

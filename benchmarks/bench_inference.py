@@ -23,6 +23,7 @@ import torch
 from fod_core.artifact import load_detector
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODLevel
+from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
 
 
@@ -40,13 +41,33 @@ def time_predict(detector: AnomalyDetector, paths: list[Path], batch: int, repea
 def main() -> None:
     configure_cpu_numerics()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", type=Path)
+    source.add_argument(
+        "--untrained-backbone",
+        help="the method's architecture on this backbone with untrained FOD weights (speed "
+        "depends on the architecture, not on what the weights learned)",
+    )
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*.png"))
-    detector = load_detector(args.model)
+    if args.untrained_backbone:
+        import tempfile
+
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_serving import untrained_model
+
+        args.model = untrained_model(
+            Path(tempfile.mkdtemp(prefix="fod-bench-")), args.untrained_backbone, 256
+        )
+    detector = load_detector(args.model, device=args.device)
+    where = machine(detector.device)
+    rates = measure_rates(where)
+    flops = fod_flops(detector.model, detector.extractor)
+    print(roofline_header(where, rates, flops), flush=True)  # first: every figure is read by it
     full_forward = FODLevel.forward
 
     def with_intra_maps(self, feature_map, *, scoring=False):
@@ -55,6 +76,9 @@ def main() -> None:
     report = {
         "command": "python benchmarks/bench_inference.py " + " ".join(sys.argv[1:]),
         "threads": torch.get_num_threads(),
+        "machine": {"name": where.name, "device": where.device, "isa": list(where.isa)},
+        "matmul_gflops": {"fp32": rates.fp32, "bf16": rates.bf16},
+        "flops_per_image": flops.to_dict(),
     }
     for batch, repeats in ((1, args.repeats), (16, max(3, args.repeats // 3))):
         # In blocks, each after a warm-up: alternating paths of different buffer sizes
@@ -71,6 +95,7 @@ def main() -> None:
             "ms_per_image": fast,
             "ms_per_image_with_intra_maps": full,
             "runs": repeats,
+            "of_matmul": achieved(flops.inference, fast / 1000, rates.fp32),
         }
         print(f"batch {batch}: {report[f'batch_{batch}']}", flush=True)
     if args.out:

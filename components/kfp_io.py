@@ -16,3 +16,12 @@ def write_metrics_file(metrics) -> None:
     path = Path(metrics.path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(dict(metrics.metadata), indent=2, sort_keys=True))
+
+
+# A step's one-line result for the person running the pipeline: the local run's progress
+# report (pipelines.progress) shows these lines under the step; the rest goes to the log.
+SUMMARY_MARKER = "fod-summary: "
+
+
+def print_summary(result: dict) -> None:
+    print(SUMMARY_MARKER + json.dumps(result), flush=True)

@@ -262,6 +262,7 @@ def register_model(
     from typing import NamedTuple
 
     from components.evaluation import rescore_on
+    from components.kfp_io import print_summary
     from components.registry import PromotionGates, register_model
     from components.settings import load_settings
     from components.tracking import connect
@@ -284,7 +285,7 @@ def register_model(
         ),
         rescore=rescore_on(dataset.path, category, data_format),
     )
-    print(json.dumps(result.to_dict()))
+    print_summary(result.to_dict())
     outputs = NamedTuple(
         "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
     )
@@ -304,6 +305,7 @@ def deploy_model(
     import json
 
     from components.deploy import DeployTarget, deploy_champion
+    from components.kfp_io import print_summary
     from components.settings import load_settings
     from components.tracking import registered_name
 
@@ -320,5 +322,5 @@ def deploy_model(
         canary_traffic_percent=canary_traffic_percent or None,
         env=settings.env(),
     )
-    print(json.dumps(result))
+    print_summary(result)
     return json.dumps(result)

@@ -181,6 +181,7 @@ def train_model(
                 "device": str(device),
                 "best_epoch": result.best_epoch,
                 "best_val_loss": result.best_val_loss,
+                "compile_warmup_s": result.warmup_seconds,
                 "history": history,
                 **timings,
             },

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fod_core.config import Device, Precision, TrainConfig
+from fod_core.kernels import compile_enabled
 from fod_core.losses import fod_objective, reconstruction_loss, total_objective
 from fod_core.model import FODModel
 from fod_core.runtime import configure_cpu_numerics
@@ -32,13 +33,32 @@ def resolve_device(device: Device | str) -> torch.device:
     return torch.device(device.value)
 
 
-def autocast_for(device: torch.device, precision: Precision | str):
-    """bf16 autocast on CUDA by default; on CPU only when asked (it needs AMX/AVX512-bf16)."""
+def resolve_precision(device: torch.device, precision: Precision | str) -> Precision:
+    """AUTO: bf16 on a CUDA device that has it, fp32 on CPU. bf16 on CPU is only as fast
+    as the CPU's bf16 matmuls: native with AMX or AVX512-BF16, emulated (far slower than
+    fp32) without. On bottle it also lost 0.003 AUPRO against fp32 (BENCHMARKS.md), over
+    the 0.002 that would let AUTO choose it where it is native."""
     precision = Precision(precision)
-    use_bf16 = precision is Precision.BF16 or (
-        precision is Precision.AUTO and device.type == "cuda"
-    )
-    if not use_bf16:
+    if precision is Precision.AUTO:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return Precision.BF16 if cuda_bf16 else Precision.FP32
+    if precision is Precision.BF16 and device.type == "cpu":
+        from fod_core.roofline import machine
+
+        here = machine()
+        if not here.native_bf16:
+            log.warning(
+                "bf16 on this CPU (%s) is emulated: it has neither AMX nor AVX512-BF16, so "
+                "every bf16 matmul runs in software, many times slower than fp32 (on an AVX2 "
+                "EPYC a first batch did not finish in 3 minutes). Use --precision fp32.",
+                here.name,
+            )
+    return precision
+
+
+def autocast_for(device: torch.device, precision: Precision | str):
+    """bf16 autocast where ``resolve_precision`` picks it; fp32 otherwise."""
+    if resolve_precision(device, precision) is not Precision.BF16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -61,12 +81,15 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float | None
     history: list[EpochRecord] = field(default_factory=list)
+    # torch.compile's warm-up (tracing and compiling the kernels), kept out of the epochs
+    warmup_seconds: float = 0.0
 
     def to_dict(self) -> dict:
         return {
             "best_epoch": self.best_epoch,
             "best_val_loss": self.best_val_loss,
             "history": [asdict(r) for r in self.history],
+            "warmup_seconds": self.warmup_seconds,
         }
 
 
@@ -138,6 +161,31 @@ class FODTrainer:
             total += rec * batch[0].shape[0]
         return total / n
 
+    def warm_up(self, train_features: Sequence[torch.Tensor]) -> float:
+        """Compile the kernels on one batch, forward and backward, without a weight update
+        or a draw from the random generators: the first epoch's time is then the epoch's
+        own. Returns the seconds it took."""
+        started = time.perf_counter()
+        batch = [f[: self.config.batch_size].to(self.device) for f in train_features]
+        model_config = self.model.config
+        self.model.train()
+        with torch.random.fork_rng(devices=[]):
+            with autocast_for(self.device, self.config.precision):
+                terms = [
+                    fod_objective(
+                        out,
+                        lambda1=model_config.lambda1,
+                        lambda2=model_config.lambda2,
+                        eps=model_config.log_eps,
+                    )
+                    for out in self.model(batch)
+                ]
+            total_objective(terms).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - started
+        log.info("torch.compile warm-up: %.1fs (not counted in the epochs)", seconds)
+        return seconds
+
     # -- the loop ---------------------------------------------------------------------
     def fit(
         self,
@@ -159,6 +207,7 @@ class FODTrainer:
         if resume and self.checkpoint_dir and (self.checkpoint_dir / "last.pt").is_file():
             start_epoch, result, best_state = self._load_checkpoint()
             log.info("resuming at epoch %d of %d", start_epoch, cfg.epochs)
+        result.warmup_seconds = self.warm_up(train_features) if compile_enabled() else 0.0
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             self.model.train()

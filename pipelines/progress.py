@@ -20,6 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TextIO
 
+from components.kfp_io import SUMMARY_MARKER
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '?(?P<task>[\w.-]+)'?")
 _CACHED = re.compile(r"Task '?(?P<task>[\w.-]+)'? cache hit")
@@ -102,6 +104,8 @@ class StepReport:
             why = "condition false" if match["conditional"] else "upstream step failed"
             self._say(f"  - {match['task']:<22} skipped ({why})")
             self.finished.append((match["task"], "skipped"))
+        elif self.current is not None and SUMMARY_MARKER in line:
+            self._say("    " + line.split(SUMMARY_MARKER, 1)[1])  # the step's own result
         elif self.current is not None:
             if match := _EPOCH.search(line):  # a progress bar: shown as ours, not in the tail
                 if self.current.name == TRAINING_STEP:

@@ -80,3 +80,17 @@ def test_the_logging_set_up_is_restored_after_a_run(tmp_path) -> None:
     with pytest.raises(RuntimeError), reported(tmp_path / "run.log", console=io.StringIO()):
         raise RuntimeError("a step failed")
     assert root.handlers == before
+
+
+def test_a_steps_own_result_line_is_shown_under_it() -> None:
+    console = io.StringIO()
+    report = StepReport(io.StringIO(), console)
+    report.write(
+        "Executing task 'register-model'\n"
+        '    fod-summary: {"version": "2", "promoted": false, "evidence": "planted"}\n'
+        '    {"not": "a summary"}\n'
+        "Task 'register-model' finished with status SUCCESS\n"
+    )
+    shown = console.getvalue().splitlines()
+    assert shown[1] == '    {"version": "2", "promoted": false, "evidence": "planted"}'
+    assert len(shown) == 3
