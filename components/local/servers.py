@@ -100,6 +100,10 @@ class LocalServing:
     def __init__(self, home: str | Path | None = None) -> None:
         self.dir = Path(home or fod_home()) / "serving"
 
+    def records_file(self, name: str) -> Path:
+        """The decision record of ``name``'s local server."""
+        return self.dir.parent / "records" / f"{name}.sqlite"
+
     def _state_file(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
@@ -147,13 +151,14 @@ class LocalServing:
     def _start(self, name, model_uri, http_port, grpc_port, env, timeout) -> LocalServer:
         http_port = http_port if http_port and port_is_free(http_port) else free_port()
         grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
+        records = self.records_file(name)
         server = spawn_model_server(
             self.dir.parent,
             name,
             model_uri,
             http_port=http_port,
             grpc_port=grpc_port,
-            extra=("--poll-interval", str(LOCAL_POLL_SECONDS)),
+            extra=("--poll-interval", str(LOCAL_POLL_SECONDS), "--record", str(records)),
             env=env,
             log_name=f"serve-{name}",
         )

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
+import time
 
 import numpy as np
 
+from components.serving import metrics
 from components.serving.predictor import FODPredictor
 from components.serving.protocol import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -15,11 +18,15 @@ from components.serving.protocol import (
     InvalidRequest,
     MapFormat,
     RequestOptions,
+    UndecodableImage,
     decode_v1_instances,
     decode_v2_inputs,
 )
+from components.serving.records import DecisionLog, Served
 from components.serving.scorer import BatchScorer
 from components.serving.source import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def import_kserve():
@@ -44,8 +51,10 @@ def build_kserve_model(
     max_images: int = DEFAULT_MAX_IMAGES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_batch: int = 1,
+    recorder: DecisionLog | None = None,
 ):
-    """The kserve.Model around a predictor (kserve is imported here, not at module import)."""
+    """The kserve.Model around a predictor (kserve is imported here, not at module import).
+    Every decision is counted in the metrics and, with a ``recorder``, recorded."""
     kserve = import_kserve()
     from kserve.errors import InvalidInput
     from kserve.protocol.infer_type import (
@@ -64,6 +73,7 @@ def build_kserve_model(
             self.predictor = predictor
             self._scorer = BatchScorer(max_batch=max_batch, stats=predictor.scoring_stats)
             predictor.run_torch = self._scorer.call  # load on the one PyTorch thread
+            self._last_version: str | None = None
             self.ready = predictor.active is not None
 
         def get_input_types(self) -> list[dict]:
@@ -90,6 +100,7 @@ def build_kserve_model(
                 from kserve.errors import ModelNotReady
 
                 raise ModelNotReady(self.name)
+            started = time.perf_counter()
             try:
                 if isinstance(payload, InferRequest):
                     images = decode_v2_inputs(payload)
@@ -107,10 +118,35 @@ def build_kserve_model(
                     self._scorer.submit(model, images, options, max_image_pixels)
                 )
             except InvalidRequest as error:
+                if isinstance(error, UndecodableImage):
+                    metrics.DECODE_ERRORS.labels(self.name).inc()
                 raise InvalidInput(str(error)) from None
+            self._account(model, images, results, time.perf_counter() - started)
             if isinstance(payload, InferRequest):
                 return self._v2_response(payload, model, results, options)
             return {"predictions": [self._v1_item(model, r) for r in results]}
+
+        def _account(self, model: LoadedModel, images, results, seconds: float) -> None:
+            """Metrics and the decision record; neither may fail the request."""
+            try:
+                scores = [r.score for r in results]
+                metrics.observe(self.name, model.version, scores, [r.is_anomalous for r in results])
+                metrics.LATENCY.labels(self.name, model.version).observe(seconds)
+                if model.version != self._last_version:
+                    metrics.served(self.name, model.version, self._last_version)
+                    self._last_version = model.version
+                if recorder is not None:
+                    recorder.submit(
+                        [
+                            Served(image, r.score, r.threshold, r.is_anomalous, r.anomaly_map,
+                                   self.name, model.version, model.data_version)
+                            for image, r in zip(images, results, strict=True)
+                        ]
+                    )  # fmt: skip
+                    for state, count in recorder.counts.items():
+                        metrics.RECORDS.labels(self.name, state).set(count)
+            except Exception:  # pragma: no cover - accounting must never fail a request
+                log.exception("could not account for a request")
 
         def _v1_item(self, model: LoadedModel, result: ImageResult) -> dict:
             item = {
@@ -161,6 +197,8 @@ def build_kserve_model(
         def stop(self) -> None:
             self.predictor.stop_watching()
             self._scorer.close()
+            if recorder is not None:
+                recorder.close()
             super().stop()
 
     return FODKServeModel()

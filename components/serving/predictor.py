@@ -48,13 +48,12 @@ class FODPredictor:
         self._loading = version
         started = time.perf_counter()
         try:
-            detector = self.source.load(version, run_torch=self.run_torch)
+            loaded = self.source.load(version, run_torch=self.run_torch)
         except Exception as error:
             self._failed[version] = (f"{type(error).__name__}: {error}", time.monotonic())
             raise
         finally:
             self._loading = None
-        loaded = LoadedModel(detector, version)
         self._active = loaded  # one reference swap: in-flight requests keep the old model
         self._failed.pop(version, None)
         log.info(

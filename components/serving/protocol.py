@@ -24,6 +24,10 @@ class InvalidRequest(ValueError):
     """A client's mistake: answered 4xx with this message, never 5xx."""
 
 
+class UndecodableImage(InvalidRequest):
+    """An image in the request that is not a readable image (counted in the metrics)."""
+
+
 class MapFormat(str, Enum):
     """How (and whether) a response carries each image's anomaly map."""
 
@@ -133,6 +137,7 @@ class ImageResult:
     threshold: float | None
     anomaly_map_png: bytes | None = None
     anomaly_map_grid: np.ndarray | None = None
+    anomaly_map: np.ndarray | None = None  # the full map, for the decision record only
 
 
 def decode_images(images: list[bytes], *, max_image_pixels: int) -> list:
@@ -142,7 +147,8 @@ def decode_images(images: list[bytes], *, max_image_pixels: int) -> list:
         try:
             decoded.append(read_image(data, max_pixels=max_image_pixels))
         except ImageDecodeError as error:
-            raise InvalidRequest(f"image {index}: {str(error).removeprefix('<bytes>: ')}") from None
+            message = str(error).removeprefix("<bytes>: ")
+            raise UndecodableImage(f"image {index}: {message}") from None
     return decoded
 
 
@@ -157,6 +163,7 @@ def image_results(
     results = []
     for image, prediction in zip(decoded, predictions, strict=True):
         result = ImageResult(prediction.score, prediction.is_anomalous, threshold)
+        result.anomaly_map = prediction.anomaly_map
         if options.anomaly_map is MapFormat.PNG:
             buffer = io.BytesIO()
             prediction_overlay(image, prediction.anomaly_map, threshold).save(buffer, "PNG")

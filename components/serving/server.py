@@ -8,6 +8,7 @@ import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from components.serving.kserve_model import build_kserve_model, import_kserve
 from components.serving.predictor import FODPredictor
@@ -16,6 +17,7 @@ from components.serving.protocol import (
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_REQUEST_BYTES,
 )
+from components.serving.records import DecisionLog, KeepImages, RecordSettings
 from components.serving.source import ModelSource
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class ServerConfig:
     max_batch: int = 1
     poll_interval: float = 10.0
     enable_grpc: bool = True
+    record: RecordSettings | None = None  # the decision record; None: nothing recorded
 
 
 class RequestSizeLimit:
@@ -85,12 +88,18 @@ class RequestSizeLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-def _add_status_route(app, name: str, predictor: FODPredictor) -> None:
-    """GET /v2/models/NAME/status: which version is served, which is loading, failures."""
+def _add_status_route(
+    app, name: str, predictor: FODPredictor, recorder: DecisionLog | None = None
+) -> None:
+    """GET /v2/models/NAME/status: which version is served, which is loading, failures,
+    and what the decision record wrote."""
 
     @app.get(f"/v2/models/{name}/status")
     async def status():
-        return predictor.status()
+        answer = predictor.status()
+        if recorder is not None:
+            answer["records"] = {"path": str(recorder.settings.path), **recorder.counts}
+        return answer
 
 
 def _requests_that_fail_to_decode_are_400(dataplane) -> None:
@@ -177,17 +186,19 @@ def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
             self.register_signal_handler()
             asyncio.run(self._serve())
 
+    recorder = DecisionLog(config.record) if config.record else None
     model = build_kserve_model(
         name,
         predictor,
         max_images=config.max_images,
         max_image_pixels=config.max_image_pixels,
         max_batch=config.max_batch,
+        recorder=recorder,
     )
     model.load()
     predictor.start_watching()
     model_server.app.add_middleware(RequestSizeLimit, max_bytes=config.max_request_bytes)
-    _add_status_route(model_server.app, name, predictor)
+    _add_status_route(model_server.app, name, predictor, recorder)
     server = LoopbackModelServer(
         http_port=config.http_port,
         grpc_port=config.grpc_port,
@@ -236,6 +247,19 @@ def add_serve_arguments(parser) -> None:
         "--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="per image"
     )
     parser.add_argument(
+        "--record",
+        help="SQLite file of the decision record (every served decision; off when unset)",
+    )
+    parser.add_argument(
+        "--keep-images",
+        choices=[k.value for k in KeepImages],
+        default=KeepImages.FLAGGED.value,
+        help="full images the record keeps (thumbnails always; overlays of flagged ones)",
+    )
+    parser.add_argument(
+        "--max-records", type=int, default=100_000, help="the oldest beyond this are deleted"
+    )
+    parser.add_argument(
         "--max-batch",
         type=int,
         default=1,
@@ -259,6 +283,11 @@ def serve_from_args(args) -> None:
         max_batch=args.max_batch,
         poll_interval=args.poll_interval,
         enable_grpc=not args.no_grpc,
+        record=RecordSettings(
+            Path(args.record), KeepImages(args.keep_images), max_records=args.max_records
+        )
+        if args.record
+        else None,
     )
     predictor = FODPredictor(source, poll_interval=args.poll_interval)
     serve(args.name or source.model_name, predictor, config)

@@ -71,19 +71,18 @@ class ModelSource:
         except MlflowException as error:
             raise ServingError(f"{self.uri}: {error.message}") from error
 
-    def load(self, version: str, *, run_torch: TorchRunner = run_here) -> AnomalyDetector:
+    def load(self, version: str, *, run_torch: TorchRunner = run_here) -> LoadedModel:
         """Load one version; a registry version is fetched by number, so an alias that
         moves meanwhile cannot mix two versions. The download runs on the calling thread,
         the PyTorch part through ``run_torch`` (see ``BatchScorer.call``)."""
         if not self.is_registry:
-            directory = _find_artifact(Path(self.uri))
-            return run_torch(lambda: load_detector(directory))
+            return _loaded(_find_artifact(Path(self.uri)), version, run_torch)
         from components.tracking import download_fod_model
 
         name, _, _ = self._parts()
         with tempfile.TemporaryDirectory(prefix="fod-serve-") as tmp:
             model_dir = download_fod_model(f"models:/{name}/{version}", tmp)
-            return run_torch(lambda: load_detector(model_dir))  # reads everything into memory
+            return _loaded(model_dir, version, run_torch)  # reads everything into memory
 
     @property
     def model_name(self) -> str:
@@ -108,4 +107,10 @@ def _find_artifact(path: Path) -> Path:
 class LoadedModel:
     detector: AnomalyDetector
     version: str
+    data_version: str | None = None  # what it was trained on (from its manifest)
     loaded_at: float = field(default_factory=time.time)
+
+
+def _loaded(directory: Path, version: str, run_torch: TorchRunner) -> LoadedModel:
+    data_version = read_manifest(directory).get("data_version")
+    return LoadedModel(run_torch(lambda: load_detector(directory)), version, data_version)

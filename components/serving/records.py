@@ -1,0 +1,193 @@
+"""The record of served decisions: a bounded, append-only SQLite log written off the request path.
+
+Each decision keeps its time, the image's SHA-256 and a thumbnail, score, threshold and
+decision, the model's name, version and training data version, and for flagged images
+the heatmap overlay. Full images are kept only as ``--keep-images`` asks. Requests never
+wait for the log and never fail because of it: a full queue, a full disk or a broken file
+drops the record, counts it and logs it, and scoring goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+THUMBNAIL_SIDE = 128
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    score REAL NOT NULL,
+    threshold REAL,
+    is_anomalous INTEGER,
+    model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL,
+    data_version TEXT,
+    thumbnail BLOB,
+    image BLOB,
+    overlay BLOB
+);
+CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time);
+"""
+COLUMNS = (
+    "id", "time", "sha256", "score", "threshold", "is_anomalous", "model_name",
+    "model_version", "data_version",
+)  # fmt: skip
+
+
+class KeepImages(str, Enum):
+    """Which full images the record keeps (thumbnails are always kept)."""
+
+    NONE = "none"
+    FLAGGED = "flagged"
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class RecordSettings:
+    path: Path
+    keep_images: KeepImages = KeepImages.FLAGGED
+    max_records: int = 100_000  # the oldest beyond this are deleted
+    queue_size: int = 256  # decisions waiting for the writer; more are dropped and counted
+
+
+@dataclass
+class Served:
+    """One served image's decision, as the request path hands it over (no work done yet)."""
+
+    image: bytes
+    score: float
+    threshold: float | None
+    is_anomalous: bool | None
+    anomaly_map: np.ndarray | None
+    model_name: str
+    model_version: str
+    data_version: str | None
+    time: float = field(default_factory=time.time)
+
+
+class DecisionLog:
+    """One writer thread behind a bounded queue; ``submit`` never blocks."""
+
+    def __init__(self, settings: RecordSettings) -> None:
+        self.settings = settings
+        self.counts = {"recorded": 0, "dropped": 0, "failed": 0}
+        self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=settings.queue_size)
+        self._thread = threading.Thread(target=self._write, name="fod-records", daemon=True)
+        self._thread.start()
+
+    def submit(self, served: list[Served]) -> None:
+        for item in served:
+            try:
+                self._queue.put_nowait(item)
+            except queue.Full:
+                self.counts["dropped"] += 1
+                if self.counts["dropped"] in (1, 10, 100) or self.counts["dropped"] % 1000 == 0:
+                    log.warning("decision record queue full: %d dropped", self.counts["dropped"])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then stop."""
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            return
+        self._thread.join(timeout)
+
+    def _write(self) -> None:
+        connection = None
+        while (item := self._queue.get()) is not None:
+            try:
+                if connection is None:
+                    connection = open_record(self.settings.path)
+                connection.execute(
+                    "INSERT INTO decisions (time, sha256, score, threshold, is_anomalous, "
+                    "model_name, model_version, data_version, thumbnail, image, overlay) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    self._row(item),
+                )
+                self._trim(connection)  # in the same transaction: the limit always holds
+                self.counts["recorded"] += 1
+            except Exception as error:  # a full disk, a locked or broken file: never fatal
+                self.counts["failed"] += 1
+                log.warning("could not record a decision (%s: %s)", type(error).__name__, error)
+                if connection is not None:
+                    connection.close()
+                connection = None  # reopened for the next one
+        if connection is not None:
+            connection.close()
+
+    def _row(self, item: Served) -> tuple:
+        from fod_core.processing import read_image
+
+        image = read_image(item.image)
+        thumbnail = image.copy()
+        thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+        flagged = bool(item.is_anomalous)
+        keep = self.settings.keep_images
+        overlay = None
+        if flagged and item.anomaly_map is not None:
+            from fod_core.visualize import prediction_overlay
+
+            overlay = _png(prediction_overlay(image, item.anomaly_map, item.threshold))
+        kept = keep is KeepImages.ALL or (keep is KeepImages.FLAGGED and flagged)
+        return (
+            item.time,
+            hashlib.sha256(item.image).hexdigest(),
+            float(item.score),
+            item.threshold,
+            None if item.is_anomalous is None else int(item.is_anomalous),
+            item.model_name,
+            str(item.model_version),
+            item.data_version,
+            _png(thumbnail),
+            item.image if kept else None,
+            overlay,
+        )
+
+    def _trim(self, connection: sqlite3.Connection) -> None:
+        connection.execute(
+            "DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
+            (self.settings.max_records,),
+        )
+        connection.commit()
+
+
+def open_record(path: str | Path) -> sqlite3.Connection:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, timeout=5)
+    connection.execute("PRAGMA journal_mode=WAL")  # readers (fod monitor) never block it
+    connection.executescript(SCHEMA)
+    return connection
+
+
+def read_decisions(path: str | Path, *, since: float | None = None) -> list[dict]:
+    """The recorded decisions (without image blobs), oldest first."""
+    connection = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = connection.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM decisions WHERE time >= ? ORDER BY id",
+            (since or 0.0,),
+        ).fetchall()
+    finally:
+        connection.close()
+    return [dict(zip(COLUMNS, row, strict=True)) for row in rows]
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
