@@ -134,6 +134,12 @@ def main() -> None:
     parser.add_argument("--images-per-request", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=5, help="requests before measuring")
     parser.add_argument("--max-batch", type=int, default=1, help="the server's --max-batch")
+    parser.add_argument(
+        "--record",
+        choices=["none", "flagged", "all"],
+        default="none",
+        help="the decision record: off, or on keeping these full images",
+    )
     parser.add_argument("--out", type=Path, help="write the results JSON here")
     args = parser.parse_args()
 
@@ -163,7 +169,12 @@ def main() -> None:
         args.model,
         http_port=free_port(),
         grpc_port=free_port(),
-        extra=("--poll-interval", "0", "--max-batch", str(args.max_batch)),
+        extra=("--poll-interval", "0", "--max-batch", str(args.max_batch))
+        + (
+            ("--record", str(home / "records.sqlite"), "--keep-images", args.record)
+            if args.record != "none"
+            else ()
+        ),
     )
     process = ServerState(pid=server.pid, log=server.log)
     started = time.perf_counter()
@@ -203,6 +214,10 @@ def main() -> None:
         sampler.stop.set()
         stop_server(process)
     report["server_rss_mb_peak"] = sampler.peak / 2**20
+    if args.record != "none":
+        from components.serving.records import read_decisions
+
+        report["records"] = {"rows": len(read_decisions(home / "records.sqlite"))}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
