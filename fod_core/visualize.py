@@ -122,3 +122,42 @@ def plot_level_weights(candidates: Sequence[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot_drift(
+    calibration_scores: Sequence[float],
+    served_scores: Sequence[float],
+    served_times: Sequence[float],
+    served_alarms: Sequence[bool],
+    threshold: float | None,
+    promised_rate: float | None,
+    path: Path,
+    title: str,
+) -> None:
+    """Served scores against the validation normals', and the alarm rate over time."""
+    served = np.asarray(served_scores, float)
+    calibration = np.asarray(calibration_scores, float)
+    fig = Figure(figsize=(11, 3.8))
+    left, right = fig.subplots(1, 2)
+    everything = np.concatenate([served, calibration]) if served.size else calibration
+    bins = np.linspace(everything.min(), everything.max(), 30) if everything.size else 10
+    left.hist(calibration, bins=bins, density=True, alpha=0.6, label="validation normals",
+              color="tab:green")  # fmt: skip
+    left.hist(served, bins=bins, density=True, alpha=0.6, label="served", color="tab:blue")
+    if threshold is not None:
+        left.axvline(threshold, color="k", ls="--", label=f"threshold {threshold:.4g}")
+    left.set(xlabel="image anomaly score", ylabel="density", title=f"{title}: scores")
+    left.legend()
+    order = np.argsort(np.asarray(served_times, float))
+    alarms = np.asarray(served_alarms, float)[order]
+    if alarms.size:
+        window = max(1, min(50, alarms.size // 5))
+        rate = np.convolve(alarms, np.ones(window) / window, mode="valid")
+        right.plot(np.arange(rate.size) + window, rate, label=f"alarm rate (last {window})")
+    if promised_rate is not None:
+        promise = f"promised {promised_rate:.3g}"
+        right.axhline(promised_rate, color="tab:red", ls="--", label=promise)
+    right.set(xlabel="decision", ylabel="alarm rate", title=f"{title}: alarms over time")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -3,6 +3,7 @@
 fod stack up|down|status             the embedded S3 + MLflow on 127.0.0.1
 fod pipeline compile|run|submit      the KFP training pipeline
 fod demo                             the main job (stack, DVC data, pipeline, registry)
+fod monitor                          served decisions against the calibration: drift
 """
 
 from __future__ import annotations
@@ -196,12 +197,33 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         kfp_host=args.kfp_host,
         verbose=args.verbose,
     )
+    if args.on_drift:
+        from pipelines.retrain import retrain_on_drift
+
+        since = parse_duration(args.drift_window)
+        check = partial(retrain_on_drift, args.categories, check, since_seconds=since)
     if args.every is None:
         print(json.dumps(check(), indent=2))
         return 0
     for outcome in retrain_every(parse_duration(args.every), check, max_checks=args.max_checks):
         print(json.dumps(outcome), flush=True)
     return 0
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from components.monitoring import monitor, print_report
+    from pipelines.retrain import parse_duration
+
+    report = monitor(
+        args.category,
+        since_seconds=parse_duration(args.since) if args.since else None,
+        record=args.record,
+        model_dir=args.model,
+        plot=args.plot,
+        track=not args.no_track,
+    )
+    print_report(report)
+    return 3 if report["drift"] else 0
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
@@ -283,7 +305,29 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain.add_argument(
         "--kfp-host", help="submit the pipeline to this KFP endpoint and wait (in a cluster)"
     )
+    retrain.add_argument(
+        "--on-drift",
+        action="store_true",
+        help="run the check only when fod monitor finds drift in a category",
+    )
+    retrain.add_argument("--drift-window", default="24h", help="with --on-drift: decisions since")
     retrain.set_defaults(func=cmd_retrain)
+
+    monitor = sub.add_parser(
+        "monitor",
+        help="served decisions against the model's calibration: drift verdict (exit 3 on drift)",
+    )
+    monitor.add_argument("--category", default=DEFAULT_CATEGORIES[0])
+    monitor.add_argument("--since", help="only decisions this recent: 90m, 24h, 7d")
+    monitor.add_argument(
+        "--record", type=Path, help="the decision record (default: the local server's)"
+    )
+    monitor.add_argument(
+        "--model", type=Path, help="compare with this model's calibration (default: the registry)"
+    )
+    monitor.add_argument("--plot", type=Path, help="write the score and alarm-rate picture here")
+    monitor.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    monitor.set_defaults(func=cmd_monitor)
 
     schedule = sub.add_parser(
         "schedule", help="the retrain check as a KFP recurring run (spec: infra/kfp)"
@@ -302,6 +346,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     from components.data_version import DataVersionError
     from components.errors import DeploymentError, ServingError, StackError
+    from components.monitoring import MonitorError
     from components.registry import MlflowException
     from components.settings import SettingsError
     from components.storage import StorageError
@@ -323,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
             ServingError,
             DeploymentError,
             RetrainBusy,
+            MonitorError,
         ),
     )
 

@@ -369,6 +369,22 @@ def _run_on_kfp(arguments: dict, host: str, data_version: str, categories: list[
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
 
 
+def retrain_on_drift(
+    categories: list[str], check: Callable[[], dict], *, since_seconds: float | None = None
+) -> dict:
+    """``fod retrain --on-drift``: the retrain check runs only when a category's served
+    decisions drifted from its calibration (``fod monitor``)."""
+    from components.monitoring import monitor
+
+    reports = [monitor(c, since_seconds=since_seconds) for c in categories]
+    drifted = [r["category"] for r in reports if r["drift"]]
+    outcome = {"drifted": drifted, "monitor": reports}
+    if not drifted:
+        log.info("no drift in %s: no retrain check", ", ".join(categories))
+        return outcome | {"trained": []}
+    return outcome | check()
+
+
 def parse_duration(text: str) -> float:
     """'90s', '15m', '1h', '1d' or plain seconds."""
     match = _DURATION.match(text.strip().lower())

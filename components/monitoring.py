@@ -1,0 +1,145 @@
+"""``fod monitor``: a category's served decisions against its model's calibration, as a
+verdict with its numbers, a run in MLflow and, on request, a picture."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+from components.serving.records import read_decisions
+from fod_core.artifact import read_manifest
+from fod_core.drift import DriftCheck, check_drift
+
+log = logging.getLogger(__name__)
+
+
+class MonitorError(RuntimeError):
+    """No decision record, or no calibration to compare it with."""
+
+
+def calibration_of(model_dir: str | Path) -> tuple[list[float], float | None, float | None]:
+    """(validation normals' scores, promised false-alarm rate, threshold) of an artefact."""
+    calibration = read_manifest(model_dir).get("calibration") or {}
+    scores = calibration.get("validation_scores")
+    if not scores:
+        raise MonitorError(f"{model_dir} has no calibration scores to compare with")
+    promised = calibration.get("guaranteed_false_alarm_rate")
+    if promised is None:
+        promised = calibration.get("target_false_alarm_rate")
+    return list(scores), promised, calibration.get("threshold")
+
+
+def _registry_calibration(name: str, version: str):
+    from components.tracking import download_fod_model
+
+    with tempfile.TemporaryDirectory(prefix="fod-monitor-") as tmp:
+        return calibration_of(download_fod_model(f"models:/{name}/{version}", tmp))
+
+
+def monitor(
+    category: str,
+    *,
+    since_seconds: float | None = None,
+    record: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    plot: str | Path | None = None,
+    track: bool = True,
+    home: str | Path | None = None,
+) -> dict:
+    """One verdict per served model version in the record (the newest version first).
+
+    The calibration comes from ``model_dir`` when given, else from each version in the
+    registry. ``track``: log the numbers to the category's MLflow experiment."""
+    from components.local.servers import LocalServing
+    from components.tracking import registered_name
+
+    name = registered_name(category)
+    record = Path(record) if record else LocalServing(home).records_file(name)
+    if not record.is_file():
+        raise MonitorError(
+            f"no decision record at {record}: serve the model with --record (local servers "
+            "record by default) or pass --record PATH"
+        )
+    since = time.time() - since_seconds if since_seconds else None
+    rows = [r for r in read_decisions(record, since=since) if r["model_name"] == name]
+    by_version: dict[str, list[dict]] = {}
+    for row in rows:
+        by_version.setdefault(row["model_version"], []).append(row)
+    report = {"category": category, "record": str(record), "decisions": len(rows), "versions": []}
+    for version in sorted(by_version, key=_version_order, reverse=True):
+        decisions = by_version[version]
+        calibration, promised, threshold = (
+            calibration_of(model_dir) if model_dir else _registry_calibration(name, version)
+        )
+        check = check_drift(
+            [r["score"] for r in decisions],
+            [bool(r["is_anomalous"]) for r in decisions],
+            calibration,
+            promised,
+        )
+        entry = {"model_version": version, "verdict": check.verdict(), **check.to_dict()}
+        report["versions"].append(entry)
+        log.info("%s v%s: %s", name, version, check.verdict())
+        if plot:
+            from fod_core.visualize import plot_drift
+
+            path = Path(plot)
+            if len(by_version) > 1:
+                path = path.with_name(f"{path.stem}-v{version}{path.suffix}")
+            plot_drift(
+                calibration,
+                [r["score"] for r in decisions],
+                [r["time"] for r in decisions],
+                [bool(r["is_anomalous"]) for r in decisions],
+                threshold,
+                promised,
+                path,
+                f"{name} v{version}",
+            )
+            entry["plot"] = str(path)
+        if track:
+            _log_to_mlflow(category, name, version, check, since_seconds)
+    report["drift"] = any(v["drift"] for v in report["versions"])
+    return report
+
+
+def _version_order(version: str):
+    return (0, int(version)) if version.isdigit() else (-1, version)
+
+
+def _log_to_mlflow(category: str, name: str, version: str, check: DriftCheck, since) -> None:
+    import mlflow
+
+    from components.settings import load_settings
+    from components.tracking import connect
+
+    connect(load_settings().mlflow_uri, category)
+    with mlflow.start_run(run_name=f"monitor-{name}-v{version}"):
+        mlflow.set_tags(
+            {
+                "stage": "monitoring",
+                "category": category,
+                "model_version": version,
+                "verdict": check.verdict()[:5000],
+                "drift": str(check.drift).lower(),
+            }
+        )
+        values = {
+            k: v
+            for k, v in check.to_dict().items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+        }
+        mlflow.log_metrics({k: float(v) for k, v in values.items()})
+        mlflow.log_dict({"check": check.to_dict(), "since_seconds": since}, "monitor/check.json")
+
+
+def print_report(report: dict) -> None:
+    print(f"{report['category']}: {report['decisions']} decisions in {report['record']}")
+    for entry in report["versions"]:
+        print(f"  v{entry['model_version']}: {entry['verdict']}")
+        if entry.get("plot"):
+            print(f"    plot: {entry['plot']}")
+    print(json.dumps({"drift": report["drift"]}))
