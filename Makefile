@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 EXTRAS ?= dev,weights,pipeline
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: setup demo test lint benchmark clean
+.PHONY: setup browser demo test lint benchmark clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,19 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/fod demo
 
-test: setup
+# Debian's Chromium and ChromeDriver for the review page's browser test (it skips without them).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium and chromium-driver (Debian packages) for the browser test"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && \
+	    apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } || \
+	  echo "could not install chromium: the browser test will skip"; \
+	else echo "note: install chromium and chromium-driver for the browser test (it skips without them)"; fi
+
+test: setup browser
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 

@@ -4,6 +4,7 @@ fod stack up|down|status             the embedded S3 + MLflow on 127.0.0.1
 fod pipeline compile|run|submit      the KFP training pipeline
 fod demo                             the main job (stack, DVC data, pipeline, registry)
 fod monitor                          served decisions against the calibration: drift
+fod review                           the operator review page: verdicts, the next data version
 """
 
 from __future__ import annotations
@@ -226,6 +227,24 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 3 if report["drift"] else 0
 
 
+def cmd_review(args: argparse.Namespace) -> int:
+    from components.local.servers import LocalServing
+    from components.review import serve_review
+    from components.settings import load_settings
+    from components.tracking import registered_name
+
+    load_settings().export()  # publishing pushes to the stack's DVC remote
+    record = args.record or LocalServing().records_file(registered_name(args.category))
+    serve_review(
+        args.category,
+        record=record,
+        data_dir=args.data,
+        repo_root=args.repo,
+        port=args.port,
+    )
+    return 0
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines.runner import SubmitError
     from pipelines.schedule import COMPILED_YAML, compile_check, create_recurring_run
@@ -328,6 +347,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     monitor.add_argument("--plot", type=Path, help="write the score and alarm-rate picture here")
     monitor.add_argument("--no-track", action="store_true", help="do not log to MLflow")
     monitor.set_defaults(func=cmd_monitor)
+
+    review = sub.add_parser(
+        "review", help="the operator review page on 127.0.0.1: verdicts on flagged parts"
+    )
+    review.add_argument("--category", default=DEFAULT_CATEGORIES[0])
+    review.add_argument(
+        "--record", type=Path, help="the decision record (default: the local server's)"
+    )
+    review.add_argument("--data", type=Path, default=Path("data"), help="the DVC-tracked folder")
+    review.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository root")
+    review.add_argument("--port", type=int, default=8090)
+    review.set_defaults(func=cmd_review)
 
     schedule = sub.add_parser(
         "schedule", help="the retrain check as a KFP recurring run (spec: infra/kfp)"
