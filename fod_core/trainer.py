@@ -119,10 +119,10 @@ class FODTrainer:
         self.extra_records: dict[int, dict] = {}
 
     # -- one step ---------------------------------------------------------------------
-    def train_step(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
+    def objective(self, batch: Sequence[torch.Tensor]) -> tuple[list, torch.Tensor]:
+        """The method's loss terms per level and their total, for one batch."""
         model_config = self.model.config
         with autocast_for(self.device, self.config.precision):
-            outputs = self.model(batch)
             terms = [
                 fod_objective(
                     out,
@@ -130,9 +130,12 @@ class FODTrainer:
                     lambda2=model_config.lambda2,
                     eps=model_config.log_eps,
                 )
-                for out in outputs
+                for out in self.model(batch)
             ]
-        loss = total_objective(terms)
+        return terms, total_objective(terms)
+
+    def train_step(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
+        terms, loss = self.objective(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -167,20 +170,9 @@ class FODTrainer:
         own. Returns the seconds it took."""
         started = time.perf_counter()
         batch = [f[: self.config.batch_size].to(self.device) for f in train_features]
-        model_config = self.model.config
         self.model.train()
         with torch.random.fork_rng(devices=[]):
-            with autocast_for(self.device, self.config.precision):
-                terms = [
-                    fod_objective(
-                        out,
-                        lambda1=model_config.lambda1,
-                        lambda2=model_config.lambda2,
-                        eps=model_config.log_eps,
-                    )
-                    for out in self.model(batch)
-                ]
-            total_objective(terms).backward()
+            self.objective(batch)[1].backward()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         log.info("torch.compile warm-up: %.1fs (not counted in the epochs)", seconds)
