@@ -71,12 +71,17 @@ def monitor(
     report = {"category": category, "record": str(record), "decisions": len(rows), "versions": []}
     for version in sorted(by_version, key=_version_order, reverse=True):
         decisions = by_version[version]
+        if model_dir is None and not version.isdigit():
+            raise MonitorError(
+                f"{name} version {version!r} is not a registry version (a model served from "
+                "a folder): pass --model FOLDER for its calibration"
+            )
         calibration, promised, threshold = (
             calibration_of(model_dir) if model_dir else _registry_calibration(name, version)
         )
         check = check_drift(
             [r["score"] for r in decisions],
-            [bool(r["is_anomalous"]) for r in decisions],
+            [None if r["is_anomalous"] is None else bool(r["is_anomalous"]) for r in decisions],
             calibration,
             promised,
         )

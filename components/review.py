@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,21 +27,11 @@ from typing import Annotated
 
 from components.serving.records import open_record
 
+publishing = threading.Lock()
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8090
-REVIEW_SCHEMA = """
-CREATE TABLE IF NOT EXISTS verdicts (
-    decision_id INTEGER PRIMARY KEY REFERENCES decisions (id),
-    verdict TEXT NOT NULL,
-    reviewer TEXT NOT NULL,
-    time REAL NOT NULL,
-    confirms INTEGER NOT NULL,
-    mask BLOB,
-    published_at REAL,
-    published_as TEXT
-);
-"""
 
 
 class Verdict(str, Enum):
@@ -69,7 +60,6 @@ class ReviewStore:
             raise ReviewError(f"no decision record at {self.record}", 404)
         connection = open_record(self.record)
         try:
-            connection.executescript(REVIEW_SCHEMA)
             connection.row_factory = sqlite3.Row
             with connection:
                 yield connection
@@ -163,7 +153,7 @@ class ReviewStore:
         the training images, defective ones into ``labelled/<date>/`` (with their mask)."""
         good_dir = _training_folder(data_dir, category)
         labelled = data_dir / category / "labelled" / datetime.now(UTC).strftime("%Y-%m-%d")
-        written = {"good": 0, "defective": 0, "without_image": 0}
+        written: dict = {"good": 0, "defective": 0, "without_image": 0, "ids": []}
         with self.connect() as connection:
             rows = connection.execute(
                 "SELECT v.decision_id, v.verdict, v.mask, d.image, d.sha256 FROM verdicts v "
@@ -187,7 +177,16 @@ class ReviewStore:
                     "UPDATE verdicts SET published_at = ?, published_as = ? WHERE decision_id = ?",
                     (time.time(), str(folder / name), row["decision_id"]),
                 )
+                written["ids"].append(row["decision_id"])
         return written
+
+    def unpublish(self, decision_ids: list[int]) -> None:
+        """Mark verdicts as not published again (their data version was not made)."""
+        with self.connect() as connection:
+            connection.executemany(
+                "UPDATE verdicts SET published_at = NULL WHERE decision_id = ?",
+                [(i,) for i in decision_ids],
+            )
 
 
 def _training_folder(data_dir: Path, category: str) -> Path:
@@ -244,16 +243,19 @@ def create_app(store: ReviewStore, *, category: str, data_dir: Path, repo_root: 
 
     @app.get("/api/decisions/{decision_id}/{kind}.png")
     def picture(decision_id: int, kind: str) -> Response:
-        return Response(store.picture(decision_id, kind), media_type="image/png")
+        data = store.picture(decision_id, kind)
+        suffix = _suffix(data)
+        media = {".jpg": "image/jpeg", ".bmp": "image/bmp", ".tif": "image/tiff"}
+        return Response(data, media_type=media.get(suffix, "image/png"))
 
     @app.post("/api/decisions/{decision_id}/verdict")
-    async def verdict(
+    def verdict(
         decision_id: int,
         verdict: Annotated[str, Form()],
         reviewer: Annotated[str, Form()] = "",
         mask: Annotated[UploadFile | None, File()] = None,
-    ) -> dict:
-        data = await mask.read() if mask is not None else None
+    ) -> dict:  # plain def: SQLite work runs in the thread pool, not on the event loop
+        data = mask.file.read() if mask is not None else None
         return store.give(decision_id, verdict, reviewer, data or None)
 
     @app.get("/api/counts")
@@ -262,15 +264,21 @@ def create_app(store: ReviewStore, *, category: str, data_dir: Path, repo_root: 
 
     @app.post("/api/publish")
     def publish() -> dict:
-        written = store.publish(data_dir, category)
-        if not written["good"] and not written["defective"]:
-            return written | {"data_version": None}
-        from components.data_version import DvcRepo
-        from components.settings import load_settings
+        with publishing:  # one at a time: a double click must not version twice
+            written = store.publish(data_dir, category)
+            ids = written.pop("ids")
+            if not ids:
+                return written | {"data_version": None}
+            from components.data_version import DvcRepo
+            from components.settings import load_settings
 
-        repo = DvcRepo(repo_root)
-        repo.ensure(load_settings())
-        version = repo.add_and_push(data_dir)
+            try:
+                repo = DvcRepo(repo_root)
+                repo.ensure(load_settings())
+                version = repo.add_and_push(data_dir)
+            except Exception as error:  # the next publish tries these images again
+                store.unpublish(ids)
+                raise ReviewError(f"dvc add/push failed, nothing published: {error}", 502) from None
         log.info("published %s: data version %s", written, version.md5)
         return written | {"data_version": version.md5}
 

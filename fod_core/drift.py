@@ -42,7 +42,8 @@ class DriftCheck:
         if self.drift:
             return "DRIFT: " + "; ".join(self.reasons)
         rate = "" if self.alarm_rate is None else f", alarm rate {self.alarm_rate:.3g}"
-        return f"no drift ({self.n_decisions} decisions{rate}, PSI {self.psi:.3g})"
+        psi = "" if self.psi is None else f", PSI {self.psi:.3g}"
+        return f"no drift ({self.n_decisions} decisions{rate}{psi})"
 
 
 def population_stability_index(
@@ -60,7 +61,7 @@ def population_stability_index(
 
 def check_drift(
     served_scores: Sequence[float],
-    served_alarms: Sequence[bool],
+    served_alarms: Sequence[bool | None],
     calibration_scores: Sequence[float],
     promised_rate: float | None,
     *,
@@ -72,18 +73,19 @@ def check_drift(
     from scipy.stats import binom, ks_2samp
 
     scores = np.asarray(served_scores, float)
-    n, alarms = int(scores.size), int(np.sum(np.asarray(served_alarms, bool)))
+    decided = [a for a in served_alarms if a is not None]  # no threshold: no decision
+    n, alarms = int(scores.size), int(sum(bool(a) for a in decided))
     if n < MIN_DECISIONS or len(calibration_scores) == 0:
-        return DriftCheck(n, alarms, alarms / n if n else None, promised_rate, None, None,
-                          None, None, False)  # fmt: skip
+        rate = alarms / len(decided) if decided else None
+        return DriftCheck(n, alarms, rate, promised_rate, None, None, None, None, False)
     reasons = []
     alarm_p = None
-    if promised_rate is not None:
-        alarm_p = float(binom.sf(alarms - 1, n, promised_rate))
+    if promised_rate is not None and decided:
+        alarm_p = float(binom.sf(alarms - 1, len(decided), promised_rate))
         if alarm_p < alpha:
             reasons.append(
-                f"{alarms} alarms in {n} parts ({alarms / n:.3g}) where the threshold promised "
-                f"at most {promised_rate:.3g} (binomial p {alarm_p:.2g})"
+                f"{alarms} alarms in {len(decided)} parts ({alarms / len(decided):.3g}) where "
+                f"the threshold promised at most {promised_rate:.3g} (binomial p {alarm_p:.2g})"
             )
     ks = ks_2samp(scores, np.asarray(calibration_scores, float))
     psi = population_stability_index(calibration_scores, scores)
@@ -92,7 +94,8 @@ def check_drift(
             f"scores shifted from the validation normals (KS {ks.statistic:.3g}, "
             f"p {ks.pvalue:.2g}; PSI {psi:.3g} > {psi_limit})"
         )
+    rate = alarms / len(decided) if decided else None
     return DriftCheck(
-        n, alarms, alarms / n, promised_rate, alarm_p, float(ks.statistic), float(ks.pvalue),
-        psi, bool(reasons), reasons,
+        n, alarms, rate, promised_rate, alarm_p, float(ks.statistic), float(ks.pvalue), psi,
+        bool(reasons), reasons,
     )  # fmt: skip

@@ -72,6 +72,12 @@ class StepReport:
             self._line(line)
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    encoding = "utf-8"
+
     def flush(self) -> None:
         self.log.flush()
         self.console.flush()
@@ -156,7 +162,10 @@ class StepReport:
         if self.verbose:
             return
         self._end_bar()
-        self.console.write(text + "\n")
+        try:
+            self.console.write(text + "\n")
+        except UnicodeEncodeError:  # a console without UTF-8: the marks become '?'
+            self.console.write(text.encode("ascii", "replace").decode() + "\n")
         self.console.flush()
 
 

@@ -74,6 +74,11 @@ def build_kserve_model(
             self._scorer = BatchScorer(max_batch=max_batch, stats=predictor.scoring_stats)
             predictor.run_torch = self._scorer.call  # load on the one PyTorch thread
             self._last_version: str | None = None
+            if recorder is not None:  # read when scraped, not only when a request comes
+                for state in recorder.counts:
+                    metrics.RECORDS.labels(name, state).set_function(
+                        lambda state=state: recorder.counts[state]
+                    )
             self.ready = predictor.active is not None
 
         def get_input_types(self) -> list[dict]:
@@ -138,13 +143,12 @@ def build_kserve_model(
                 if recorder is not None:
                     recorder.submit(
                         [
-                            Served(image, r.score, r.threshold, r.is_anomalous, r.anomaly_map,
+                            Served(image, r.score, r.threshold, r.is_anomalous,
+                                   r.anomaly_map if r.is_anomalous else None,
                                    self.name, model.version, model.data_version)
                             for image, r in zip(images, results, strict=True)
                         ]
                     )  # fmt: skip
-                    for state, count in recorder.counts.items():
-                        metrics.RECORDS.labels(self.name, state).set(count)
             except Exception:  # pragma: no cover - accounting must never fail a request
                 log.exception("could not account for a request")
 

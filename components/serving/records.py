@@ -41,6 +41,16 @@ CREATE TABLE IF NOT EXISTS decisions (
     overlay BLOB
 );
 CREATE INDEX IF NOT EXISTS decisions_time ON decisions (time);
+CREATE TABLE IF NOT EXISTS verdicts (
+    decision_id INTEGER PRIMARY KEY REFERENCES decisions (id),
+    verdict TEXT NOT NULL,
+    reviewer TEXT NOT NULL,
+    time REAL NOT NULL,
+    confirms INTEGER NOT NULL,
+    mask BLOB,
+    published_at REAL,
+    published_as TEXT
+);
 """
 COLUMNS = (
     "id", "time", "sha256", "score", "threshold", "is_anomalous", "model_name",
@@ -132,7 +142,7 @@ class DecisionLog:
     def _row(self, item: Served) -> tuple:
         from fod_core.processing import read_image
 
-        image = read_image(item.image)
+        image = read_image(item.image, max_pixels=1 << 40)  # checked on the request path
         thumbnail = image.copy()
         thumbnail.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
         flagged = bool(item.is_anomalous)
@@ -158,8 +168,10 @@ class DecisionLog:
         )
 
     def _trim(self, connection: sqlite3.Connection) -> None:
+        # A decision with a verdict not yet published stays: its image is still to be used.
         connection.execute(
-            "DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
+            "DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ? AND id NOT IN "
+            "(SELECT decision_id FROM verdicts WHERE published_at IS NULL)",
             (self.settings.max_records,),
         )
         connection.commit()
