@@ -27,9 +27,9 @@ from typing import Annotated
 
 from components.serving.records import open_record
 
-publishing = threading.Lock()
-
 log = logging.getLogger(__name__)
+
+publishing = threading.Lock()  # one Publish at a time: a double click must not version twice
 
 DEFAULT_PORT = 8090
 

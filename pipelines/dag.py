@@ -24,7 +24,7 @@ from components.settings import (
     CLUSTER_SECRET_KEYS,
     images,
 )
-from pipelines.parameters import RUN_INPUTS, PipelineParameters, step_inputs
+from pipelines.parameters import RUN_INPUTS, PipelineParameters, defaults, step_inputs
 
 PIPELINE_NAME = "fod-training"
 COMPILED_YAML = Path(__file__).with_name("fod_training.yaml")
@@ -50,13 +50,15 @@ def with_cluster_settings(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task
 
 
-def _signature(leading: dict[str, tuple[type, object]], *, defaults: bool) -> inspect.Signature:
+def _signature(
+    leading: dict[str, tuple[type, object]], *, with_defaults: bool
+) -> inspect.Signature:
     """``leading`` inputs, then every pipeline parameter (with its default when asked)."""
     empty = inspect.Parameter.empty
-    given = PipelineParameters()
+    given = defaults()
     items = [(name, kind, default) for name, (kind, default) in leading.items()]
     items += [
-        (spec.name, _TYPES[spec.type], getattr(given, spec.name) if defaults else empty)
+        (spec.name, _TYPES[spec.type], given[spec.name] if with_defaults else empty)
         for spec in fields(PipelineParameters)
     ]
     return inspect.Signature(
@@ -95,7 +97,7 @@ CATEGORY_INPUTS["data_version"] = RUN_INPUTS["data_version"]
 
 
 @dsl.pipeline(name="fod-category", description="One category: validate to registration.")
-@_with_signature(_signature(CATEGORY_INPUTS, defaults=False))
+@_with_signature(_signature(CATEGORY_INPUTS, with_defaults=False))
 def category_pipeline(p: dict):
     validation = steps.validate_data(**step_inputs(steps.validate_data, p))
     with_cluster_settings(validation).set_caching_options(False)
@@ -146,7 +148,7 @@ def category_pipeline(p: dict):
     name=PIPELINE_NAME,
     description="Validate, train, calibrate, evaluate and register an FOD model per category.",
 )
-@_with_signature(_signature(RUN_INPUTS, defaults=True))
+@_with_signature(_signature(RUN_INPUTS, with_defaults=True))
 def training_pipeline(p: dict):
     data = steps.fetch_data(**step_inputs(steps.fetch_data, p))
     with_cluster_settings(data).set_caching_options(True)

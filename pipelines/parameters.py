@@ -9,7 +9,7 @@ so a library default and a pipeline default cannot drift apart.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from components.deploy import DEFAULT_NAMESPACE
@@ -130,7 +130,7 @@ NAMES = tuple(f.name for f in fields(PipelineParameters))
 
 def defaults() -> dict:
     """Each parameter's default, by name."""
-    return {f.name: getattr(PipelineParameters(), f.name) for f in fields(PipelineParameters)}
+    return asdict(PipelineParameters())
 
 
 def checked(arguments: dict) -> dict:
@@ -183,12 +183,13 @@ def run_arguments(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per parameter; unset flags keep the pipeline's default (shown in the help)."""
     group = parser.add_argument_group("pipeline parameters (default: the pipeline's)")
+    default_of = defaults()
     for spec in fields(PipelineParameters):
         meta = spec.metadata
         if not meta["cli"]:
             continue
         flag = meta["flag"] or "--" + spec.name.replace("_", "-")
-        default = getattr(PipelineParameters(), spec.name)
+        default = default_of[spec.name]
         help_text = f"{meta['help']} (default {default!r})"
         if spec.type == "bool":
             group.add_argument(

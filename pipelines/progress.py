@@ -45,7 +45,6 @@ class _Step:
     started: float = field(default_factory=time.perf_counter)
     tail: deque = field(default_factory=lambda: deque(maxlen=FAILURE_TAIL))
     epoch: int = 0
-    epochs: int = 0
 
 
 class StepReport:
@@ -140,7 +139,7 @@ class StepReport:
         step = self.current
         if step is None or epoch == step.epoch:
             return
-        step.epoch, step.epochs = epoch, epochs
+        step.epoch = epoch
         if self.verbose:
             return
         done = BAR_WIDTH * epoch // epochs
