@@ -4,6 +4,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= dev,weights,pipeline
 STAMP  := $(VENV)/.installed-$(EXTRAS)
+# Two workers: the pipeline tests spend most of their time in one-core imports; a test
+# file stays on one worker (its fixtures and order). PYTEST_WORKERS= runs them in one.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: setup browser demo test lint benchmark clean
 
@@ -32,7 +35,7 @@ browser:
 
 test: setup browser
 	$(BIN)/ruff check .
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_WORKERS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

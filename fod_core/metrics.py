@@ -1,12 +1,14 @@
-"""Anomaly-detection metrics: image and pixel AUROC, AUPRO, F1-max, per-defect breakdown."""
+"""Anomaly-detection metrics: image and pixel AUROC, AUPRO, F1-max, per-defect breakdown.
+
+scikit-learn and SciPy are imported where used: every pipeline step imports this module
+(the decision rule), and those two cost a step's process seconds it mostly does not need.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score, roc_curve
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=int)
 
@@ -16,6 +18,8 @@ def _both_classes(labels: np.ndarray) -> bool:
 
 
 def image_auroc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels)
     return float(roc_auc_score(labels, scores)) if _both_classes(labels) else None
 
@@ -25,6 +29,8 @@ def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float | None
     labels = np.asarray(labels)
     if not _both_classes(labels):
         return None, None
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
@@ -32,6 +38,8 @@ def f1_max(labels: Sequence[int], scores: Sequence[float]) -> tuple[float | None
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(masks).reshape(-1).astype(bool)
     if not _both_classes(labels):
         return None
@@ -44,6 +52,8 @@ def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarr
     FPR counts normal pixels over all images; PRO is the mean, over the connected
     components (8-connected) of every mask, of the component's share above threshold.
     """
+    from scipy import ndimage
+
     masks = np.asarray(masks).astype(bool)
     maps = np.asarray(maps, dtype=np.float64)
     fpr_weight = np.zeros(masks.shape, dtype=np.float64)
@@ -92,6 +102,8 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float 
 
 
 def roc_points(labels: Sequence[int], scores: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels), np.asarray(scores))
     return fpr, tpr
 

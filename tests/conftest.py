@@ -11,6 +11,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FOD_COMPILE", "0")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+# Under pytest-xdist (`make test` runs two workers), each worker and the processes it starts
+# (KFP steps, servers) share the cores instead of each taking all of them.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 from fod_core.runtime import configure_cpu_numerics
 
