@@ -104,3 +104,29 @@ def read_data_version(dvc_file: str | Path) -> DataVersion:
     return DataVersion(
         md5=out["md5"], files=int(out.get("nfiles", 0)), size=int(out.get("size", 0))
     )
+
+
+def commit_and_push(root: str | Path, dvc_file: str | Path, message: str) -> str:
+    """Commit a new data version's ``.dvc`` file and push it to the checkout's origin, where
+    the retrain check (which clones the repository) finds it; the commit's sha. A push the
+    origin refuses (it moved on) undoes the commit and raises, so that a retry starts clean."""
+    root = Path(root).resolve()
+
+    def git(*args: str) -> str:
+        result = subprocess.run(
+            ["git", "-C", str(root), "-c", "user.name=fod review",
+             "-c", "user.email=fod-review@localhost", *args],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise DataVersionError(f"git {' '.join(args)} failed:\n{result.stderr.strip()}")
+        return result.stdout.strip()
+
+    git("add", str(Path(dvc_file).resolve().relative_to(root)))
+    git("commit", "--quiet", "-m", message)
+    try:
+        git("push", "--quiet", "origin", "HEAD")
+    except DataVersionError:
+        git("reset", "--soft", "HEAD~1")
+        raise
+    return git("rev-parse", "HEAD")

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_NAMESPACE = "fod"  # of the InferenceService (infra/base creates it)
 MODEL_MOUNT = "/mnt/models"  # where KServe's storage initializer puts storageUri
 S3_SERVICE_ACCOUNT = "fod-s3"  # carries the S3 secret reference (infra/serving)
+RECORD_MOUNT = "/var/lib/fod"  # the pod's local decision record, shipped to S3 from there
+POD_MAX_RECORDS = 20_000  # the local record is a buffer once shipped: keep it small
 
 
 class DeployTarget(str, Enum):
@@ -64,17 +66,54 @@ def inference_service(
     max_replicas: int = 3,
     cpu: str = "2",
     memory: str = "4Gi",
+    decision_record: str | None = None,
 ) -> dict:
     """The InferenceService for one model version, as a plain dict (YAML-ready). It serves
-    the model as ``name``; the object's own name is `kubernetes_name` of it."""
+    the model as ``name``; the object's own name is `kubernetes_name` of it.
+
+    ``decision_record`` (s3://bucket/prefix): every decision is recorded in the pod and
+    shipped there as Parquet, where ``fod monitor`` and the review page read it; the pod
+    gets the cluster settings and S3 keys for that."""
     from components.serving.kserve_model import import_kserve
 
     kserve = import_kserve()
     from kubernetes import client as k8s
 
-    from components.settings import images
+    from components.settings import (
+        CLUSTER_CONFIG_MAP,
+        CLUSTER_SECRET,
+        CLUSTER_SECRET_KEYS,
+        images,
+    )
 
     image = image or images().cpu
+    recording = {}
+    if decision_record:
+        recording = dict(
+            args=[
+                "--record", f"{RECORD_MOUNT}/decisions.sqlite", "--ship-to", decision_record,
+                "--max-records", str(POD_MAX_RECORDS),
+            ],
+            env_from=[
+                k8s.V1EnvFromSource(config_map_ref=k8s.V1ConfigMapEnvSource(CLUSTER_CONFIG_MAP))
+            ],
+            env=[
+                k8s.V1EnvVar(
+                    name=key,
+                    value_from=k8s.V1EnvVarSource(
+                        secret_key_ref=k8s.V1SecretKeySelector(key=key, name=CLUSTER_SECRET)
+                    ),
+                )
+                for key in CLUSTER_SECRET_KEYS
+            ],
+            volume_mounts=[k8s.V1VolumeMount(name="decision-record", mount_path=RECORD_MOUNT)],
+            volumes=[
+                k8s.V1Volume(
+                    name="decision-record",
+                    empty_dir=k8s.V1EmptyDirVolumeSource(size_limit="4Gi"),
+                )
+            ],
+        )  # fmt: skip
     if canary_traffic_percent is not None and not 0 <= canary_traffic_percent <= 100:
         raise ValueError(f"canary_traffic_percent {canary_traffic_percent} is not in 0..100")
     container = k8s.V1Container(
@@ -96,11 +135,15 @@ def inference_service(
             "--no-grpc",  # KServe exposes one port per container
             "--poll-interval",
             "0",  # a new version is a new revision, rolled out by KServe
+            *recording.get("args", []),
         ],
+        env_from=recording.get("env_from"),
         env=[
             k8s.V1EnvVar(name="STORAGE_URI", value=storage_uri),
             k8s.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),
+            *recording.get("env", []),
         ],
+        volume_mounts=recording.get("volume_mounts"),
         ports=[k8s.V1ContainerPort(container_port=8080, protocol="TCP")],
         readiness_probe=k8s.V1Probe(
             http_get=k8s.V1HTTPGetAction(path=f"/v2/models/{name}/ready", port=8080),
@@ -131,6 +174,7 @@ def inference_service(
                 max_replicas=max_replicas,
                 canary_traffic_percent=canary_traffic_percent,
                 containers=[container],
+                volumes=recording.get("volumes"),
             )
         ),
     )
@@ -412,7 +456,7 @@ def _deploy_inference_service(
     ready_timeout: float,
 ) -> dict:
     """Apply the version's InferenceService and wait until it is Ready."""
-    from components.settings import load_settings
+    from components.settings import load_settings, shipped_record
 
     manifest = inference_service(
         name,
@@ -420,6 +464,7 @@ def _deploy_inference_service(
         model_version=version,
         namespace=namespace,
         canary_traffic_percent=canary_traffic_percent,
+        decision_record=shipped_record(),
     )
     client = kubernetes_api()
     applied = apply_inference_service(manifest, client=client)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from components.serving.records import read_decisions
+from components.serving.shipping import ShippingError, is_s3, read_shipped
 from fod_core.artifact import read_manifest
 from fod_core.drift import DriftCheck, check_drift
 
@@ -53,22 +54,15 @@ def monitor(
 
     The calibration comes from ``model_dir`` when given, else from each version in the
     registry. ``track``: log the numbers to the category's MLflow experiment."""
-    from components.local.servers import LocalServing
     from components.tracking import registered_name
 
     name = registered_name(category)
-    record = Path(record) if record else LocalServing(home).records_file(name)
-    if not record.is_file():
-        raise MonitorError(
-            f"no decision record at {record}: serve the model with --record (local servers "
-            "record by default) or pass --record PATH"
-        )
     since = time.time() - since_seconds if since_seconds else None
-    rows = [r for r in read_decisions(record, since=since) if r["model_name"] == name]
+    record, rows = served_decisions(name, record, since=since, home=home)
     by_version: dict[str, list[dict]] = {}
     for row in rows:
         by_version.setdefault(row["model_version"], []).append(row)
-    report = {"category": category, "record": str(record), "decisions": len(rows), "versions": []}
+    report = {"category": category, "record": record, "decisions": len(rows), "versions": []}
     for version in sorted(by_version, key=_version_order, reverse=True):
         decisions = by_version[version]
         if model_dir is None and not version.isdigit():
@@ -109,6 +103,39 @@ def monitor(
             _log_to_mlflow(category, name, version, check, since_seconds)
     report["drift"] = any(v["drift"] for v in report["versions"])
     return report
+
+
+def served_decisions(
+    name: str,
+    record: str | Path | None = None,
+    *,
+    since: float | None = None,
+    home: str | Path | None = None,
+) -> tuple[str, list[dict]]:
+    """(where, the model's decisions oldest first) from ``record``: an SQLite file or the
+    S3 location servers ship to. Unset: FOD_DECISION_RECORD (a cluster), else the local
+    server's file."""
+    from components.local.servers import LocalServing
+    from components.settings import shipped_record
+
+    location = str(record) if record else shipped_record()
+    if location and is_s3(location):
+        try:
+            return location, read_shipped(location, name, since=since)
+        except ShippingError:
+            raise
+        except Exception as error:  # S3 down, no such bucket, no credentials
+            raise MonitorError(
+                f"cannot read the shipped decision record at {location} "
+                f"({type(error).__name__}: {error})"
+            ) from error
+    path = Path(record) if record else LocalServing(home).records_file(name)
+    if not path.is_file():
+        raise MonitorError(
+            f"no decision record at {path}: serve the model with --record (local servers "
+            "record by default) or pass --record PATH or s3://bucket/prefix"
+        )
+    return str(path), [r for r in read_decisions(path, since=since) if r["model_name"] == name]
 
 
 def _version_order(version: str):

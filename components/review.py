@@ -222,7 +222,9 @@ def _check_mask(mask: bytes, verdict: Verdict) -> None:
 
 
 # -- the web application ----------------------------------------------------------------
-def create_app(store: ReviewStore, *, category: str, data_dir: Path, repo_root: Path):
+def create_app(
+    store: ReviewStore, *, category: str, data_dir: Path, repo_root: Path, git_push: bool = False
+):
     """The FastAPI application: the page, its JSON API and the pictures."""
     from fastapi import FastAPI, File, Form, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -279,10 +281,61 @@ def create_app(store: ReviewStore, *, category: str, data_dir: Path, repo_root: 
             except Exception as error:  # the next publish tries these images again
                 store.unpublish(ids)
                 raise ReviewError(f"dvc add/push failed, nothing published: {error}", 502) from None
+            commit = None
+            if git_push:  # where the cluster's retrain check (a fresh clone) finds it
+                from components.data_version import commit_and_push
+
+                message = (
+                    f"review: {written['good']} good, {written['defective']} defective parts of "
+                    f"{category} (data version {version.short})"
+                )
+                try:
+                    commit = commit_and_push(repo_root, Path(f"{data_dir}.dvc"), message)
+                except Exception as error:
+                    store.unpublish(ids)
+                    raise ReviewError(
+                        f"the data version was pushed but its .dvc file was not: {error}", 502
+                    ) from None
         log.info("published %s: data version %s", written, version.md5)
-        return written | {"data_version": version.md5}
+        return written | {"data_version": version.md5, "commit": commit}
 
     return app
+
+
+class ShippedImport:
+    """On a cluster the decisions are in S3 (the servers ship them): copy the new ones into
+    the page's own record every ``interval`` seconds. An S3 outage is logged; the page
+    goes on with what it has."""
+
+    def __init__(self, location: str, model_name: str, record: Path, interval: float) -> None:
+        self.location, self.model_name, self.record = location, model_name, record
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fod-import", daemon=True)
+
+    def once(self) -> int:
+        from components.serving.shipping import import_shipped
+
+        try:
+            copied = import_shipped(self.location, self.model_name, self.record)
+        except Exception as error:  # S3 down: the next round retries
+            log.warning("could not import decisions from %s (%s: %s)", self.location,
+                        type(error).__name__, error)  # fmt: skip
+            return 0
+        if copied:
+            log.info("imported %d decisions of %s from %s", copied, self.model_name, self.location)
+        return copied
+
+    def start(self) -> None:
+        self.once()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.once()
 
 
 def serve_review(
@@ -293,12 +346,34 @@ def serve_review(
     repo_root: Path,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
+    import_from: str | None = None,
+    import_interval: float = 30.0,
+    git_push: bool = False,
 ) -> None:
+    """Serve the page; with ``import_from`` (the S3 location servers ship to), the record
+    is the page's own copy, kept up to date from there. ``git_push``: a published data
+    version's ``.dvc`` file is committed and pushed (a cluster's retrain check clones)."""
     import uvicorn
 
-    app = create_app(ReviewStore(record), category=category, data_dir=data_dir, repo_root=repo_root)
+    from components.tracking import registered_name
+
+    importer = None
+    if import_from:
+        importer = ShippedImport(import_from, registered_name(category), record, import_interval)
+        importer.start()
+    app = create_app(
+        ReviewStore(record),
+        category=category,
+        data_dir=data_dir,
+        repo_root=repo_root,
+        git_push=git_push,
+    )
     log.info("review page for %s on http://%s:%d (record %s)", category, host, port, record)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        if importer is not None:
+            importer.stop()
 
 
 PAGE = """<!doctype html>

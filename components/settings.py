@@ -12,6 +12,8 @@ embedded loopback stack on a laptop, against MinIO/SeaweedFS in a cluster, or AW
     FOD_MLFLOW_ARTIFACTS   that server's --artifacts-destination (default s3://<bucket>/mlflow)
     FOD_IMAGE              the CPU image of a cluster's steps and model server
     FOD_CUDA_IMAGE         the CUDA image of the training step
+    FOD_DECISION_RECORD    where a cluster's model servers ship their decision record
+                           (s3://<bucket>/records in infra/; unset or "none": not shipped)
 
 Where none of these is set, the embedded stack's state file (``fod stack up``) is used.
 """
@@ -42,6 +44,7 @@ CLUSTER_CONFIG_KEYS = (
     "HF_HUB_OFFLINE",
     "FOD_IMAGE",
     "FOD_CUDA_IMAGE",
+    "FOD_DECISION_RECORD",
 )
 CLUSTER_SECRET = "fod-s3-credentials"
 CLUSTER_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
@@ -62,6 +65,13 @@ def images() -> Images:
         cpu=os.environ.get("FOD_IMAGE") or DEFAULT_IMAGE,
         cuda=os.environ.get("FOD_CUDA_IMAGE") or DEFAULT_CUDA_IMAGE,
     )
+
+
+def shipped_record() -> str | None:
+    """The S3 location of the shipped decision record (FOD_DECISION_RECORD), if any: where
+    InferenceServices ship their decisions and ``fod monitor``/``fod review`` read them."""
+    value = os.environ.get("FOD_DECISION_RECORD", "").strip()
+    return None if value.lower() in ("", "none") else value
 
 
 class SettingsError(RuntimeError):

@@ -119,6 +119,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from components.errors import DeploymentError
     from components.local.servers import LocalServing
     from components.registry import CHAMPION
+    from components.settings import shipped_record
     from components.tracking import registered_name
 
     if args.action == "render":
@@ -132,6 +133,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             model_version=args.model_version,
             namespace=args.namespace,
             canary_traffic_percent=args.canary_percent,
+            decision_record=None
+            if args.decision_record == "none"
+            else args.decision_record or shipped_record(),
             **({"image": args.image} if args.image else {}),
         )
         text = yaml.safe_dump(manifest, sort_keys=False)
@@ -230,10 +234,17 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 def cmd_review(args: argparse.Namespace) -> int:
     from components.local.servers import LocalServing
     from components.review import serve_review
-    from components.settings import load_settings
+    from components.settings import load_settings, shipped_record
     from components.tracking import registered_name
 
-    load_settings().export()  # publishing pushes to the stack's DVC remote
+    settings = load_settings()
+    settings.export()  # publishing pushes to the stack's DVC remote
+    if args.pull:  # the folder must hold the whole current version before anything is added
+        from components.data_version import DvcRepo
+
+        repo = DvcRepo(args.repo)
+        repo.ensure(settings)
+        repo.run("pull", "--quiet", f"{args.data.resolve()}.dvc")
     record = args.record or LocalServing().records_file(registered_name(args.category))
     serve_review(
         args.category,
@@ -241,6 +252,9 @@ def cmd_review(args: argparse.Namespace) -> int:
         data_dir=args.data,
         repo_root=args.repo,
         port=args.port,
+        import_from=args.import_from or shipped_record(),
+        import_interval=args.import_interval,
+        git_push=args.git_push,
     )
     return 0
 
@@ -303,6 +317,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     deploy.add_argument("--canary-percent", type=int, help="kserve: new version's traffic share")
     deploy.add_argument("--image", help="render: the serving image")
+    deploy.add_argument(
+        "--decision-record",
+        help="render: S3 location the pod ships its decisions to (default: "
+        "FOD_DECISION_RECORD; none: off)",
+    )
     deploy.add_argument("--out", type=Path, help="render: write the YAML here")
     deploy.set_defaults(func=cmd_deploy)
 
@@ -339,7 +358,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     monitor.add_argument("--category", default=DEFAULT_CATEGORIES[0])
     monitor.add_argument("--since", help="only decisions this recent: 90m, 24h, 7d")
     monitor.add_argument(
-        "--record", type=Path, help="the decision record (default: the local server's)"
+        "--record",
+        help="the decision record: an SQLite file or s3://bucket/prefix where servers ship it "
+        "(default: FOD_DECISION_RECORD, else the local server's)",
     )
     monitor.add_argument(
         "--model", type=Path, help="compare with this model's calibration (default: the registry)"
@@ -358,6 +379,25 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     review.add_argument("--data", type=Path, default=Path("data"), help="the DVC-tracked folder")
     review.add_argument("--repo", type=Path, default=Path("."), help="the DVC repository root")
     review.add_argument("--port", type=int, default=8090)
+    review.add_argument(
+        "--import-from",
+        help="S3 location the model servers ship decisions to (default: FOD_DECISION_RECORD); "
+        "new ones are copied into --record",
+    )
+    review.add_argument(
+        "--import-interval", type=float, default=30.0, help="seconds between imports"
+    )
+    review.add_argument(
+        "--pull",
+        action="store_true",
+        help="first fetch the data of the checkout's data version (dvc pull): a fresh checkout",
+    )
+    review.add_argument(
+        "--git-push",
+        action="store_true",
+        help="commit and push the new data version's .dvc file (where a cluster's retrain "
+        "check, which clones the repository, finds it)",
+    )
     review.set_defaults(func=cmd_review)
 
     schedule = sub.add_parser(

@@ -29,8 +29,11 @@ def retrain_check(
     kfp_host: str,
     deploy_target: str,
     warm_start: bool,
+    on_drift: bool = False,
+    drift_window: str = "24h",
 ) -> str:
     """Clone, compare the data version with the registry, submit training where it is new.
+    ``on_drift``: only for categories whose served decisions drifted (``fod monitor``).
 
     It runs ``fod retrain`` in a process of its own: KFP runs this body with ``kfp.dsl`` in
     its runtime mode (``_KFP_RUNTIME``), where a pipeline cannot be compiled for submission."""
@@ -51,6 +54,7 @@ def retrain_check(
             sys.executable, "-m", "pipelines.cli", "retrain", "--categories", *categories,
             "--kfp-host", kfp_host, "--deploy", deploy_target,
             *(["--warm-start"] if warm_start else []),
+            *(["--on-drift", "--drift-window", drift_window] if on_drift else []),
         ]  # fmt: skip
         result = subprocess.run(argv, cwd=work, env=env, stdout=subprocess.PIPE, text=True)
     print(result.stdout)
@@ -70,6 +74,8 @@ def retrain_check_pipeline(
     kfp_host: str = "http://ml-pipeline.kubeflow.svc.cluster.local:8888",
     deploy_target: str = "kserve",
     warm_start: bool = False,
+    on_drift: bool = False,
+    drift_window: str = "24h",
 ):
     check = retrain_check(
         git_url=git_url,
@@ -78,6 +84,8 @@ def retrain_check_pipeline(
         kfp_host=kfp_host,
         deploy_target=deploy_target,
         warm_start=warm_start,
+        on_drift=on_drift,
+        drift_window=drift_window,
     )
     # never cached: a check must look at the data every time
     with_cluster_settings(check).set_caching_options(False)

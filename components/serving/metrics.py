@@ -1,7 +1,7 @@
 """The model server's Prometheus metrics, on the ``/metrics`` the KServe server already serves.
 
 Decisions by outcome, the score distribution, decode errors, latency per model version,
-the served version, and what the decision record wrote, dropped or failed to write.
+the served version, and what the decision record wrote, dropped, failed to write or shipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ SERVED_VERSION = Gauge(
 )  # fmt: skip
 RECORDS = Gauge(
     "fod_decision_records",
-    "Decisions written to the record, dropped (queue full) or failed (store error)",
+    "Decisions written to the record, dropped (queue full), failed (store error), shipped "
+    "to S3 or failed to ship (retried)",
     ["model", "state"],
 )
 

@@ -72,6 +72,8 @@ class RecordSettings:
     keep_images: KeepImages = KeepImages.FLAGGED
     max_records: int = 100_000  # the oldest beyond this are deleted
     queue_size: int = 256  # decisions waiting for the writer; more are dropped and counted
+    ship_to: str | None = None  # s3://bucket/prefix: shipped there as Parquet (shipping.py)
+    ship_interval: float = 60.0  # seconds between shipments
 
 
 @dataclass
@@ -90,14 +92,20 @@ class Served:
 
 
 class DecisionLog:
-    """One writer thread behind a bounded queue; ``submit`` never blocks."""
+    """One writer thread behind a bounded queue; ``submit`` never blocks. A ``shipper``
+    (``shipping.RecordShipper``) copies the record to S3 and shares the counts."""
 
-    def __init__(self, settings: RecordSettings) -> None:
+    def __init__(self, settings: RecordSettings, *, shipper=None) -> None:
         self.settings = settings
         self.counts = {"recorded": 0, "dropped": 0, "failed": 0}
         self._queue: queue.Queue[Served | None] = queue.Queue(maxsize=settings.queue_size)
         self._thread = threading.Thread(target=self._write, name="fod-records", daemon=True)
         self._thread.start()
+        self.shipper = shipper
+        if shipper is not None:
+            self.counts |= shipper.counts
+            shipper.counts = self.counts  # one set of counts for /metrics and /status
+            shipper.start()
 
     def submit(self, served: list[Served]) -> None:
         for item in served:
@@ -109,12 +117,15 @@ class DecisionLog:
                     log.warning("decision record queue full: %d dropped", self.counts["dropped"])
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, then stop."""
+        """Write what is queued, ship what is written, then stop."""
         try:
             self._queue.put(None, timeout=timeout)
         except queue.Full:
-            return
-        self._thread.join(timeout)
+            pass
+        else:
+            self._thread.join(timeout)
+        if self.shipper is not None:
+            self.shipper.close()
 
     def _write(self) -> None:
         connection = None

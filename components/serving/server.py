@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.errors import ServingError
 from components.serving.kserve_model import build_kserve_model, import_kserve
 from components.serving.predictor import FODPredictor
 from components.serving.protocol import (
@@ -99,6 +100,8 @@ def _add_status_route(
         answer = predictor.status()
         if recorder is not None:
             answer["records"] = {"path": str(recorder.settings.path), **recorder.counts}
+            if recorder.settings.ship_to:
+                answer["records"]["shipped_to"] = recorder.settings.ship_to
         return answer
 
 
@@ -186,7 +189,11 @@ def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
             self.register_signal_handler()
             asyncio.run(self._serve())
 
-    recorder = DecisionLog(config.record) if config.record else None
+    recorder = None
+    if config.record:
+        from components.serving.shipping import shipper_for
+
+        recorder = DecisionLog(config.record, shipper=shipper_for(config.record))
     model = build_kserve_model(
         name,
         predictor,
@@ -260,6 +267,14 @@ def add_serve_arguments(parser) -> None:
         "--max-records", type=int, default=100_000, help="the oldest beyond this are deleted"
     )
     parser.add_argument(
+        "--ship-to",
+        help="with --record: ship it to this S3 location as Parquet (s3://bucket/prefix), "
+        "where fod monitor and fod review read it on a cluster",
+    )
+    parser.add_argument(
+        "--ship-interval", type=float, default=60.0, help="seconds between shipments"
+    )
+    parser.add_argument(
         "--max-batch",
         type=int,
         default=1,
@@ -268,6 +283,12 @@ def add_serve_arguments(parser) -> None:
 
 
 def serve_from_args(args) -> None:
+    if args.ship_to and not args.record:
+        raise ServingError("--ship-to ships the decision record: give --record PATH too")
+    if args.ship_to:
+        from components.serving.shipping import S3Location
+
+        S3Location.parse(args.ship_to)  # a wrong location fails now, not at the first shipment
     source = ModelSource(args.model, version=args.model_version)
     if source.is_registry:
         from components.settings import load_settings
@@ -284,7 +305,11 @@ def serve_from_args(args) -> None:
         poll_interval=args.poll_interval,
         enable_grpc=not args.no_grpc,
         record=RecordSettings(
-            Path(args.record), KeepImages(args.keep_images), max_records=args.max_records
+            Path(args.record),
+            KeepImages(args.keep_images),
+            max_records=args.max_records,
+            ship_to=args.ship_to,
+            ship_interval=args.ship_interval,
         )
         if args.record
         else None,

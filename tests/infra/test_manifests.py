@@ -4,6 +4,7 @@ models; no secret values; pinned images; the Dockerfile copies what exists."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
@@ -73,11 +74,32 @@ def test_the_whole_deployment_holds_what_a_cluster_needs():
     } <= set(objects)
     assert ("InferenceService", "fod", "fod-bottle") in _index(build(INFRA / "serving"))
     assert objects["CronJob", "fod", "fod-retrain"]["spec"]["concurrencyPolicy"] == "Forbid"
+    # The drift check: the nightly check's pod, hourly, with --on-drift, on the same settings.
+    nightly, on_drift = (
+        objects["CronJob", "fod", n] for n in ("fod-retrain", "fod-retrain-on-drift")
+    )
+    pod = on_drift["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert (
+        args[: len(args) - 3]
+        == nightly["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
+    assert args[-3:] == ["--on-drift", "--drift-window", "24h"]
+    assert on_drift["spec"]["schedule"] != nightly["spec"]["schedule"]
+    assert {"configMapRef": {"name": "fod-retrain"}} in pod["containers"][0]["envFrom"]
+    assert objects["ConfigMap", "fod", "fod-settings"]["data"]["FOD_DECISION_RECORD"].startswith(
+        "s3://"
+    )
 
 
 # Where each mode runs the pipeline's pods, and where the InferenceServices live.
 MODES = {"infra": ("kubeflow", "fod"), "infra/multi-user": ("fod", "fod")}
-USER_SECRETS = {"fod-s3-credentials", "fod-seaweedfs-s3-config"}  # created by the user
+USER_SECRETS = {  # created by the user
+    "fod-s3-credentials",
+    "fod-seaweedfs-s3-config",
+    "fod-git-credentials",
+    "fod-review-oauth2",
+}
 
 
 def _references(pod_spec: dict) -> set[tuple[str, str]]:
@@ -164,8 +186,8 @@ def test_every_configmap_secret_and_role_is_where_its_readers_run(mode):
 def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
     from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
 
-    for mode in MODES:
-        cron = _index(build(ROOT / mode))["CronJob", "fod", "fod-retrain"]
+    for mode, name in itertools.product(MODES, ("fod-retrain", "fod-retrain-on-drift")):
+        cron = _index(build(ROOT / mode))["CronJob", "fod", name]
         spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         volume = next(v for v in spec["volumes"] if "projected" in v)
         token = volume["projected"]["sources"][0]["serviceAccountToken"]
@@ -179,6 +201,26 @@ def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
     binding = multi["RoleBinding", "fod", "fod-retrain-pipelines"]
     assert binding["roleRef"]["name"] == "kubeflow-pipelines-edit"
     assert ("Namespace", "", "fod") not in multi  # the Profile owns it
+
+
+def test_the_review_page_is_reached_through_its_auth_proxy_only():
+    """The page has no login: it listens on the pod's loopback (fod review's default host),
+    and the Service reaches only the auth proxy, whose upstream is that loopback port."""
+    objects = _index(build(INFRA))
+    pod = objects["Deployment", "fod", "fod-review"]["spec"]["template"]["spec"]
+    review, proxy = (next(c for c in pod["containers"] if c["name"] == n)
+                     for n in ("review", "auth-proxy"))  # fmt: skip
+    assert review["command"] == ["fod", "review"] and "--host" not in review["args"]
+    assert "ports" not in review
+    port = (
+        review["args"][review["args"].index("--port") + 1] if "--port" in review["args"] else "8090"
+    )
+    assert f"--upstream=http://127.0.0.1:{port}/" in proxy["args"]
+    assert {"--pull", "--git-push"} <= set(review["args"])
+    service = objects["Service", "fod", "fod-review"]["spec"]
+    (target,) = [p["targetPort"] for p in service["ports"]]
+    assert target in {p["name"] for p in proxy["ports"]}
+    assert objects["Deployment", "fod", "fod-review"]["spec"]["replicas"] == 1
 
 
 def test_mlflow_can_write_its_sqlite_file_and_has_one_writer():

@@ -9,12 +9,19 @@ import pytest
 import yaml
 from registered import register_version
 
-from components.deploy import apply_inference_service, champion_storage_uri, inference_service
+from components.deploy import (
+    RECORD_MOUNT,
+    apply_inference_service,
+    champion_storage_uri,
+    inference_service,
+)
 from components.errors import DeploymentError
 
 INFRA = Path(__file__).resolve().parents[2] / "infra" / "serving"
 EXAMPLE = dict(
-    storage_uri="s3://fod/mlflow/1/models/m-0123456789abcdef/artifacts", model_version="1"
+    storage_uri="s3://fod/mlflow/1/models/m-0123456789abcdef/artifacts",
+    model_version="1",
+    decision_record="s3://fod/records",
 )
 
 
@@ -22,7 +29,8 @@ def test_checked_in_inference_service_is_what_the_sdk_renders():
     rendered = inference_service("fod-bottle", **EXAMPLE)
     assert yaml.safe_load((INFRA / "inferenceservice.yaml").read_text()) == rendered, (
         "infra/serving/inferenceservice.yaml is stale: run `fod deploy render --category "
-        "bottle --model-version 1 --storage-uri ... --out infra/serving/inferenceservice.yaml`"
+        "bottle --model-version 1 --storage-uri ... --decision-record s3://fod/records "
+        "--out infra/serving/inferenceservice.yaml`"
     )
 
 
@@ -54,17 +62,20 @@ def test_canary_option_and_overlay():
 
 
 @pytest.mark.slow
-def test_the_serving_pods_data_path(settings, model_a, tmp_path):
+def test_the_serving_pods_data_path(settings, model_a, test_images, tmp_path):
     """What the pod does: KServe's storage initializer (the ``kserve-storage`` package) fetches
     the champion's storageUri from S3 with the credentials KServe injects, and the predictor
     container runs the InferenceService's own command line on that folder."""
     import os
     import sys
+    import time
     import urllib.request
 
     from kserve_storage import Storage
 
     from components.local.processes import free_port, spawn_server, stop_server, wait_healthy
+    from components.local.servers import LocalServer
+    from components.serving.shipping import read_shipped
 
     version = register_version(settings, model_a, "stored")
     uri = champion_storage_uri("fod-stored", version, settings.mlflow_artifacts)
@@ -88,15 +99,22 @@ def test_the_serving_pods_data_path(settings, model_a, tmp_path):
     assert (mount / "MLmodel").is_file()  # the MLflow model: where fod serve looks
     assert list(mount.rglob("fod.json")), sorted(p.name for p in mount.rglob("*"))
 
-    container = inference_service("fod-stored", storage_uri=uri, model_version=version)["spec"][
-        "predictor"
-    ]["containers"][0]
+    shipped_to = f"s3://{settings.bucket}/pod-records"
+    container = inference_service(
+        "fod-stored", storage_uri=uri, model_version=version, decision_record=shipped_to
+    )["spec"]["predictor"]["containers"][0]
     port = free_port()
-    args = [str(mount) if a == "/mnt/models" else a for a in container["args"]]
+    pod_disk = str(tmp_path / "pod-disk")  # the emptyDir of the decision record
+    args = [
+        str(mount) if a == "/mnt/models" else a.replace(RECORD_MOUNT, pod_disk)
+        for a in container["args"]
+    ]
     args[args.index("--host") + 1] = "127.0.0.1"  # tests listen on loopback only
     args[args.index("--http-port") + 1] = str(port)
+    args += ["--ship-interval", "0.5"]  # not a minute
     command = [str(Path(sys.executable).with_name(container["command"][0])), *args]
-    server = spawn_server(tmp_path, "predictor", command, {"HF_HUB_OFFLINE": "1"})
+    # the ConfigMap fod-settings and the Secret's S3 keys, as envFrom and env give them
+    server = spawn_server(tmp_path, "predictor", command, settings.env() | {"HF_HUB_OFFLINE": "1"})
     ready_url = f"http://127.0.0.1:{port}" + container["readinessProbe"]["httpGet"]["path"]
 
     def ready() -> bool:
@@ -109,8 +127,37 @@ def test_the_serving_pods_data_path(settings, model_a, tmp_path):
     try:
         wait_healthy("the predictor", server, ready, timeout=120)
         assert ready_url.endswith("/v2/models/fod-stored/ready")
+        served = LocalServer("fod-stored", uri, port, 0, server.pid, server.log)
+        answer = served.predict([test_images[0].read_bytes()])[0]
+        deadline = time.monotonic() + 30
+        while not (shipped := read_shipped(shipped_to, "fod-stored")):
+            assert time.monotonic() < deadline, "the pod shipped no decision to S3"
+            time.sleep(0.3)
+        assert [r["score"] for r in shipped] == pytest.approx([answer["score"]])
+        assert shipped[0]["model_version"] == str(version)
     finally:
         stop_server(server)
+
+
+def test_the_pod_records_its_decisions_and_ships_them_to_s3():
+    """With a decision record the pod keeps it on an emptyDir and ships it to S3 with the
+    cluster settings and S3 keys; without one, none of that is in the spec."""
+    predictor = inference_service("fod-bottle", **EXAMPLE)["spec"]["predictor"]
+    container = predictor["containers"][0]
+    args = container["args"]
+    assert args[args.index("--ship-to") + 1] == EXAMPLE["decision_record"]
+    (mount,) = container["volumeMounts"]
+    assert args[args.index("--record") + 1].startswith(mount["mountPath"] + "/")
+    assert [v["name"] for v in predictor["volumes"]] == [mount["name"]]
+    assert "emptyDir" in predictor["volumes"][0]
+    assert container["envFrom"] == [{"configMapRef": {"name": "fod-settings"}}]
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
+               if "valueFrom" in e}  # fmt: skip
+    assert secrets == {"AWS_ACCESS_KEY_ID": "fod-s3-credentials",
+                       "AWS_SECRET_ACCESS_KEY": "fod-s3-credentials"}  # fmt: skip
+    plain = inference_service("fod-bottle", **(EXAMPLE | {"decision_record": None}))
+    predictor = plain["spec"]["predictor"]
+    assert "--record" not in predictor["containers"][0]["args"] and "volumes" not in predictor
 
 
 def test_applying_without_a_cluster_is_a_clear_error(tmp_path, monkeypatch):

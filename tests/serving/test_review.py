@@ -63,3 +63,61 @@ def test_verdicts_counts_refusals_and_a_new_data_version(review, review_repo) ->
     assert list((review_repo / "data/widget/labelled").glob("*/masks/review-*.png"))
     again = requests.post(f"{review}/api/publish", timeout=60).json()
     assert again["good"] == 0 and again["data_version"] is None  # published once
+
+
+def test_a_published_version_is_committed_where_the_retrain_check_clones(
+    record, settings, tmp_path
+) -> None:
+    """On a cluster the retrain check clones the repository: ``--git-push`` commits the new
+    data.dvc and pushes it. A push the origin refuses publishes nothing: the verdicts stay
+    to publish, and the next Publish (once the origin takes it) carries them."""
+    import subprocess
+
+    from fastapi.testclient import TestClient
+
+    from components.data_version import DvcRepo
+    from components.review import ReviewStore, create_app
+    from fod_core.synthetic import make_synthetic_dataset
+
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], check=True)
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    make_synthetic_dataset(clone / "data", "widget", n_train=4, n_test_good=1, n_test_defect=1,
+                           size=64, seed=6)  # fmt: skip
+    repo = DvcRepo(clone)
+    repo.ensure(settings)
+    first = repo.add_and_push(clone / "data")
+    git = ["git", "-C", str(clone), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "data"], check=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD"], check=True)
+
+    def pushed_version() -> str:
+        text = subprocess.run(["git", "-C", str(origin), "show", "main:data.dvc"],
+                              capture_output=True, text=True, check=True).stdout  # fmt: skip
+        return text.split("md5: ", 1)[1].split()[0]
+
+    app = create_app(ReviewStore(record), category="widget", data_dir=clone / "data",
+                     repo_root=clone, git_push=True)  # fmt: skip
+    client = TestClient(app)
+    queue = client.get("/api/queue").json()
+    assert client.post(f"/api/decisions/{queue[0]['id']}/verdict",
+                       data={"verdict": "good", "reviewer": "ana"}).status_code == 200  # fmt: skip
+
+    hook = origin / "hooks" / "pre-receive"
+    hook.write_text("#!/bin/sh\necho 'protected branch' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    refused = client.post("/api/publish")
+    assert refused.status_code == 502 and "protected branch" in refused.json()["error"]
+    assert pushed_version() == first.md5
+    log = subprocess.run([*git, "log", "--format=%s"], capture_output=True, text=True).stdout
+    assert log.splitlines() == ["data"]  # the refused commit was undone
+
+    hook.unlink()
+    published = client.post("/api/publish").json()
+    assert published["good"] == 1 and published["commit"]
+    assert pushed_version() == published["data_version"] != first.md5
+    subject = subprocess.run(["git", "-C", str(origin), "log", "-1", "--format=%s", "main"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert subject.startswith("review: 1 good, 0 defective parts of widget")
