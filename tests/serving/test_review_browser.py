@@ -1,6 +1,7 @@
 """The review page in a real headless Chromium (Debian's, driven by Selenium) against the
 real review server and the real embedded stack: the queue, two verdicts by keyboard and
-click, the counts, and publishing a new data version. It takes a screenshot."""
+click, the counts, and publishing a new data version, which `fod retrain` then trains on.
+It takes a screenshot."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ def browser(tmp_path):
     driver.quit()
 
 
-def test_an_operator_reviews_flagged_parts_in_a_browser(browser, review, review_repo) -> None:
+def test_an_operator_reviews_flagged_parts_in_a_browser(
+    browser, review, review_repo, stack, tmp_path
+) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
@@ -75,3 +78,26 @@ def test_an_operator_reviews_flagged_parts_in_a_browser(browser, review, review_
     assert after != before and after[:8] in browser.find_element(By.ID, "status").text
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(SCREENSHOT))
+
+    # The retrain check sees a data version no model was trained on, and trains on it: the
+    # published part is among the training images the registered version was trained on.
+    from mlflow import MlflowClient
+
+    from pipelines.retrain import retrain_once
+
+    report = retrain_once(
+        ["widget"], repo_root=review_repo, pipeline_root=tmp_path / "runs", home=stack.home,
+        arguments={
+            "image_size": 64, "model_size": "compact", "epochs": 2, "batch_size": 4,
+            "val_fraction": 0.3, "min_train_images": 4, "min_val_images": 2,
+            "min_image_auroc": 0.0, "deploy_target": "none",
+            "cache_prefix": "features-review-test",
+        },
+    )  # fmt: skip
+    assert report["trained"] == ["widget"] and report["data_version"] == after
+    version = report["results"]["widget"]["new_version"]
+    client = MlflowClient()
+    registered = client.get_model_version("fod-widget", version)
+    assert registered.tags["data_version"] == after
+    splits = client.get_run(registered.run_id).data.metrics
+    assert splits["split_train"] + splits["split_validation"] == 7  # 6 normals + the reviewed
