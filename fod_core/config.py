@@ -117,6 +117,9 @@ class TrainConfig:
     val_fraction: float = 0.1  # of the normal training images, held out for every choice
     device: Device = Device.AUTO
     precision: Precision = Precision.AUTO
+    # The attention maps held one block of query rows at a time (forward and backward):
+    # the same losses and gradients in a fraction of the memory (fp32; autocast keeps them).
+    lean_attention: bool = True
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {

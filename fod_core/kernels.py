@@ -150,3 +150,97 @@ def split_divergence_entropy(
 def divergence(ty: torch.Tensor, tx: torch.Tensor, corr: torch.Tensor, eps: float) -> torch.Tensor:
     """D per query row, no gradient (scoring): about half the cost of the training kernel."""
     return _run("divergence", divergence_forward, ty.float(), tx.float(), corr.float(), eps=eps)[0]
+
+
+# -- attention and its divergence terms, in blocks of query rows (training) -----------
+ROW_BLOCK_BYTES = 64 * 2**20  # one block's correlation map, fp32: bounds every temporary
+
+
+def rows_per_block(batch: int, heads: int, keys: int) -> int:
+    """Query rows per block, so that one block's (batch, heads, rows, keys) fp32 map stays
+    within ``ROW_BLOCK_BYTES``."""
+    return max(1, ROW_BLOCK_BYTES // (batch * heads * keys * 4))
+
+
+def _sum_to(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """A gradient of a batch-broadcast input (the class reference's keys, batch 1)."""
+    return tensor.sum(0, keepdim=True) if batch == 1 and tensor.shape[0] != 1 else tensor
+
+
+class _AttentionDivergence(torch.autograd.Function):
+    """softmax(Q K^T) V with D(T, sg S), D(sg T, S) and E(S) per query row, where S is
+    never kept whole: the forward pass runs in blocks of query rows and keeps Q, K, V and
+    the target's factors; the backward pass recomputes each block's S."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, ty, tx, eps: float, rows: int):
+        n, heads, length, _ = q.shape
+        out = q.new_empty(n, heads, length, v.shape[-1])
+        div = q.new_empty(n, heads, length, dtype=torch.float32)
+        ent = torch.empty_like(div)
+        for start in range(0, length, rows):
+            block = slice(start, start + rows)
+            corr = torch.softmax((q[:, :, block] @ k.transpose(-2, -1)).float(), dim=-1)
+            out[:, :, block] = corr.to(v.dtype) @ v
+            div[:, :, block], ent[:, :, block] = _run(
+                "lean_forward", divergence_entropy_forward, ty[:, :, block].float(),
+                tx[:, :, block].float(), corr, eps=eps,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, ty, tx)
+        ctx.eps, ctx.rows = eps, rows
+        return out, div, div.clone(), ent
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_div_target, grad_div_corr, grad_entropy):
+        q, k, v, ty, tx = (t.detach() for t in ctx.saved_tensors)  # one compiled variant
+        n, heads, length, _ = q.shape
+        zeros = q.new_zeros(n, heads, length, dtype=torch.float32)
+        grad_out = (
+            grad_out
+            if grad_out is not None
+            else torch.zeros_like(q[..., :1]).expand(n, heads, length, v.shape[-1])
+        )
+        grads = [g if g is not None else zeros for g in (grad_div_target, grad_div_corr,
+                                                         grad_entropy)]  # fmt: skip
+        grad_q = torch.empty_like(q)
+        grad_k = q.new_zeros(n, heads, *k.shape[2:])
+        grad_v = q.new_zeros(n, heads, *v.shape[2:])
+        grad_ty, grad_tx = (
+            torch.empty_like(ty, dtype=torch.float32),
+            torch.empty_like(tx, dtype=torch.float32),
+        )
+        for start in range(0, length, ctx.rows):
+            block = slice(start, start + ctx.rows)
+            q_block, grad_out_block = q[:, :, block], grad_out[:, :, block]
+            corr = torch.softmax((q_block @ k.transpose(-2, -1)).float(), dim=-1)
+            grad_ty[:, :, block], grad_tx[:, :, block], grad_corr = _run(
+                "lean_backward", divergence_entropy_backward, ty[:, :, block].float(),
+                tx[:, :, block].float(), corr, *(g[:, :, block] for g in grads), eps=ctx.eps,
+            )  # fmt: skip
+            grad_corr = grad_corr + (grad_out_block @ v.transpose(-2, -1)).float()
+            grad_logits = corr * (grad_corr - (grad_corr * corr).sum(-1, keepdim=True))
+            grad_logits = grad_logits.to(q.dtype)
+            grad_q[:, :, block] = grad_logits @ k
+            grad_k += grad_logits.transpose(-2, -1) @ q_block
+            grad_v += corr.to(v.dtype).transpose(-2, -1) @ grad_out_block
+        return (
+            grad_q, _sum_to(grad_k, k.shape[0]), _sum_to(grad_v, v.shape[0]),
+            grad_ty.to(ty.dtype), grad_tx.to(tx.dtype), None, None,
+        )  # fmt: skip
+
+
+def attention_divergence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    ty: torch.Tensor,
+    tx: torch.Tensor,
+    eps: float,
+    rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(softmax(Q K^T) V, D(T, sg S), D(sg T, S), E(S)) with S kept one block of query rows
+    at a time, in the forward and the backward pass: training memory no longer grows with
+    batch x heads x L x L. Q is already scaled; K and V may have batch 1 (broadcast)."""
+    if rows is None:
+        rows = rows_per_block(q.shape[0], q.shape[1], k.shape[-2])
+    return _AttentionDivergence.apply(q, k, v, ty, tx, eps, rows)

@@ -47,7 +47,10 @@ class LossTerms:
 def _phase_terms(maps: Sequence[AttentionMaps], eps: float):
     """Mean over layers, batch, heads and tokens of D(T,sg S), D(sg T,S) and E(S)."""
     terms = [
-        split_divergence_entropy(m.target_rows, m.target_cols, m.correlation, eps) for m in maps
+        m.terms
+        if m.terms is not None
+        else split_divergence_entropy(m.target_rows, m.target_cols, m.correlation, eps)
+        for m in maps
     ]
     return [torch.stack(column).mean() for column in zip(*terms, strict=True)]
 

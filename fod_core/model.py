@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fod_core.config import LevelConfig, ModelConfig
-from fod_core.kernels import divergence, outer_target
+from fod_core.kernels import attention_divergence, divergence, outer_target
 
 # Bytes of one layer's inter attention map per scoring pass (see FODLevel.scoring_chunk).
 SCORING_MAP_BUDGET = 64 << 20
@@ -105,10 +105,13 @@ class AttentionMaps:
     The target is kept as its separable factors; ``target`` materialises it.
     """
 
-    correlation: torch.Tensor
+    correlation: torch.Tensor | None  # None when only ``terms`` were kept (lean training)
     sigma: torch.Tensor  # (N, heads, L, 2)
     target_rows: torch.Tensor  # (N, heads, L, H)
     target_cols: torch.Tensor  # (N, heads, L, W)
+    # Per query row (N, heads, L): D(T, sg S), D(sg T, S) and E(S), computed with the map
+    # block by block when the map itself is not kept.
+    terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def target(self) -> torch.Tensor:
@@ -151,16 +154,26 @@ class PriorAttention(nn.Module):
         *,
         keys_values: tuple[torch.Tensor, torch.Tensor] | None = None,
         need_maps: bool = True,
+        lean_eps: float | None = None,
     ) -> tuple[torch.Tensor, AttentionMaps | None]:
         """Output and maps. ``keys_values`` of batch 1 (the class reference) broadcast over
         the batch. ``need_maps=False`` (scoring's intra branch, whose maps the score does
-        not use) runs fused attention that never materialises S."""
+        not use) runs fused attention that never materialises S. ``lean_eps`` (training
+        in fp32): the maps carry the loss's per-row terms instead of S, computed in
+        blocks of query rows, so that S is never held whole."""
         n, length, d_model = x.shape
         q = self._split_heads(self.query(x) * self.head_dim**-0.5)  # scale L*d, not L*L
         k, v = keys_values if keys_values is not None else self.keys_values(context)
         if not need_maps:
             out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
             return self.out(out.transpose(1, 2).reshape(n, length, d_model)), None
+        if lean_eps is not None and not torch.is_autocast_enabled(x.device.type):
+            sigma = squash_sigma(self.sigma(x).float()).view(n, length, self.n_heads, 2)
+            sigma = sigma.transpose(1, 2)
+            rows, cols = rbf_target_factors(sigma, self.grid)
+            out, *terms = attention_divergence(q, k, v, rows, cols, lean_eps)
+            out = out.transpose(1, 2).reshape(n, length, d_model)
+            return self.out(out), AttentionMaps(None, sigma, rows, cols, tuple(terms))
         logits = q @ k.transpose(-2, -1)
         correlation = torch.softmax(logits.float(), dim=-1)
         out = (correlation.to(v.dtype) @ v).transpose(1, 2).reshape(n, length, d_model)
@@ -199,9 +212,10 @@ class I2CorrelationLayer(nn.Module):
         reference_keys_values: tuple[torch.Tensor, torch.Tensor],
         *,
         need_intra_maps: bool = True,
+        lean_eps: float | None = None,
     ) -> tuple[torch.Tensor, AttentionMaps | None, AttentionMaps]:
-        intra_out, intra_maps = self.intra(x, x, need_maps=need_intra_maps)
-        inter_out, inter_maps = self.inter(x, keys_values=reference_keys_values)
+        intra_out, intra_maps = self.intra(x, x, need_maps=need_intra_maps, lean_eps=lean_eps)
+        inter_out, inter_maps = self.inter(x, keys_values=reference_keys_values, lean_eps=lean_eps)
         # (x + intra) - (x + inter): the residual cancels, only the discrepancy remains.
         h = self.norm1(intra_out - inter_out)
         return self.norm2(h + self.ffn(h)), intra_maps, inter_maps
@@ -287,13 +301,18 @@ class FODLevel(nn.Module):
         per_image = self.layers[0].inter.n_heads * length * length * 4
         return max(1, SCORING_MAP_BUDGET // per_image)
 
-    def forward(self, feature_map: torch.Tensor, *, scoring: bool = False) -> LevelOutput:
-        """feature_map: pooled backbone features (N, C, H, W)."""
+    def forward(
+        self, feature_map: torch.Tensor, *, scoring: bool = False, lean_eps: float | None = None
+    ) -> LevelOutput:
+        """feature_map: pooled backbone features (N, C, H, W). ``lean_eps``: see
+        ``PriorAttention.forward``."""
         tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
         x = self.embed(tokens)
         intra, inter = [], []
         for layer, keys_values in zip(self.layers, self.reference_keys_values(), strict=True):
-            x, intra_maps, inter_maps = layer(x, keys_values, need_intra_maps=not scoring)
+            x, intra_maps, inter_maps = layer(
+                x, keys_values, need_intra_maps=not scoring, lean_eps=lean_eps
+            )
             if intra_maps is not None:
                 intra.append(intra_maps)
             inter.append(inter_maps)
@@ -346,8 +365,13 @@ class FODModel(nn.Module):
         for level, reference in zip(self.levels, references, strict=True):
             level.set_reference(reference)
 
-    def forward(self, feature_maps: Sequence[torch.Tensor]) -> list[LevelOutput]:
-        return [level(f) for level, f in zip(self.levels, feature_maps, strict=True)]
+    def forward(
+        self, feature_maps: Sequence[torch.Tensor], *, lean: bool = False
+    ) -> list[LevelOutput]:
+        """``lean`` (training): the maps carry the loss's per-row terms, S is never held
+        whole (fp32 only; under autocast the maps are kept as before)."""
+        eps = self.config.log_eps if lean else None
+        return [level(f, lean_eps=eps) for level, f in zip(self.levels, feature_maps, strict=True)]
 
     @torch.no_grad()
     def score_maps(

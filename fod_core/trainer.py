@@ -130,7 +130,7 @@ class FODTrainer:
                     lambda2=model_config.lambda2,
                     eps=model_config.log_eps,
                 )
-                for out in self.model(batch)
+                for out in self.model(batch, lean=self.config.lean_attention)
             ]
         return terms, total_objective(terms)
 

@@ -424,3 +424,47 @@ def test_level_config_validation():
         LevelConfig(d_model=32, n_heads=3)
     with pytest.raises(ValueError, match="level configs"):
         ModelConfig(levels=(LevelConfig(d_model=32),))
+
+
+def _loss_and_gradients(model, feats, *, lean: bool):
+    model.zero_grad(set_to_none=True)
+    config = model.config
+    outputs = model(feats, lean=lean)
+    terms = [fod_objective(o, lambda1=config.lambda1, lambda2=config.lambda2, eps=config.log_eps)
+             for o in outputs]  # fmt: skip
+    total_objective(terms).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [t.as_floats() for t in terms], grads, outputs
+
+
+@pytest.mark.parametrize("rows", [1, 5, None])  # one row, blocks that do not divide L, default
+def test_lean_attention_gives_the_same_losses_and_gradients(rows, monkeypatch):
+    """Training keeps each attention map one block of query rows at a time and recomputes
+    it in the backward pass: the losses and every gradient are those of the kept maps."""
+    from fod_core import kernels
+
+    torch.manual_seed(0)
+    model = create_fod_model(small_config(), in_channels=CHANNELS, strides=STRIDES)
+    feats = features(3)
+    model.set_references([f.mean(0).flatten(1).T for f in feats])
+    kept_terms, kept, _ = _loss_and_gradients(model, feats, lean=False)
+    if rows is not None:
+        monkeypatch.setattr(kernels, "rows_per_block", lambda *shape: rows)
+    lean_terms, lean, outputs = _loss_and_gradients(model, feats, lean=True)
+    assert all(m.correlation is None and m.terms is not None for m in outputs[0].inter)
+    for kept_level, lean_level in zip(kept_terms, lean_terms, strict=True):
+        assert lean_level == pytest.approx(kept_level, rel=1e-6)
+    assert set(lean) == set(kept)
+    scale = max(float(g.abs().max()) for g in kept.values())
+    for name, gradient in kept.items():
+        torch.testing.assert_close(lean[name], gradient, rtol=1e-5, atol=1e-5 * scale, msg=name)
+
+
+def test_lean_attention_under_autocast_keeps_the_maps():
+    """bf16 autocast (a GPU's training) keeps the maps: the blocked function is fp32."""
+    model = create_fod_model(small_config(n_layers=1), in_channels=CHANNELS, strides=STRIDES)
+    feats = features(2)
+    model.set_references([f.mean(0).flatten(1).T for f in feats])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(feats, lean=True)
+    assert all(m.correlation is not None and m.terms is None for m in outputs[0].inter)
