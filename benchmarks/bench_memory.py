@@ -38,7 +38,10 @@ def child(args) -> dict:
     configure_cpu_numerics()
     model_config = ModelConfig(image_size=args.image_size)
     train_config = TrainConfig(
-        batch_size=args.batch_size, precision=args.precision, device=args.device
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        lean_attention=args.lean_attention,
     )
     device = resolve_device(train_config.device)
     extractor = FeatureExtractor(spec=model_config.backbone)
@@ -76,6 +79,7 @@ def child(args) -> dict:
         "device": str(device),
         "precision": str(train_config.precision),
         "compile": os.environ.get("FOD_COMPILE", "1"),
+        "lean_attention": train_config.lean_attention,
     }
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--lean-attention", action="store_true", help="maps in row blocks")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/memory"))
     parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # a child's
     args = parser.parse_args()

@@ -134,10 +134,13 @@ def test_the_record_keeps_its_limits_and_drops_rather_than_waits(tmp_path, test_
     while not stuck._queue.full():  # the writer may have taken the first one already
         stuck._queue.put_nowait(served(0.1))
         queued += 1
-    stuck.submit([served(0.2)] * 3)
-    assert stuck.counts["dropped"] == 3
+    stuck.submit([served(0.2)] * 3)  # returns: the queue is full, the writer stuck
+    # The writer gives up on the lock after its 5 s busy timeout (counted failed) and may
+    # have freed a slot on a loaded machine: drops are counted, and nothing goes uncounted.
+    assert stuck.counts["dropped"] >= 1
     locked.rollback()
     locked.close()
     stuck.close()
-    assert stuck.counts["recorded"] + stuck.counts["failed"] == queued
+    counts = stuck.counts
+    assert counts["recorded"] + counts["failed"] + counts["dropped"] == queued + 3
     assert json.dumps(stuck.counts)  # plain numbers, for the status route
