@@ -19,7 +19,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fod_core.cache import FeatureCache, LocalStore
 from fod_core.calibration import LevelWeighting
@@ -30,11 +32,48 @@ from fod_core.inference import AnomalyDetector
 from fod_core.losses import reference_objective
 from fod_core.metrics import image_auroc, pixel_auroc
 from fod_core.model import create_fod_model
-from fod_core.processing import PostProcessing, PreProcessing
+from fod_core.processing import Alignment, PostProcessing, PreProcessing
 from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.train import train_model
 from fod_core.trainer import FODTrainer, class_references, resolve_device
+
+
+@torch.no_grad()
+def branch_scores(
+    model, feature_maps, post: PostProcessing, chunk: int = 4
+) -> dict[str, np.ndarray]:
+    """Image scores of each part of FOD's score, per level (diagnosis, record only): the
+    reconstruction error, the inter and the intra divergence, and the method's weighted
+    score; each map upsampled and smoothed as the real score is."""
+    from fod_core.kernels import divergence
+
+    eps = model.config.log_eps
+    parts: dict[str, list] = {}
+    for index, (level, features) in enumerate(zip(model.levels, feature_maps, strict=True)):
+        for start in range(0, len(features), chunk):
+            out = level(features[start : start + chunk])
+            target, recon = out.tokens.float(), out.reconstruction.float()
+            rec = ((target - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
+
+            def div(maps):
+                per_layer = [
+                    divergence(m.target_rows, m.target_cols, m.correlation, eps).mean(1)
+                    for m in maps
+                ]
+                return torch.stack(per_layer).mean(0)
+
+            tokens = {
+                "rec": rec,
+                "inter": div(out.inter),
+                "intra": div(out.intra),
+                "weighted": type(level).token_scores(out, eps),
+            }
+            for name, values in tokens.items():
+                grid = values.view(-1, *level.grid)
+                score = post.image_score(post.upsample([grid])[0])
+                parts.setdefault(f"L{index + 1} {name}", []).append(score.numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def peak_rss_mb() -> float:
@@ -112,6 +151,14 @@ def main() -> None:
     parser.add_argument("--category", default="bottle")
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument(
+        "--alignment", choices=[a.value for a in Alignment], default=Alignment.NONE.value
+    )
+    parser.add_argument(
+        "--branches",
+        action="store_true",
+        help="record each part of the score (reconstruction, inter, intra; per level) by epoch",
+    )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -142,13 +189,14 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    model_config = ModelConfig(image_size=args.image_size)
+    model_config = ModelConfig(image_size=args.image_size, alignment=Alignment(args.alignment))
     model_config = model_config.with_backbone(type(model_config.backbone)(name=args.backbone))
     if args.tiny:
         model_config = ModelConfig(
             backbone=model_config.backbone,
             image_size=args.image_size,
             levels=(LevelConfig(d_model=32, n_heads=4, n_layers=1),) * 2,
+            alignment=model_config.alignment,
         )
     train_config = TrainConfig(
         epochs=args.epochs,
@@ -186,7 +234,7 @@ def main() -> None:
     from fod_core.backbone import FeatureExtractor
 
     extractor = FeatureExtractor(spec=model_config.backbone)
-    pre = PreProcessing(args.image_size, extractor.mean, extractor.std)
+    pre = PreProcessing(args.image_size, extractor.mean, extractor.std, model_config.alignment)
     flops = fod_flops(
         create_fod_model(model_config, in_channels=extractor.channels, strides=extractor.strides),
         extractor,
@@ -335,8 +383,14 @@ def _train_and_report(
         maps_np, scores_np = torch.cat(maps).numpy(), torch.cat(scores).numpy()
         by_epoch[epoch] = {
             "image_auroc": image_auroc(labels, scores_np),
-            "pixel_auroc": pixel_auroc(masks, maps_np),
+            # score_features' maps are in the aligned frame, the masks in the photo's.
+            "pixel_auroc": pixel_auroc(masks, maps_np) if pre.alignment is Alignment.NONE else None,
         }
+        if args.branches:
+            parts = branch_scores(model, test_features, detector.post)
+            by_epoch[epoch]["branches"] = {
+                name: round(image_auroc(labels, values), 4) for name, values in parts.items()
+            }
         print(f"[record only] epoch {epoch}: test {by_epoch[epoch]}", flush=True)
         model.train()
 

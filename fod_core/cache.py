@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from fod_core.backbone import BackboneSpec, FeatureExtractor
 from fod_core.data import ImageRecord
-from fod_core.processing import PreProcessing, read_image
+from fod_core.processing import Alignment, PreProcessing, read_image
 
 CACHE_FORMAT = 1
 
@@ -102,11 +102,18 @@ class FeatureCache:
         self.prefix = extractor_key(extractor, pre)
 
     @classmethod
-    def for_backbone(cls, store: BlobStore, spec: BackboneSpec, image_size: int) -> FeatureCache:
+    def for_backbone(
+        cls,
+        store: BlobStore,
+        spec: BackboneSpec,
+        image_size: int,
+        alignment: Alignment = Alignment.NONE,
+    ) -> FeatureCache:
         """The one way the pipeline's cache step and training build the extractor and its
         pre-processing: both must agree for the cache to hit."""
         extractor = FeatureExtractor(spec=spec)
-        return cls(store, extractor, PreProcessing(image_size, extractor.mean, extractor.std))
+        pre = PreProcessing(image_size, extractor.mean, extractor.std, Alignment(alignment))
+        return cls(store, extractor, pre)
 
     def _key(self, content_hash: str) -> str:
         return f"{self.prefix}/{content_hash[:2]}/{content_hash}.npz"

@@ -226,7 +226,6 @@ def synthetic_level_weights(
     """Level weights chosen on held-out normal images and copies of them with planted
     anomalies (`fod_core.synthetic.plant_anomaly`, texture from ``donor_images``): real
     defect types are unknown when a model is trained, so the choice needs no labels."""
-    import torch
 
     from fod_core.processing import resize_mask
     from fod_core.synthetic import planted_copies
@@ -245,11 +244,11 @@ def synthetic_level_weights(
     )
     masks, per_level = [], []
     while chunk := list(itertools.islice(samples, batch_size)):
-        batch = torch.stack([detector.pre(image) for image, _ in chunk])
+        batch, poses = detector.preprocess([image for image, _ in chunk])
         for level, level_map in enumerate(detector.level_maps(batch)):
             if level == len(per_level):
                 per_level.append([])
-            per_level[level].append(level_map.numpy())
+            per_level[level].append(detector.post.to_input_frame(level_map, poses).numpy())
         masks += [mask for _, mask in chunk]
     choice = choose_level_weights(
         [np.concatenate(m) for m in per_level], np.stack(masks), step=step

@@ -24,7 +24,7 @@ from fod_core.config import (
     model_config_for,
 )
 from fod_core.data import DatasetError, DatasetFormat
-from fod_core.processing import ImageDecodeError
+from fod_core.processing import Alignment, ImageDecodeError
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import CheckpointMismatchError
 
@@ -77,6 +77,13 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights-file", help="local backbone weights (.pth/.pt)")
     parser.add_argument("--out-indices", default="2,3", help="backbone stages (default: 2,3)")
     parser.add_argument("--image-size", type=int, default=defaults_model.image_size)
+    parser.add_argument(
+        "--alignment",
+        default=defaults_model.alignment.value,
+        choices=[a.value for a in Alignment],
+        help="none: the photos as they are (the method; default); principal_axis: turn an "
+        "elongated part lying at any angle (a screw) onto one axis before the model",
+    )
     parser.add_argument("--epochs", type=int, default=defaults_train.epochs)
     parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
     parser.add_argument("--lr", type=float, default=defaults_train.lr)
@@ -110,7 +117,9 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         weights_file=args.weights_file,
     )
     model_config = replace(
-        model_config_for(args.model_size, image_size=args.image_size), backbone=backbone
+        model_config_for(args.model_size, image_size=args.image_size),
+        backbone=backbone,
+        alignment=Alignment(args.alignment),
     )
     train_config = TrainConfig(
         epochs=args.epochs,

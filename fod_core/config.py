@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 from fod_core.backbone import BackboneSpec
+from fod_core.processing import Alignment
 
 
 class Device(str, Enum):
@@ -55,6 +56,8 @@ class ModelConfig:
     lambda2: float = 0.5  # weight of the entropy terms
     log_eps: float = 1e-4  # inside log() of KL and entropy
     score_sigma: float = 4.0  # Gaussian smoothing of the map before the image-score max
+    # Not part of the method: pose normalisation of parts that lie at any angle (screws).
+    alignment: Alignment = Alignment.NONE
 
     def __post_init__(self) -> None:
         if len(self.levels) != len(self.backbone.out_indices):
@@ -67,6 +70,7 @@ class ModelConfig:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["backbone"] = self.backbone.to_dict()
         data["levels"] = [asdict(level) for level in self.levels]
+        data["alignment"] = self.alignment.value
         return data
 
     @classmethod
@@ -74,6 +78,7 @@ class ModelConfig:
         data = dict(data)
         data["backbone"] = BackboneSpec.from_dict(data["backbone"])
         data["levels"] = tuple(LevelConfig(**level) for level in data["levels"])
+        data["alignment"] = Alignment(data.get("alignment", Alignment.NONE.value))
         return cls(**data)
 
     def with_backbone(self, backbone: BackboneSpec) -> ModelConfig:

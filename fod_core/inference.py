@@ -80,6 +80,13 @@ class AnomalyDetector:
         maps = self.post.anomaly_map(level_maps)
         return maps.cpu(), self.post.image_score(maps).cpu()
 
+    def preprocess(
+        self, images: Sequence[Image.Image]
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """Decoded images -> (model input batch, poses for ``post.to_input_frame``)."""
+        inputs, poses = zip(*(self.pre.transform(image) for image in images), strict=True)
+        return torch.stack(inputs), list(poses)
+
     @torch.no_grad()
     def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Normalised images -> each level's map at the input size, on CPU (calibration)."""
@@ -101,8 +108,9 @@ class AnomalyDetector:
         results: list[Prediction] = []
         for start in range(0, len(sources), batch_size):
             chunk = sources[start : start + batch_size]
-            batch = torch.stack([self.pre(image) for image in self._decode(chunk)])
-            maps, scores = self.score_batch(batch)
+            batch, poses = self.preprocess(self._decode(chunk))
+            maps, scores = self.score_batch(batch)  # the score: on the aligned map
+            maps = self.post.to_input_frame(maps, poses)  # the map: on the photo
             decisions = (
                 self.post.is_anomalous(scores.numpy())
                 if self.post.threshold is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -78,20 +79,111 @@ def read_mask(path: str | Path, size: int) -> np.ndarray:
         raise ImageDecodeError(f"{path}: not a readable mask ({err})") from err
 
 
+class Alignment(str, Enum):
+    """Pose normalisation before the model. NONE is the method's (the product lies the same
+    way in every photo); PRINCIPAL_AXIS turns an elongated part lying at any angle (a
+    screw) so that its long axis is horizontal, its heavier end left and its extent
+    centred. A round part (a bottle seen from above) has no axis and is left as it is."""
+
+    NONE = "none"
+    PRINCIPAL_AXIS = "principal_axis"
+
+
+# A part is elongated when its long axis' variance is at least this times the short one's.
+MIN_ELONGATION = 2.0
+
+
+def _otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """The threshold that best separates two classes of ``values`` (Otsu, 1979)."""
+    low, high = float(values.min()), float(values.max())
+    if high - low < 1e-6:
+        return high
+    histogram = torch.histc(values, bins=bins, min=low, max=high).double()
+    p = histogram / histogram.sum()
+    centres = low + (torch.arange(bins, dtype=torch.float64) + 0.5) * (high - low) / bins
+    weight = p.cumsum(0)
+    mass = (p * centres).cumsum(0)
+    between = (mass[-1] * weight - mass) ** 2 / (weight * (1 - weight)).clamp_min(1e-12)
+    return float(centres[int(between.argmax())])
+
+
+def principal_axis_pose(image: torch.Tensor) -> torch.Tensor | None:
+    """(3, S, S) image in [0, 1] -> the 2x3 affine (``F.affine_grid``'s theta, normalised
+    coordinates) that samples the aligned image from it; None when there is no clear axis
+    (a round part, an empty or a cluttered picture). The part is what differs from the
+    border's median grey (Otsu's threshold); its axis is that of its pixels' covariance."""
+    gray = image.float().mean(0)
+    size = gray.shape[-1]
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    difference = (gray - border.median()).abs()
+    ys, xs = torch.nonzero(difference > _otsu_threshold(difference), as_tuple=True)
+    if not 0.005 <= len(xs) / gray.numel() <= 0.6:
+        return None
+    xs, ys = xs.double(), ys.double()
+    cx, cy = xs.mean(), ys.mean()
+    variances, vectors = torch.linalg.eigh(torch.cov(torch.stack([xs - cx, ys - cy])))
+    if variances[1] < MIN_ELONGATION * variances[0]:
+        return None
+    vx, vy = vectors[0, 1], vectors[1, 1]
+    along = (xs - cx) * vx + (ys - cy) * vy
+    if (along**3).mean() > 0:  # the long tail points away from the heavy end: heavy end left
+        vx, vy, along = -vx, -vy, -along
+    low, high = torch.quantile(along.float(), torch.tensor([0.01, 0.99])).double()
+    middle = (low + high) / 2  # centre the part's extent, not its mass
+    cx, cy = cx + middle * vx, cy + middle * vy
+    to_normalised = lambda c: (2 * c + 1) / size - 1  # noqa: E731 (align_corners=False)
+    return torch.tensor(
+        [[vx, -vy, to_normalised(cx)], [vy, vx, to_normalised(cy)]], dtype=torch.float32
+    )
+
+
+def invert_pose(theta: torch.Tensor) -> torch.Tensor:
+    """The 2x3 affine that undoes ``theta`` (maps the aligned frame back to the photo's)."""
+    full = torch.eye(3, dtype=torch.float64)
+    full[:2] = theta.double()
+    return torch.linalg.inv(full)[:2].float()
+
+
+def warp(
+    images: torch.Tensor, theta: torch.Tensor, fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(C, S, S) or (S, S) sampled through ``theta``. Outside the picture: ``fill`` (one
+    value per channel), else the picture's own border."""
+    batch = images[None] if images.dim() == 3 else images[None, None]
+    grid = F.affine_grid(theta[None].to(batch), list(batch.shape), align_corners=False)
+    if fill is None:
+        out = F.grid_sample(batch, grid, padding_mode="border", align_corners=False)
+    else:
+        inside = F.grid_sample(torch.ones_like(batch[:, :1]), grid, align_corners=False)
+        out = F.grid_sample(batch, grid, padding_mode="zeros", align_corners=False)
+        out = out + (1 - inside) * fill.to(batch).view(1, -1, 1, 1)
+    return out[0] if images.dim() == 3 else out[0, 0]
+
+
 @dataclass(frozen=True)
 class PreProcessing:
-    """Image -> normalised tensor: antialiased resize to a square, per-channel mean/std."""
+    """Image -> normalised tensor: antialiased resize to a square, optional pose
+    normalisation (``Alignment``), per-channel mean/std."""
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    alignment: Alignment = Alignment.NONE
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self) | {"alignment": self.alignment.value}
+        if self.alignment is Alignment.NONE:
+            del data["alignment"]  # what earlier readers (and cache keys) know
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PreProcessing:
-        return cls(data["image_size"], tuple(data["mean"]), tuple(data["std"]))
+        return cls(
+            data["image_size"],
+            tuple(data["mean"]),
+            tuple(data["std"]),
+            Alignment(data.get("alignment", Alignment.NONE.value)),
+        )
 
     def resize(self, image: Image.Image) -> torch.Tensor:
         """uint8 RGB image -> float tensor (3, S, S) in [0, 1], antialiased."""
@@ -104,14 +196,32 @@ class PreProcessing:
             ).clamp_(0, 1)
         return tensor[0]
 
+    def align(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Resized image -> (aligned image, its pose, None when left as it is)."""
+        if self.alignment is Alignment.NONE:
+            return tensor, None
+        theta = principal_axis_pose(tensor)
+        if theta is None:
+            return tensor, None
+        edges = torch.cat([tensor[:, 0], tensor[:, -1], tensor[:, :, 0], tensor[:, :, -1]], 1)
+        return warp(tensor, theta, fill=edges.median(dim=1).values), theta
+
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device)[:, None, None]
         std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
         return (tensor - mean) / std
 
-    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+    def transform(
+        self, source: str | Path | bytes | Image.Image
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(model input, pose): a pose is what ``PostProcessing.to_input_frame`` needs to
+        put the anomaly map back onto the photo."""
         image = source if isinstance(source, Image.Image) else read_image(source)
-        return self.normalize(self.resize(image.convert("RGB")))
+        aligned, theta = self.align(self.resize(image.convert("RGB")))
+        return self.normalize(aligned), theta
+
+    def __call__(self, source: str | Path | bytes | Image.Image) -> torch.Tensor:
+        return self.transform(source)[0]
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -195,6 +305,16 @@ class PostProcessing:
             return torch.stack(list(upsampled)).mean(0)
         weighted = [w * m for w, m in zip(self.level_weights, upsampled, strict=True) if w > 0]
         return torch.stack(weighted).sum(0)
+
+    @staticmethod
+    def to_input_frame(maps: torch.Tensor, poses: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """(N, S, S) maps of aligned images -> the same maps on the photos as they were
+        (``PreProcessing.transform``'s poses; None: not aligned, left as it is)."""
+        if all(p is None for p in poses):
+            return maps
+        return torch.stack(
+            [m if p is None else warp(m, invert_pose(p)) for m, p in zip(maps, poses, strict=True)]
+        )
 
     def anomaly_map(self, level_maps: Sequence[torch.Tensor]) -> torch.Tensor:
         """Level grids -> (N, S, S) anomaly map at the input size."""

@@ -103,6 +103,49 @@ def make_good_only_folder(
     return Path(root)
 
 
+def rotated_part(
+    angle_degrees: float,
+    *,
+    size: int = 96,
+    centre: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> Image.Image:
+    """A dark bar with a wide head at one end on a light, noisy background, turned by
+    ``angle_degrees``: a part that lies at any angle (a screw), for pose normalisation."""
+    rng = np.random.default_rng(seed)
+    cx, cy = centre or (size / 2, size / 2)
+    ys, xs = np.mgrid[0:size, 0:size].astype(float)
+    t = np.radians(angle_degrees)
+    along = (xs - cx) * np.cos(t) + (ys - cy) * np.sin(t)
+    across = -(xs - cx) * np.sin(t) + (ys - cy) * np.cos(t)
+    length, width = 0.31 * size, 0.042 * size
+    bar = (np.abs(along) < length) & (np.abs(across) < width)
+    head = (np.abs(along + 0.9 * length) < width) & (np.abs(across) < 2.75 * width)
+    gray = np.full((size, size), 200.0) + rng.normal(0, 3, (size, size))
+    gray[bar | head] = 70
+    return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8), mode="L")
+
+
+def make_rotated_parts_folder(
+    root: str | Path,
+    category: str = "screwlike",
+    *,
+    n_good: int = 24,
+    size: int = 96,
+    seed: int = 0,
+) -> Path:
+    """``root/category/good/``: the same part at random angles and places (folder layout)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / category / "good"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_good):
+        centre = tuple(size / 2 + rng.uniform(-0.08, 0.08, 2) * size)
+        rotated_part(rng.uniform(0, 360), size=size, centre=centre, seed=i).save(
+            folder / f"part_{i:03d}.png"
+        )
+    return Path(root)
+
+
 def _blob_mask(rng: np.random.Generator, height: int, width: int | None = None) -> np.ndarray:
     """One irregular connected region covering about 0.3-3 % of the image."""
     width = height if width is None else width

@@ -102,6 +102,7 @@ def train_model(
         cache_store or LocalStore(default_cache_dir()),
         model_config.backbone,
         model_config.image_size,
+        model_config.alignment,
     )
     extractor, pre = cache.extractor, cache.pre
     train_features, train_stats = cache.features(

@@ -11,6 +11,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from fod_core.processing import (
+    Alignment,
     ImageDecodeError,
     PostProcessing,
     PreProcessing,
@@ -18,6 +19,7 @@ from fod_core.processing import (
     read_image,
     read_mask,
 )
+from fod_core.synthetic import rotated_part
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -108,3 +110,62 @@ def test_a_level_weighted_zero_may_be_left_unscored():
         fine_only.anomaly_map([None, level_maps[1]])
     with pytest.raises(ValueError, match="not scored"):
         PostProcessing(8).anomaly_map([level_maps[0], None])
+
+
+def screw_like(angle_degrees: float, centre=(48, 48)) -> Image.Image:
+    return rotated_part(angle_degrees, size=96, centre=centre, seed=int(angle_degrees))
+
+
+def part_axis(tensor: torch.Tensor) -> tuple[float, float, float]:
+    """(axis angle in degrees mod 180, head side along x: -1 or 1, centre x offset)."""
+    gray = tensor.mean(0).numpy()
+    ys, xs = np.nonzero(gray < 0.5)
+    cov = np.cov(np.stack([xs - xs.mean(), ys - ys.mean()]))
+    vx, vy = np.linalg.eigh(cov)[1][:, 1]
+    heavy = np.sign(((xs - xs.mean()) ** 3).mean())  # long tail toward the tip
+    return np.degrees(np.arctan2(vy, vx)) % 180, -heavy, xs.mean() - gray.shape[1] / 2
+
+
+@pytest.mark.parametrize("angle", [0, 37, 90, 150, 217, 300])
+def test_principal_axis_turns_a_part_at_any_angle_onto_one_pose(angle):
+    pre = PreProcessing(96, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), Alignment.PRINCIPAL_AXIS)
+    aligned, pose = pre.transform(screw_like(angle, centre=(40, 55)))
+    assert pose is not None
+    axis, head_side, offset = part_axis(aligned)
+    assert min(axis, 180 - axis) < 3  # horizontal
+    reference_side = part_axis(pre(screw_like(0)))[1]
+    assert head_side == reference_side  # the heavy end always on the same side
+    assert abs(offset) < 6  # and the part's extent centred
+
+
+def test_a_round_part_or_an_empty_picture_is_left_as_it_is():
+    ys, xs = np.mgrid[0:96, 0:96]
+    disc = np.where((ys - 50) ** 2 + (xs - 44) ** 2 < 30**2, 60, 200).astype(np.uint8)
+    pre = PreProcessing(96, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), Alignment.PRINCIPAL_AXIS)
+    for image in (Image.fromarray(disc, "L"), Image.new("L", (96, 96), 128)):
+        tensor, pose = pre.transform(image)
+        assert pose is None
+        assert torch.equal(tensor, PreProcessing(96, (0.0,) * 3, (1.0,) * 3)(image))
+
+
+def test_an_aligned_map_goes_back_onto_the_photo():
+    """A map drawn on the aligned image, put back, lands where the part is in the photo."""
+    pre = PreProcessing(96, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), Alignment.PRINCIPAL_AXIS)
+    photo = screw_like(120, centre=(52, 44))
+    aligned, pose = pre.transform(photo)
+    part_in_aligned = (aligned.mean(0) < 0.5).float()
+    back = PostProcessing.to_input_frame(part_in_aligned[None], [pose])[0]
+    part_in_photo = torch.from_numpy(np.asarray(photo) < 128).float()
+    overlap = (back > 0.5).float()
+    iou = (overlap * part_in_photo).sum() / ((overlap + part_in_photo) > 0).sum()
+    assert iou > 0.8
+    unaligned = torch.rand(2, 96, 96)
+    assert torch.equal(PostProcessing.to_input_frame(unaligned, [None, None]), unaligned)
+
+
+def test_alignment_is_stored_and_earlier_manifests_read_as_none():
+    aligned = PreProcessing(64, (0.1, 0.2, 0.3), (1.0, 1.0, 1.0), Alignment.PRINCIPAL_AXIS)
+    assert PreProcessing.from_dict(aligned.to_dict()) == aligned
+    plain = PreProcessing(64, (0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
+    assert "alignment" not in plain.to_dict()  # feature cache keys of earlier runs still hit
+    assert PreProcessing.from_dict(plain.to_dict()).alignment is Alignment.NONE
