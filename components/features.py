@@ -23,6 +23,7 @@ def fill_cache(
     settings: StackSettings,
     cache_prefix: str = DEFAULT_CACHE_PREFIX,
     *,
+    alignment: str = "none",
     progress: bool = True,
 ) -> dict[str, float]:
     """Extract features of every image the cache lacks; returns hits, misses, seconds."""
@@ -35,7 +36,7 @@ def fill_cache(
     store = S3Store(settings, cache_prefix)
     store.check()
     data = load_category(data_root, category, data_format)
-    cache = FeatureCache.for_backbone(store, BackboneSpec(name=backbone), image_size)
+    cache = FeatureCache.for_backbone(store, BackboneSpec(name=backbone), image_size, alignment)
     started = time.perf_counter()
     _, stats = cache.features(data.train, progress=progress, desc=category)
     seconds = time.perf_counter() - started

@@ -86,6 +86,7 @@ def cache_features(
     data_format: str,
     backbone: str,
     image_size: int,
+    alignment: str,
     cache_prefix: str,
     stats: Output[Metrics],
 ):
@@ -95,7 +96,14 @@ def cache_features(
     from components.settings import load_settings
 
     result = fill_cache(
-        dataset.path, category, data_format, backbone, image_size, load_settings(), cache_prefix
+        dataset.path,
+        category,
+        data_format,
+        backbone,
+        image_size,
+        load_settings(),
+        cache_prefix,
+        alignment=alignment,
     )
     for key, value in result.items():
         stats.log_metric(key, value)
@@ -112,6 +120,7 @@ def train_fod(
     backbone: str,
     image_size: int,
     model_size: str,
+    alignment: str,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -129,7 +138,9 @@ def train_fod(
     from components.training import train_and_track
     from fod_core.config import TrainConfig, model_config_for
 
-    model_config = model_config_for(model_size, image_size=image_size, backbone=backbone)
+    model_config = model_config_for(
+        model_size, image_size=image_size, backbone=backbone, alignment=alignment
+    )
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction
     )

@@ -103,9 +103,17 @@ MODEL_LEVELS: dict[ModelSize, tuple[LevelConfig, ...]] = {
 
 
 def model_config_for(
-    size: ModelSize | str = ModelSize.METHOD, *, image_size: int = 256, backbone: str | None = None
+    size: ModelSize | str = ModelSize.METHOD,
+    *,
+    image_size: int = 256,
+    backbone: str | None = None,
+    alignment: Alignment | str = Alignment.NONE,
 ) -> ModelConfig:
-    config = ModelConfig(image_size=image_size, levels=MODEL_LEVELS[ModelSize(size)])
+    config = ModelConfig(
+        image_size=image_size,
+        levels=MODEL_LEVELS[ModelSize(size)],
+        alignment=Alignment(alignment),
+    )
     if backbone:
         config = config.with_backbone(BackboneSpec(name=backbone))
     return config

@@ -19,6 +19,7 @@ from components.validation import ValidationRules
 from fod_core.calibration import LevelWeighting
 from fod_core.config import ModelConfig, ModelSize, TrainConfig
 from fod_core.data import DatasetFormat
+from fod_core.processing import Alignment
 
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 DEPLOY_TARGETS = ("local", "kserve", "none")
@@ -68,6 +69,12 @@ class PipelineParameters:
     image_size: int = parameter(ModelConfig().image_size, "side of the square model input")
     model_size: str = parameter(
         ModelSize.METHOD.value, "architecture preset", choices=[s.value for s in ModelSize]
+    )
+    alignment: str = parameter(
+        Alignment.NONE.value,
+        "pose normalisation: none (the method), or principal_axis to turn parts that lie at "
+        "any angle (screws) onto one axis before the model",
+        choices=[a.value for a in Alignment],
     )
     epochs: int = parameter(_TRAIN.epochs, "training epochs")
     batch_size: int = parameter(_TRAIN.batch_size, "training batch size")
