@@ -21,12 +21,15 @@ from fod_core.processing import PostProcessing, PreProcessing
 from fod_core.runtime import configure_cpu_numerics
 
 ARTIFACT_FORMAT = "fod-model"
-ARTIFACT_VERSION = 2  # 2: post-processing may carry level weights
+ARTIFACT_VERSION = 3  # 2: post-processing may carry level weights; 3: pre-processing a pose
 
 
-def format_version(postprocessing: dict) -> int:
+def format_version(postprocessing: dict, preprocessing: dict | None = None) -> int:
     """The oldest format that reads this manifest: readers of version 1 know no level
-    weights, so only artefacts that have them are marked 2 (and refused there clearly)."""
+    weights, readers of version 2 no pose normalisation, so only artefacts that use them
+    are marked 2 or 3 (and refused clearly by older readers)."""
+    if (preprocessing or {}).get("alignment", "none") != "none":
+        return 3
     return 2 if postprocessing.get("level_weights") is not None else 1
 
 
@@ -71,7 +74,7 @@ def save_artifact(
     )
     manifest = {
         "format": ARTIFACT_FORMAT,
-        "format_version": format_version(post.to_dict()),
+        "format_version": format_version(post.to_dict(), pre.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model.config.to_dict(),
         "backbone": {
@@ -109,7 +112,9 @@ def update_manifest(directory: str | Path, **fields) -> dict:
     """Merge fields into fod.json (e.g. a new threshold from calibration)."""
     manifest = read_manifest(directory)
     manifest.update(fields)
-    manifest["format_version"] = format_version(manifest["postprocessing"])
+    manifest["format_version"] = format_version(
+        manifest["postprocessing"], manifest.get("preprocessing")
+    )
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 

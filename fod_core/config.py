@@ -60,6 +60,7 @@ class ModelConfig:
     alignment: Alignment = Alignment.NONE
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "alignment", Alignment(self.alignment))
         if len(self.levels) != len(self.backbone.out_indices):
             raise ValueError(
                 f"{len(self.levels)} level configs for {len(self.backbone.out_indices)} "
@@ -71,6 +72,8 @@ class ModelConfig:
         data["backbone"] = self.backbone.to_dict()
         data["levels"] = [asdict(level) for level in self.levels]
         data["alignment"] = self.alignment.value
+        if self.alignment is Alignment.NONE:
+            del data["alignment"]  # what earlier readers (and checkpoints) know
         return data
 
     @classmethod

@@ -82,7 +82,7 @@ def read_mask(path: str | Path, size: int) -> np.ndarray:
 class Alignment(str, Enum):
     """Pose normalisation before the model. NONE is the method's (the product lies the same
     way in every photo); PRINCIPAL_AXIS turns an elongated part lying at any angle (a
-    screw) so that its long axis is horizontal, its heavier end left and its extent
+    screw) so that its long axis is horizontal, its heavier end right and its extent
     centred. A round part (a bottle seen from above) has no axis and is left as it is."""
 
     NONE = "none"
@@ -126,7 +126,7 @@ def principal_axis_pose(image: torch.Tensor) -> torch.Tensor | None:
         return None
     vx, vy = vectors[0, 1], vectors[1, 1]
     along = (xs - cx) * vx + (ys - cy) * vy
-    if (along**3).mean() > 0:  # the long tail points away from the heavy end: heavy end left
+    if (along**3).mean() > 0:  # the long tail points away from the heavy end: heavy end right
         vx, vy, along = -vx, -vy, -along
     low, high = torch.quantile(along.float(), torch.tensor([0.01, 0.99])).double()
     middle = (low + high) / 2  # centre the part's extent, not its mass
@@ -169,6 +169,9 @@ class PreProcessing:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     alignment: Alignment = Alignment.NONE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alignment", Alignment(self.alignment))
 
     def to_dict(self) -> dict:
         data = asdict(self) | {"alignment": self.alignment.value}

@@ -26,7 +26,7 @@ from fod_core.config import ModelConfig, TrainConfig
 from fod_core.data import DatasetFormat, load_category, split_sizes, split_validation
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
-from fod_core.processing import PostProcessing
+from fod_core.processing import Alignment, PostProcessing
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import FODTrainer, TrainResult, class_references, resolve_device
 from fod_core.visualize import plot_training_curves
@@ -218,6 +218,12 @@ def load_weights_for_warm_start(
         raise ArtifactError(
             f"cannot warm-start from {artifact_dir}: it was trained on another backbone "
             f"({manifest['backbone']['name']})"
+        )
+    theirs = manifest.get("preprocessing", {}).get("alignment", Alignment.NONE.value)
+    if theirs != model.config.alignment.value:
+        raise ArtifactError(
+            f"cannot warm-start from {artifact_dir}: it saw its images with alignment "
+            f"{theirs!r}, this training with {model.config.alignment.value!r}"
         )
     state = torch.load(artifact_dir / "model.pt", map_location="cpu", weights_only=True)
     try:

@@ -378,6 +378,7 @@ def test_parts_at_any_angle_train_aligned_and_maps_come_back_onto_the_photo(tmp_
     manifest = read_manifest(tmp_path / "m")
     assert manifest["preprocessing"]["alignment"] == "principal_axis"
     assert manifest["model"]["alignment"] == "principal_axis"
+    assert manifest["format_version"] == 3  # readers that know no poses refuse it clearly
     detector = load_detector(tmp_path / "m")
     assert detector.pre.alignment is Alignment.PRINCIPAL_AXIS
     photo = rotated_part(128, size=64, centre=(30, 35), seed=99)
