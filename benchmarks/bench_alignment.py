@@ -10,7 +10,9 @@ judged by image AUROC on the test labels (for the record: nothing here chooses):
   method's class reference (FOD's inter branch compares against it);
 - ``gauss``: the same, per channel in units of the per-position standard deviation;
 - ``knn``: distance to the nearest feature anywhere in the normal images (PatchCore's
-  score without its coreset): an anchor that needs no alignment.
+  score without its coreset): an anchor that needs no alignment;
+- ``mean_of_K_nearest``: as ``mean_ref``, but the reference is the mean of the K normal
+  images nearest to this one (whole-map distance) instead of the mean of all of them.
 Also: how many images had a clear axis (a pose).
 """
 
@@ -51,17 +53,30 @@ def pooled_features(extractor, pre, records, batch: int = 16):
     return [torch.cat(parts) for parts in levels], poses
 
 
+NEAREST = (1, 5, 20)
+
+
 def scores(train: torch.Tensor, test: torch.Tensor) -> dict[str, np.ndarray]:
     mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True) + 1e-3
     channels = train.shape[1]
     bank = train.permute(0, 2, 3, 1).reshape(-1, channels)
     queries = test.permute(0, 2, 3, 1).reshape(len(test), -1, channels)
     knn = [torch.cdist(q, bank).min(dim=1).values.max().item() for q in queries]
+    # A reference per image: the mean of the k normal images nearest to it (whole-map
+    # distance), compared position by position as the class reference is.
+    flat = train.flatten(2)  # (N, C, L)
+    nearest: dict[str, list[float]] = {f"mean_of_{k}_nearest": [] for k in NEAREST}
+    for image in test.flatten(2):
+        per_position = ((flat - image[None]) ** 2).sum(1)  # (N, L)
+        order = per_position.sum(1).argsort()
+        for k in NEAREST:
+            reference = flat[order[:k]].mean(0)
+            nearest[f"mean_of_{k}_nearest"].append(((image - reference) ** 2).sum(0).max().item())
     return {
         "mean_ref": ((test - mean) ** 2).sum(1).flatten(1).max(1).values.numpy(),
         "gauss": (((test - mean) / std) ** 2).mean(1).flatten(1).max(1).values.numpy(),
         "knn": np.asarray(knn),
-    }
+    } | {name: np.asarray(values) for name, values in nearest.items()}
 
 
 def main() -> None:
