@@ -301,15 +301,35 @@ class FODLevel(nn.Module):
         per_image = self.layers[0].inter.n_heads * length * length * 4
         return max(1, SCORING_MAP_BUDGET // per_image)
 
+    def image_reference_keys_values(
+        self, reference: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's inter keys and values of one reference per image, (N, L, C) pooled
+        features: an experiment (``benchmarks/bench_nearest_reference.py``) that replaces
+        the class's one reference by, e.g., the mean of the normal images nearest to each."""
+        embedded = self.reference_embed(reference)
+        return [layer.inter.keys_values(embedded) for layer in self.layers]
+
     def forward(
-        self, feature_map: torch.Tensor, *, scoring: bool = False, lean_eps: float | None = None
+        self,
+        feature_map: torch.Tensor,
+        *,
+        scoring: bool = False,
+        lean_eps: float | None = None,
+        reference: torch.Tensor | None = None,
     ) -> LevelOutput:
         """feature_map: pooled backbone features (N, C, H, W). ``lean_eps``: see
-        ``PriorAttention.forward``."""
+        ``PriorAttention.forward``. ``reference``: (N, L, C), one per image, instead of
+        the class reference."""
         tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
         x = self.embed(tokens)
         intra, inter = [], []
-        for layer, keys_values in zip(self.layers, self.reference_keys_values(), strict=True):
+        references = (
+            self.reference_keys_values()
+            if reference is None
+            else self.image_reference_keys_values(reference)
+        )
+        for layer, keys_values in zip(self.layers, references, strict=True):
             x, intra_maps, inter_maps = layer(
                 x, keys_values, need_intra_maps=not scoring, lean_eps=lean_eps
             )

@@ -468,3 +468,22 @@ def test_lean_attention_under_autocast_keeps_the_maps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         outputs = model(feats, lean=True)
     assert all(m.correlation is not None and m.terms is None for m in outputs[0].inter)
+
+
+def test_a_reference_per_image_is_the_class_reference_when_they_are_the_same():
+    """One reference per image (the nearest-normals experiment) runs the same maths: given
+    the class reference for every image, the outputs are the class reference's; given
+    another, they differ for that image only."""
+    model = make_model()
+    batch = features(3)
+    level = model.levels[0]
+    expected = level(batch[0])
+    same = level.reference[None].expand(3, -1, -1)
+    got = level(batch[0], reference=same)
+    torch.testing.assert_close(got.reconstruction, expected.reconstruction)
+    torch.testing.assert_close(got.inter[0].correlation, expected.inter[0].correlation)
+    other = same.clone()
+    other[1] = torch.randn_like(other[1])
+    changed = level(batch[0], reference=other)
+    differs = (changed.reconstruction - expected.reconstruction).abs().amax(dim=(1, 2))
+    assert differs[0] < 1e-5 and differs[2] < 1e-5 and differs[1] > 1e-3
