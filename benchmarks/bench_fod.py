@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fod_core.cache import FeatureCache, LocalStore
 from fod_core.calibration import LevelWeighting
@@ -31,7 +30,7 @@ from fod_core.evaluate import evaluate_detector, ground_truth_masks
 from fod_core.inference import AnomalyDetector
 from fod_core.losses import reference_objective
 from fod_core.metrics import image_auroc, pixel_auroc
-from fod_core.model import create_fod_model
+from fod_core.model import FODLevel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing, PreProcessing
 from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
@@ -46,28 +45,16 @@ def branch_scores(
     """Image scores of each part of FOD's score, per level (diagnosis, record only): the
     reconstruction error, the inter and the intra divergence, and the method's weighted
     score; each map upsampled and smoothed as the real score is."""
-    from fod_core.kernels import divergence
-
     eps = model.config.log_eps
     parts: dict[str, list] = {}
     for index, (level, features) in enumerate(zip(model.levels, feature_maps, strict=True)):
         for start in range(0, len(features), chunk):
             out = level(features[start : start + chunk])
-            target, recon = out.tokens.float(), out.reconstruction.float()
-            rec = ((target - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
-
-            def div(maps):
-                per_layer = [
-                    divergence(m.target_rows, m.target_cols, m.correlation, eps).mean(1)
-                    for m in maps
-                ]
-                return torch.stack(per_layer).mean(0)
-
             tokens = {
-                "rec": rec,
-                "inter": div(out.inter),
-                "intra": div(out.intra),
-                "weighted": type(level).token_scores(out, eps),
+                "rec": FODLevel.reconstruction_error(out),
+                "inter": FODLevel.mean_divergence(out.inter, eps),
+                "intra": FODLevel.mean_divergence(out.intra, eps),
+                "weighted": FODLevel.token_scores(out, eps),
             }
             for name, values in tokens.items():
                 grid = values.view(-1, *level.grid)

@@ -340,18 +340,26 @@ class FODLevel(nn.Module):
         return LevelOutput(tokens, reconstruction.float(), intra, inter)
 
     @staticmethod
+    def reconstruction_error(output: LevelOutput) -> torch.Tensor:
+        """Per-token squared error plus cosine distance (N, L), the score's first part."""
+        target, recon = output.tokens.float(), output.reconstruction.float()
+        return ((target - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
+
+    @staticmethod
+    def mean_divergence(maps: Sequence[AttentionMaps], log_eps: float) -> torch.Tensor:
+        """Per-token divergence between S and its target, over heads and layers (N, L)."""
+        divergences = [
+            divergence(m.target_rows, m.target_cols, m.correlation, log_eps).mean(1) for m in maps
+        ]
+        return torch.stack(divergences).mean(0)
+
+    @staticmethod
     def token_scores(output: LevelOutput, log_eps: float) -> torch.Tensor:
         """Per-token anomaly score (N, L): reconstruction error weighted by inter-discrepancy."""
-        target, recon = output.tokens.float(), output.reconstruction.float()
-        rec = ((target - recon) ** 2).mean(-1) + 1 - F.cosine_similarity(target, recon, dim=-1)
-        divergences = [
-            divergence(m.target_rows, m.target_cols, m.correlation, log_eps).mean(1)
-            for m in output.inter
-        ]
-        corr = torch.stack(divergences).mean(0)  # (N, L)
+        corr = FODLevel.mean_divergence(output.inter, log_eps)
         weights = torch.softmax(-corr, dim=-1)
         weights = weights.max(dim=-1, keepdim=True).values - weights
-        return rec * weights
+        return FODLevel.reconstruction_error(output) * weights
 
 
 class FODModel(nn.Module):
