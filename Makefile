@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-EXTRAS ?= dev,weights,pipeline
+EXTRAS ?= dev,weights,pipeline,export
 STAMP  := $(VENV)/.installed-$(EXTRAS)
 # Two workers: the pipeline tests spend most of their time in one-core imports; a test
 # file stays on one worker (its fixtures and order). PYTEST_WORKERS= runs them in one.

@@ -67,9 +67,13 @@ def inference_service(
     cpu: str = "2",
     memory: str = "4Gi",
     decision_record: str | None = None,
+    runtime: str = "torch",
 ) -> dict:
     """The InferenceService for one model version, as a plain dict (YAML-ready). It serves
     the model as ``name``; the object's own name is `kubernetes_name` of it.
+
+    ``runtime``: torch, onnx or openvino (the version's export, which the pipeline checked
+    for parity before registering it; a version whose export failed is refused at load).
 
     ``decision_record`` (s3://bucket/prefix): every decision is recorded in the pod and
     shipped there as Parquet, where ``fod monitor`` and the review page read it; the pod
@@ -135,6 +139,8 @@ def inference_service(
             "--no-grpc",  # KServe exposes one port per container
             "--poll-interval",
             "0",  # a new version is a new revision, rolled out by KServe
+            "--runtime",
+            runtime,
             *recording.get("args", []),
         ],
         env_from=recording.get("env_from"),
@@ -420,6 +426,7 @@ def deploy_champion(
     grpc_port: int = 8081,
     env: dict | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    runtime: str = "torch",
 ) -> dict:
     """The pipeline's deploy step: make the served model the given champion version.
 
@@ -430,12 +437,12 @@ def deploy_champion(
         return {"target": target.value, "deployed": False}
     if target is DeployTarget.LOCAL:
         server = LocalServing().deploy(
-            name, version, http_port=http_port, grpc_port=grpc_port, env=env
+            name, version, http_port=http_port, grpc_port=grpc_port, env=env, runtime=runtime
         )
         result = {"target": target.value, "deployed": True, "url": server.url, "version": version}
     else:
         result = _deploy_inference_service(
-            name, version, namespace, canary_traffic_percent, ready_timeout
+            name, version, namespace, canary_traffic_percent, ready_timeout, runtime
         )
     from datetime import UTC, datetime
 
@@ -454,6 +461,7 @@ def _deploy_inference_service(
     namespace: str,
     canary_traffic_percent: int | None,
     ready_timeout: float,
+    runtime: str = "torch",
 ) -> dict:
     """Apply the version's InferenceService and wait until it is Ready."""
     from components.settings import load_settings, shipped_record
@@ -465,6 +473,7 @@ def _deploy_inference_service(
         namespace=namespace,
         canary_traffic_percent=canary_traffic_percent,
         decision_record=shipped_record(),
+        runtime=runtime,
     )
     client = kubernetes_api()
     applied = apply_inference_service(manifest, client=client)

@@ -11,6 +11,8 @@ data has:
 And it must not be worse than the current champion on the same evidence *and the same
 data* (the champion is re-scored on this run's test set when it was evaluated on another
 data version). The decision records which evidence it rests on.
+- its exported scoring graphs (ONNX, OpenVINO), when the run exported any, agree with
+  PyTorch (the parity check of ``fod_core.export``); the check's result is a tag.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from components.tracking import (
     log_fod_model,
     registered_name,
 )
+from fod_core.artifact import read_manifest
+from fod_core.export import export_failures
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +228,11 @@ def register_model(
     ).version
     client.set_registered_model_alias(name, CHALLENGER, version)
     passed, reasons = check_gates(metrics, gates, champion_metrics)
+    exports = read_manifest(model_dir).get("export", {})
+    if exports:  # what the version's files hold, and whether each export matched PyTorch
+        client.set_model_version_tag(name, version, "export", export_tag(exports))
+    reasons += export_failures({"export": exports})
+    passed = passed and not reasons
     evidence = describe_evidence(metrics)
     client.set_model_version_tag(name, version, "evidence", evidence)
     client.set_model_version_tag(name, version, "gates", "passed" if passed else "; ".join(reasons))
@@ -244,6 +253,21 @@ def register_model(
         previous_champion=previous,
         evidence=evidence,
     )
+
+
+def export_tag(exports: dict) -> str:
+    """e.g. 'onnx: parity passed (scores 2.8e-06, maps 2.5e-06); openvino: ...'."""
+    parts = []
+    for name, record in sorted(exports.items()):
+        parity = record.get("parity", {})
+        if parity.get("passed"):
+            parts.append(
+                f"{name}: parity passed (scores {parity['max_score_rel_error']:.1e}, "
+                f"maps {parity['max_map_error']:.1e}, {parity['n_images']} images)"
+            )
+        else:
+            parts.append(f"{name}: FAILED ({parity.get('failure')})")
+    return "; ".join(parts)
 
 
 def threshold_tag(model_dir: str | Path) -> str:

@@ -213,6 +213,38 @@ def calibrate_threshold(
 
 
 @component
+def export_model(
+    dataset: Input[Dataset],
+    calibrated_model: Input[Model],
+    category: str,
+    data_format: str,
+    export_formats: str,
+    model: Output[Model],
+) -> str:
+    """Export the scoring graph (ONNX, OpenVINO) into the model and check it against
+    PyTorch on validation normals and anomalies planted into them. A failed check does not
+    fail the run: registration tags the version with it and does not promote it."""
+    import json
+    import shutil
+
+    from fod_core.export import export_model
+
+    shutil.copytree(calibrated_model.path, model.path, dirs_exist_ok=True)
+    formats = [f.strip() for f in export_formats.split(",") if f.strip()]
+    records = (
+        export_model(model.path, formats, data_root=dataset.path, category=category,
+                     format=data_format)
+        if formats
+        else {}
+    )  # fmt: skip
+    parity = {name: record["parity"] for name, record in records.items()}
+    model.metadata.update({"framework": "fod", "exports": ",".join(parity)})
+    for name, report in parity.items():
+        model.metadata[f"{name}_parity"] = "passed" if report["passed"] else report["failure"]
+    return json.dumps(parity)
+
+
+@component
 def evaluate_model(
     dataset: Input[Dataset],
     model: Input[Model],

@@ -17,6 +17,7 @@ import numpy as np
 from fod_core.metrics import aupro, f1_max, pixel_auroc
 
 if TYPE_CHECKING:
+    from fod_core.data import CategoryData
     from fod_core.inference import AnomalyDetector
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,22 @@ def apply_level_weighting(
     return choice
 
 
+def model_split(manifest: dict, data: CategoryData) -> tuple[list, list]:
+    """(training, validation) records of the split a model was trained with: no image the
+    model trained on is used to judge it (calibration, export parity)."""
+    from fod_core.data import split_validation
+
+    recorded = manifest.get("data", {}).get("validation_images")
+    if recorded is not None:  # the split the model was trained with, exactly
+        names = set(recorded)
+        val_records = [r for r in data.train if r.path.name in names]
+        train_records = [r for r in data.train if r.path.name not in names]
+        return train_records, val_records
+    # a model from before the names were kept: the same rule again
+    settings = manifest.get("training", {}).get("config", {})
+    return split_validation(data.train, settings.get("val_fraction", 0.1))
+
+
 def calibrate_model(
     model_dir,
     data_root,
@@ -315,20 +332,11 @@ def calibrate_model(
     when given, are validation anomalies supplied by the user, never the test set.
     """
     from fod_core.artifact import load_detector, read_manifest, update_manifest
-    from fod_core.data import load_category, split_validation
+    from fod_core.data import load_category
 
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
-    data = load_category(data_root, category, format)
-    recorded = manifest.get("data", {}).get("validation_images")
-    if recorded is not None:  # the split the model was trained with, exactly
-        names = set(recorded)
-        val_records = [r for r in data.train if r.path.name in names]
-        train_records = [r for r in data.train if r.path.name not in names]
-    else:  # a model from before the names were kept: the same rule again
-        train_records, val_records = split_validation(
-            data.train, train_settings.get("val_fraction", 0.1)
-        )
+    train_records, val_records = model_split(manifest, load_category(data_root, category, format))
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
     extra = {}

@@ -24,6 +24,7 @@ from fod_core.config import (
     model_config_for,
 )
 from fod_core.data import DatasetError, DatasetFormat
+from fod_core.export import ExportError, Runtime
 from fod_core.processing import Alignment, ImageDecodeError
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.trainer import CheckpointMismatchError
@@ -213,9 +214,33 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from fod_core.predict import predict_images
 
-    results = predict_images(args.model, args.images, heatmap_dir=args.heatmaps, device=args.device)
+    results = predict_images(
+        args.model, args.images, heatmap_dir=args.heatmaps, device=args.device, runtime=args.runtime
+    )
     for result in results:
         print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fod_core.export import EXPORT_FORMATS, check_exports, export_model
+
+    data = dict(data_root=args.data, category=args.category, format=args.data_format)
+    if args.check_only:
+        records = check_exports(args.model, **data)
+        formats = list(records)
+    else:
+        formats = [f.value for f in EXPORT_FORMATS] if args.format == "all" else [args.format]
+        records = export_model(args.model, formats, **data)
+    print(json.dumps({k: v["parity"] for k, v in records.items()}, indent=2))
+    failed = [k for k, v in records.items() if k in formats and not v["parity"]["passed"]]
+    if failed:
+        print(
+            f"fod export: parity FAILED for {', '.join(failed)}: the export is kept for "
+            "inspection and refused by `fod serve --runtime`",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -296,7 +321,32 @@ def build_parser(
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--heatmaps", type=Path, help="write a heatmap overlay per image here")
     predict.add_argument("--device", default="cpu")
+    predict.add_argument(
+        "--runtime",
+        default=Runtime.TORCH.value,
+        choices=[r.value for r in Runtime],
+        help="torch, or the model's checked export (see `fod export`)",
+    )
     predict.set_defaults(func=cmd_predict)
+
+    export = sub.add_parser(
+        "export",
+        help="write the scoring graph as ONNX / OpenVINO into the model directory and check "
+        "it against PyTorch (exit 3 when it disagrees)",
+    )
+    export.add_argument("--model", required=True, type=Path)
+    export.add_argument("--format", default="all", choices=["onnx", "openvino", "all"])
+    export.add_argument(
+        "--data", type=Path, help="dataset root for the parity check (default: the manifest's)"
+    )
+    export.add_argument("--category", help="default: the model's category")
+    export.add_argument("--data-format", default="mvtec", choices=[f.value for f in DatasetFormat])
+    export.add_argument(
+        "--check-only",
+        action="store_true",
+        help="run the parity check again on the exports the model holds",
+    )
+    export.set_defaults(func=cmd_export)
 
     quick = sub.add_parser(
         "quickstart", help="generate data with planted defects, train, evaluate (no stack)"
@@ -337,6 +387,7 @@ def main(
         ImageDecodeError,
         ArtifactError,
         CheckpointMismatchError,
+        ExportError,
         FileNotFoundError,
         *user_errors,
     ) as err:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from fod_core.backbone import FeatureExtractor
 from fod_core.model import FODModel
@@ -33,25 +34,17 @@ class Prediction:
         return data
 
 
-class AnomalyDetector:
-    """A trained FOD model ready to score images."""
+class Detector:
+    """What every runtime shares: decode, pre-process, score, decide. Subclasses score a
+    normalised batch (``score_batch``): PyTorch here, an exported graph in
+    ``fod_core.export``; pre- and post-processing stay the same objects."""
 
-    def __init__(
-        self,
-        *,
-        extractor: FeatureExtractor,
-        model: FODModel,
-        pre: PreProcessing,
-        post: PostProcessing,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        self.device = torch.device(device)
-        self.extractor = extractor.to(self.device).eval()
-        self.model = model.to(self.device).eval()
+    runtime = "torch"
+
+    def __init__(self, *, pre: PreProcessing, post: PostProcessing) -> None:
         self.pre = pre
         self.post = post
         self._pool: ThreadPoolExecutor | None = None
-        configure_cpu_numerics()
 
     def _decode(self, sources: Sequence[str | Path | bytes | Image.Image]) -> list[Image.Image]:
         """Decode in two threads (PIL releases the GIL) but run no PyTorch op there: a
@@ -66,19 +59,9 @@ class AnomalyDetector:
             self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fod-decode")
         return list(self._pool.map(as_image, sources))
 
-    def with_threshold(self, threshold: float, mode: str) -> AnomalyDetector:
+    def with_threshold(self, threshold: float, mode: str) -> Detector:
         self.post = replace(self.post, threshold=float(threshold), threshold_mode=mode)
         return self
-
-    @torch.no_grad()
-    def score_features(
-        self, feature_maps: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features -> (anomaly maps (N, S, S), image scores (N,)), on CPU."""
-        levels = self.post.used_levels(len(self.model.levels))
-        level_maps = self.model.score_maps([f.to(self.device) for f in feature_maps], levels=levels)
-        maps = self.post.anomaly_map(level_maps)
-        return maps.cpu(), self.post.image_score(maps).cpu()
 
     def preprocess(
         self, images: Sequence[Image.Image]
@@ -87,16 +70,9 @@ class AnomalyDetector:
         inputs, poses = zip(*(self.pre.transform(image) for image in images), strict=True)
         return torch.stack(inputs), list(poses)
 
-    @torch.no_grad()
-    def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised images -> each level's map at the input size, on CPU (calibration)."""
-        grids = self.model.score_maps(self.extractor(images.to(self.device)))
-        return [m.cpu() for m in self.post.upsample(grids)]
-
-    @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images (N, 3, S, S) -> (anomaly maps, image scores)."""
-        return self.score_features(self.extractor(images.to(self.device)))
+        """Normalised images (N, 3, S, S) -> (anomaly maps, image scores), on CPU."""
+        raise NotImplementedError
 
     def predict(
         self,
@@ -119,3 +95,71 @@ class AnomalyDetector:
             for m, s, d in zip(maps, scores, decisions, strict=True):
                 results.append(Prediction(float(s), None if d is None else bool(d), m.numpy()))
         return results
+
+
+class ScoringGraph(nn.Module):
+    """The whole scoring path after pre-processing, as one module: normalised images ->
+    (anomaly maps (N, S, S), image scores (N,)). What PyTorch runs and what is exported
+    (``fod_core.export``), so both compute the same thing."""
+
+    def __init__(
+        self, extractor: FeatureExtractor, model: FODModel, post: PostProcessing, *, chunked: bool
+    ) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.model = model
+        self.post = post
+        self.chunked = chunked  # an exported graph runs the batch in one pass
+
+    def score_features(
+        self, feature_maps: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        levels = self.post.used_levels(len(self.model.levels))
+        level_maps = self.model.score_maps(feature_maps, levels=levels, chunked=self.chunked)
+        maps = self.post.anomaly_map(level_maps)
+        return maps, self.post.image_score(maps)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.score_features(self.extractor(images))
+
+
+class AnomalyDetector(Detector):
+    """A trained FOD model ready to score images, run by PyTorch."""
+
+    def __init__(
+        self,
+        *,
+        extractor: FeatureExtractor,
+        model: FODModel,
+        pre: PreProcessing,
+        post: PostProcessing,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__(pre=pre, post=post)
+        self.device = torch.device(device)
+        self.extractor = extractor.to(self.device).eval()
+        self.model = model.to(self.device).eval()
+        configure_cpu_numerics()
+
+    def graph(self, *, chunked: bool = True) -> ScoringGraph:
+        """The scoring path with the current post-processing (threshold, level weights)."""
+        return ScoringGraph(self.extractor, self.model, self.post, chunked=chunked).eval()
+
+    @torch.no_grad()
+    def score_features(
+        self, feature_maps: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features -> (anomaly maps (N, S, S), image scores (N,)), on CPU."""
+        maps, scores = self.graph().score_features([f.to(self.device) for f in feature_maps])
+        return maps.cpu(), scores.cpu()
+
+    @torch.no_grad()
+    def level_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Normalised images -> each level's map at the input size, on CPU (calibration)."""
+        grids = self.model.score_maps(self.extractor(images.to(self.device)))
+        return [m.cpu() for m in self.post.upsample(grids)]
+
+    @torch.no_grad()
+    def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (N, 3, S, S) -> (anomaly maps, image scores)."""
+        return self.score_features(self.extractor(images.to(self.device)))

@@ -81,7 +81,8 @@ def compile_enabled() -> bool:
 
 
 def _kernel(name: str, eager: Callable) -> Callable:
-    if not compile_enabled():
+    # torch.export (``fod export``) traces the eager code: the graph is compiled elsewhere.
+    if not compile_enabled() or torch.compiler.is_exporting():
         return eager
     with _compile_lock:
         if name not in _compiled:

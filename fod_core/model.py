@@ -403,11 +403,16 @@ class FODModel(nn.Module):
 
     @torch.no_grad()
     def score_maps(
-        self, feature_maps: Sequence[torch.Tensor], *, levels: Sequence[bool] | None = None
+        self,
+        feature_maps: Sequence[torch.Tensor],
+        *,
+        levels: Sequence[bool] | None = None,
+        chunked: bool = True,
     ) -> list[torch.Tensor | None]:
         """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map.
         ``levels`` picks which to compute (the others are None): a level weighted 0 is
-        not run at all."""
+        not run at all. ``chunked``: in passes of ``scoring_chunk`` images (an exported
+        graph, whose batch size is not known when it is traced, takes one pass)."""
         maps: list[torch.Tensor | None] = []
         wanted = levels if levels is not None else [True] * len(self.levels)
         for level, features, use in zip(self.levels, feature_maps, wanted, strict=True):
@@ -416,7 +421,11 @@ class FODModel(nn.Module):
                 continue
             scores = [
                 FODLevel.token_scores(level(chunk, scoring=True), self.config.log_eps)
-                for chunk in features.split(level.scoring_chunk(features.device), dim=0)
+                for chunk in (
+                    features.split(level.scoring_chunk(features.device), dim=0)
+                    if chunked
+                    else [features]
+                )
             ]
             maps.append(torch.cat(scores).view(-1, *level.grid))
         return maps

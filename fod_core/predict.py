@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fod_core.artifact import load_detector
+from fod_core.export import load_runtime
 from fod_core.processing import read_image
 from fod_core.visualize import prediction_overlay
 
@@ -15,9 +15,11 @@ def predict_images(
     *,
     heatmap_dir: str | Path | None = None,
     device: str = "cpu",
+    runtime: str = "torch",
 ) -> list[dict]:
-    """One dict per image: path, score, is_anomalous, threshold (and heatmap path)."""
-    detector = load_detector(model_dir, device=device)
+    """One dict per image: path, score, is_anomalous, threshold (and heatmap path).
+    ``runtime``: torch, or a checked export (onnx, openvino; ``fod export``)."""
+    detector = load_runtime(model_dir, runtime, device=device)
     predictions = detector.predict([Path(p) for p in images])
     results = []
     for path, prediction in zip(images, predictions, strict=True):

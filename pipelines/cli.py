@@ -136,6 +136,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             decision_record=None
             if args.decision_record == "none"
             else args.decision_record or shipped_record(),
+            runtime=args.runtime,
             **({"image": args.image} if args.image else {}),
         )
         text = yaml.safe_dump(manifest, sort_keys=False)
@@ -176,6 +177,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         canary_traffic_percent=args.canary_percent,
         env=settings.env(),
+        runtime=args.runtime,
     )
     print(json.dumps(result))
     return 0
@@ -323,6 +325,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "FOD_DECISION_RECORD; none: off)",
     )
     deploy.add_argument("--out", type=Path, help="render: write the YAML here")
+    deploy.add_argument(
+        "--runtime",
+        default="torch",
+        choices=["torch", "onnx", "openvino"],
+        help="what the server scores with: PyTorch or the version's checked export",
+    )
     deploy.set_defaults(func=cmd_deploy)
 
     retrain = sub.add_parser(

@@ -123,9 +123,14 @@ def category_pipeline(p: dict):
         calibrated = {"model": calibration.outputs["model"], **trained}
         evaluation = steps.evaluate_model(**step_inputs(steps.evaluate_model, p), **calibrated)
         with_cluster_settings(evaluation).set_caching_options(True)
+        export = steps.export_model(
+            **step_inputs(steps.export_model, p), calibrated_model=calibration.outputs["model"]
+        )
+        with_cluster_settings(export).set_caching_options(True)
         registration = steps.register_model(
             **step_inputs(steps.register_model, p),
-            **calibrated,
+            **trained,
+            model=export.outputs["model"],
             metrics_json=evaluation.outputs["Output"],
         )
         # Never cached: it moves aliases in the registry, and a cached run would skip that.

@@ -96,6 +96,13 @@ class PipelineParameters:
         "anomalies planted into validation images)",
         choices=[w.value for w in LevelWeighting],
     )
+    # export
+    export_formats: str = parameter(
+        "onnx,openvino",
+        "scoring graphs exported into the model and checked against PyTorch before "
+        "registration (comma-separated: onnx, openvino; empty: none). A version whose "
+        "export disagrees is registered with the failure as a tag and not promoted",
+    )
     # promotion gates
     min_image_auroc: float = parameter(_GATES.min_image_auroc, "gate on labelled defects")
     min_pixel_auroc: float = parameter(_GATES.min_pixel_auroc, "gate on defect masks")

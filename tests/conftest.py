@@ -70,3 +70,22 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="session")
 def settings(stack):
     return stack.settings()
+
+
+@pytest.fixture(scope="session")
+def damage_onnx():
+    """A function that scales the largest weight of an exported ONNX graph by 1.5: an
+    export that no longer answers what the model answers, for the parity gate to catch."""
+
+    def damage(path: Path) -> None:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(str(path))
+        largest = max(graph.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+        scaled = numpy_helper.to_array(largest) * 1.5
+        largest.CopyFrom(numpy_helper.from_array(scaled, largest.name))
+        onnx.save(graph, str(path))
+
+    return damage

@@ -130,35 +130,45 @@ class LocalServing:
         grpc_port: int = 8081,
         env: dict | None = None,
         timeout: float = 180.0,
+        runtime: str = "torch",
     ) -> LocalServer:
-        """Serve ``model_uri`` (default: the champion alias) and wait for ``expected_version``.
+        """Serve ``model_uri`` (default: the champion alias) with ``runtime`` and wait for
+        ``expected_version``.
 
-        A server already running on the same URI is left running: it follows the alias
-        and switches to the new version by itself, without a restart."""
+        A server already running on the same URI and runtime is left running: it follows
+        the alias and switches to the new version by itself, without a restart."""
         from components.registry import champion_uri
 
         model_uri = model_uri or champion_uri(name)
         server = self.get(name)
-        if server and pid_alive(server.pid) and server.model_uri == model_uri:
+        if (
+            server
+            and pid_alive(server.pid)
+            and server.model_uri == model_uri
+            and (server.status() or {}).get("runtime", "torch") == runtime
+        ):
             log.info("%s is served at %s; waiting for v%s", name, server.url, expected_version)
         else:
             if server:
                 stop_server(ServerState(pid=server.pid))
-            server = self._start(name, model_uri, http_port, grpc_port, env, timeout)
+            server = self._start(name, model_uri, http_port, grpc_port, env, timeout, runtime)
         self._wait_for_version(server, expected_version, timeout)
         return server
 
-    def _start(self, name, model_uri, http_port, grpc_port, env, timeout) -> LocalServer:
+    def _start(
+        self, name, model_uri, http_port, grpc_port, env, timeout, runtime="torch"
+    ) -> LocalServer:
         http_port = http_port if http_port and port_is_free(http_port) else free_port()
         grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
         records = self.records_file(name)
+        extra = ("--poll-interval", str(LOCAL_POLL_SECONDS), "--record", str(records))
         server = spawn_model_server(
             self.dir.parent,
             name,
             model_uri,
             http_port=http_port,
             grpc_port=grpc_port,
-            extra=("--poll-interval", str(LOCAL_POLL_SECONDS), "--record", str(records)),
+            extra=(*extra, "--runtime", runtime),
             env=env,
             log_name=f"serve-{name}",
         )

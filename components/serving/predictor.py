@@ -100,6 +100,7 @@ class FODPredictor:
             "source": self.source.uri,
             "ready": active is not None,
             "version": active.version if active else None,
+            "runtime": self.source.runtime,
             "loaded_at": active.loaded_at if active else None,
             "loading": self._loading,
             "failed_versions": {v: error for v, (error, _) in dict(self._failed).items()},

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,13 @@ def add_serve_arguments(parser) -> None:
     )
     parser.add_argument("--name", help="served model name (default: the registered name)")
     parser.add_argument(
+        "--runtime",
+        default=os.environ.get("FOD_RUNTIME", "torch"),
+        choices=["torch", "onnx", "openvino"],
+        help="what scores: PyTorch, or the model's export that passed its parity check "
+        "(`fod export`; the pipeline exports before registering); env FOD_RUNTIME",
+    )
+    parser.add_argument(
         "--model-version", help="version to report when serving a directory (default: its date)"
     )
     parser.add_argument(
@@ -289,7 +297,7 @@ def serve_from_args(args) -> None:
         from components.serving.shipping import S3Location
 
         S3Location.parse(args.ship_to)  # a wrong location fails now, not at the first shipment
-    source = ModelSource(args.model, version=args.model_version)
+    source = ModelSource(args.model, version=args.model_version, runtime=args.runtime)
     if source.is_registry:
         from components.settings import load_settings
 

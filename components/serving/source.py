@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from components.errors import ServingError
-from fod_core.artifact import load_detector, read_manifest
-from fod_core.inference import AnomalyDetector
+from fod_core.artifact import read_manifest
+from fod_core.export import ExportError, load_runtime
+from fod_core.inference import Detector
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
@@ -35,6 +36,8 @@ class ModelSource:
 
     uri: str
     version: str | None = None  # reported for a directory (e.g. the registry version in a pod)
+    # What scores: PyTorch, or the model's exported graph (which must have passed parity).
+    runtime: str = "torch"
 
     @property
     def is_registry(self) -> bool:
@@ -76,13 +79,14 @@ class ModelSource:
         moves meanwhile cannot mix two versions. The download runs on the calling thread,
         the PyTorch part through ``run_torch`` (see ``BatchScorer.call``)."""
         if not self.is_registry:
-            return _loaded(_find_artifact(Path(self.uri)), version, run_torch)
+            return _loaded(_find_artifact(Path(self.uri)), version, run_torch, self.runtime)
         from components.tracking import download_fod_model
 
         name, _, _ = self._parts()
         with tempfile.TemporaryDirectory(prefix="fod-serve-") as tmp:
             model_dir = download_fod_model(f"models:/{name}/{version}", tmp)
-            return _loaded(model_dir, version, run_torch)  # reads everything into memory
+            # reads everything into memory
+            return _loaded(model_dir, version, run_torch, self.runtime)
 
     @property
     def model_name(self) -> str:
@@ -105,12 +109,18 @@ def _find_artifact(path: Path) -> Path:
 
 @dataclass
 class LoadedModel:
-    detector: AnomalyDetector
+    detector: Detector
     version: str
     data_version: str | None = None  # what it was trained on (from its manifest)
     loaded_at: float = field(default_factory=time.time)
 
 
-def _loaded(directory: Path, version: str, run_torch: TorchRunner) -> LoadedModel:
+def _loaded(directory: Path, version: str, run_torch: TorchRunner, runtime: str) -> LoadedModel:
+    """A version whose export is missing, stale or failed parity is refused like a broken
+    artefact: the served version stays, and the failure shows in /status."""
     data_version = read_manifest(directory).get("data_version")
-    return LoadedModel(run_torch(lambda: load_detector(directory)), version, data_version)
+    try:
+        detector = run_torch(lambda: load_runtime(directory, runtime))
+    except ExportError as error:
+        raise ServingError(str(error)) from error
+    return LoadedModel(detector, version, data_version)

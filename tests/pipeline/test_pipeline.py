@@ -148,6 +148,11 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     assert calibration == {"calibration/level_weights.png"}
     assert champion.tags["data_version"] == version.md5
     assert champion.tags["code_version"] == "test-code"
+    # Exported and checked against PyTorch before registration; the version carries both.
+    assert champion.tags["export"].startswith("onnx: parity passed"), champion.tags["export"]
+    assert "openvino: parity passed" in champion.tags["export"]
+    assert (registered / "export" / "model.onnx").is_file()
+    assert (registered / "export" / "openvino" / "model.xml").is_file()
     assert json.loads(champion.tags["metrics"])["image_auroc"] >= 0.8
     run = client.get_run(champion.run_id)
     assert run.data.tags["data_version"] == version.md5
@@ -166,13 +171,16 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
 
     # A barely trained model: registered as challenger, the champion stays.
     run_local(
-        _arguments(settings, version, epochs=1, learning_rate=1e-7, min_image_auroc=0.0),
+        _arguments(
+            settings, version, epochs=1, learning_rate=1e-7, min_image_auroc=0.0, export_formats=""
+        ),
         tmp_path / "second",
     )
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert int(challenger.version) == int(champion.version) + 1
     assert client.get_model_version_by_alias(name, "champion").version == champion.version
     assert "worse than the champion" in challenger.tags["gates"]
+    assert "export" not in challenger.tags  # export_formats="": nothing exported
     assert server.predict([image])[0]["model_version"] == champion.version
 
 

@@ -25,6 +25,7 @@ FAST = {
     "cache_prefix": "features-retrain-test",
     "min_image_auroc": 0.0,
     "promotion_tolerance": 1.0,  # a model on grown data passes "not worse" here
+    "export_formats": "",  # exports are tested in test_pipeline; not needed here
 }
 
 

@@ -1,0 +1,89 @@
+"""Serving exported models: a registered version carries its ONNX and OpenVINO graphs,
+is served by either runtime with PyTorch's answers, and an export that disagrees keeps
+its version from being promoted or served."""
+
+from __future__ import annotations
+
+import shutil
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from registered import register_version
+
+from components.errors import ServingError
+from components.local.servers import LocalServing
+from components.registry import CHAMPION, PromotionGates, register_model
+from components.serving.source import ModelSource
+from components.tracking import connect, download_fod_model
+from fod_core.artifact import load_detector
+from fod_core.export import Runtime, check_exports, export_file, export_model
+
+
+@pytest.fixture(scope="module")
+def exported_a(model_a, tmp_path_factory):
+    model = shutil.copytree(model_a, tmp_path_factory.mktemp("exported-a") / "model")
+    export_model(model, ["onnx", "openvino"])  # parity on model A's validation images
+    return model
+
+
+def test_registered_version_carries_its_exports_and_each_runtime_serves_it(
+    settings, stack, exported_a, test_images, tmp_path
+):
+    version = register_version(settings, exported_a, "exported")
+    tags = MlflowClient().get_model_version("fod-exported", version).tags
+    assert tags["export"].startswith("onnx: parity passed"), tags["export"]
+    assert "openvino: parity passed" in tags["export"]
+    downloaded = download_fod_model(f"models:/fod-exported/{version}", tmp_path)
+    for name in ("model.onnx", "openvino/model.xml", "openvino/model.bin", "parity.json"):
+        assert (downloaded / "export" / name).is_file(), name
+
+    expected = load_detector(exported_a).predict(test_images)
+    serving = LocalServing(stack.home)
+    for runtime in ("onnx", "openvino"):
+        name = f"fod-exported-{runtime}"
+        server = serving.deploy(
+            name, version, model_uri=f"models:/fod-exported/{version}", env=settings.env(),
+            runtime=runtime,
+        )  # fmt: skip
+        try:
+            assert server.status()["runtime"] == runtime
+            answers = server.predict([p.read_bytes() for p in test_images])
+        finally:
+            serving.stop(name)
+        for answer, ours in zip(answers, expected, strict=True):
+            assert answer["score"] == pytest.approx(ours.score, rel=1e-4)
+            assert answer["is_anomalous"] == ours.is_anomalous
+
+
+def test_a_version_whose_export_disagrees_is_tagged_not_promoted_and_not_served(
+    settings, exported_a, tmp_path, damage_onnx
+):
+    model = shutil.copytree(exported_a, tmp_path / "model")
+    damage_onnx(export_file(model, Runtime.ONNX))
+    check_exports(model)
+    connect(settings.mlflow_uri, "damaged")
+    with mlflow.start_run() as run:
+        pass
+    result = register_model(
+        model,
+        run_id=run.info.run_id,
+        category="damaged",
+        metrics={"image_auroc": 1.0},
+        data_version="d",
+        code_version="c",
+        gates=PromotionGates(min_image_auroc=0.0),  # every metric gate passes
+    )
+    assert not result.promoted
+    assert len(result.reasons) == 1 and result.reasons[0].startswith(
+        "onnx export failed parity: image scores differ"
+    )
+    client = MlflowClient()
+    tags = client.get_model_version("fod-damaged", result.version).tags
+    assert "onnx: FAILED" in tags["export"] and "openvino: parity passed" in tags["export"]
+    assert tags["gates"] == result.reasons[0]
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("fod-damaged", CHAMPION)
+    with pytest.raises(ServingError, match="failed its parity check"):
+        ModelSource(str(model), runtime="onnx").load("1")
+    ModelSource(str(model), runtime="openvino").load("1")  # its other export is fine
