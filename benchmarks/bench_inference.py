@@ -1,11 +1,14 @@
 """Inference latency of a trained model through the full path (decode, resize, backbone,
-FOD, maps, score), at batch 1 and 16, and what the scoring fast path saves.
+FOD, maps, score), at batch 1 and 16, and what the scoring fast path saves; with
+``--runtimes torch,onnx,openvino`` the model's exported graphs too, in the same process.
 
 The fast path runs the intra attention fused (its maps are not part of the score); the
 comparison runs the same model with the maps materialised, in the same process.
 
     python benchmarks/bench_inference.py --model runs/bench/lite0_e40/model \
         --images ../shared/data/mvtec_ad/bottle/test --out benchmarks/results/inference.json
+    fod export --model MODEL && python benchmarks/bench_inference.py --model MODEL \
+        --images ../shared/data/mvtec_ad/bottle/test --runtimes torch,onnx,openvino
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from pathlib import Path
 import torch
 
 from fod_core.artifact import load_detector
-from fod_core.inference import AnomalyDetector
+from fod_core.export import load_runtime
+from fod_core.inference import Detector
 from fod_core.model import FODLevel
 from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
 
 
-def time_predict(detector: AnomalyDetector, paths: list[Path], batch: int, repeats: int) -> float:
+def time_predict(detector: Detector, paths: list[Path], batch: int, repeats: int) -> float:
     """Median milliseconds per image over ``repeats`` runs of the first ``batch`` images."""
     chosen = paths[:batch]
     runs = []
@@ -35,6 +39,18 @@ def time_predict(detector: AnomalyDetector, paths: list[Path], batch: int, repea
         started = time.perf_counter()
         detector.predict(chosen, batch_size=batch)
         runs.append((time.perf_counter() - started) * 1000 / len(chosen))
+    return statistics.median(runs)
+
+
+def time_scoring(detector: Detector, paths: list[Path], batch: int, repeats: int) -> float:
+    """Median milliseconds per image of the scoring graph alone (decoded, pre-processed)."""
+    tensors, _ = detector.preprocess(detector._decode(paths[:batch]))
+    detector.score_batch(tensors)
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        detector.score_batch(tensors)
+        runs.append((time.perf_counter() - started) * 1000 / len(tensors))
     return statistics.median(runs)
 
 
@@ -52,6 +68,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--runtimes",
+        default="torch",
+        help="comma-separated: torch, onnx, openvino (the model's checked exports: run "
+        "`fod export` first); each is timed in the same process",
+    )
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*.png"))
     if args.untrained_backbone:
@@ -80,24 +102,33 @@ def main() -> None:
         "matmul_gflops": {"fp32": rates.fp32, "bf16": rates.bf16},
         "flops_per_image": flops.to_dict(),
     }
-    for batch, repeats in ((1, args.repeats), (16, max(3, args.repeats // 3))):
-        # In blocks, each after a warm-up: alternating paths of different buffer sizes
-        # would time the allocator's page faults rather than the model.
-        detector.predict(paths[:batch], batch_size=batch)  # warm-up, kernel compilation
-        fast = time_predict(detector, paths, batch, repeats)
-        FODLevel.forward = with_intra_maps
-        try:
-            detector.predict(paths[:batch], batch_size=batch)
-            full = time_predict(detector, paths, batch, repeats)
-        finally:
-            FODLevel.forward = full_forward
-        report[f"batch_{batch}"] = {
-            "ms_per_image": fast,
-            "ms_per_image_with_intra_maps": full,
-            "runs": repeats,
-            "of_matmul": achieved(flops.inference, fast / 1000, rates.fp32),
-        }
-        print(f"batch {batch}: {report[f'batch_{batch}']}", flush=True)
+    for runtime in args.runtimes.split(","):
+        chosen = detector if runtime == "torch" else load_runtime(args.model, runtime)
+        for batch, repeats in ((1, args.repeats), (16, max(3, args.repeats // 3))):
+            # In blocks, each after a warm-up: alternating paths of different buffer sizes
+            # would time the allocator's page faults rather than the model.
+            chosen.predict(paths[:batch], batch_size=batch)  # warm-up, kernel compilation
+            fast = time_predict(chosen, paths, batch, repeats)
+            scoring = time_scoring(chosen, paths, batch, repeats)
+            result = {
+                "ms_per_image": fast,
+                "scoring_ms_per_image": scoring,  # the graph alone, after decoding
+                "runs": repeats,
+                "of_matmul": achieved(flops.inference, fast / 1000, rates.fp32),
+                "scoring_of_matmul": achieved(flops.inference, scoring / 1000, rates.fp32),
+            }
+            if runtime == "torch":
+                FODLevel.forward = with_intra_maps
+                try:
+                    detector.predict(paths[:batch], batch_size=batch)
+                    result["ms_per_image_with_intra_maps"] = time_predict(
+                        detector, paths, batch, repeats
+                    )
+                finally:
+                    FODLevel.forward = full_forward
+            key = f"batch_{batch}" if runtime == "torch" else f"{runtime}_batch_{batch}"
+            report[key] = result
+            print(f"{runtime} batch {batch}: {result}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

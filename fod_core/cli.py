@@ -56,6 +56,15 @@ def _add_level_weights_arg(parser: argparse.ArgumentParser, default: str | None)
     )
 
 
+def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--runtime",
+        default=Runtime.TORCH.value,
+        choices=[r.value for r in Runtime],
+        help="torch, or the model's export that passed its parity check (`fod export`)",
+    )
+
+
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     defaults_model, defaults_train = ModelConfig(), TrainConfig()
     parser.add_argument(
@@ -206,6 +215,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         max_overlays=args.max_overlays,
         progress=not args.quiet,
+        runtime=args.runtime,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -314,6 +324,7 @@ def build_parser(
     evaluate.add_argument("--out", required=True, type=Path, help="folder for the report")
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--max-overlays", type=int, help="limit the heatmap overlays written")
+    _add_runtime_arg(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="score images (JSON line per image)")
@@ -321,12 +332,7 @@ def build_parser(
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--heatmaps", type=Path, help="write a heatmap overlay per image here")
     predict.add_argument("--device", default="cpu")
-    predict.add_argument(
-        "--runtime",
-        default=Runtime.TORCH.value,
-        choices=[r.value for r in Runtime],
-        help="torch, or the model's checked export (see `fod export`)",
-    )
+    _add_runtime_arg(predict)
     predict.set_defaults(func=cmd_predict)
 
     export = sub.add_parser(

@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fod_core.artifact import load_detector, read_manifest
+from fod_core.artifact import read_manifest
 from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category, test_sizes
-from fod_core.inference import AnomalyDetector
+from fod_core.inference import Detector
 from fod_core.metrics import aupro, compute_metrics, image_auroc, roc_points
 from fod_core.processing import read_image, read_mask, resize_mask
 from fod_core.visualize import overlay, plot_roc, plot_score_histogram
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def score_records(
-    detector: AnomalyDetector,
+    detector: Detector,
     sources: Sequence[str | Path | Image.Image],
     *,
     batch_size: int = 16,
@@ -92,7 +92,7 @@ def false_alarms(normal_decisions: np.ndarray, promised: float | None) -> dict:
 
 
 def planted_metrics(
-    detector: AnomalyDetector,
+    detector: Detector,
     normal_paths: list[Path],
     out_dir: Path | None = None,
     *,
@@ -137,7 +137,7 @@ def planted_metrics(
 
 
 def evaluate_detector(
-    detector: AnomalyDetector,
+    detector: Detector,
     records: list[ImageRecord],
     out_dir: str | Path,
     *,
@@ -256,8 +256,13 @@ def evaluate_model(
     device: str = "cpu",
     max_overlays: int | None = None,
     progress: bool = True,
+    runtime: str = "torch",
 ) -> dict:
-    detector = load_detector(model_dir, device=device)
+    """``runtime``: torch, or the model's checked export (onnx, openvino): the same
+    metrics through what serves it."""
+    from fod_core.export import load_runtime
+
+    detector = load_runtime(model_dir, runtime, device=device)
     manifest = read_manifest(model_dir)
     data = load_category(data_root, category, format)
     splits = {**(manifest.get("data", {}).get("splits") or {}), **test_sizes(data)}
