@@ -246,9 +246,11 @@ def check_parity(
     images: Sequence[Image.Image],
     *,
     describe: str,
-    batch_size: int = 8,
+    batch_size: int = 1,
 ) -> ParityReport:
-    """Score the same pre-processed batches with PyTorch and the exported graph."""
+    """Score the same pre-processed images with PyTorch and the exported graph. One image
+    at a time by default: an exported graph takes a batch in one pass, and eight images'
+    attention maps took the bottle export to 8.2 GB peak RSS against 1.9 GB."""
     started = time.perf_counter()
     if not images:
         raise ExportError("the parity check needs at least one image")

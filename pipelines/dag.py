@@ -127,6 +127,8 @@ def category_pipeline(p: dict):
             **step_inputs(steps.export_model, p), calibrated_model=calibration.outputs["model"]
         )
         with_cluster_settings(export).set_caching_options(True)
+        # bottle at 256x256: 1.9 GB peak RSS for the ONNX export and its check (BENCHMARKS.md)
+        export.set_cpu_request("2").set_memory_request("4G").set_memory_limit("12G")
         registration = steps.register_model(
             **step_inputs(steps.register_model, p),
             **trained,
