@@ -134,10 +134,10 @@ class TrainConfig:
     device: Device = Device.AUTO
     precision: Precision = Precision.AUTO
     # The attention maps held one block of query rows at a time (forward and backward):
-    # the same losses and gradients in a fraction of the memory, 22% slower on a 2-core CPU
-    # (fp32; autocast keeps the maps). Off by default until the retrain test's gate on 4
-    # held-out normals is made robust to round-off (BENCHMARKS.md, training memory).
-    lean_attention: bool = False
+    # the same losses and gradients (to round-off) in a fraction of the memory, 3.2 GB
+    # against 10-13 GB at batch 8 on bottle, about 22% slower on a 2-core CPU (fp32;
+    # autocast keeps the maps). BENCHMARKS.md, training memory.
+    lean_attention: bool = True
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {

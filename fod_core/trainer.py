@@ -280,8 +280,10 @@ class FODTrainer:
                 f"{self.checkpoint_dir / 'last.pt'} was written for another model config; "
                 "remove it or train without --resume"
             )
-        saved = {k: v for k, v in payload["train_config"].items() if k != "epochs"}
-        current = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        # Only --epochs may change; lean attention is the same training in less memory.
+        free = ("epochs", "lean_attention")
+        saved = {k: v for k, v in payload["train_config"].items() if k not in free}
+        current = {k: v for k, v in self.config.to_dict().items() if k not in free}
         if saved != current:
             raise CheckpointMismatchError(
                 f"{self.checkpoint_dir / 'last.pt'} was written with other training settings "
