@@ -231,7 +231,7 @@ def register_model(
     exports = read_manifest(model_dir).get("export", {})
     if exports:  # what the version's files hold, and whether each export matched PyTorch
         client.set_model_version_tag(name, version, "export", export_tag(exports))
-    reasons += export_failures({"export": exports})
+    reasons += export_failures(model_dir)  # failed, stale, or files changed since the check
     passed = passed and not reasons
     evidence = describe_evidence(metrics)
     client.set_model_version_tag(name, version, "evidence", evidence)

@@ -106,8 +106,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=defaults_train.lean_attention,
         help="hold each attention map one block of query rows at a time (fp32): the same "
-        "training in a quarter of the memory, about a fifth slower (default: on; "
-        "--no-lean-attention keeps whole maps)",
+        "training in a quarter of the memory, about a fifth slower (default: off)",
     )
     parser.add_argument(
         "--target-far",

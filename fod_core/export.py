@@ -19,8 +19,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -103,20 +104,26 @@ def export_onnx(detector: AnomalyDetector, path: Path) -> Path:
     batch = torch.export.Dim("batch", min=1, max=4096)
     # The exporter prints its stages and logs every pass at INFO: kept out of the output.
     quiet = logging.getLogger("onnx_ir")
-    level, quiet.level = quiet.level, logging.WARNING
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()) as printed:
-        torch.onnx.export(
-            graph,
-            (example,),
-            str(path),
-            input_names=["images"],
-            output_names=["anomaly_maps", "scores"],
-            dynamic_shapes={"images": {0: batch}},
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    quiet.setLevel(level)
+    level, printed = quiet.level, io.StringIO()
+    quiet.setLevel(logging.WARNING)
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(printed):
+            torch.onnx.export(
+                graph,
+                (example,),
+                str(path),
+                input_names=["images"],
+                output_names=["anomaly_maps", "scores"],
+                dynamic_shapes={"images": {0: batch}},
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+    except Exception:
+        log.error("torch.onnx.export said:\n%s", printed.getvalue())
+        raise
+    finally:
+        quiet.setLevel(level)
     log.debug("torch.onnx.export: %s", printed.getvalue())
     return path
 
@@ -140,31 +147,52 @@ class ExportedGraph:
         self.runtime = Runtime(runtime)
         if not self.path.is_file():
             raise ExportError(f"{self.path} does not exist: run `fod export` first")
-        if self.runtime is Runtime.ONNX:
-            ort = _require("onnxruntime", self.runtime)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            self._session = ort.InferenceSession(
-                str(self.path), options, providers=["CPUExecutionProvider"]
+        if self.runtime is Runtime.TORCH:
+            raise ExportError("torch is not an exported runtime")
+        module = "onnxruntime" if self.runtime is Runtime.ONNX else "openvino"
+        library = _require(module, self.runtime)
+        try:
+            self._run = (
+                self._onnx_runtime(library)
+                if self.runtime is Runtime.ONNX
+                else self._openvino(library)
             )
-            self._run = lambda x: self._session.run(None, {"images": x})
-        elif self.runtime is Runtime.OPENVINO:
-            ov = _require("openvino", self.runtime)
-            # fp32 explicitly: on CPUs with bf16 OpenVINO would otherwise compute in bf16.
-            compiled = ov.Core().compile_model(
-                str(self.path),
-                "CPU",
-                {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"},
-            )
-            request = compiled.create_infer_request()
+        except Exception as error:  # a damaged file: the runtime's own error, with its name
+            raise ExportError(
+                f"{self.runtime.value} cannot load {self.path} ({type(error).__name__}: "
+                f"{error}); run `fod export` again"
+            ) from error
 
-            def run(x: np.ndarray) -> list[np.ndarray]:
-                results = request.infer({0: x})
-                return [np.array(results[compiled.output(i)]) for i in range(2)]
+    def _onnx_runtime(self, ort) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """As many threads as PyTorch has, which never spin after a run: spinning workers
+        would take the cores from the next image's decoding (``fod_core.runtime``)."""
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        return lambda x: session.run(None, {"images": x})
 
-            self._run = run
-        else:
-            raise ExportError(f"{self.runtime.value} is not an exported runtime")
+    def _openvino(self, ov) -> Callable[[np.ndarray], list[np.ndarray]]:
+        # fp32 explicitly: on CPUs with bf16 OpenVINO would otherwise compute in bf16.
+        compiled = ov.Core().compile_model(
+            str(self.path),
+            "CPU",
+            {
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            },
+        )
+        request = compiled.create_infer_request()  # one: scoring runs on one thread
+
+        def run(x: np.ndarray) -> list[np.ndarray]:
+            results = request.infer({0: x})
+            return [np.array(results[compiled.output(i)]) for i in range(2)]
+
+        return run
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self._run(np.ascontiguousarray(images, dtype=np.float32))
@@ -175,48 +203,98 @@ class ExportedDetector(Detector):
     """A model served from its exported graph, with the artefact's own pre- and
     post-processing; answers exactly what ``AnomalyDetector.predict`` answers."""
 
-    def __init__(self, graph: ExportedGraph, *, pre, post) -> None:
+    def __init__(self, exported: ExportedGraph, *, pre, post, chunk: int = 1) -> None:
         super().__init__(pre=pre, post=post)
-        self.graph = graph
-        self.runtime = graph.runtime.value
+        self.exported = exported
+        self.runtime = exported.runtime.value
+        # Images per pass: the graph takes a batch whole, and 16 images' attention maps
+        # cost more per image than one's (and 14 GB); PyTorch chunks the same way.
+        self.chunk = max(1, chunk)
 
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        maps, scores = self.graph(images.cpu().numpy())
-        return torch.from_numpy(maps), torch.from_numpy(scores)
+        maps, scores = [], []
+        for part in images.cpu().split(self.chunk):
+            m, s = self.exported(part.numpy())
+            maps.append(torch.from_numpy(m))
+            scores.append(torch.from_numpy(s))
+        return torch.cat(maps), torch.cat(scores)
+
+
+def _files_digest(model_dir: Path, runtime: Runtime) -> str:
+    """The export's own files (ONNX; OpenVINO's .xml and .bin), so that a record cannot
+    vouch for files written after its check."""
+    path = export_file(model_dir, runtime)
+    digest = hashlib.sha256()
+    for part in (path, path.with_suffix(".bin")) if runtime is Runtime.OPENVINO else (path,):
+        if not part.is_file():
+            return "missing"
+        with open(part, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def export_problem(
+    model_dir: Path, manifest: dict, runtime: Runtime, *, name_dir: bool = True
+) -> str | None:
+    """Why the ``runtime`` export of a model may not be used, or None when it may."""
+    record = manifest.get("export", {}).get(runtime.value)
+    where = f" in {model_dir}" if name_dir else ""
+    if record is None:
+        return (
+            f"{model_dir} has no {runtime.value} export: run "
+            f"`fod export --model {model_dir} --format {runtime.value}`"
+        )
+    parity = record.get("parity") or {}
+    if not parity.get("passed"):
+        return (
+            f"the {runtime.value} export{where} failed its parity check "
+            f"({parity.get('failure', 'not checked')}): serve it with --runtime torch"
+        )
+    if record.get("traced_with") != _traced_with(model_dir, manifest["postprocessing"]):
+        return (
+            f"the {runtime.value} export{where} was traced from other weights or "
+            "post-processing (re-trained or re-calibrated since): run `fod export` again"
+        )
+    if record.get("files_digest") != _files_digest(model_dir, runtime):
+        return (
+            f"the {runtime.value} export files{where} are not the ones that were "
+            "checked (changed or incomplete): run `fod export` again"
+        )
+    return None
+
+
+def export_failures(model_dir: str | Path) -> list[str]:
+    """One readable line per export of the model that may not be used: failed its parity
+    check (or could not be made), stale, or its files changed since the check."""
+    from fod_core.artifact import read_manifest
+
+    manifest = read_manifest(model_dir)
+    problems = [
+        export_problem(Path(model_dir), manifest, Runtime(name), name_dir=False)
+        for name in sorted(manifest.get("export", {}))
+    ]
+    return [problem for problem in problems if problem]
 
 
 def load_exported(model_dir: str | Path, runtime: Runtime | str) -> ExportedDetector:
-    """The exported graph of ``runtime`` with the manifest's pre/post-processing. Refused
-    when it is missing, was traced from other weights or post-processing, or failed its
-    parity check."""
+    """The exported graph of ``runtime`` with the manifest's pre/post-processing, refused
+    when it may not be used (``export_problem``)."""
     from fod_core.artifact import read_manifest
     from fod_core.processing import PostProcessing, PreProcessing
 
     model_dir = Path(model_dir)
     runtime = Runtime(runtime)
     manifest = read_manifest(model_dir)
-    record = manifest.get("export", {}).get(runtime.value)
-    if record is None:
-        raise ExportError(
-            f"{model_dir} has no {runtime.value} export: run "
-            f"`fod export --model {model_dir} --format {runtime.value}`"
-        )
-    if record["traced_with"] != _traced_with(model_dir, manifest["postprocessing"]):
-        raise ExportError(
-            f"the {runtime.value} export in {model_dir} was traced from other weights or "
-            "post-processing (re-trained or re-calibrated since): run `fod export` again"
-        )
-    parity = record.get("parity") or {}
-    if not parity.get("passed"):
-        raise ExportError(
-            f"the {runtime.value} export in {model_dir} failed its parity check "
-            f"({parity.get('failure', 'not checked')}): serve it with --runtime torch"
-        )
-    graph = ExportedGraph(model_dir / record["file"], runtime)
+    problem = export_problem(model_dir, manifest, runtime)
+    if problem:
+        raise ExportError(problem)
+    record = manifest["export"][runtime.value]
     return ExportedDetector(
-        graph,
+        ExportedGraph(model_dir / record["file"], runtime),
         pre=PreProcessing.from_dict(manifest["preprocessing"]),
         post=PostProcessing.from_dict(manifest["postprocessing"]),
+        chunk=record.get("chunk", 1),
     )
 
 
@@ -255,18 +333,28 @@ def check_parity(
     if not images:
         raise ExportError("the parity check needs at least one image")
     score_error = map_error = 0.0
+
+    def compare(maps, scores, other_maps, other_scores) -> tuple[float, float]:
+        if other_maps.shape != maps.shape or other_scores.shape != scores.shape:
+            return math.inf, math.inf  # e.g. a batch dimension the graph got wrong
+        scale = max(float(maps.abs().max()), 1e-12)
+        relative = (other_scores - scores).abs() / scores.abs().clamp_min(1e-12)
+        errors = float(relative.max()), float((other_maps - maps).abs().max()) / scale
+        return tuple(e if math.isfinite(e) else math.inf for e in errors)  # NaN fails
+
     for start in range(0, len(images), batch_size):
         batch, _ = detector.preprocess(list(images[start : start + batch_size]))
-        maps, scores = detector.score_batch(batch)
-        other_maps, other_scores = exported.score_batch(batch)
-        scale = max(float(maps.abs().max()), 1e-12)
-        map_error = max(map_error, float((other_maps - maps).abs().max()) / scale)
-        relative = (other_scores - scores).abs() / scores.abs().clamp_min(1e-12)
-        score_error = max(score_error, float(relative.max()))
+        errors = compare(*detector.score_batch(batch), *exported.score_batch(batch))
+        score_error, map_error = max(score_error, errors[0]), max(map_error, errors[1])
+    # Once with several images in one pass of the graph: served batches must not mix them.
+    batch, _ = detector.preprocess(list(images[:2]))
+    maps, scores = exported.exported(batch.numpy())
+    errors = compare(*detector.score_batch(batch), torch.from_numpy(maps), torch.from_numpy(scores))
+    score_error, map_error = max(score_error, errors[0]), max(map_error, errors[1])
     failures = []
-    if not np.isfinite(score_error) or score_error > SCORE_RTOL:
+    if score_error > SCORE_RTOL:
         failures.append(f"image scores differ by {score_error:.2e} relative (limit {SCORE_RTOL})")
-    if not np.isfinite(map_error) or map_error > MAP_TOL:
+    if map_error > MAP_TOL:
         failures.append(f"maps differ by {map_error:.2e} of their scale (limit {MAP_TOL})")
     return ParityReport(
         runtime=exported.runtime,
@@ -302,9 +390,10 @@ def parity_images(
     if root is None or category is None or not Path(root).exists():
         raise ExportError(
             "the parity check needs the model's validation images: pass --data and --category "
-            f"(the manifest names {recorded.get('root')!r}, which is not here)"
+            f"({root!r} is not here)"
         )
-    data = load_category(root, category, recorded.get("format", format))
+    # the layout the model was trained on, unless the caller names the data
+    data = load_category(root, category, format if data_root else recorded.get("format", format))
     train, val = model_split(manifest, data)
     chosen = sorted(val or train, key=lambda r: r.path.name)[:max_images]
     if not chosen:
@@ -329,12 +418,19 @@ def _failed(runtime: Runtime, stage: str, error: Exception) -> ParityReport:
     )
 
 
+def _scoring_chunk(detector: AnomalyDetector) -> int:
+    """Images per pass of an exported graph on the CPU: PyTorch's own rule."""
+    return min(level.scoring_chunk(torch.device("cpu")) for level in detector.model.levels)
+
+
 def _check(
     detector: AnomalyDetector, model_dir: Path, runtime: Runtime, images, describe: str
 ) -> ParityReport:
     try:
         graph = ExportedGraph(export_file(model_dir, runtime), runtime)
-        exported = ExportedDetector(graph, pre=detector.pre, post=detector.post)
+        exported = ExportedDetector(
+            graph, pre=detector.pre, post=detector.post, chunk=_scoring_chunk(detector)
+        )
         report = check_parity(detector, exported, images, describe=describe)
     except Exception as error:  # an unreadable graph, a runtime that refuses it
         return _failed(runtime, "running the export", error)
@@ -385,14 +481,19 @@ def export_model(
     manifest = read_manifest(model_dir)
     traced_with = _traced_with(model_dir, manifest["postprocessing"])
     records = dict(manifest.get("export", {}))
+    # OpenVINO converts this run's ONNX graph, never an older one; asked for alone, from an
+    # intermediate file, so that an earlier ONNX export and its record stay as they are.
     onnx_path = export_file(model_dir, Runtime.ONNX)
-    onnx_fresh = False  # OpenVINO converts this run's ONNX graph, never an older one
+    if Runtime.ONNX not in wanted:
+        onnx_path = export_file(model_dir, Runtime.OPENVINO).with_name("intermediate.onnx")
+    onnx_fresh = False
     for runtime in wanted:
         started = time.perf_counter()
         record = {
             "file": str(export_file(model_dir, runtime).relative_to(model_dir)),
             "traced_with": traced_with,
             "torch_version": torch.__version__,
+            "chunk": _scoring_chunk(detector),
         }
         try:
             if not onnx_fresh:
@@ -404,9 +505,10 @@ def export_model(
             report = _check(detector, model_dir, runtime, images, describe or "given images")
         except Exception as error:  # the model itself is fine: record it, go on
             report = _failed(runtime, "export", error)
+        record["files_digest"] = _files_digest(model_dir, runtime)
         records[runtime.value] = {**record, "parity": report.to_dict()}
-    if onnx_fresh and Runtime.ONNX not in wanted:
-        onnx_path.unlink()  # only the intermediate of OpenVINO's conversion
+    if Runtime.ONNX not in wanted:
+        onnx_path.unlink(missing_ok=True)
     _save_records(model_dir, records)
     return records
 
@@ -433,18 +535,10 @@ def check_exports(
     detector = load_detector(model_dir)
     for name, record in records.items():
         report = _check(detector, model_dir, Runtime(name), images, describe or "given images")
-        records[name] = {**record, "parity": report.to_dict()}
+        digest = _files_digest(model_dir, Runtime(name))
+        records[name] = {**record, "files_digest": digest, "parity": report.to_dict()}
     _save_records(model_dir, records)
     return records
-
-
-def export_failures(manifest: dict) -> list[str]:
-    """One readable line per export that failed its parity check (or could not be made)."""
-    return [
-        f"{name} export failed parity: {record['parity'].get('failure')}"
-        for name, record in sorted(manifest.get("export", {}).items())
-        if not record.get("parity", {}).get("passed")
-    ]
 
 
 def load_runtime(
@@ -456,4 +550,6 @@ def load_runtime(
 
     if Runtime(runtime) is Runtime.TORCH:
         return load_detector(model_dir, device=device)
+    if str(device) != "cpu":
+        log.warning("%s runs on the CPU; --device %s is for torch", Runtime(runtime).value, device)
     return load_exported(model_dir, runtime)

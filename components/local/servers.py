@@ -94,6 +94,12 @@ def spawn_model_server(
     return LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
 
 
+def _serves_with(server: LocalServer, runtime: str) -> bool:
+    """Whether a running server scores with ``runtime`` (unknown, e.g. busy: no)."""
+    status = server.status()
+    return status is not None and status.get("runtime", "torch") == runtime
+
+
 class LocalServing:
     """The local model servers under one fod home."""
 
@@ -145,7 +151,7 @@ class LocalServing:
             server
             and pid_alive(server.pid)
             and server.model_uri == model_uri
-            and (server.status() or {}).get("runtime", "torch") == runtime
+            and _serves_with(server, runtime)
         ):
             log.info("%s is served at %s; waiting for v%s", name, server.url, expected_version)
         else:

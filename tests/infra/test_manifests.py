@@ -263,6 +263,6 @@ def test_dockerfile_copies_what_the_repository_has():
     assert sources and all((ROOT / s).exists() for s in sources), sources
     assert "VARIANT" in dockerfile and "whl/cpu" in dockerfile  # CPU and CUDA variants
     lines = dockerfile.splitlines()
-    dependencies = next(i for i, line in enumerate(lines) if '".[weights,pipeline]"' in line)
+    dependencies = next(i for i, line in enumerate(lines) if '".[weights,pipeline,export]"' in line)
     first_code = next(i for i, line in enumerate(lines) if line.startswith("COPY fod_core"))
     assert dependencies < first_code, "a code change must not rebuild the dependency layer"

@@ -43,7 +43,7 @@ def add_good_images(repo, count: int, seed: int) -> None:
 def repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("retrain-repo")
     make_synthetic_dataset(
-        root / "data", CATEGORY, n_train=20, n_test_good=12, n_test_defect=4, size=64, seed=7
+        root / "data", CATEGORY, n_train=20, n_test_good=4, n_test_defect=4, size=64, seed=7
     )
     return root
 

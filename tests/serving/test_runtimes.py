@@ -76,7 +76,7 @@ def test_a_version_whose_export_disagrees_is_tagged_not_promoted_and_not_served(
     )
     assert not result.promoted
     assert len(result.reasons) == 1 and result.reasons[0].startswith(
-        "onnx export failed parity: image scores differ"
+        "the onnx export failed its parity check (image scores differ"
     )
     client = MlflowClient()
     tags = client.get_model_version("fod-damaged", result.version).tags
