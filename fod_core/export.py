@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fod_core.cache import file_sha256
 from fod_core.inference import AnomalyDetector, Detector
 
 log = logging.getLogger(__name__)
@@ -63,20 +64,19 @@ def export_file(model_dir: str | Path, runtime: Runtime | str) -> Path:
     return Path(model_dir) / EXPORT_DIR / _FILES[Runtime(runtime)]
 
 
-def _weights_digest(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("model.pt", "backbone.pt"):
-        with open(model_dir / name, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+def _digest(paths: Sequence[Path]) -> str:
+    """One short digest of several files; "missing" when one of them is not there."""
+    if not all(path.is_file() for path in paths):
+        return "missing"
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()[:16]
 
 
 def _traced_with(model_dir: Path, post: dict) -> dict:
     """What an exported graph depends on: the weights and the post-processing that is
     inside it (not the threshold, which is applied after)."""
     baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
-    return {"weights_digest": _weights_digest(model_dir), "postprocessing": baked}
+    weights = _digest([model_dir / "model.pt", model_dir / "backbone.pt"])
+    return {"weights_digest": weights, "postprocessing": baked}
 
 
 # -- writing the graph --------------------------------------------------------------------
@@ -224,14 +224,7 @@ def _files_digest(model_dir: Path, runtime: Runtime) -> str:
     """The export's own files (ONNX; OpenVINO's .xml and .bin), so that a record cannot
     vouch for files written after its check."""
     path = export_file(model_dir, runtime)
-    digest = hashlib.sha256()
-    for part in (path, path.with_suffix(".bin")) if runtime is Runtime.OPENVINO else (path,):
-        if not part.is_file():
-            return "missing"
-        with open(part, "rb") as f:
-            while chunk := f.read(1 << 22):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return _digest([path, path.with_suffix(".bin")] if runtime is Runtime.OPENVINO else [path])
 
 
 def export_problem(
