@@ -1,6 +1,7 @@
 """Inference latency of a trained model through the full path (decode, resize, backbone,
 FOD, maps, score), at batch 1 and 16, and what the scoring fast path saves; with
-``--runtimes torch,onnx,openvino`` the model's exported graphs too, in the same process.
+``--runtimes torch,torch-bf16,onnx,openvino`` PyTorch with bf16 autocast and the model's
+exported graphs too, in the same process.
 
 The fast path runs the intra attention fused (its maps are not part of the score); the
 comparison runs the same model with the maps materialised, in the same process.
@@ -71,8 +72,9 @@ def main() -> None:
     parser.add_argument(
         "--runtimes",
         default="torch",
-        help="comma-separated: torch, onnx, openvino (the model's checked exports: run "
-        "`fod export` first); each is timed in the same process",
+        help="comma-separated: torch, torch-bf16 (PyTorch with bf16 autocast), onnx, "
+        "openvino (the model's checked exports: run `fod export` first); each is timed in "
+        "the same process",
     )
     args = parser.parse_args()
     paths = sorted(p for p in args.images.rglob("*.png"))
@@ -103,7 +105,12 @@ def main() -> None:
         "flops_per_image": flops.to_dict(),
     }
     for runtime in args.runtimes.split(","):
-        chosen = detector if runtime == "torch" else load_runtime(args.model, runtime)
+        if runtime == "torch":
+            chosen = detector
+        elif runtime == "torch-bf16":
+            chosen = detector.with_precision("bf16")
+        else:
+            chosen = load_runtime(args.model, runtime)
         for batch, repeats in ((1, args.repeats), (16, max(3, args.repeats // 3))):
             # In blocks, each after a warm-up: alternating paths of different buffer sizes
             # would time the allocator's page faults rather than the model.
@@ -117,6 +124,8 @@ def main() -> None:
                 "of_matmul": achieved(flops.inference, fast / 1000, rates.fp32),
                 "scoring_of_matmul": achieved(flops.inference, scoring / 1000, rates.fp32),
             }
+            if runtime == "torch-bf16" and rates.bf16:
+                result["of_bf16_matmul"] = achieved(flops.inference, fast / 1000, rates.bf16)
             if runtime == "torch":
                 FODLevel.forward = with_intra_maps
                 try:

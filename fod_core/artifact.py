@@ -8,17 +8,20 @@ backbone.pt   the frozen backbone's weights (so no weights package or hub is nee
 from __future__ import annotations
 
 import json
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from fod_core.backbone import BackboneSpec, FeatureExtractor, WeightsSource
-from fod_core.config import ModelConfig
+from fod_core.config import ModelConfig, Precision
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
 from fod_core.runtime import configure_cpu_numerics
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "fod-model"
 ARTIFACT_VERSION = 3  # 2: post-processing may carry level weights; 3: pre-processing a pose
@@ -119,7 +122,15 @@ def update_manifest(directory: str | Path, **fields) -> dict:
     return manifest
 
 
-def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") -> AnomalyDetector:
+def load_detector(
+    directory: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    precision: Precision | str = Precision.FP32,
+) -> AnomalyDetector:
+    """The model of ``directory``, scored by PyTorch. ``precision`` AUTO is bf16 only where
+    the device computes bf16 natively and the model's bf16 accuracy check passed
+    (``fod export --format bf16``); fp32 otherwise."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -172,4 +183,30 @@ def load_detector(directory: str | Path, *, device: str | torch.device = "cpu") 
         pre=PreProcessing.from_dict(manifest["preprocessing"]),
         post=post,
         device=device,
+        precision=scoring_precision(manifest, directory, device, precision),
     )
+
+
+def scoring_precision(
+    manifest: dict, directory: Path, device: str | torch.device, requested: Precision | str
+) -> Precision:
+    """fp32 or bf16 for scoring this model on ``device`` (see ``load_detector``). An explicit
+    bf16 is honoured, with a warning where the model's check does not vouch for it."""
+    from fod_core.export import precision_problem
+    from fod_core.roofline import machine
+
+    requested = Precision(requested)
+    if requested is Precision.FP32:
+        return requested
+    problem = precision_problem(directory, manifest)
+    if requested is Precision.AUTO:
+        return Precision.BF16 if machine(device).native_bf16 and not problem else Precision.FP32
+    if problem:
+        log.warning(
+            "scoring %s in bf16 although %s: `fod export --model %s --format bf16` checks "
+            "its accuracy against fp32 on planted anomalies",
+            directory,
+            problem,
+            directory,
+        )
+    return requested

@@ -257,12 +257,13 @@ def evaluate_model(
     max_overlays: int | None = None,
     progress: bool = True,
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict:
-    """``runtime``: torch, or the model's checked export (onnx, openvino): the same
-    metrics through what serves it."""
+    """``runtime``: torch, or the model's checked export (onnx, openvino), and
+    ``precision`` (torch: fp32, bf16, auto): the same metrics through what serves it."""
     from fod_core.export import load_runtime
 
-    detector = load_runtime(model_dir, runtime, device=device)
+    detector = load_runtime(model_dir, runtime, device=device, precision=precision)
     manifest = read_manifest(model_dir)
     data = load_category(data_root, category, format)
     splits = {**(manifest.get("data", {}).get("splits") or {}), **test_sizes(data)}

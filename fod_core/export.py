@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from fod_core.cache import file_sha256
+from fod_core.config import Precision
 from fod_core.inference import AnomalyDetector, Detector
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ EXPORT_DIR = "export"
 # (its largest absolute value over the batch), on validation images and planted anomalies.
 SCORE_RTOL = 1e-4
 MAP_TOL = 1e-3
+# bf16 is held to the accuracy that matters instead: image AUROC, pixel AUROC and AUPRO on
+# the planted anomalies within 0.002 of fp32 (the accuracy bar issue 16 sets on bottle).
+PRECISION_METRIC_TOL = 0.002
 PARITY_MAX_IMAGES = 24  # validation normals used (and as many planted copies)
 _EXAMPLE_BATCH = 2  # traced with 2 images, so the batch dimension cannot be specialised
 
@@ -361,14 +365,29 @@ def check_parity(
     )
 
 
-def parity_images(
+@dataclass
+class CheckSet:
+    """The images a check scores: validation normals and an anomaly planted into each,
+    with the planted masks (at the photos' size) for the accuracy check."""
+
+    normals: list[Image.Image]
+    planted: list[Image.Image]
+    masks: list[np.ndarray]
+    describe: str
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return self.normals + self.planted
+
+
+def check_set(
     model_dir: str | Path,
     data_root: str | Path | None = None,
     category: str | None = None,
     *,
     format: str = "mvtec",
     max_images: int = PARITY_MAX_IMAGES,
-) -> tuple[list[Image.Image], str]:
+) -> CheckSet:
     """The model's validation normals (never a training image) and an anomaly planted
     into each. Without data, the dataset the manifest names."""
     from fod_core.artifact import read_manifest
@@ -382,7 +401,7 @@ def parity_images(
     category = category or manifest.get("category")
     if root is None or category is None or not Path(root).exists():
         raise ExportError(
-            "the parity check needs the model's validation images: pass --data and --category "
+            "the check needs the model's validation images: pass --data and --category "
             f"({root!r} is not here)"
         )
     # the layout the model was trained on, unless the caller names the data
@@ -390,11 +409,25 @@ def parity_images(
     train, val = model_split(manifest, data)
     chosen = sorted(val or train, key=lambda r: r.path.name)[:max_images]
     if not chosen:
-        raise DatasetError(f"{root}/{category} has no normal images for the parity check")
+        raise DatasetError(f"{root}/{category} has no normal images for the check")
     normals, draws = planted_copies([r.path for r in chosen], per_image=1, seed=PLANTED_SEED)
-    planted = [image for image, _ in draws]
+    planted, masks = (list(x) for x in zip(*draws, strict=True))
     what = "validation" if val else "training (no validation split)"
-    return normals + planted, f"{len(normals)} {what} normals + {len(planted)} planted anomalies"
+    describe = f"{len(normals)} {what} normals + {len(planted)} planted anomalies"
+    return CheckSet(normals, planted, masks, describe)
+
+
+def parity_images(
+    model_dir: str | Path,
+    data_root: str | Path | None = None,
+    category: str | None = None,
+    *,
+    format: str = "mvtec",
+    max_images: int = PARITY_MAX_IMAGES,
+) -> tuple[list[Image.Image], str]:
+    """``check_set``'s images and what they are, for the parity gate."""
+    images = check_set(model_dir, data_root, category, format=format, max_images=max_images)
+    return images.images, images.describe
 
 
 def _failed(runtime: Runtime, stage: str, error: Exception) -> ParityReport:
@@ -535,14 +568,159 @@ def check_exports(
 
 
 def load_runtime(
-    model_dir: str | Path, runtime: Runtime | str = Runtime.TORCH, *, device: str = "cpu"
+    model_dir: str | Path,
+    runtime: Runtime | str = Runtime.TORCH,
+    *,
+    device: str = "cpu",
+    precision: Precision | str = Precision.FP32,
 ) -> Detector:
-    """The model of ``model_dir`` run by ``runtime``: PyTorch (on ``device``), or its
-    checked export (on the CPU)."""
+    """The model of ``model_dir`` run by ``runtime``: PyTorch (on ``device``, in
+    ``precision``), or its checked export (on the CPU, fp32)."""
     from fod_core.artifact import load_detector
 
     if Runtime(runtime) is Runtime.TORCH:
-        return load_detector(model_dir, device=device)
+        return load_detector(model_dir, device=device, precision=precision)
+    if Precision(precision) is Precision.BF16:
+        raise ExportError(
+            f"--precision bf16 is for --runtime torch; the {Runtime(runtime).value} export "
+            "scores in fp32"
+        )
     if str(device) != "cpu":
         log.warning("%s runs on the CPU; --device %s is for torch", Runtime(runtime).value, device)
     return load_exported(model_dir, runtime)
+
+
+# -- bf16: PyTorch at reduced precision, checked for accuracy -----------------------------
+@dataclass
+class PrecisionReport:
+    """bf16 against fp32 on the same model and images: the label-free accuracy that
+    matters (planted anomalies: image AUROC, pixel AUROC, AUPRO) must move by at most
+    ``tolerance``. Scores are not held to the export's 1e-4: bf16 keeps 8 bits of mantissa."""
+
+    precision: str
+    passed: bool
+    native: bool  # the device computes bf16 in hardware (else the check was slow)
+    machine: str
+    n_images: int
+    images: str
+    fp32: dict
+    reduced: dict
+    max_metric_delta: float
+    max_score_rel_error: float
+    decisions_changed: int  # of the checked images, at the calibrated threshold
+    checked_with: dict
+    tolerance: float = PRECISION_METRIC_TOL
+    seconds: float = 0.0
+    failure: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def planted_accuracy(predictions, n_normal: int, masks: Sequence[np.ndarray]) -> dict:
+    """Image AUROC, pixel AUROC and AUPRO on normals followed by planted anomalies."""
+    from fod_core.metrics import aupro, image_auroc, pixel_auroc
+    from fod_core.processing import resize_mask
+
+    size = predictions[0].anomaly_map.shape[-1]
+    truth = [np.zeros((size, size), bool)] * n_normal + [resize_mask(m, size) > 0 for m in masks]
+    maps = np.stack([p.anomaly_map for p in predictions])
+    labels = [0] * n_normal + [1] * len(masks)
+    return {
+        "image_auroc": image_auroc(labels, [p.score for p in predictions]),
+        "pixel_auroc": pixel_auroc(np.stack(truth), maps),
+        "aupro": aupro(np.stack(truth), maps),
+    }
+
+
+def check_precision(
+    model_dir: str | Path,
+    precision: Precision | str = Precision.BF16,
+    *,
+    images: CheckSet | None = None,
+    data_root: str | Path | None = None,
+    category: str | None = None,
+    format: str = "mvtec",
+    device: str = "cpu",
+) -> PrecisionReport:
+    """Lifecycle stage 'export' for bf16: score the check set in fp32 and in bf16, compare
+    their planted-anomaly accuracy, and record the result in the manifest
+    (``precision_check``), where ``load_detector(precision=AUTO)`` reads it."""
+    from fod_core.artifact import load_detector, read_manifest, update_manifest
+    from fod_core.roofline import machine
+
+    precision = Precision(precision)
+    if precision is not Precision.BF16:
+        raise ExportError(f"only bf16 is checked against fp32, not {precision.value}")
+    model_dir = Path(model_dir)
+    if images is None:
+        images = check_set(model_dir, data_root, category, format=format)
+    here = machine(device)
+    started = time.perf_counter()
+    fp32 = load_detector(model_dir, device=device, precision=Precision.FP32)
+    reduced = fp32.with_precision(precision)
+    batch = max(1, min(8, _scoring_chunk(fp32)))
+    reference, low = (d.predict(images.images, batch_size=batch) for d in (fp32, reduced))
+    pairs = list(zip(reference, low, strict=True))
+    errors = [abs(b.score - a.score) / max(abs(a.score), 1e-12) for a, b in pairs]
+    finite = all(
+        math.isfinite(e) and np.isfinite(b.anomaly_map).all()
+        for e, (_, b) in zip(errors, pairs, strict=True)
+    )
+    n_normal, failures = len(images.normals), []
+    accuracy = [planted_accuracy(reference, n_normal, images.masks)]
+    if finite:
+        accuracy.append(planted_accuracy(low, n_normal, images.masks))
+        deltas = {k: abs(accuracy[1][k] - v) for k, v in accuracy[0].items() if v is not None}
+        worst = max(deltas, key=deltas.get)
+        delta, score_error = deltas[worst], max(errors)
+        if delta > PRECISION_METRIC_TOL:
+            failures.append(
+                f"{worst} moves by {delta:.4f} (limit {PRECISION_METRIC_TOL}): "
+                f"{accuracy[0][worst]:.4f} in fp32, {accuracy[1][worst]:.4f} in bf16"
+            )
+    else:
+        accuracy.append({})
+        delta = score_error = math.inf
+        failures.append("bf16 scores or maps are not finite")
+    manifest = read_manifest(model_dir)
+    report = PrecisionReport(
+        precision=precision.value,
+        passed=not failures,
+        native=here.native_bf16,
+        machine=here.describe(),
+        n_images=len(images.images),
+        images=images.describe,
+        fp32=accuracy[0],
+        reduced=accuracy[1],
+        max_metric_delta=delta,
+        max_score_rel_error=score_error,
+        decisions_changed=sum(a.is_anomalous != b.is_anomalous for a, b in pairs),
+        checked_with=_traced_with(model_dir, manifest["postprocessing"]),
+        seconds=round(time.perf_counter() - started, 2),
+        failure="; ".join(failures) or None,
+    )
+    log.info(
+        "bf16 check %s: planted-anomaly accuracy moves by at most %.4f, scores by %.1e "
+        "relative, %d decisions changed, on %s",
+        "passed" if report.passed else f"FAILED: {report.failure}",
+        report.max_metric_delta,
+        report.max_score_rel_error,
+        report.decisions_changed,
+        report.images,
+    )
+    checks = {**manifest.get("precision_check", {}), precision.value: report.to_dict()}
+    update_manifest(model_dir, precision_check=checks)
+    return report
+
+
+def precision_problem(model_dir: str | Path, manifest: dict) -> str | None:
+    """Why the model's bf16 check does not vouch for scoring it in bf16, or None."""
+    check = manifest.get("precision_check", {}).get(Precision.BF16.value)
+    if check is None:
+        return "its bf16 accuracy was never checked"
+    if check.get("checked_with") != _traced_with(Path(model_dir), manifest["postprocessing"]):
+        return "its bf16 check was made on other weights or post-processing"
+    if not check.get("passed"):
+        return f"its bf16 check FAILED ({check.get('failure')})"
+    return None

@@ -14,9 +14,10 @@ from PIL import Image
 from torch import nn
 
 from fod_core.backbone import FeatureExtractor
+from fod_core.config import Precision
 from fod_core.model import FODModel
 from fod_core.processing import PostProcessing, PreProcessing, read_image
-from fod_core.runtime import configure_cpu_numerics
+from fod_core.runtime import autocast_for, configure_cpu_numerics
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Detector:
     ``fod_core.export``; pre- and post-processing stay the same objects."""
 
     runtime = "torch"
+    precision = Precision.FP32  # an exported graph's; PyTorch's may be bf16
 
     def __init__(self, *, pre: PreProcessing, post: PostProcessing) -> None:
         self.pre = pre
@@ -103,28 +105,46 @@ class ScoringGraph(nn.Module):
     (``fod_core.export``), so both compute the same thing."""
 
     def __init__(
-        self, extractor: FeatureExtractor, model: FODModel, post: PostProcessing, *, chunked: bool
+        self,
+        extractor: FeatureExtractor,
+        model: FODModel,
+        post: PostProcessing,
+        *,
+        chunked: bool,
+        precision: Precision = Precision.FP32,
     ) -> None:
         super().__init__()
         self.extractor = extractor
         self.model = model
         self.post = post
         self.chunked = chunked  # an exported graph runs the batch in one pass
+        self.precision = precision
+
+    def _autocast(self, reference: torch.Tensor):
+        """bf16 for the backbone and the transformers' matmuls (their softmax, divergence
+        and reconstruction error stay fp32, as in training); the map, its smoothing and
+        the image score always in fp32."""
+        return autocast_for(reference.device, self.precision)
 
     def score_features(
         self, feature_maps: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         levels = self.post.used_levels(len(self.model.levels))
-        level_maps = self.model.score_maps(feature_maps, levels=levels, chunked=self.chunked)
-        maps = self.post.anomaly_map(level_maps)
+        with self._autocast(feature_maps[0]):
+            level_maps = self.model.score_maps(feature_maps, levels=levels, chunked=self.chunked)
+        maps = self.post.anomaly_map([m if m is None else m.float() for m in level_maps])
         return maps, self.post.image_score(maps)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.score_features(self.extractor(images))
+        with self._autocast(images):
+            features = self.extractor(images)
+        return self.score_features([f.float() for f in features])
 
 
 class AnomalyDetector(Detector):
-    """A trained FOD model ready to score images, run by PyTorch."""
+    """A trained FOD model ready to score images, run by PyTorch, in fp32 or with bf16
+    autocast (``precision``; only ``load_detector`` knows whether a model's bf16
+    accuracy check passed, so AUTO is resolved there)."""
 
     def __init__(
         self,
@@ -134,16 +154,37 @@ class AnomalyDetector(Detector):
         pre: PreProcessing,
         post: PostProcessing,
         device: torch.device | str = "cpu",
+        precision: Precision | str = Precision.FP32,
     ) -> None:
         super().__init__(pre=pre, post=post)
         self.device = torch.device(device)
+        self.precision = Precision(precision)
+        if self.precision is Precision.AUTO:
+            raise ValueError("AnomalyDetector takes fp32 or bf16; load_detector resolves auto")
         self.extractor = extractor.to(self.device).eval()
         self.model = model.to(self.device).eval()
         configure_cpu_numerics()
 
-    def graph(self, *, chunked: bool = True) -> ScoringGraph:
+    def with_precision(self, precision: Precision | str) -> AnomalyDetector:
+        """The same weights, scored at another precision (the bf16 accuracy check)."""
+        return AnomalyDetector(
+            extractor=self.extractor,
+            model=self.model,
+            pre=self.pre,
+            post=self.post,
+            device=self.device,
+            precision=precision,
+        )
+
+    def graph(self, *, chunked: bool = True, precision: Precision | None = None) -> ScoringGraph:
         """The scoring path with the current post-processing (threshold, level weights)."""
-        return ScoringGraph(self.extractor, self.model, self.post, chunked=chunked).eval()
+        return ScoringGraph(
+            self.extractor,
+            self.model,
+            self.post,
+            chunked=chunked,
+            precision=precision or self.precision,
+        ).eval()
 
     @torch.no_grad()
     def score_features(
@@ -162,4 +203,5 @@ class AnomalyDetector(Detector):
     @torch.no_grad()
     def score_batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images (N, 3, S, S) -> (anomaly maps, image scores)."""
-        return self.score_features(self.extractor(images.to(self.device)))
+        maps, scores = self.graph()(images.to(self.device))
+        return maps.cpu(), scores.cpu()

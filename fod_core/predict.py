@@ -16,10 +16,12 @@ def predict_images(
     heatmap_dir: str | Path | None = None,
     device: str = "cpu",
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> list[dict]:
     """One dict per image: path, score, is_anomalous, threshold (and heatmap path).
-    ``runtime``: torch, or a checked export (onnx, openvino; ``fod export``)."""
-    detector = load_runtime(model_dir, runtime, device=device)
+    ``runtime``: torch, or a checked export (onnx, openvino; ``fod export``);
+    ``precision``: fp32, bf16 or auto (torch only; see ``load_detector``)."""
+    detector = load_runtime(model_dir, runtime, device=device, precision=precision)
     predictions = detector.predict([Path(p) for p in images])
     results = []
     for path, prediction in zip(images, predictions, strict=True):

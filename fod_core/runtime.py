@@ -24,6 +24,7 @@ to measure what these settings buy, as the benchmark's reference baseline does).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -31,12 +32,15 @@ import os
 
 import torch
 
+from fod_core.config import Precision
+
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_MAX = -4
 _malloc_tuned = False
+_warned_emulated_bf16 = False  # once per process, not once per batch
 
 
 def _tune_glibc_malloc() -> bool:
@@ -61,3 +65,36 @@ def configure_cpu_numerics() -> None:
     if os.environ.get("FOD_FLUSH_DENORMAL", "1") != "0":
         torch.set_flush_denormal(True)
     _tune_glibc_malloc()
+
+
+def resolve_precision(device: torch.device, precision: Precision | str) -> Precision:
+    """AUTO: bf16 on a CUDA device that has it, fp32 on CPU. bf16 on CPU is only as fast
+    as the CPU's bf16 matmuls: native with AMX or AVX512-BF16, emulated (far slower than
+    fp32) without. On bottle it also lost 0.003 AUPRO against fp32 (BENCHMARKS.md), over
+    the 0.002 that would let AUTO choose it where it is native."""
+    precision = Precision(precision)
+    if precision is Precision.AUTO:
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return Precision.BF16 if cuda_bf16 else Precision.FP32
+    if precision is Precision.BF16 and device.type == "cpu":
+        from fod_core.roofline import machine
+
+        global _warned_emulated_bf16
+        here = machine()
+        if not here.native_bf16 and not _warned_emulated_bf16:
+            _warned_emulated_bf16 = True
+            log.warning(
+                "bf16 on this CPU (%s) is emulated: it has neither AMX nor AVX512-BF16, so "
+                "every bf16 matmul runs in software, many times slower than fp32 (on an AVX2 "
+                "EPYC a first batch did not finish in 3 minutes). Use --precision fp32.",
+                here.name,
+            )
+    return precision
+
+
+def autocast_for(device: torch.device, precision: Precision | str):
+    """bf16 autocast where ``resolve_precision`` picks it; fp32 otherwise. Training and
+    scoring both enter it, so the two agree on what runs in bf16."""
+    if resolve_precision(device, precision) is not Precision.BF16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)

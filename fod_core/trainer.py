@@ -4,7 +4,6 @@ best epoch chosen on the held-out normal images."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -15,11 +14,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fod_core.config import Device, Precision, TrainConfig
+from fod_core.config import Device, TrainConfig
 from fod_core.kernels import compile_enabled
 from fod_core.losses import fod_objective, reconstruction_loss, total_objective
 from fod_core.model import FODModel
-from fod_core.runtime import configure_cpu_numerics
+from fod_core.runtime import autocast_for, configure_cpu_numerics
 
 log = logging.getLogger(__name__)
 
@@ -31,36 +30,6 @@ def resolve_device(device: Device | str) -> torch.device:
     if device is Device.CUDA and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but no CUDA device is available")
     return torch.device(device.value)
-
-
-def resolve_precision(device: torch.device, precision: Precision | str) -> Precision:
-    """AUTO: bf16 on a CUDA device that has it, fp32 on CPU. bf16 on CPU is only as fast
-    as the CPU's bf16 matmuls: native with AMX or AVX512-BF16, emulated (far slower than
-    fp32) without. On bottle it also lost 0.003 AUPRO against fp32 (BENCHMARKS.md), over
-    the 0.002 that would let AUTO choose it where it is native."""
-    precision = Precision(precision)
-    if precision is Precision.AUTO:
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return Precision.BF16 if cuda_bf16 else Precision.FP32
-    if precision is Precision.BF16 and device.type == "cpu":
-        from fod_core.roofline import machine
-
-        here = machine()
-        if not here.native_bf16:
-            log.warning(
-                "bf16 on this CPU (%s) is emulated: it has neither AMX nor AVX512-BF16, so "
-                "every bf16 matmul runs in software, many times slower than fp32 (on an AVX2 "
-                "EPYC a first batch did not finish in 3 minutes). Use --precision fp32.",
-                here.name,
-            )
-    return precision
-
-
-def autocast_for(device: torch.device, precision: Precision | str):
-    """bf16 autocast where ``resolve_precision`` picks it; fp32 otherwise."""
-    if resolve_precision(device, precision) is not Precision.BF16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def class_references(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:

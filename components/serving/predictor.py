@@ -101,6 +101,7 @@ class FODPredictor:
             "ready": active is not None,
             "version": active.version if active else None,
             "runtime": self.source.runtime,
+            "precision": active.detector.precision.value if active else None,  # auto resolved
             "loaded_at": active.loaded_at if active else None,
             "loading": self._loading,
             "failed_versions": {v: error for v, (error, _) in dict(self._failed).items()},

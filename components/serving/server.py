@@ -243,6 +243,13 @@ def add_serve_arguments(parser) -> None:
         "(`fod export`; the pipeline exports before registering); env FOD_RUNTIME",
     )
     parser.add_argument(
+        "--precision",
+        default=os.environ.get("FOD_PRECISION", "fp32"),
+        choices=["fp32", "bf16", "auto"],
+        help="PyTorch's precision: fp32, bf16, or auto (bf16 where the CPU or GPU has it "
+        "natively and the model passed `fod export --format bf16`); env FOD_PRECISION",
+    )
+    parser.add_argument(
         "--model-version", help="version to report when serving a directory (default: its date)"
     )
     parser.add_argument(
@@ -297,7 +304,9 @@ def serve_from_args(args) -> None:
         from components.serving.shipping import S3Location
 
         S3Location.parse(args.ship_to)  # a wrong location fails now, not at the first shipment
-    source = ModelSource(args.model, version=args.model_version, runtime=args.runtime)
+    source = ModelSource(
+        args.model, version=args.model_version, runtime=args.runtime, precision=args.precision
+    )
     if source.is_registry:
         from components.settings import load_settings
 

@@ -38,6 +38,8 @@ class ModelSource:
     version: str | None = None  # reported for a directory (e.g. the registry version in a pod)
     # What scores: PyTorch, or the model's exported graph (which must have passed parity).
     runtime: str = "torch"
+    # PyTorch's precision: fp32, bf16, or auto (bf16 where native and the model's check passed)
+    precision: str = "fp32"
 
     @property
     def is_registry(self) -> bool:
@@ -79,14 +81,14 @@ class ModelSource:
         moves meanwhile cannot mix two versions. The download runs on the calling thread,
         the PyTorch part through ``run_torch`` (see ``BatchScorer.call``)."""
         if not self.is_registry:
-            return _loaded(_find_artifact(Path(self.uri)), version, run_torch, self.runtime)
+            return _loaded(_find_artifact(Path(self.uri)), version, run_torch, self)
         from components.tracking import download_fod_model
 
         name, _, _ = self._parts()
         with tempfile.TemporaryDirectory(prefix="fod-serve-") as tmp:
             model_dir = download_fod_model(f"models:/{name}/{version}", tmp)
             # reads everything into memory
-            return _loaded(model_dir, version, run_torch, self.runtime)
+            return _loaded(model_dir, version, run_torch, self)
 
     @property
     def model_name(self) -> str:
@@ -115,12 +117,16 @@ class LoadedModel:
     loaded_at: float = field(default_factory=time.time)
 
 
-def _loaded(directory: Path, version: str, run_torch: TorchRunner, runtime: str) -> LoadedModel:
+def _loaded(
+    directory: Path, version: str, run_torch: TorchRunner, source: ModelSource
+) -> LoadedModel:
     """A version whose export is missing, stale or failed parity is refused like a broken
     artefact: the served version stays, and the failure shows in /status."""
     data_version = read_manifest(directory).get("data_version")
     try:
-        detector = run_torch(lambda: load_runtime(directory, runtime))
+        detector = run_torch(
+            lambda: load_runtime(directory, source.runtime, precision=source.precision)
+        )
     except ExportError as error:
         raise ServingError(str(error)) from error
     return LoadedModel(detector, version, data_version)

@@ -14,7 +14,8 @@ from fod_core.config import Device, LevelConfig, ModelConfig, Precision, TrainCo
 from fod_core.inference import AnomalyDetector
 from fod_core.model import create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
-from fod_core.trainer import FODTrainer, class_references, resolve_precision
+from fod_core.runtime import resolve_precision
+from fod_core.trainer import FODTrainer, class_references
 
 pytestmark = [
     pytest.mark.cuda,

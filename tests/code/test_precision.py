@@ -7,10 +7,11 @@ import logging
 import pytest
 import torch
 
-from fod_core import roofline
+from fod_core import roofline, runtime
 from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.model import create_fod_model
-from fod_core.trainer import FODTrainer, class_references, resolve_precision
+from fod_core.runtime import resolve_precision
+from fod_core.trainer import FODTrainer, class_references
 
 CHANNELS, STRIDES = (12, 20), (8, 16)
 CONFIG = ModelConfig(
@@ -33,13 +34,18 @@ def test_auto_is_fp32_on_every_cpu(monkeypatch) -> None:
 
 
 def test_bf16_on_a_cpu_without_it_warns_why(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(runtime, "_warned_emulated_bf16", False)
     fake_cpu(monkeypatch, ("avx2", "fma"))
-    with caplog.at_level(logging.WARNING, logger="fod_core.trainer"):
+    with caplog.at_level(logging.WARNING, logger="fod_core.runtime"):
         assert resolve_precision(CPU, "bf16") is Precision.BF16
     assert "emulated" in caplog.text and "AMX" in caplog.text and "Test CPU" in caplog.text
     caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fod_core.runtime"):
+        resolve_precision(CPU, "bf16")  # once per process, not once per batch
+    assert caplog.text == ""
+    monkeypatch.setattr(runtime, "_warned_emulated_bf16", False)
     fake_cpu(monkeypatch, ("avx2", "avx512f", "amx_tile", "amx_bf16"))
-    with caplog.at_level(logging.WARNING, logger="fod_core.trainer"):
+    with caplog.at_level(logging.WARNING, logger="fod_core.runtime"):
         resolve_precision(CPU, "bf16")
     assert caplog.text == ""
 

@@ -1,27 +1,34 @@
 """Exported scoring graphs (ONNX Runtime, OpenVINO): the same answers as PyTorch, checked
-by a parity gate that refuses an export that disagrees or no longer fits the model."""
+by a parity gate that refuses an export that disagrees or no longer fits the model; and
+PyTorch's bf16 scoring, checked for accuracy against fp32 before ``auto`` may choose it."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from fod_core import export as export_module
+from fod_core import roofline
 from fod_core.artifact import load_detector, read_manifest, update_manifest
 from fod_core.cache import LocalStore
 from fod_core.cli import main as fod_main
-from fod_core.config import LevelConfig, ModelConfig, TrainConfig
+from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.export import (
     ExportError,
     Runtime,
     check_exports,
+    check_precision,
     export_failures,
     export_file,
     export_model,
     load_runtime,
+    precision_problem,
 )
 from fod_core.synthetic import make_good_only_folder
 from fod_core.train import train_model
@@ -125,7 +132,7 @@ def test_an_export_that_disagrees_fails_parity_and_is_refused(
         load_runtime(copy, "onnx")
     load_runtime(copy, "openvino")  # the other export is unaffected
     assert fod_main(["-q", "export", "--model", str(copy), "--check-only"]) == 3
-    assert "parity FAILED for onnx" in capsys.readouterr().err
+    assert "check FAILED for onnx" in capsys.readouterr().err
 
 
 def test_exporting_one_format_leaves_the_others_export_alone(exported, tmp_path):
@@ -151,6 +158,72 @@ def test_missing_export_and_missing_data_are_clear_errors(exported, tmp_path, ca
     update_manifest(bare, data={**manifest["data"], "root": str(tmp_path / "gone")})
     assert fod_main(["-q", "export", "--model", str(bare)]) == 2
     assert "pass --data and --category" in capsys.readouterr().err
+
+
+def _cpu(monkeypatch, *, bf16: bool) -> None:
+    isa = ("avx2", "fma", "avx512f", "amx_tile", "amx_bf16") if bf16 else ("avx2", "fma")
+    monkeypatch.setattr(
+        roofline, "machine", lambda device="cpu": roofline.Machine("cpu", "Test CPU", isa, 2)
+    )
+
+
+def test_bf16_scoring_stays_close_to_fp32_with_fp32_maps(exported):
+    model, root = exported
+    fp32 = load_detector(model)
+    bf16 = fp32.with_precision("bf16")
+    assert fp32.precision is Precision.FP32 and bf16.precision is Precision.BF16
+    images = sorted((root / "part" / "good").glob("*.png"))[:3]
+    batch, _ = fp32.preprocess(fp32._decode(images))
+    (_, scores), (low_maps, low_scores) = fp32.score_batch(batch), bf16.score_batch(batch)
+    assert low_maps.dtype == low_scores.dtype == torch.float32
+    assert torch.isfinite(low_maps).all() and not torch.equal(low_scores, scores)
+    torch.testing.assert_close(low_scores, scores, rtol=0.25, atol=0)  # 8-bit mantissa
+    torch.testing.assert_close(fp32.score_batch(batch)[1], scores)  # fp32 again: untouched
+    with pytest.raises(ExportError, match="bf16 is for --runtime torch"):
+        load_runtime(model, "onnx", precision="bf16")
+
+
+def test_bf16_check_is_recorded_and_auto_follows_it(exported, tmp_path, monkeypatch, capsys):
+    """`fod export --format bf16`: the planted-anomaly accuracy of both precisions is
+    recorded; auto picks bf16 only on a CPU that has it and only while the check holds."""
+    model, _ = exported
+    copy = shutil.copytree(model, tmp_path / "model")
+    _cpu(monkeypatch, bf16=False)
+    assert load_detector(copy, precision="auto").precision is Precision.FP32  # never checked
+    assert fod_main(["-q", "export", "--model", str(copy), "--format", "bf16"]) in (0, 3)
+    printed = json.loads(capsys.readouterr().out)
+    record = read_manifest(copy)["precision_check"]["bf16"]
+    assert printed == {"bf16": record}
+    assert set(record["fp32"]) == set(record["reduced"]) == {"image_auroc", "pixel_auroc", "aupro"}
+    n_val = len(read_manifest(copy)["data"]["validation_images"])
+    assert record["n_images"] == 2 * n_val and not record["native"]
+    assert record["passed"] == (record["max_metric_delta"] <= record["tolerance"] == 0.002)
+    assert load_detector(copy, precision="auto").precision is Precision.FP32  # not native
+    _cpu(monkeypatch, bf16=True)
+    # The real check decides (a tiny model, emulated bf16 on an AVX2 CI machine, may fail it)
+    chosen = Precision.BF16 if record["passed"] else Precision.FP32
+    assert load_detector(copy, precision="auto").precision is chosen
+    assert (precision_problem(copy, read_manifest(copy)) is None) == record["passed"]
+    assert load_detector(copy).precision is Precision.FP32  # the default stays fp32
+    post = read_manifest(copy)["postprocessing"]
+    update_manifest(copy, postprocessing={**post, "level_weights": [0.7, 0.3]})
+    assert "other weights or post-processing" in precision_problem(copy, read_manifest(copy))
+    assert load_detector(copy, precision="auto").precision is Precision.FP32  # stale
+
+
+def test_a_failed_bf16_check_keeps_auto_at_fp32(exported, tmp_path, monkeypatch, caplog, capsys):
+    model, _ = exported
+    copy = shutil.copytree(model, tmp_path / "model")
+    monkeypatch.setattr(export_module, "PRECISION_METRIC_TOL", -1.0)  # provoke the failure
+    report = check_precision(copy)
+    assert not report.passed and "moves by" in report.failure
+    _cpu(monkeypatch, bf16=True)
+    assert load_detector(copy, precision="auto").precision is Precision.FP32
+    with caplog.at_level(logging.WARNING, logger="fod_core.artifact"):
+        assert load_detector(copy, precision="bf16").precision is Precision.BF16  # as asked
+    assert "bf16 check FAILED" in caplog.text
+    assert fod_main(["-q", "export", "--model", str(copy), "--check-only"]) == 3
+    assert "check FAILED for bf16" in capsys.readouterr().err
 
 
 def _any_image(exported) -> Path:

@@ -87,3 +87,26 @@ def test_a_version_whose_export_disagrees_is_tagged_not_promoted_and_not_served(
     with pytest.raises(ServingError, match="failed its parity check"):
         ModelSource(str(model), runtime="onnx").load("1")
     ModelSource(str(model), runtime="openvino").load("1")  # its other export is fine
+
+
+def test_a_server_in_bf16_says_so_and_answers_close_to_fp32(
+    settings, stack, exported_a, test_images
+):
+    """FOD_PRECISION (or --precision) reaches the model server; /status names it."""
+    version = register_version(settings, exported_a, "bf16")
+    expected = load_detector(exported_a).predict(test_images)
+    serving = LocalServing(stack.home)
+    server = serving.deploy(
+        "fod-bf16", version, model_uri=f"models:/fod-bf16/{version}",
+        env={**settings.env(), "FOD_PRECISION": "bf16"},
+    )  # fmt: skip
+    try:
+        assert server.status()["precision"] == "bf16" and server.status()["runtime"] == "torch"
+        answers = server.predict([p.read_bytes() for p in test_images])
+    finally:
+        serving.stop("fod-bf16")
+    for answer, ours in zip(answers, expected, strict=True):
+        assert answer["score"] == pytest.approx(ours.score, rel=0.25)  # bf16: 8-bit mantissa
+        assert answer["score"] != ours.score
+    # auto without a passed bf16 check (none was run here) scores in fp32
+    assert ModelSource(str(exported_a), precision="auto").load("1").detector.precision == "fp32"
