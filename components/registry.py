@@ -231,6 +231,9 @@ def register_model(
     exports = read_manifest(model_dir).get("export", {})
     if exports:  # what the version's files hold, and whether each export matched PyTorch
         client.set_model_version_tag(name, version, "export", export_tag(exports))
+    bf16 = read_manifest(model_dir).get("precision_check", {}).get("bf16")
+    if bf16:  # a tag, not a gate: without a passed check the version serves in fp32
+        client.set_model_version_tag(name, version, "bf16_check", precision_tag(bf16))
     reasons += export_failures(model_dir)  # failed, stale, or files changed since the check
     passed = passed and not reasons
     evidence = describe_evidence(metrics)
@@ -268,6 +271,16 @@ def export_tag(exports: dict) -> str:
         else:
             parts.append(f"{name}: FAILED ({parity.get('failure')})")
     return "; ".join(parts)
+
+
+def precision_tag(check: dict) -> str:
+    """e.g. 'passed (accuracy moves by 0.0004 at most, limit 0.002; 42 images)'."""
+    if not check.get("passed"):
+        return f"FAILED ({check.get('failure')}): serves in fp32"
+    return (
+        f"passed (accuracy moves by {check['max_metric_delta']:.4f} at most, limit "
+        f"{check['tolerance']}; {check['n_images']} images)"
+    )
 
 
 def threshold_tag(model_dir: str | Path) -> str:

@@ -222,22 +222,27 @@ def export_model(
     model: Output[Model],
 ) -> str:
     """Export the scoring graph (ONNX, OpenVINO) into the model and check it against
-    PyTorch on validation normals and anomalies planted into them. A failed check does not
-    fail the run: registration tags the version with it and does not promote it."""
+    PyTorch on validation normals and anomalies planted into them; "bf16" checks PyTorch's
+    bf16 scoring against fp32 (for `fod serve --precision auto`). A failed export check
+    does not fail the run: registration tags the version with it and does not promote it;
+    a failed bf16 check is a tag only (the version serves in fp32)."""
     import json
     import shutil
 
-    from fod_core.export import export_model
+    from fod_core.export import check_precision, check_set, export_model
 
     shutil.copytree(calibrated_model.path, model.path, dirs_exist_ok=True)
     formats = [f.strip() for f in export_formats.split(",") if f.strip()]
+    graphs = [f for f in formats if f != "bf16"]
+    images = check_set(model.path, dataset.path, category, format=data_format) if formats else None
     records = (
-        export_model(model.path, formats, data_root=dataset.path, category=category,
-                     format=data_format)
-        if formats
+        export_model(model.path, graphs, images=images.images, describe=images.describe)
+        if graphs
         else {}
-    )  # fmt: skip
+    )
     parity = {name: record["parity"] for name, record in records.items()}
+    if "bf16" in formats:
+        parity["bf16"] = check_precision(model.path, images=images).to_dict()
     model.metadata.update({"framework": "fod", "exports": ",".join(parity)})
     for name, report in parity.items():
         model.metadata[f"{name}_parity"] = "passed" if report["passed"] else report["failure"]

@@ -101,7 +101,8 @@ class PipelineParameters:
         "onnx,openvino",
         "scoring graphs exported into the model and checked against PyTorch before "
         "registration (comma-separated: onnx, openvino; empty: none). A version whose "
-        "export disagrees is registered with the failure as a tag and not promoted",
+        "export disagrees is registered with the failure as a tag and not promoted. bf16 "
+        "adds PyTorch's bf16 accuracy check (a tag; `fod serve --precision auto` follows it)",
     )
     # promotion gates
     min_image_auroc: float = parameter(_GATES.min_image_auroc, "gate on labelled defects")

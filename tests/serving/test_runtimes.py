@@ -4,13 +4,17 @@ its version from being promoted or served."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
+from kfp.dsl import Dataset, Model
 from mlflow import MlflowClient
 from registered import register_version
 
+from components import steps
 from components.errors import ServingError
 from components.local.servers import LocalServing
 from components.registry import CHAMPION, PromotionGates, register_model
@@ -89,11 +93,29 @@ def test_a_version_whose_export_disagrees_is_tagged_not_promoted_and_not_served(
     ModelSource(str(model), runtime="openvino").load("1")  # its other export is fine
 
 
-def test_a_server_in_bf16_says_so_and_answers_close_to_fp32(
-    settings, stack, exported_a, test_images
+def test_the_pipelines_bf16_check_is_a_tag_and_a_server_in_bf16_says_so(
+    settings, stack, exported_a, served_data, test_images, tmp_path
 ):
-    """FOD_PRECISION (or --precision) reaches the model server; /status names it."""
-    version = register_version(settings, exported_a, "bf16")
+    """The export step with "bf16" records the check, registration tags it, and
+    FOD_PRECISION (or --precision) reaches the model server, whose /status names it."""
+    checked = Model(uri=str(tmp_path / "checked"))
+    result = json.loads(
+        steps.export_model.python_func(
+            dataset=Dataset(uri=str(served_data)),
+            calibrated_model=Model(uri=str(exported_a)),
+            category="widget",
+            data_format="mvtec",
+            export_formats="bf16",
+            model=checked,
+        )
+    )
+    check = result["bf16"]
+    assert set(result) == {"bf16"} and set(check["fp32"]) == {"image_auroc", "pixel_auroc", "aupro"}
+    assert checked.metadata["bf16_parity"] == ("passed" if check["passed"] else check["failure"])
+    version = register_version(settings, Path(checked.path), "bf16")
+    tag = MlflowClient().get_model_version("fod-bf16", version).tags["bf16_check"]
+    assert tag.startswith("passed (accuracy moves by" if check["passed"] else "FAILED")
+
     expected = load_detector(exported_a).predict(test_images)
     serving = LocalServing(stack.home)
     server = serving.deploy(
@@ -108,5 +130,5 @@ def test_a_server_in_bf16_says_so_and_answers_close_to_fp32(
     for answer, ours in zip(answers, expected, strict=True):
         assert answer["score"] == pytest.approx(ours.score, rel=0.25)  # bf16: 8-bit mantissa
         assert answer["score"] != ours.score
-    # auto without a passed bf16 check (none was run here) scores in fp32
+    # auto without a bf16 check (exported_a has none) scores in fp32
     assert ModelSource(str(exported_a), precision="auto").load("1").detector.precision == "fp32"
