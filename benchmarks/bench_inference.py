@@ -20,6 +20,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -76,7 +77,15 @@ def main() -> None:
         "openvino (the model's checked exports: run `fod export` first); each is timed in "
         "the same process",
     )
+    parser.add_argument(
+        "--all-levels",
+        action="store_true",
+        help="score every level (the method's equal weights), whatever weights the model "
+        "was calibrated with: a level weighted 0 is not run, so its cost would be missing",
+    )
     args = parser.parse_args()
+    if args.all_levels and args.runtimes != "torch":
+        parser.error("--all-levels times PyTorch only: an export holds the model's own weights")
     paths = sorted(p for p in args.images.rglob("*.png"))
     if args.untrained_backbone:
         import tempfile
@@ -90,7 +99,10 @@ def main() -> None:
     detector = load_detector(args.model, device=args.device)
     where = machine(detector.device)
     rates = measure_rates(where)
-    flops = fod_flops(detector.model, detector.extractor)
+    if args.all_levels and detector.post.level_weights is not None:
+        detector.post = replace(detector.post, level_weights=None)  # the method: every level
+    levels = detector.post.used_levels(len(detector.model.levels))
+    flops = fod_flops(detector.model, detector.extractor, levels=levels)
     print(roofline_header(where, rates, flops), flush=True)  # first: every figure is read by it
     full_forward = FODLevel.forward
 
@@ -103,6 +115,7 @@ def main() -> None:
         "machine": {"name": where.name, "device": where.device, "isa": list(where.isa)},
         "matmul_gflops": {"fp32": rates.fp32, "bf16": rates.bf16},
         "flops_per_image": flops.to_dict(),
+        "levels_scored": levels,
     }
     for runtime in args.runtimes.split(","):
         if runtime == "torch":
@@ -127,14 +140,18 @@ def main() -> None:
             if runtime == "torch-bf16" and rates.bf16:
                 result["of_bf16_matmul"] = achieved(flops.inference, fast / 1000, rates.bf16)
             if runtime == "torch":
-                FODLevel.forward = with_intra_maps
-                try:
-                    detector.predict(paths[:batch], batch_size=batch)
-                    result["ms_per_image_with_intra_maps"] = time_predict(
-                        detector, paths, batch, repeats
-                    )
-                finally:
-                    FODLevel.forward = full_forward
+                for name, variant in (("with_intra_maps", with_intra_maps),):
+                    FODLevel.forward = variant
+                    try:
+                        detector.predict(paths[:batch], batch_size=batch)
+                        result[f"ms_per_image_{name}"] = time_predict(
+                            detector, paths, batch, repeats
+                        )
+                        result[f"scoring_ms_per_image_{name}"] = time_scoring(
+                            detector, paths, batch, repeats
+                        )
+                    finally:
+                        FODLevel.forward = full_forward
             key = f"batch_{batch}" if runtime == "torch" else f"{runtime}_batch_{batch}"
             report[key] = result
             print(f"{runtime} batch {batch}: {result}", flush=True)

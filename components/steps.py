@@ -229,20 +229,16 @@ def export_model(
     import json
     import shutil
 
-    from fod_core.export import check_precision, check_set, export_model
+    from fod_core.export import check_precision, export_model
 
     shutil.copytree(calibrated_model.path, model.path, dirs_exist_ok=True)
     formats = [f.strip() for f in export_formats.split(",") if f.strip()]
     graphs = [f for f in formats if f != "bf16"]
-    images = check_set(model.path, dataset.path, category, format=data_format) if formats else None
-    records = (
-        export_model(model.path, graphs, images=images.images, describe=images.describe)
-        if graphs
-        else {}
-    )
+    data = dict(data_root=dataset.path, category=category, format=data_format)
+    records = export_model(model.path, graphs, **data) if graphs else {}
     parity = {name: record["parity"] for name, record in records.items()}
     if "bf16" in formats:
-        parity["bf16"] = check_precision(model.path, images=images).to_dict()
+        parity["bf16"] = check_precision(model.path, **data).to_dict()
     model.metadata.update({"framework": "fod", "exports": ",".join(parity)})
     for name, report in parity.items():
         model.metadata[f"{name}_parity"] = "passed" if report["passed"] else report["failure"]

@@ -7,14 +7,17 @@ backbone.pt   the frozen backbone's weights (so no weights package or hub is nee
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from fod_core.backbone import BackboneSpec, FeatureExtractor, WeightsSource
+from fod_core.cache import file_sha256
 from fod_core.config import ModelConfig, Precision
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
@@ -192,7 +195,6 @@ def scoring_precision(
 ) -> Precision:
     """fp32 or bf16 for scoring this model on ``device`` (see ``load_detector``). An explicit
     bf16 is honoured, with a warning where the model's check does not vouch for it."""
-    from fod_core.export import precision_problem
     from fod_core.roofline import machine
 
     requested = Precision(requested)
@@ -210,3 +212,31 @@ def scoring_precision(
             directory,
         )
     return requested
+
+
+def files_digest(paths: Sequence[Path]) -> str:
+    """One short digest of several files; "missing" when one of them is not there."""
+    if not all(path.is_file() for path in paths):
+        return "missing"
+    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()[:16]
+
+
+def scoring_fingerprint(model_dir: Path, post: dict) -> dict:
+    """What an exported graph or a precision check depends on: the weights and the
+    post-processing inside the scoring graph (not the threshold, applied after it)."""
+    baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
+    weights = files_digest([model_dir / "model.pt", model_dir / "backbone.pt"])
+    return {"weights_digest": weights, "postprocessing": baked}
+
+
+def precision_problem(model_dir: str | Path, manifest: dict) -> str | None:
+    """Why the model's bf16 check does not vouch for scoring it in bf16, or None."""
+    check = manifest.get("precision_check", {}).get(Precision.BF16.value)
+    if check is None:
+        return "its bf16 accuracy was never checked"
+    fingerprint = scoring_fingerprint(Path(model_dir), manifest["postprocessing"])
+    if check.get("checked_with") != fingerprint:
+        return "its bf16 check was made on other weights or post-processing"
+    if not check.get("passed"):
+        return f"its bf16 check FAILED ({check.get('failure')})"
+    return None

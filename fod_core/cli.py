@@ -253,25 +253,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fod_core.artifact import read_manifest
-    from fod_core.export import (
-        EXPORT_FORMATS,
-        check_exports,
-        check_precision,
-        check_set,
-        export_model,
-    )
+    from fod_core.export import EXPORT_FORMATS, check_exports, check_precision, export_model
     from fod_core.roofline import machine
 
     data = dict(data_root=args.data, category=args.category, format=args.data_format)
-    images = check_set(args.model, **data)  # the same images for every check
-    given = dict(images=images.images, describe=images.describe)
     if args.check_only:
         manifest = read_manifest(args.model)
         graphs = list(manifest.get("export", {}))
         bf16 = Precision.BF16.value in manifest.get("precision_check", {})
         if not graphs and not bf16:
             raise ExportError(f"{args.model} holds no export to check: run `fod export` first")
-        records = check_exports(args.model, **given) if graphs else {}
+        records = check_exports(args.model, **data) if graphs else {}
     else:
         wanted = [f.value for f in EXPORT_FORMATS] if args.format == "all" else [args.format]
         graphs = [f for f in wanted if f != Precision.BF16.value]
@@ -279,10 +271,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         bf16 = args.format == Precision.BF16.value or (
             args.format == "all" and machine().native_bf16
         )
-        records = export_model(args.model, graphs, **given) if graphs else {}
+        records = export_model(args.model, graphs, **data) if graphs else {}
     reports = {k: v["parity"] for k, v in records.items()}
     if bf16:
-        reports[Precision.BF16.value] = check_precision(args.model, images=images).to_dict()
+        reports[Precision.BF16.value] = check_precision(args.model, **data).to_dict()
     print(json.dumps(reports, indent=2))
     failed = [k for k, v in reports.items() if (k in graphs or k == "bf16") and not v["passed"]]
     if failed:

@@ -15,7 +15,6 @@ export traced with other ones (or other weights) is refused as stale.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fod_core.cache import file_sha256
+from fod_core.artifact import files_digest, scoring_fingerprint
 from fod_core.config import Precision
 from fod_core.inference import AnomalyDetector, Detector
 
@@ -44,6 +43,9 @@ MAP_TOL = 1e-3
 # bf16 is held to the accuracy that matters instead: image AUROC, pixel AUROC and AUPRO on
 # the planted anomalies within 0.002 of fp32 (the accuracy bar issue 16 sets on bottle).
 PRECISION_METRIC_TOL = 0.002
+# Three planted copies per normal: 21 x 21 pairs would move image AUROC by 0.0023 per
+# swapped pair, more than the tolerance; 21 x 63 pairs, by 0.0008.
+PRECISION_PLANTED_PER_IMAGE = 3
 PARITY_MAX_IMAGES = 24  # validation normals used (and as many planted copies)
 _EXAMPLE_BATCH = 2  # traced with 2 images, so the batch dimension cannot be specialised
 
@@ -66,21 +68,6 @@ class ExportError(RuntimeError):
 
 def export_file(model_dir: str | Path, runtime: Runtime | str) -> Path:
     return Path(model_dir) / EXPORT_DIR / _FILES[Runtime(runtime)]
-
-
-def _digest(paths: Sequence[Path]) -> str:
-    """One short digest of several files; "missing" when one of them is not there."""
-    if not all(path.is_file() for path in paths):
-        return "missing"
-    return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()[:16]
-
-
-def _traced_with(model_dir: Path, post: dict) -> dict:
-    """What an exported graph depends on: the weights and the post-processing that is
-    inside it (not the threshold, which is applied after)."""
-    baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
-    weights = _digest([model_dir / "model.pt", model_dir / "backbone.pt"])
-    return {"weights_digest": weights, "postprocessing": baked}
 
 
 # -- writing the graph --------------------------------------------------------------------
@@ -224,11 +211,11 @@ class ExportedDetector(Detector):
         return torch.cat(maps), torch.cat(scores)
 
 
-def _files_digest(model_dir: Path, runtime: Runtime) -> str:
+def _export_files_digest(model_dir: Path, runtime: Runtime) -> str:
     """The export's own files (ONNX; OpenVINO's .xml and .bin), so that a record cannot
     vouch for files written after its check."""
     path = export_file(model_dir, runtime)
-    return _digest([path, path.with_suffix(".bin")] if runtime is Runtime.OPENVINO else [path])
+    return files_digest([path, path.with_suffix(".bin")] if runtime is Runtime.OPENVINO else [path])
 
 
 def export_problem(
@@ -248,12 +235,12 @@ def export_problem(
             f"the {runtime.value} export{where} failed its parity check "
             f"({parity.get('failure', 'not checked')}): serve it with --runtime torch"
         )
-    if record.get("traced_with") != _traced_with(model_dir, manifest["postprocessing"]):
+    if record.get("traced_with") != scoring_fingerprint(model_dir, manifest["postprocessing"]):
         return (
             f"the {runtime.value} export{where} was traced from other weights or "
             "post-processing (re-trained or re-calibrated since): run `fod export` again"
         )
-    if record.get("files_digest") != _files_digest(model_dir, runtime):
+    if record.get("files_digest") != _export_files_digest(model_dir, runtime):
         return (
             f"the {runtime.value} export files{where} are not the ones that were "
             "checked (changed or incomplete): run `fod export` again"
@@ -387,9 +374,10 @@ def check_set(
     *,
     format: str = "mvtec",
     max_images: int = PARITY_MAX_IMAGES,
+    per_image: int = 1,
 ) -> CheckSet:
-    """The model's validation normals (never a training image) and an anomaly planted
-    into each. Without data, the dataset the manifest names."""
+    """The model's validation normals (never a training image) and ``per_image``
+    anomalies planted into each. Without data, the dataset the manifest names."""
     from fod_core.artifact import read_manifest
     from fod_core.calibration import model_split
     from fod_core.data import DatasetError, load_category
@@ -410,7 +398,9 @@ def check_set(
     chosen = sorted(val or train, key=lambda r: r.path.name)[:max_images]
     if not chosen:
         raise DatasetError(f"{root}/{category} has no normal images for the check")
-    normals, draws = planted_copies([r.path for r in chosen], per_image=1, seed=PLANTED_SEED)
+    normals, draws = planted_copies(
+        [r.path for r in chosen], per_image=per_image, seed=PLANTED_SEED
+    )
     planted, masks = (list(x) for x in zip(*draws, strict=True))
     what = "validation" if val else "training (no validation split)"
     describe = f"{len(normals)} {what} normals + {len(planted)} planted anomalies"
@@ -505,7 +495,7 @@ def export_model(
         images, describe = parity_images(model_dir, data_root, category, format=format)
     detector = load_detector(model_dir)
     manifest = read_manifest(model_dir)
-    traced_with = _traced_with(model_dir, manifest["postprocessing"])
+    traced_with = scoring_fingerprint(model_dir, manifest["postprocessing"])
     records = dict(manifest.get("export", {}))
     # OpenVINO converts this run's ONNX graph, never an older one; asked for alone, from an
     # intermediate file, so that an earlier ONNX export and its record stay as they are.
@@ -531,7 +521,7 @@ def export_model(
             report = _check(detector, model_dir, runtime, images, describe or "given images")
         except Exception as error:  # the model itself is fine: record it, go on
             report = _failed(runtime, "export", error)
-        record["files_digest"] = _files_digest(model_dir, runtime)
+        record["files_digest"] = _export_files_digest(model_dir, runtime)
         records[runtime.value] = {**record, "parity": report.to_dict()}
     if Runtime.ONNX not in wanted:
         onnx_path.unlink(missing_ok=True)
@@ -561,7 +551,7 @@ def check_exports(
     detector = load_detector(model_dir)
     for name, record in records.items():
         report = _check(detector, model_dir, Runtime(name), images, describe or "given images")
-        digest = _files_digest(model_dir, Runtime(name))
+        digest = _export_files_digest(model_dir, Runtime(name))
         records[name] = {**record, "files_digest": digest, "parity": report.to_dict()}
     _save_records(model_dir, records)
     return records
@@ -654,7 +644,9 @@ def check_precision(
         raise ExportError(f"only bf16 is checked against fp32, not {precision.value}")
     model_dir = Path(model_dir)
     if images is None:
-        images = check_set(model_dir, data_root, category, format=format)
+        images = check_set(
+            model_dir, data_root, category, format=format, per_image=PRECISION_PLANTED_PER_IMAGE
+        )
     here = machine(device)
     started = time.perf_counter()
     fp32 = load_detector(model_dir, device=device, precision=Precision.FP32)
@@ -696,7 +688,7 @@ def check_precision(
         max_metric_delta=delta,
         max_score_rel_error=score_error,
         decisions_changed=sum(a.is_anomalous != b.is_anomalous for a, b in pairs),
-        checked_with=_traced_with(model_dir, manifest["postprocessing"]),
+        checked_with=scoring_fingerprint(model_dir, manifest["postprocessing"]),
         seconds=round(time.perf_counter() - started, 2),
         failure="; ".join(failures) or None,
     )
@@ -712,15 +704,3 @@ def check_precision(
     checks = {**manifest.get("precision_check", {}), precision.value: report.to_dict()}
     update_manifest(model_dir, precision_check=checks)
     return report
-
-
-def precision_problem(model_dir: str | Path, manifest: dict) -> str | None:
-    """Why the model's bf16 check does not vouch for scoring it in bf16, or None."""
-    check = manifest.get("precision_check", {}).get(Precision.BF16.value)
-    if check is None:
-        return "its bf16 accuracy was never checked"
-    if check.get("checked_with") != _traced_with(Path(model_dir), manifest["postprocessing"]):
-        return "its bf16 check was made on other weights or post-processing"
-    if not check.get("passed"):
-        return f"its bf16 check FAILED ({check.get('failure')})"
-    return None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -163,12 +164,17 @@ def level_flops(
     return per_image, per_batch
 
 
-def fod_flops(model, backbone=None, *, batch_size: int = 8) -> FodFlops:
+def fod_flops(
+    model, backbone=None, *, batch_size: int = 8, levels: Sequence[bool] | None = None
+) -> FodFlops:
     """FLOPs of ``model`` (an ``FODModel``) per image; ``backbone`` (a ``FeatureExtractor``)
-    is counted by PyTorch's FLOP counter on one image of the model's size."""
+    is counted by PyTorch's FLOP counter on one image of the model's size. ``levels``: the
+    levels scoring runs (``PostProcessing.used_levels``: a level weighted 0 is skipped, and
+    at 1024 tokens the first level is most of the cost); training runs them all."""
     score = train = 0.0
     config = model.config
-    for level, level_config in zip(model.levels, config.levels, strict=True):
+    wanted = levels if levels is not None else [True] * len(model.levels)
+    for level, level_config, used in zip(model.levels, config.levels, wanted, strict=True):
         shape = dict(
             tokens=level.grid[0] * level.grid[1],
             in_channels=level.in_channels,
@@ -178,7 +184,7 @@ def fod_flops(model, backbone=None, *, batch_size: int = 8) -> FodFlops:
             ffn_ratio=level_config.ffn_ratio,
             output_projection=config.output_projection,
         )
-        score += level_flops(**shape)[0]  # the reference's projections are cached
+        score += level_flops(**shape)[0] if used else 0.0  # the reference's K, V are cached
         per_image, per_batch = level_flops(**shape, training=True)
         train += 3 * (per_image + per_batch / batch_size)  # backward: about twice forward
     backbone_flops = 0.0

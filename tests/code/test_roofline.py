@@ -47,6 +47,11 @@ def test_scoring_flops_match_pytorchs_count(monkeypatch) -> None:
     model.score_maps(batch)  # fills the cached reference keys and values
     expected = fod_flops(model).score
     assert counted(lambda: model.score_maps(batch)) / 3 == pytest.approx(expected, rel=1e-6)
+    # a level weighted 0 is not scored, and not counted
+    expected = fod_flops(model, levels=[False, True]).score
+    assert 0 < expected < fod_flops(model).score
+    counted_second = counted(lambda: model.score_maps(batch, levels=[False, True])) / 3
+    assert counted_second == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_training_step_costs_about_three_forward_passes() -> None:
