@@ -68,12 +68,15 @@ def inference_service(
     memory: str = "4Gi",
     decision_record: str | None = None,
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict:
     """The InferenceService for one model version, as a plain dict (YAML-ready). It serves
     the model as ``name``; the object's own name is `kubernetes_name` of it.
 
     ``runtime``: torch, onnx or openvino (the version's export, which the pipeline checked
     for parity before registering it; a version whose export failed is refused at load).
+    ``precision`` (torch): fp32, bf16, or auto (bf16 where the node's CPU or GPU has it and
+    the version passed its bf16 check).
 
     ``decision_record`` (s3://bucket/prefix): every decision is recorded in the pod and
     shipped there as Parquet, where ``fod monitor`` and the review page read it; the pod
@@ -141,6 +144,8 @@ def inference_service(
             "0",  # a new version is a new revision, rolled out by KServe
             "--runtime",
             runtime,
+            "--precision",
+            precision,
             *recording.get("args", []),
         ],
         env_from=recording.get("env_from"),
@@ -427,6 +432,7 @@ def deploy_champion(
     env: dict | None = None,
     ready_timeout: float = READY_TIMEOUT,
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict:
     """The pipeline's deploy step: make the served model the given champion version.
 
@@ -437,12 +443,18 @@ def deploy_champion(
         return {"target": target.value, "deployed": False}
     if target is DeployTarget.LOCAL:
         server = LocalServing().deploy(
-            name, version, http_port=http_port, grpc_port=grpc_port, env=env, runtime=runtime
+            name,
+            version,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            env=env,
+            runtime=runtime,
+            precision=precision,
         )
         result = {"target": target.value, "deployed": True, "url": server.url, "version": version}
     else:
         result = _deploy_inference_service(
-            name, version, namespace, canary_traffic_percent, ready_timeout, runtime
+            name, version, namespace, canary_traffic_percent, ready_timeout, runtime, precision
         )
     from datetime import UTC, datetime
 
@@ -462,6 +474,7 @@ def _deploy_inference_service(
     canary_traffic_percent: int | None,
     ready_timeout: float,
     runtime: str = "torch",
+    precision: str = "fp32",
 ) -> dict:
     """Apply the version's InferenceService and wait until it is Ready."""
     from components.settings import load_settings, shipped_record
@@ -474,6 +487,7 @@ def _deploy_inference_service(
         canary_traffic_percent=canary_traffic_percent,
         decision_record=shipped_record(),
         runtime=runtime,
+        precision=precision,
     )
     client = kubernetes_api()
     applied = apply_inference_service(manifest, client=client)

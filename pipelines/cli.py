@@ -137,6 +137,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             if args.decision_record == "none"
             else args.decision_record or shipped_record(),
             runtime=args.runtime,
+            precision=args.precision,
             **({"image": args.image} if args.image else {}),
         )
         text = yaml.safe_dump(manifest, sort_keys=False)
@@ -178,6 +179,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         canary_traffic_percent=args.canary_percent,
         env=settings.env(),
         runtime=args.runtime,
+        precision=args.precision,
     )
     print(json.dumps(result))
     return 0
@@ -330,6 +332,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="torch",
         choices=["torch", "onnx", "openvino"],
         help="what the server scores with: PyTorch or the version's checked export",
+    )
+    deploy.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "auto"],
+        help="torch: fp32, bf16, or auto (bf16 where the server's CPU or GPU has it natively "
+        "and the version passed its bf16 check)",
     )
     deploy.set_defaults(func=cmd_deploy)
 

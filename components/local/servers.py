@@ -94,10 +94,13 @@ def spawn_model_server(
     return LocalServer(name, model_uri, http_port, grpc_port, process.pid, process.log)
 
 
-def _serves_with(server: LocalServer, runtime: str) -> bool:
-    """Whether a running server scores with ``runtime`` (unknown, e.g. busy: no)."""
+def _serves_with(server: LocalServer, runtime: str, precision: str = "fp32") -> bool:
+    """Whether a running server scores with ``runtime`` and ``precision`` (unknown, e.g.
+    busy: no; auto: whatever it resolved to)."""
     status = server.status()
-    return status is not None and status.get("runtime", "torch") == runtime
+    if status is None or status.get("runtime", "torch") != runtime:
+        return False
+    return precision == "auto" or status.get("precision", "fp32") == precision
 
 
 class LocalServing:
@@ -137,8 +140,10 @@ class LocalServing:
         env: dict | None = None,
         timeout: float = 180.0,
         runtime: str = "torch",
+        precision: str = "fp32",
     ) -> LocalServer:
-        """Serve ``model_uri`` (default: the champion alias) with ``runtime`` and wait for
+        """Serve ``model_uri`` (default: the champion alias) with ``runtime`` (and
+        ``precision``, for torch) and wait for
         ``expected_version``.
 
         A server already running on the same URI and runtime is left running: it follows
@@ -151,18 +156,28 @@ class LocalServing:
             server
             and pid_alive(server.pid)
             and server.model_uri == model_uri
-            and _serves_with(server, runtime)
+            and _serves_with(server, runtime, precision)
         ):
             log.info("%s is served at %s; waiting for v%s", name, server.url, expected_version)
         else:
             if server:
                 stop_server(ServerState(pid=server.pid))
-            server = self._start(name, model_uri, http_port, grpc_port, env, timeout, runtime)
+            server = self._start(
+                name, model_uri, http_port, grpc_port, env, timeout, runtime, precision
+            )
         self._wait_for_version(server, expected_version, timeout)
         return server
 
     def _start(
-        self, name, model_uri, http_port, grpc_port, env, timeout, runtime="torch"
+        self,
+        name,
+        model_uri,
+        http_port,
+        grpc_port,
+        env,
+        timeout,
+        runtime="torch",
+        precision="fp32",
     ) -> LocalServer:
         http_port = http_port if http_port and port_is_free(http_port) else free_port()
         grpc_port = grpc_port if grpc_port and port_is_free(grpc_port) else free_port()
@@ -174,7 +189,7 @@ class LocalServing:
             model_uri,
             http_port=http_port,
             grpc_port=grpc_port,
-            extra=(*extra, "--runtime", runtime),
+            extra=(*extra, "--runtime", runtime, "--precision", precision),
             env=env,
             log_name=f"serve-{name}",
         )

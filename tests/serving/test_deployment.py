@@ -222,3 +222,15 @@ def test_the_cpu_limit_is_not_below_the_request():
         "resources"
     ]
     assert resources["limits"]["cpu"] == resources["requests"]["cpu"] == "2"
+
+
+def test_the_inference_service_selects_runtime_and_precision():
+    def args(**selection) -> list[str]:
+        manifest = inference_service("fod-bottle", **EXAMPLE, **selection)
+        return manifest["spec"]["predictor"]["containers"][0]["args"]
+
+    default = args()
+    assert default[default.index("--runtime") + 1] == "torch"
+    assert default[default.index("--precision") + 1] == "fp32"
+    chosen = args(runtime="torch", precision="auto")
+    assert chosen[chosen.index("--precision") + 1] == "auto"

@@ -97,7 +97,8 @@ def test_the_pipelines_bf16_check_is_a_tag_and_a_server_in_bf16_says_so(
     settings, stack, exported_a, served_data, test_images, tmp_path
 ):
     """The export step with "bf16" records the check, registration tags it, and
-    FOD_PRECISION (or --precision) reaches the model server, whose /status names it."""
+    `fod deploy local --precision` (--precision of the server) reaches the model server,
+    whose /status names it."""
     checked = Model(uri=str(tmp_path / "checked"))
     result = json.loads(
         steps.export_model.python_func(
@@ -119,8 +120,8 @@ def test_the_pipelines_bf16_check_is_a_tag_and_a_server_in_bf16_says_so(
     expected = load_detector(exported_a).predict(test_images)
     serving = LocalServing(stack.home)
     server = serving.deploy(
-        "fod-bf16", version, model_uri=f"models:/fod-bf16/{version}",
-        env={**settings.env(), "FOD_PRECISION": "bf16"},
+        "fod-bf16", version, model_uri=f"models:/fod-bf16/{version}", env=settings.env(),
+        precision="bf16",
     )  # fmt: skip
     try:
         assert server.status()["precision"] == "bf16" and server.status()["runtime"] == "torch"
