@@ -52,9 +52,14 @@ def references(bank: list[torch.Tensor], index: torch.Tensor) -> list[torch.Tens
 
 
 @torch.no_grad()
-def test_scores(model, features, refs, post: PostProcessing, chunk: int = 8) -> np.ndarray:
+def test_scores(
+    model, features, refs, post: PostProcessing, chunk: int = 8
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The method's image scores, and per level each part's alone (the max over tokens of
+    the reconstruction error, of the inter divergence, and of their weighted product)."""
     eps = model.config.log_eps
     grids = [[] for _ in model.levels]
+    parts: dict[str, list] = {}
     for start in range(0, len(features[0]), chunk):
         for i, level in enumerate(model.levels):
             out = level(
@@ -62,9 +67,16 @@ def test_scores(model, features, refs, post: PostProcessing, chunk: int = 8) -> 
                 scoring=True,
                 reference=refs[i][start : start + chunk],
             )
-            grids[i].append(FODLevel.token_scores(out, eps).view(-1, *level.grid))
+            weighted = FODLevel.token_scores(out, eps)
+            grids[i].append(weighted.view(-1, *level.grid))
+            for name, tokens in (
+                ("reconstruction", FODLevel.reconstruction_error(out)),
+                ("inter_divergence", FODLevel.mean_divergence(out.inter, eps)),
+                ("weighted", weighted),
+            ):
+                parts.setdefault(f"level{i + 1}_{name}", []).append(tokens.amax(-1))
     maps = post.anomaly_map([torch.cat(g) for g in grids])
-    return post.image_score(maps).numpy()
+    return post.image_score(maps).numpy(), {k: torch.cat(v).numpy() for k, v in parts.items()}
 
 
 def main() -> None:
@@ -140,9 +152,12 @@ def main() -> None:
             losses.append(loss.item())
         seconds = time.perf_counter() - started
         model.eval()
-        auroc = image_auroc(labels, test_scores(model, test, test_refs, post))
+        scores, parts = test_scores(model, test, test_refs, post)
         record = {"epoch": epoch, "seconds": round(seconds, 1), "loss": float(np.mean(losses))}
-        record["test_image_auroc_record_only"] = round(auroc, 4)
+        record["test_image_auroc_record_only"] = round(image_auroc(labels, scores), 4)
+        record["parts_record_only"] = {
+            name: round(image_auroc(labels, values), 4) for name, values in parts.items()
+        }
         report["by_epoch_record_only"].append(record)
         print(json.dumps(record), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
