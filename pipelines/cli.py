@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from fod_core import cli as core_cli
+from fod_core.config import Precision
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
@@ -336,7 +337,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     deploy.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "auto"],
+        choices=[p.value for p in Precision],
         help="torch: fp32, bf16, or auto (bf16 where the server's CPU or GPU has it natively "
         "and the version passed its bf16 check)",
     )

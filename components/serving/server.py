@@ -21,6 +21,7 @@ from components.serving.protocol import (
 )
 from components.serving.records import DecisionLog, KeepImages, RecordSettings
 from components.serving.source import ModelSource
+from fod_core.config import Precision
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument(
         "--precision",
         default=os.environ.get("FOD_PRECISION", "fp32"),
-        choices=["fp32", "bf16", "auto"],
+        choices=[p.value for p in Precision],
         help="PyTorch's precision: fp32, bf16, or auto (bf16 where the CPU or GPU has it "
         "natively and the model passed `fod export --format bf16`); env FOD_PRECISION",
     )
