@@ -1,7 +1,8 @@
 """The model artefact: one directory that scores images without the training data.
 
 fod.json      config, preprocessing, postprocessing (threshold), provenance
-model.pt      FOD weights with the class reference features
+model.pt      FOD weights with the class reference features (and, for a nearest-normal
+              reference, the training normals' pooled features it is drawn from)
 backbone.pt   the frozen backbone's weights (so no weights package or hub is needed)
 """
 
@@ -27,13 +28,20 @@ from fod_core.runtime import configure_cpu_numerics
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "fod-model"
-ARTIFACT_VERSION = 3  # 2: post-processing may carry level weights; 3: pre-processing a pose
+# 2: post-processing may carry level weights; 3: pre-processing a pose; 4: a reference
+# per image from a bank of training normals kept in model.pt
+ARTIFACT_VERSION = 4
 
 
-def format_version(postprocessing: dict, preprocessing: dict | None = None) -> int:
+def format_version(
+    postprocessing: dict, preprocessing: dict | None = None, model: dict | None = None
+) -> int:
     """The oldest format that reads this manifest: readers of version 1 know no level
-    weights, readers of version 2 no pose normalisation, so only artefacts that use them
-    are marked 2 or 3 (and refused clearly by older readers)."""
+    weights, readers of version 2 no pose normalisation, readers of version 3 no
+    nearest-normal reference, so only artefacts that use them are marked 2, 3 or 4 (and
+    refused clearly by older readers)."""
+    if (model or {}).get("reference", "class") != "class":
+        return 4
     if (preprocessing or {}).get("alignment", "none") != "none":
         return 3
     return 2 if postprocessing.get("level_weights") is not None else 1
@@ -80,7 +88,7 @@ def save_artifact(
     )
     manifest = {
         "format": ARTIFACT_FORMAT,
-        "format_version": format_version(post.to_dict(), pre.to_dict()),
+        "format_version": format_version(post.to_dict(), pre.to_dict(), model.config.to_dict()),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model.config.to_dict(),
         "backbone": {
@@ -119,7 +127,7 @@ def update_manifest(directory: str | Path, **fields) -> dict:
     manifest = read_manifest(directory)
     manifest.update(fields)
     manifest["format_version"] = format_version(
-        manifest["postprocessing"], manifest.get("preprocessing")
+        manifest["postprocessing"], manifest.get("preprocessing"), manifest.get("model")
     )
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest

@@ -16,10 +16,13 @@ from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
 from fod_core.calibration import LevelWeighting, ThresholdMode
 from fod_core.config import (
+    PRESETS,
     Device,
     ModelConfig,
     ModelSize,
     Precision,
+    Preset,
+    ReferenceMode,
     TrainConfig,
     model_config_for,
 )
@@ -45,15 +48,36 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_level_weights_arg(parser: argparse.ArgumentParser, default: str | None) -> None:
+def _add_level_weights_arg(
+    parser: argparse.ArgumentParser, default: str | None, *, train_default: str | None = None
+) -> None:
     parser.add_argument(
         "--level-weights",
         default=default,
         choices=[w.value for w in LevelWeighting],
         help="equal: average the levels' maps (the method); synthetic: weights with the best "
         "AUPRO on anomalies planted into validation images (no labels needed)"
-        + ("" if default else "; default: keep the model's"),
+        + (f"; default: {train_default}" if train_default else "")
+        + ("" if default or train_default else "; default: keep the model's"),
     )
+
+
+TRAIN_DEFAULTS: dict[str, object] = {
+    "alignment": ModelConfig().alignment.value,
+    "reference": ModelConfig().reference.value,
+    "reference_k": ModelConfig().reference_k,
+    "epochs": TrainConfig().epochs,
+    "lr": TrainConfig().lr,
+    "level_weights": LevelWeighting.EQUAL.value,
+}
+
+
+def _setting(args: argparse.Namespace, name: str):
+    """A training setting: its flag if given, else the preset's value, else the default."""
+    given = getattr(args, name)
+    if given is not None:
+        return given
+    return PRESETS[Preset(args.preset)].get(name, TRAIN_DEFAULTS[name])
 
 
 def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +102,18 @@ def add_scoring_precision_arg(parser: argparse.ArgumentParser, default: str) -> 
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    """Settings a preset may change default to None here and are resolved by ``_setting``:
+    the flag if given, else the preset's value, else the method's default."""
     defaults_model, defaults_train = ModelConfig(), TrainConfig()
+    parser.add_argument(
+        "--preset",
+        default=Preset.METHOD.value,
+        choices=[p.value for p in Preset],
+        help="method: the published method (default); hard: parts at any angle with small "
+        "defects (screws): "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS[Preset.HARD].items())
+        + ". A flag given as well wins over the preset",
+    )
     parser.add_argument(
         "--backbone",
         default=defaults_model.backbone.name,
@@ -101,14 +136,27 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=defaults_model.image_size)
     parser.add_argument(
         "--alignment",
-        default=defaults_model.alignment.value,
         choices=[a.value for a in Alignment],
         help="none: the photos as they are (the method; default); principal_axis: turn an "
         "elongated part lying at any angle (a screw) onto one axis before the model",
     )
-    parser.add_argument("--epochs", type=int, default=defaults_train.epochs)
+    parser.add_argument(
+        "--reference",
+        choices=[r.value for r in ReferenceMode],
+        help="class: one reference pattern, the mean of all training normals (the method; "
+        "default); nearest: per image, the mean of its --reference-k nearest training "
+        "normals (kept in the model; for parts that are not aligned)",
+    )
+    parser.add_argument(
+        "--reference-k",
+        type=int,
+        help=f"normals per nearest reference (default: {defaults_model.reference_k})",
+    )
+    parser.add_argument(
+        "--epochs", type=int, help=f"training epochs (default: {defaults_train.epochs})"
+    )
     parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults_train.lr)
+    parser.add_argument("--lr", type=float, help=f"Adam's rate (default: {defaults_train.lr})")
     parser.add_argument("--seed", type=int, default=defaults_train.seed)
     parser.add_argument("--val-fraction", type=float, default=defaults_train.val_fraction)
     parser.add_argument("--device", default="auto", choices=[d.value for d in Device])
@@ -126,7 +174,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="false-alarm rate the threshold is calibrated for",
     )
-    _add_level_weights_arg(parser, LevelWeighting.EQUAL.value)
+    _add_level_weights_arg(parser, None, train_default=LevelWeighting.EQUAL.value)
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--keep-checkpoints", action="store_true")
@@ -142,12 +190,14 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     model_config = replace(
         model_config_for(args.model_size, image_size=args.image_size),
         backbone=backbone,
-        alignment=Alignment(args.alignment),
+        alignment=Alignment(_setting(args, "alignment")),
+        reference=ReferenceMode(_setting(args, "reference")),
+        reference_k=int(_setting(args, "reference_k")),
     )
     train_config = TrainConfig(
-        epochs=args.epochs,
+        epochs=int(_setting(args, "epochs")),
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=float(_setting(args, "lr")),
         seed=args.seed,
         val_fraction=args.val_fraction,
         device=Device(args.device),
@@ -173,7 +223,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         target_false_alarm_rate=args.target_far,
-        level_weighting=args.level_weights,
+        level_weighting=_setting(args, "level_weights"),
         progress=not args.quiet,
     )
     print(

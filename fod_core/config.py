@@ -27,6 +27,19 @@ class Precision(str, Enum):
     BF16 = "bf16"
 
 
+class ReferenceMode(str, Enum):
+    """Which normal images make the inter branch's reference pattern.
+
+    CLASS: the per-position mean of all training normals (the method). NEAREST, not the
+    method: for each image, the mean of the K training normals nearest to it (whole-map
+    distance of the finer level's features). On parts that lie at any angle the class
+    mean is a blur with no signal (screw: image AUROC 0.38 before training), the mean of
+    the 5 nearest normals has one (0.95); BENCHMARKS.md, "Hard products"."""
+
+    CLASS = "class"
+    NEAREST = "nearest"
+
+
 @dataclass(frozen=True)
 class LevelConfig:
     """One feature level's transformer."""
@@ -58,9 +71,15 @@ class ModelConfig:
     score_sigma: float = 4.0  # Gaussian smoothing of the map before the image-score max
     # Not part of the method: pose normalisation of parts that lie at any angle (screws).
     alignment: Alignment = Alignment.NONE
+    # Not part of the method: a reference per image from its nearest normals (ReferenceMode).
+    reference: ReferenceMode = ReferenceMode.CLASS
+    reference_k: int = 5  # normals averaged into each image's reference (NEAREST only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alignment", Alignment(self.alignment))
+        object.__setattr__(self, "reference", ReferenceMode(self.reference))
+        if self.reference_k < 1:
+            raise ValueError(f"reference_k must be at least 1, got {self.reference_k}")
         if len(self.levels) != len(self.backbone.out_indices):
             raise ValueError(
                 f"{len(self.levels)} level configs for {len(self.backbone.out_indices)} "
@@ -74,6 +93,9 @@ class ModelConfig:
         data["alignment"] = self.alignment.value
         if self.alignment is Alignment.NONE:
             del data["alignment"]  # what earlier readers (and checkpoints) know
+        data["reference"] = self.reference.value
+        if self.reference is ReferenceMode.CLASS:
+            del data["reference"], data["reference_k"]  # likewise
         return data
 
     @classmethod
@@ -82,6 +104,7 @@ class ModelConfig:
         data["backbone"] = BackboneSpec.from_dict(data["backbone"])
         data["levels"] = tuple(LevelConfig(**level) for level in data["levels"])
         data["alignment"] = Alignment(data.get("alignment", Alignment.NONE.value))
+        data["reference"] = ReferenceMode(data.get("reference", ReferenceMode.CLASS.value))
         return cls(**data)
 
     def with_backbone(self, backbone: BackboneSpec) -> ModelConfig:
@@ -111,11 +134,15 @@ def model_config_for(
     image_size: int = 256,
     backbone: str | None = None,
     alignment: Alignment | str = Alignment.NONE,
+    reference: ReferenceMode | str = ReferenceMode.CLASS,
+    reference_k: int = 5,
 ) -> ModelConfig:
     config = ModelConfig(
         image_size=image_size,
         levels=MODEL_LEVELS[ModelSize(size)],
         alignment=Alignment(alignment),
+        reference=ReferenceMode(reference),
+        reference_k=reference_k,
     )
     if backbone:
         config = config.with_backbone(BackboneSpec(name=backbone))
@@ -152,3 +179,25 @@ class TrainConfig:
         data["device"] = Device(data["device"])
         data["precision"] = Precision(data["precision"])
         return cls(**data)
+
+
+class Preset(str, Enum):
+    """Named training recipes of ``fod train``: settings that go together. Each setting
+    stays overridable by its own flag."""
+
+    METHOD = "method"  # the method as published: every default
+    HARD = "hard"  # small defects on parts that lie at any angle (MVTec screw)
+
+
+# Per preset, the ``fod train`` settings it changes (the flags' names, as dests).
+PRESETS: dict[Preset, dict[str, object]] = {
+    Preset.METHOD: {},
+    Preset.HARD: {
+        "alignment": Alignment.PRINCIPAL_AXIS.value,  # turn each part onto one axis
+        "reference": ReferenceMode.NEAREST.value,  # its reference from its 5 nearest normals
+        "reference_k": 5,
+        "lr": 3e-4,
+        "epochs": 10,  # about 30 min per product on a 2-core CPU (BENCHMARKS.md)
+        "level_weights": "synthetic",  # levels weighted on planted anomalies, no labels
+    },
+}

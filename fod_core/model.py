@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fod_core.config import LevelConfig, ModelConfig
+from fod_core.config import LevelConfig, ModelConfig, ReferenceMode
 from fod_core.kernels import attention_divergence, divergence, outer_target
 
 # Bytes of one layer's inter attention map per scoring pass (see FODLevel.scoring_chunk).
@@ -232,7 +232,8 @@ class LevelOutput:
 
 
 class FODLevel(nn.Module):
-    """The FOD transformer for one feature level, holding its class reference features."""
+    """The FOD transformer for one feature level, holding its class reference features
+    and, with ``reference_bank``, every training normal's (for nearest-normal references)."""
 
     def __init__(
         self,
@@ -241,6 +242,7 @@ class FODLevel(nn.Module):
         grid: tuple[int, int],
         config: LevelConfig,
         output_projection: bool = False,
+        reference_bank: bool = False,
     ) -> None:
         super().__init__()
         self.grid = grid
@@ -256,11 +258,31 @@ class FODLevel(nn.Module):
         self.norm = nn.LayerNorm(config.d_model)
         self.head = nn.Linear(config.d_model, in_channels)
         self.register_buffer("reference", torch.zeros(grid[0] * grid[1], in_channels))
+        if reference_bank:  # (M, L, C): its size is the training set's, set by set_bank
+            self.register_buffer("bank", torch.zeros(0, grid[0] * grid[1], in_channels))
         self._reference_cache: tuple[tuple, list] | None = None
 
     def set_reference(self, reference: torch.Tensor) -> None:
         """Per-position mean of the class's normal features, (L, C)."""
         self.reference.copy_(reference.to(self.reference))
+
+    def set_bank(self, feature_maps: torch.Tensor) -> None:
+        """The training normals' pooled features (M, C, H, W), kept as tokens (M, L, C)."""
+        tokens = feature_maps.float().flatten(2).transpose(1, 2).contiguous()
+        self.bank = tokens.to(self.reference.device)
+
+    def nearest_reference(self, neighbours: torch.Tensor) -> torch.Tensor:
+        """(N, K) bank rows -> each image's reference (N, L, C), the mean of its K rows."""
+        k = neighbours.shape[1]
+        rows = self.bank.index_select(0, neighbours.reshape(-1))
+        return rows.view(-1, k, *self.bank.shape[1:]).mean(1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """The bank's size is the training set's: take it from the saved tensor."""
+        saved = state_dict.get(prefix + "bank")
+        if saved is not None and hasattr(self, "bank"):
+            self.bank = torch.empty_like(saved, device=self.bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reference_keys_values(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's inter keys and values of the reference tokens, batch 1.
@@ -305,8 +327,7 @@ class FODLevel(nn.Module):
         self, reference: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each layer's inter keys and values of one reference per image, (N, L, C) pooled
-        features: an experiment (``benchmarks/bench_nearest_reference.py``) that replaces
-        the class's one reference by, e.g., the mean of the normal images nearest to each."""
+        features (``ReferenceMode.NEAREST``: the mean of the normals nearest to each)."""
         embedded = self.reference_embed(reference)
         return [layer.inter.keys_values(embedded) for layer in self.layers]
 
@@ -381,6 +402,7 @@ class FODModel(nn.Module):
                 grid=g,
                 config=level,
                 output_projection=config.output_projection,
+                reference_bank=config.reference is ReferenceMode.NEAREST,
             )
             for c, g, level in zip(in_channels, grids, config.levels, strict=True)
         )
@@ -389,17 +411,73 @@ class FODModel(nn.Module):
     def grids(self) -> list[tuple[int, int]]:
         return [level.grid for level in self.levels]
 
+    @property
+    def nearest(self) -> bool:
+        """Whether each image's reference is the mean of its nearest training normals."""
+        return self.config.reference is ReferenceMode.NEAREST
+
     def set_references(self, references: Sequence[torch.Tensor]) -> None:
         for level, reference in zip(self.levels, references, strict=True):
             level.set_reference(reference)
 
+    def fit_references(self, feature_maps: Sequence[torch.Tensor]) -> None:
+        """From the normal training images' features (per level (M, C, H, W)): the class
+        reference, and for NEAREST the bank the per-image references are drawn from."""
+        self.set_references(
+            [f.float().mean(0).flatten(1).transpose(0, 1).contiguous() for f in feature_maps]
+        )
+        if self.nearest:
+            for level, features in zip(self.levels, feature_maps, strict=True):
+                level.set_bank(features)
+
+    def neighbours(
+        self, feature_maps: Sequence[torch.Tensor], *, exclude: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, K) bank rows nearest to each image: squared distance between the finer
+        level's whole feature maps. ``exclude`` (N,): each image's own row, for training
+        images, whose reference must come from other normals."""
+        bank = self.levels[0].bank.flatten(1)  # (M, L * C)
+        if bank.shape[0] == 0:
+            raise RuntimeError("the nearest-normal reference has no bank: call fit_references")
+        queries = feature_maps[0].float().flatten(2).transpose(1, 2).flatten(1)
+        distances = (
+            queries.pow(2).sum(1, keepdim=True)
+            - 2.0 * queries @ bank.transpose(0, 1)
+            + bank.pow(2).sum(1)[None]
+        )
+        if exclude is not None:
+            distances = distances.scatter(1, exclude[:, None].to(distances.device), float("inf"))
+        k = min(self.config.reference_k, bank.shape[0] - (exclude is not None))
+        if k < 1:
+            raise ValueError("a nearest-normal reference needs at least 2 training images")
+        return distances.topk(k, dim=1, largest=False).indices
+
+    def image_references(
+        self, feature_maps: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
+    ) -> list[torch.Tensor | None]:
+        """Per level each image's reference (N, L, C), or None for the class reference."""
+        if not self.nearest:
+            return [None] * len(self.levels)
+        if neighbours is None:
+            neighbours = self.neighbours(feature_maps)
+        return [level.nearest_reference(neighbours) for level in self.levels]
+
     def forward(
-        self, feature_maps: Sequence[torch.Tensor], *, lean: bool = False
+        self,
+        feature_maps: Sequence[torch.Tensor],
+        *,
+        lean: bool = False,
+        neighbours: torch.Tensor | None = None,
     ) -> list[LevelOutput]:
         """``lean`` (training): the maps carry the loss's per-row terms, S is never held
-        whole (fp32 only; under autocast the maps are kept as before)."""
+        whole (fp32 only; under autocast the maps are kept as before). ``neighbours``
+        (NEAREST): each image's bank rows, found by retrieval when not given."""
         eps = self.config.log_eps if lean else None
-        return [level(f, lean_eps=eps) for level, f in zip(self.levels, feature_maps, strict=True)]
+        references = self.image_references(feature_maps, neighbours)
+        return [
+            level(f, lean_eps=eps, reference=r)
+            for level, f, r in zip(self.levels, feature_maps, references, strict=True)
+        ]
 
     @torch.no_grad()
     def score_maps(
@@ -415,17 +493,27 @@ class FODModel(nn.Module):
         graph, whose batch size is not known when it is traced, takes one pass)."""
         maps: list[torch.Tensor | None] = []
         wanted = levels if levels is not None else [True] * len(self.levels)
+        neighbours = self.neighbours(feature_maps) if self.nearest else None
         for level, features, use in zip(self.levels, feature_maps, wanted, strict=True):
             if not use:
                 maps.append(None)
                 continue
+            if chunked:
+                size = level.scoring_chunk(features.device)
+                chunks = list(features.split(size, dim=0))
+                rows = [None] * len(chunks) if neighbours is None else neighbours.split(size)
+            else:
+                chunks, rows = [features], [neighbours]
             scores = [
-                FODLevel.token_scores(level(chunk, scoring=True), self.config.log_eps)
-                for chunk in (
-                    features.split(level.scoring_chunk(features.device), dim=0)
-                    if chunked
-                    else [features]
+                FODLevel.token_scores(
+                    level(
+                        chunk,
+                        scoring=True,
+                        reference=None if r is None else level.nearest_reference(r),
+                    ),
+                    self.config.log_eps,
                 )
+                for chunk, r in zip(chunks, rows, strict=True)
             ]
             maps.append(torch.cat(scores).view(-1, *level.grid))
         return maps

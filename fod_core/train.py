@@ -28,7 +28,7 @@ from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
 from fod_core.runtime import configure_cpu_numerics
-from fod_core.trainer import FODTrainer, TrainResult, class_references, resolve_device
+from fod_core.trainer import FODTrainer, TrainResult, resolve_device
 from fod_core.visualize import plot_training_curves
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def train_model(
     )
     if init_from is not None:
         load_weights_for_warm_start(model, init_from, extractor)
-    model.set_references(class_references(train_features))
+    model.fit_references(train_features)
     trainer = FODTrainer(
         model,
         config=train_config,
@@ -226,8 +226,12 @@ def load_weights_for_warm_start(
             f"{theirs!r}, this training with {model.config.alignment.value!r}"
         )
     state = torch.load(artifact_dir / "model.pt", map_location="cpu", weights_only=True)
+    # The references (and a nearest-normal bank) are recomputed from this data afterwards.
+    state = {k: v for k, v in state.items() if not k.endswith(".bank")}
     try:
-        model.load_state_dict(state)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.endswith(".bank")] or unexpected:
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as error:
         raise ArtifactError(
             f"cannot warm-start from {artifact_dir}: another model architecture ({error})"

@@ -88,8 +88,11 @@ class FODTrainer:
         self.extra_records: dict[int, dict] = {}
 
     # -- one step ---------------------------------------------------------------------
-    def objective(self, batch: Sequence[torch.Tensor]) -> tuple[list, torch.Tensor]:
-        """The method's loss terms per level and their total, for one batch."""
+    def objective(
+        self, batch: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
+    ) -> tuple[list, torch.Tensor]:
+        """The method's loss terms per level and their total, for one batch. ``neighbours``:
+        the batch's nearest-normal bank rows (``ReferenceMode.NEAREST``)."""
         model_config = self.model.config
         with autocast_for(self.device, self.config.precision):
             terms = [
@@ -99,12 +102,14 @@ class FODTrainer:
                     lambda2=model_config.lambda2,
                     eps=model_config.log_eps,
                 )
-                for out in self.model(batch, lean=self.config.lean_attention)
+                for out in self.model(batch, lean=self.config.lean_attention, neighbours=neighbours)
             ]
         return terms, total_objective(terms)
 
-    def train_step(self, batch: Sequence[torch.Tensor]) -> dict[str, float]:
-        terms, loss = self.objective(batch)
+    def train_step(
+        self, batch: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
+    ) -> dict[str, float]:
+        terms, loss = self.objective(batch, neighbours)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -147,6 +152,26 @@ class FODTrainer:
         log.info("torch.compile warm-up: %.1fs (not counted in the epochs)", seconds)
         return seconds
 
+    @torch.no_grad()
+    def training_neighbours(self, train_features: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """For NEAREST: each training image's K nearest *other* training images (the bank
+        holds the training set itself, so an image never serves as its own reference).
+        Features are frozen, so this is found once, not per epoch."""
+        if not self.model.nearest:
+            return None
+        n_train = train_features[0].shape[0]
+        if self.model.levels[0].bank.shape[0] != n_train:
+            raise ValueError(
+                f"the reference bank holds {self.model.levels[0].bank.shape[0]} images, the "
+                f"training set {n_train}: call model.fit_references(train_features) first"
+            )
+        found = []
+        for start in range(0, n_train, 64):
+            queries = [f[start : start + 64].to(self.device) for f in train_features[:1]]
+            own = torch.arange(start, start + queries[0].shape[0], device=self.device)
+            found.append(self.model.neighbours(queries, exclude=own))
+        return torch.cat(found)
+
     # -- the loop ---------------------------------------------------------------------
     def fit(
         self,
@@ -169,6 +194,7 @@ class FODTrainer:
             start_epoch, result, best_state = self._load_checkpoint()
             log.info("resuming at epoch %d of %d", start_epoch, cfg.epochs)
         result.warmup_seconds = self.warm_up(train_features) if compile_enabled() else 0.0
+        neighbours = self.training_neighbours(train_features)
         for epoch in range(start_epoch, cfg.epochs + 1):
             started = time.perf_counter()
             self.model.train()
@@ -186,7 +212,9 @@ class FODTrainer:
             for start in bar:
                 index = order[start : start + cfg.batch_size]
                 batch = [f[index].to(self.device, non_blocking=True) for f in train_features]
-                stats = self.train_step(batch)
+                stats = self.train_step(
+                    batch, None if neighbours is None else neighbours[index.to(self.device)]
+                )
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0.0) + value * len(index)
                 bar.set_postfix(rec=f"{stats['level0/reconstruction']:.4f}")

@@ -1,0 +1,104 @@
+"""One training recipe on several products, in one command: `fod train --preset ...` then
+`fod evaluate` for each, exactly as a user runs them (issue 13: screw and bottle with the
+same recipe).
+
+    python benchmarks/bench_preset.py --preset hard \
+        --product screw=../shared/data/screw_512 --product bottle=../shared/data/mvtec_ad \
+        --out benchmarks/results/preset_hard.json
+
+Each product is a category folder under a dataset root (``name=root``; the category is
+the name). Reported per product: the test metrics (image AUROC; pixel AUROC and AUPRO
+where the product has masks), the epoch chosen on the validation normals, seconds per
+epoch, wall time and peak memory (RSS of the training process), with the machine's CPU
+and ISA. The test set is read by `fod evaluate` only, after every choice was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fod_core.roofline import machine
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "false_alarm_rate")
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run a command, its output into ``log``; (seconds, peak RSS in GB). Raises on failure."""
+    started = time.perf_counter()
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"{shlex.join(command)} failed ({process.returncode}); see {log}")
+    return time.perf_counter() - started, usage.ru_maxrss / 1024**2  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", default="hard")
+    parser.add_argument(
+        "--product", action="append", required=True, help="name=dataset root (repeatable)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument("--work", type=Path, default=Path("runs/preset"), help="models, logs")
+    parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"))
+    parser.add_argument(
+        "train_args", nargs="*", help="after --: more `fod train` flags (e.g. --epochs 2)"
+    )
+    args = parser.parse_args()
+
+    where = machine()
+    report = {
+        "command": "python benchmarks/bench_preset.py " + shlex.join(sys.argv[1:]),
+        "machine": {"name": where.name, "isa": list(where.isa), "cpus": os.cpu_count()},
+        "preset": args.preset,
+        "products": {},
+    }
+    fod = [sys.executable, "-m", "fod_core.cli", "-q"]
+    for product in args.product:
+        name, _, root = product.partition("=")
+        model = args.work / args.preset / name
+        model.mkdir(parents=True, exist_ok=True)
+        train = fod + ["train", "--data", root, "--category", name, "--out", str(model)]
+        train += ["--preset", args.preset, "--cache-dir", str(args.cache_dir), *args.train_args]
+        print(f"{name}: {shlex.join(train)}", flush=True)
+        train_s, peak_gb = run(train, model / "train.log")
+        evaluate = fod + ["evaluate", "--model", str(model), "--data", root, "--category", name]
+        evaluate += ["--out", str(model / "evaluation")]
+        evaluate_s, _ = run(evaluate, model / "evaluate.log")
+        manifest = json.loads((model / "fod.json").read_text())
+        metrics = json.loads((model / "evaluation" / "metrics.json").read_text())
+        history = manifest["training"]["history"]
+        result = {
+            "test": {k: round(metrics[k], 4) for k in METRICS if metrics.get(k) is not None},
+            "n_test": {"normal": metrics.get("n_normal"), "anomalous": metrics.get("n_anomalous")},
+            "model": manifest["model"],
+            "alignment": manifest["preprocessing"].get("alignment", "none"),
+            "level_weights": manifest["postprocessing"].get("level_weights"),
+            "epochs": len(history),
+            "best_epoch_on_validation": manifest["training"]["best_epoch"],
+            "seconds_per_epoch": [round(r["seconds"], 1) for r in history],
+            "train_images": manifest["data"]["train_images"],
+            "train_wall_s": round(train_s, 1),
+            "evaluate_wall_s": round(evaluate_s, 1),
+            "train_peak_rss_gb": round(peak_gb, 2),
+        }
+        report["products"][name] = result
+        print(json.dumps({name: result["test"], "train_wall_s": result["train_wall_s"]}))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
