@@ -69,11 +69,11 @@ def main() -> None:
         name, _, root = product.partition("=")
         model = args.work / args.preset / name
         model.mkdir(parents=True, exist_ok=True)
-        train = fod + ["train", "--data", root, "--category", name, "--out", str(model)]
+        train = [*fod, "train", "--data", root, "--category", name, "--out", str(model)]
         train += ["--preset", args.preset, "--cache-dir", str(args.cache_dir), *args.train_args]
         print(f"{name}: {shlex.join(train)}", flush=True)
         train_s, peak_gb = run(train, model / "train.log")
-        evaluate = fod + ["evaluate", "--model", str(model), "--data", root, "--category", name]
+        evaluate = [*fod, "evaluate", "--model", str(model), "--data", root, "--category", name]
         evaluate += ["--out", str(model / "evaluation")]
         evaluate_s, _ = run(evaluate, model / "evaluate.log")
         manifest = json.loads((model / "fod.json").read_text())

@@ -121,6 +121,8 @@ def train_fod(
     image_size: int,
     model_size: str,
     alignment: str,
+    reference: str,
+    reference_k: int,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -139,7 +141,12 @@ def train_fod(
     from fod_core.config import TrainConfig, model_config_for
 
     model_config = model_config_for(
-        model_size, image_size=image_size, backbone=backbone, alignment=alignment
+        model_size,
+        image_size=image_size,
+        backbone=backbone,
+        alignment=alignment,
+        reference=reference,
+        reference_k=reference_k,
     )
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction

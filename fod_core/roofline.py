@@ -184,9 +184,15 @@ def fod_flops(
             ffn_ratio=level_config.ffn_ratio,
             output_projection=config.output_projection,
         )
-        score += level_flops(**shape)[0] if used else 0.0  # the reference's K, V are cached
+        # The class reference's K, V are cached; a nearest-normal reference is one per image.
+        per_image, per_batch = level_flops(**shape)
+        score += (per_image + (per_batch if model.nearest else 0.0)) if used else 0.0
         per_image, per_batch = level_flops(**shape, training=True)
-        train += 3 * (per_image + per_batch / batch_size)  # backward: about twice forward
+        shared = per_batch if model.nearest else per_batch / batch_size
+        train += 3 * (per_image + shared)  # backward: about twice forward
+    if model.nearest:  # retrieval: the finer level's whole map against each bank image
+        bank = model.levels[0].bank
+        score += 2.0 * bank.shape[0] * bank.shape[1] * bank.shape[2]
     backbone_flops = 0.0
     if backbone is not None:
         from torch.utils.flop_counter import FlopCounterMode

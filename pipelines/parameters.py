@@ -17,7 +17,7 @@ from components.features import DEFAULT_CACHE_PREFIX
 from components.registry import PromotionGates
 from components.validation import ValidationRules
 from fod_core.calibration import LevelWeighting
-from fod_core.config import ModelConfig, ModelSize, TrainConfig
+from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
 from fod_core.processing import Alignment
 
@@ -76,6 +76,14 @@ class PipelineParameters:
         "any angle (screws) onto one axis before the model",
         choices=[a.value for a in Alignment],
     )
+    reference: str = parameter(
+        ReferenceMode.CLASS.value,
+        "the inter branch's reference pattern: class, the mean of all training normals (the "
+        "method), or nearest, per image the mean of its reference_k nearest training normals "
+        "(parts that are not aligned; `fod train --preset hard`)",
+        choices=[r.value for r in ReferenceMode],
+    )
+    reference_k: int = parameter(ModelConfig().reference_k, "normals per nearest reference")
     epochs: int = parameter(_TRAIN.epochs, "training epochs")
     batch_size: int = parameter(_TRAIN.batch_size, "training batch size")
     learning_rate: float = parameter(_TRAIN.lr, "Adam learning rate", flag="--lr")

@@ -54,6 +54,23 @@ def test_scoring_flops_match_pytorchs_count(monkeypatch) -> None:
     assert counted_second == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_nearest_normal_reference_is_counted_per_image(monkeypatch) -> None:
+    """Retrieval and each image's own reference keys and values are scoring cost too."""
+    from dataclasses import replace
+
+    from fod_core.config import ReferenceMode
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", explicit_attention)
+    config = replace(CONFIG, reference=ReferenceMode.NEAREST, reference_k=2)
+    model = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
+    model.fit_references(features(7))
+    batch = features(3)
+    expected = fod_flops(model).score
+    assert counted(lambda: model.score_maps(batch)) / 3 == pytest.approx(expected, rel=1e-6)
+    class_model = create_fod_model(CONFIG, in_channels=CHANNELS, strides=STRIDES).eval()
+    assert expected > fod_flops(class_model).score
+
+
 def test_a_training_step_costs_about_three_forward_passes() -> None:
     from fod_core.losses import fod_objective, total_objective
 

@@ -1,0 +1,164 @@
+"""The nearest-normal reference (``--reference nearest``, ``--preset hard``): retrieval that
+never hands a training image itself, a bank that travels in the artefact, the same scores
+after reloading and through an exported graph, and a preset whose flags still win."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from fod_core.artifact import load_detector, read_manifest
+from fod_core.cache import LocalStore
+from fod_core.cli import _configs, _setting, build_parser
+from fod_core.config import LevelConfig, ModelConfig, ReferenceMode, TrainConfig
+from fod_core.export import export_model
+from fod_core.model import create_fod_model
+from fod_core.processing import Alignment
+from fod_core.synthetic import make_good_only_folder
+from fod_core.train import train_model
+from fod_core.trainer import FODTrainer
+
+TINY = ModelConfig(
+    image_size=64,
+    levels=(
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+    ),
+)
+NEAREST = replace(TINY, reference=ReferenceMode.NEAREST, reference_k=3)
+CHANNELS, STRIDES = (12, 20), (8, 16)
+
+
+def features(batch: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, 64 // s, 64 // s, generator=generator)
+        for c, s in zip(CHANNELS, STRIDES, strict=True)
+    ]
+
+
+def test_retrieval_finds_an_image_itself_unless_excluded() -> None:
+    model = create_fod_model(NEAREST, in_channels=CHANNELS, strides=STRIDES)
+    bank = features(9)
+    model.fit_references(bank)
+    found = model.neighbours(bank)
+    assert found.shape == (9, 3)
+    assert torch.equal(found[:, 0], torch.arange(9))  # distance 0 to itself
+    others = model.neighbours(bank, exclude=torch.arange(9))
+    assert not (others == torch.arange(9)[:, None]).any()
+    # each reference is the mean of its rows, per level
+    reference = model.levels[1].nearest_reference(others[:2])
+    expected = bank[1][others[1]].flatten(2).transpose(1, 2).mean(0)
+    torch.testing.assert_close(reference[1], expected)
+
+
+def test_scores_in_chunks_in_one_pass_and_after_reloading_agree() -> None:
+    torch.manual_seed(0)
+    model = create_fod_model(NEAREST, in_channels=CHANNELS, strides=STRIDES).eval()
+    model.fit_references(features(11))
+    batch = features(5, seed=1)
+    chunked = model.score_maps(batch)
+    whole = model.score_maps(batch, chunked=False)
+    reloaded = create_fod_model(NEAREST, in_channels=CHANNELS, strides=STRIDES).eval()
+    reloaded.load_state_dict(model.state_dict())  # the bank's size comes with it
+    assert reloaded.levels[0].bank.shape[0] == 11
+    again = reloaded.score_maps(batch)
+    for a, b, c in zip(chunked, whole, again, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+    # the class reference scores differently: the per-image reference is really used
+    model.config = TINY
+    assert not torch.allclose(model.score_maps(batch)[0], chunked[0])
+
+
+def test_a_class_models_dict_reads_as_before() -> None:
+    assert "reference" not in TINY.to_dict()  # earlier readers and checkpoints
+    assert ModelConfig.from_dict(TINY.to_dict()).reference is ReferenceMode.CLASS
+    assert ModelConfig.from_dict(NEAREST.to_dict()) == NEAREST
+    with pytest.raises(ValueError, match="reference_k"):
+        replace(NEAREST, reference_k=0)
+
+
+def test_the_trainer_refuses_a_bank_of_other_images() -> None:
+    model = create_fod_model(NEAREST, in_channels=CHANNELS, strides=STRIDES)
+    model.fit_references(features(6))
+    trainer = FODTrainer(model, config=TrainConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="bank holds 6 images, the training set 8"):
+        trainer.fit(features(8))
+
+
+@pytest.fixture(scope="module")
+def nearest_model(tmp_path_factory):
+    """A good-only folder (our first user's data), trained with a nearest reference."""
+    root = tmp_path_factory.mktemp("reference-data")
+    make_good_only_folder(root, "part", n_good=14, size=72, seed=3)
+    model = tmp_path_factory.mktemp("reference") / "model"
+    outcome = train_model(
+        root,
+        "part",
+        model,
+        model_config=NEAREST,
+        format="folder",
+        train_config=TrainConfig(epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25),
+        cache_store=LocalStore(model.parent / "cache"),
+        progress=False,
+    )
+    return model, root, outcome
+
+
+def test_the_bank_travels_in_the_artefact(nearest_model) -> None:
+    model, root, outcome = nearest_model
+    manifest = read_manifest(model)
+    assert manifest["format_version"] == 4  # readers without nearest references refuse it
+    assert manifest["model"]["reference"] == "nearest"
+    detector = load_detector(model)
+    n_train = manifest["data"]["train_images"]
+    assert [level.bank.shape[0] for level in detector.model.levels] == [n_train, n_train]
+    images = sorted((root / "part" / "good").iterdir())[:3]
+    scores = [p.score for p in detector.predict(images)]
+    assert scores == pytest.approx([p.score for p in load_detector(model).predict(images)])
+    assert outcome.threshold.value > 0
+
+
+def test_a_nearest_model_exports_with_parity(nearest_model) -> None:
+    model, _, _ = nearest_model
+    records = export_model(model, ["onnx"])
+    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+
+
+def test_a_class_model_warm_starts_a_nearest_one(nearest_model, tmp_path) -> None:
+    model, root, _ = nearest_model
+    class_model = tmp_path / "class"
+    common = dict(
+        format="folder",
+        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.25),
+        cache_store=LocalStore(model.parent / "cache"),
+        progress=False,
+    )
+    train_model(root, "part", class_model, model_config=TINY, **common)
+    train_model(
+        root, "part", tmp_path / "warm", model_config=NEAREST, init_from=class_model, **common
+    )
+    assert read_manifest(tmp_path / "warm")["model"]["reference"] == "nearest"
+
+
+def test_the_hard_preset_gives_its_recipe_and_a_flag_wins() -> None:
+    parser = build_parser()
+    base = ["train", "--data", "d", "--category", "c", "--out", "o"]
+    model_config, train_config = _configs(parser.parse_args([*base, "--preset", "hard"]))
+    assert model_config.reference is ReferenceMode.NEAREST
+    assert model_config.reference_k == 5
+    assert model_config.alignment is Alignment.PRINCIPAL_AXIS
+    assert (train_config.lr, train_config.epochs) == (3e-4, 10)
+    args = parser.parse_args([*base, "--preset", "hard", "--epochs", "3", "--reference", "class"])
+    model_config, train_config = _configs(args)
+    assert model_config.reference is ReferenceMode.CLASS
+    assert train_config.epochs == 3
+    assert _setting(args, "level_weights") == "synthetic"
+    model_config, train_config = _configs(parser.parse_args(base))  # the method
+    assert model_config == replace(model_config, reference=ReferenceMode.CLASS)
+    assert model_config.alignment is Alignment.NONE
+    assert (train_config.lr, train_config.epochs) == (TrainConfig().lr, TrainConfig().epochs)
+    assert _setting(parser.parse_args(base), "level_weights") == "equal"
