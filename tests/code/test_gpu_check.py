@@ -13,7 +13,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_the_gpu_check_dry_run_collects_the_cuda_tests(tmp_path) -> None:
     out = tmp_path / "gpu_check.json"
     done = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)],
+        [
+            "bash",
+            "benchmarks/gpu_check.sh",
+            "--dry-run",
+            "--out",
+            str(out),
+            "--hard-products",
+            "screw",
+            "bottle",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -24,6 +33,9 @@ def test_the_gpu_check_dry_run_collects_the_cuda_tests(tmp_path) -> None:
     assert report["dry_run"] is True
     collected = report["cuda_tests_collected"]
     assert collected["returncode"] == 0 and "2 tests collected" in collected["summary"]
+    hard = report["hard_recipe_command"]  # the hard-products recipe on CUDA, longer schedule
+    assert "--preset hard" in hard and "--device cuda --epochs 30" in hard
+    assert "--product screw=" in hard and "--product bottle=" in hard
 
 
 def test_the_gpu_check_refuses_unknown_arguments() -> None:
