@@ -181,6 +181,7 @@ def calibrate_threshold(
     target_false_alarm_rate: float,
     anomalies_subdir: str,
     level_weights: str,
+    planting: str,
     run_id: str,
     model: Output[Model],
 ) -> float:
@@ -210,6 +211,7 @@ def calibrate_threshold(
         target_false_alarm_rate=target_false_alarm_rate,
         anomalous_images=anomalies,
         level_weighting=level_weights,
+        planting=planting,
     )
     load_settings().export()
     log_calibration(run_id, threshold)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fod_core.metrics import aupro, f1_max, pixel_auroc
+from fod_core.synthetic import Planting
 
 if TYPE_CHECKING:
     from fod_core.data import CategoryData
@@ -223,6 +224,7 @@ def synthetic_level_weights(
     seed: int = 0,
     step: float = 0.1,
     batch_size: int = 8,
+    planting: Planting | str = Planting.ANYWHERE,
 ) -> LevelWeightChoice:
     """Level weights chosen on held-out normal images and copies of them with planted
     anomalies (`fod_core.synthetic.plant_anomaly`, texture from ``donor_images``): real
@@ -235,7 +237,11 @@ def synthetic_level_weights(
         raise ValueError("synthetic level weights need validation images")
     size = detector.pre.image_size
     normals, draws = planted_copies(
-        list(normal_images)[:max_images], donor_images, per_image=per_image, seed=seed
+        list(normal_images)[:max_images],
+        donor_images,
+        per_image=per_image,
+        seed=seed,
+        planting=Planting(planting),
     )
     # Photos go through the model's own pre-processing, masks through the ground truth's
     # resize; the planted copies are drawn batch by batch (large photos add up).
@@ -281,6 +287,7 @@ def apply_level_weighting(
     donor_images: Sequence[str | Path] = (),
     *,
     seed: int = 0,
+    planting: Planting | str = Planting.ANYWHERE,
 ) -> LevelWeightChoice | None:
     """Set ``detector``'s level weights; returns the choice (None: the plain average, for
     EQUAL and for one-level models, which have nothing to weight)."""
@@ -291,7 +298,9 @@ def apply_level_weighting(
         detector.post = replace(detector.post, level_weights=None)
         return None
     require_validation_images(weighting, len(validation_images))
-    choice = synthetic_level_weights(detector, validation_images, donor_images, seed=seed)
+    choice = synthetic_level_weights(
+        detector, validation_images, donor_images, seed=seed, planting=planting
+    )
     detector.post = replace(detector.post, level_weights=choice.weights)
     return choice
 
@@ -322,10 +331,13 @@ def calibrate_model(
     target_false_alarm_rate: float = 0.01,
     anomalous_images: Sequence = (),
     level_weighting: LevelWeighting | str | None = None,
+    planting: Planting | str | None = None,
     progress: bool = False,
 ) -> Threshold:
     """Lifecycle stage 'calibrate': re-derive a model's threshold (and, when
     ``level_weighting`` is given, its level weights) and store them in the artefact.
+    ``planting``: how anomalies are planted for the level weights and the evaluation's
+    planted metrics (stored in the artefact; None: the artefact's, else ANYWHERE).
 
     Normal scores come from the validation split the model was trained with (the same
     file-name hash split, so no image the model trained on is used); labelled anomalies,
@@ -339,7 +351,8 @@ def calibrate_model(
     train_records, val_records = model_split(manifest, load_category(data_root, category, format))
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
-    extra = {}
+    planting = Planting(planting or manifest.get("planting", Planting.ANYWHERE.value))
+    extra = {"planting": planting.value}
     if level_weighting is not None:
         choice = apply_level_weighting(
             detector,
@@ -347,6 +360,7 @@ def calibrate_model(
             [r.path for r in val_records],
             [r.path for r in train_records],
             seed=train_settings.get("seed", 0),
+            planting=planting,
         )
         extra["level_weights"] = choice.to_dict() if choice else {"weighting": "equal"}
         plot = Path(model_dir) / "level_weights.png"

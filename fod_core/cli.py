@@ -30,6 +30,7 @@ from fod_core.data import DatasetError, DatasetFormat
 from fod_core.export import ExportError, Runtime
 from fod_core.processing import Alignment, ImageDecodeError
 from fod_core.runtime import configure_cpu_numerics
+from fod_core.synthetic import Planting
 from fod_core.trainer import CheckpointMismatchError
 
 log = logging.getLogger("fod")
@@ -45,6 +46,16 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         default="mvtec",
         choices=[f.value for f in DatasetFormat],
         help="dataset layout (default: mvtec)",
+    )
+
+
+def _add_planting_arg(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument(
+        "--planting",
+        choices=[p.value for p in Planting],
+        help="anomalies planted for level weights and planted metrics: anywhere (0.3-3%% of "
+        "the image) or part (0.05-0.5%%, on the part: small defects on a small part); "
+        f"default: {default_help}",
     )
 
 
@@ -69,6 +80,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "epochs": TrainConfig().epochs,
     "lr": TrainConfig().lr,
     "level_weights": LevelWeighting.EQUAL.value,
+    "planting": Planting.ANYWHERE.value,
 }
 
 
@@ -175,6 +187,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         help="false-alarm rate the threshold is calibrated for",
     )
     _add_level_weights_arg(parser, None, train_default=LevelWeighting.EQUAL.value)
+    _add_planting_arg(parser, Planting.ANYWHERE.value)
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--keep-checkpoints", action="store_true")
@@ -224,6 +237,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         target_false_alarm_rate=args.target_far,
         level_weighting=_setting(args, "level_weights"),
+        planting=_setting(args, "planting"),
         progress=not args.quiet,
     )
     print(
@@ -260,6 +274,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         target_false_alarm_rate=args.target_far,
         anomalous_images=args.anomalies,
         level_weighting=args.level_weights,
+        planting=args.planting,
     )
     post = read_manifest(args.model)["postprocessing"]
     print(json.dumps({**threshold.to_dict(), "level_weights": post.get("level_weights")}, indent=2))
@@ -400,6 +415,7 @@ def build_parser(
         "--anomalies", nargs="*", type=Path, default=[], help="labelled validation anomalies"
     )
     _add_level_weights_arg(calibrate, None)
+    _add_planting_arg(calibrate, "the model's")
     calibrate.set_defaults(func=cmd_calibrate)
 
     evaluate = sub.add_parser("evaluate", help="test metrics, plots and heatmaps of a model")

@@ -98,15 +98,18 @@ def planted_metrics(
     *,
     batch_size: int = 16,
     progress: bool = False,
+    planting: str = "anywhere",
 ) -> dict:
     """Image AUROC and AUPRO on anomalies planted into held-out normal images (a fixed
-    seed: every model is scored on the same set). Evidence for products without labelled
-    defects, and a second opinion for those with them."""
-    from fod_core.synthetic import PLANTED_SEED, planted_test_set
+    seed: every model of a product is scored on the same set). Evidence for products
+    without labelled defects, and a second opinion for those with them. ``planting``:
+    ``fod_core.synthetic.Planting``, the model's."""
+    from fod_core.synthetic import PLANTED_SEED, Planting, planted_test_set
 
     if not normal_paths:
         return {}
-    normals, planted, masks = planted_test_set(normal_paths)
+    planting = Planting(planting)
+    normals, planted, masks = planted_test_set(normal_paths, planting=planting)
     scores, maps = score_records(
         detector, normals + planted, batch_size=batch_size, progress=progress, desc="planted"
     )
@@ -133,6 +136,7 @@ def planted_metrics(
         ),
         "n_planted": len(planted),
         "planted_seed": PLANTED_SEED,
+        "planting": planting.value,
     }
 
 
@@ -148,6 +152,7 @@ def evaluate_detector(
     promised_false_alarm_rate: float | None = None,
     splits: dict | None = None,
     calibration: dict | None = None,
+    planting: str = "anywhere",
 ) -> dict:
     """Score ``records`` and write metrics.json, predictions.csv, plots and overlays.
 
@@ -201,6 +206,7 @@ def evaluate_detector(
         out_dir,
         batch_size=batch_size,
         progress=progress,
+        planting=planting,
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -279,4 +285,5 @@ def evaluate_model(
         ),
         splits=splits,
         calibration=manifest.get("calibration"),
+        planting=manifest.get("planting", "anywhere"),
     )

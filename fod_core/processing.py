@@ -107,6 +107,16 @@ def _otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
     return float(centres[int(between.argmax())])
 
 
+def part_pixels(gray: torch.Tensor) -> torch.Tensor | None:
+    """(H, W) grey image -> boolean (H, W): the part, what differs from the border's median
+    grey by more than Otsu's threshold. None when that is under 0.5 % or over 60 % of the
+    picture (empty, or no plain background)."""
+    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    difference = (gray - border.median()).abs()
+    part = difference > _otsu_threshold(difference)
+    return part if 0.005 <= float(part.float().mean()) <= 0.6 else None
+
+
 def principal_axis_pose(image: torch.Tensor) -> torch.Tensor | None:
     """(3, S, S) image in [0, 1] -> the 2x3 affine (``F.affine_grid``'s theta, normalised
     coordinates) that samples the aligned image from it; None when there is no clear axis
@@ -114,11 +124,10 @@ def principal_axis_pose(image: torch.Tensor) -> torch.Tensor | None:
     border's median grey (Otsu's threshold); its axis is that of its pixels' covariance."""
     gray = image.float().mean(0)
     size = gray.shape[-1]
-    border = torch.cat([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    difference = (gray - border.median()).abs()
-    ys, xs = torch.nonzero(difference > _otsu_threshold(difference), as_tuple=True)
-    if not 0.005 <= len(xs) / gray.numel() <= 0.6:
+    part = part_pixels(gray)
+    if part is None:
         return None
+    ys, xs = torch.nonzero(part, as_tuple=True)
     xs, ys = xs.double(), ys.double()
     cx, cy = xs.mean(), ys.mean()
     variances, vectors = torch.linalg.eigh(torch.cov(torch.stack([xs - cx, ys - cy])))

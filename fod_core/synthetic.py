@@ -7,6 +7,7 @@ about anomaly maps be made on validation data without any labelled defect.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,19 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy import ndimage
 
 DEFECT_TYPES = ("scratch", "stain")
+
+
+class Planting(str, Enum):
+    """Where planted anomalies go and how large they are. ANYWHERE: 0.3-3 % of the image,
+    centred anywhere but the outer eighth (a product that fills the photo: bottle). PART:
+    0.05-0.5 %, centred on the part (``fod_core.processing.part_pixels``), for small defects
+    on a part that fills little of the photo (screw); anywhere when no part stands out."""
+
+    ANYWHERE = "anywhere"
+    PART = "part"
+
+
+PLANTED_AREA = {Planting.ANYWHERE: (0.003, 0.03), Planting.PART: (0.0005, 0.005)}
 
 
 def _normal_image(rng: np.random.Generator, size: int) -> Image.Image:
@@ -146,13 +160,25 @@ def make_rotated_parts_folder(
     return Path(root)
 
 
-def _blob_mask(rng: np.random.Generator, height: int, width: int | None = None) -> np.ndarray:
-    """One irregular connected region covering about 0.3-3 % of the image."""
+def _blob_mask(
+    rng: np.random.Generator,
+    height: int,
+    width: int | None = None,
+    *,
+    area_range: tuple[float, float] = PLANTED_AREA[Planting.ANYWHERE],
+    centres: np.ndarray | None = None,
+) -> np.ndarray:
+    """One irregular connected region covering ``area_range`` of the image (0.3-3 %),
+    centred on one of ``centres`` (a boolean image) when given."""
     width = height if width is None else width
+    candidates = None if centres is None else np.argwhere(centres)
     for _ in range(100):
-        area = rng.uniform(0.003, 0.03) * height * width
-        noise = ndimage.gaussian_filter(rng.normal(size=(height, width)), sigma=rng.uniform(4, 10))
-        if height == width:  # one draw for both, as square images always had
+        area = rng.uniform(*area_range) * height * width
+        sigma = rng.uniform(4, 10) * (1.0 if centres is None else 0.3)  # small: finer edges
+        noise = ndimage.gaussian_filter(rng.normal(size=(height, width)), sigma=sigma)
+        if candidates is not None:
+            cy, cx = candidates[rng.integers(len(candidates))]
+        elif height == width:  # one draw for both, as square images always had
             cy, cx = rng.integers(height // 8, height - height // 8, 2)
         else:
             cy = rng.integers(height // 8, height - height // 8)
@@ -175,17 +201,30 @@ def _fit(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(resized, dtype=np.float32) / 255.0
 
 
+def part_mask(image: np.ndarray) -> np.ndarray | None:
+    """(H, W, 3) floats -> where the part is (boolean), or None when none stands out."""
+    import torch
+
+    from fod_core.processing import part_pixels
+
+    part = part_pixels(torch.from_numpy(np.ascontiguousarray(image, np.float32)).mean(-1))
+    return None if part is None else part.numpy()
+
+
 def plant_anomaly(
     image: np.ndarray,
     donor: np.ndarray | Callable[[], np.ndarray],
     rng: np.random.Generator,
+    planting: Planting = Planting.ANYWHERE,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Replace an irregular region of ``image`` (H, W, 3 floats in [0, 1]) by foreign
     texture (a shifted region of another normal image ``donor``, or a function that loads
     it: only one kind of anomaly in three needs it), a colour change or noise, partly
     blended. Returns (image, boolean mask)."""
     height, width = image.shape[:2]
-    mask = _blob_mask(rng, height, width)
+    planting = Planting(planting)
+    centres = part_mask(image) if planting is Planting.PART else None
+    mask = _blob_mask(rng, height, width, area_range=PLANTED_AREA[planting], centres=centres)
     kind = rng.integers(3)
     if kind == 0:
         if height == width:
@@ -212,6 +251,7 @@ def plant_anomalies(
     rng: np.random.Generator,
     *,
     per_image: int = 1,
+    planting: Planting = Planting.ANYWHERE,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(planted image, mask) for ``per_image`` planted copies of every normal image
     (floats in [0, 1]), in a fixed order of draws from ``rng``; foreign texture comes from
@@ -219,7 +259,7 @@ def plant_anomalies(
     for _ in range(per_image):
         for image in normals:
             donor = donors[rng.integers(len(donors))]
-            yield plant_anomaly(image, lambda d=donor: load(d), rng)
+            yield plant_anomaly(image, lambda d=donor: load(d), rng, planting)
 
 
 PLANTED_SEED = 0
@@ -231,6 +271,7 @@ def planted_copies(
     *,
     per_image: int,
     seed: int,
+    planting: Planting = Planting.ANYWHERE,
 ) -> tuple[list[Image.Image], Iterator[tuple[Image.Image, np.ndarray]]]:
     """(normals, planted copies with their masks) at the images' own resolution, so that
     they go through the model's pre-processing like any photo. Foreign texture comes from
@@ -256,19 +297,24 @@ def planted_copies(
         donor,
         np.random.default_rng(seed),
         per_image=per_image,
+        planting=planting,
     )
     return normals, ((to_image(image), mask) for image, mask in draws)
 
 
 def planted_test_set(
-    normal_images: Sequence[str | Path], *, per_image: int = 2, seed: int = PLANTED_SEED
+    normal_images: Sequence[str | Path],
+    *,
+    per_image: int = 2,
+    seed: int = PLANTED_SEED,
+    planting: Planting = Planting.ANYWHERE,
 ) -> tuple[list[Image.Image], list[Image.Image], list[np.ndarray]]:
     """(normals, planted copies, their masks) of held-out normal images at their own
     resolution: evidence of what a model finds when no labelled defect exists. Depends only
     on the images and the seed, never on a model, so a challenger and the champion are
     scored on the same set; nothing but the planted region differs from the normal image."""
     paths = sorted(normal_images, key=lambda p: Path(p).name)
-    normals, draws = planted_copies(paths, per_image=per_image, seed=seed)
+    normals, draws = planted_copies(paths, per_image=per_image, seed=seed, planting=planting)
     planted, masks = [], []
     for image, mask in draws:
         planted.append(image)

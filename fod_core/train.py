@@ -28,6 +28,7 @@ from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
 from fod_core.runtime import configure_cpu_numerics
+from fod_core.synthetic import Planting
 from fod_core.trainer import FODTrainer, TrainResult, resolve_device
 from fod_core.visualize import plot_training_curves
 
@@ -69,6 +70,7 @@ def train_model(
     metadata: dict | None = None,
     init_from: str | Path | None = None,
     calibrate: bool = True,
+    planting: Planting | str = Planting.ANYWHERE,
 ) -> TrainOutcome:
     """Train one category and write a calibrated model artefact to ``out_dir``.
 
@@ -77,7 +79,9 @@ def train_model(
     recomputed from this data. ``level_weighting``: EQUAL averages the levels' maps (the
     method); SYNTHETIC weights them for the best AUPRO on anomalies planted into the
     validation images. ``calibrate=False`` leaves level weights and threshold to a later
-    ``calibrate_model`` (the pipeline's calibration step), so they are derived once."""
+    ``calibrate_model`` (the pipeline's calibration step), so they are derived once.
+    ``planting``: how anomalies are planted for the level weights and for the evaluation's
+    planted metrics (small and on the part for products like screws); kept in the artefact."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -147,6 +151,7 @@ def train_model(
             [r.path for r in val_records],
             [r.path for r in train_records],
             seed=train_config.seed,
+            planting=planting,
         )
         timings["level_weights_s"] = time.perf_counter() - started
         calibration_records = val_records or train_records
@@ -189,6 +194,7 @@ def train_model(
             "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
             "calibration": calibration,
             "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
+            "planting": Planting(planting).value,
             **(metadata or {}),
         },
     )

@@ -20,6 +20,7 @@ from fod_core.calibration import LevelWeighting
 from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
 from fod_core.processing import Alignment
+from fod_core.synthetic import Planting
 
 GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 DEPLOY_TARGETS = ("local", "kserve", "none")
@@ -103,6 +104,13 @@ class PipelineParameters:
         "how the levels' maps combine: equal (the method) or synthetic (weights chosen on "
         "anomalies planted into validation images)",
         choices=[w.value for w in LevelWeighting],
+    )
+    planting: str = parameter(
+        Planting.ANYWHERE.value,
+        "anomalies planted for the level weights and the planted metrics: anywhere (0.3 to 3 "
+        "percent of the image) or part (0.05 to 0.5 percent, on the part, for small defects "
+        "on small parts; compare a product's versions planted the same way)",
+        choices=[p.value for p in Planting],
     )
     # export
     export_formats: str = parameter(

@@ -68,3 +68,25 @@ def test_planted_anomaly_changes_only_its_connected_mask():
     again = plant_anomaly(image, donor, np.random.default_rng(1))
     first = plant_anomaly(image, donor, np.random.default_rng(1))
     assert np.array_equal(again[1], first[1]) and np.array_equal(again[0], first[0])
+
+
+def test_part_planting_is_small_and_on_the_part():
+    """Planting.PART: a screw's defects are small and on the screw, not on the background."""
+    from fod_core.synthetic import Planting, part_mask, rotated_part
+
+    image = np.asarray(rotated_part(35, size=256, seed=4).convert("RGB"), np.float32) / 255
+    part = part_mask(image)
+    assert part is not None and 0.01 < part.mean() < 0.2
+    rng = np.random.default_rng(0)
+    small, anywhere = [], []
+    for _ in range(12):
+        _, mask = plant_anomaly(image, image, rng, Planting.PART)
+        assert ndimage.label(mask, structure=np.ones((3, 3)))[1] == 1
+        assert (mask & ndimage.binary_dilation(part, iterations=2)).any()  # touches the part
+        small.append(mask.mean())
+        anywhere.append(plant_anomaly(image, image, rng)[1].mean())
+    assert max(small) < 0.012 and np.median(small) < np.median(anywhere) / 3
+    # a photo with nothing standing out: planted anywhere, as before
+    flat = np.full((64, 64, 3), 0.5, np.float32)
+    assert part_mask(flat) is None
+    assert plant_anomaly(flat, flat, rng, Planting.PART)[1].any()

@@ -104,6 +104,8 @@ def nearest_model(tmp_path_factory):
         train_config=TrainConfig(epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25),
         cache_store=LocalStore(model.parent / "cache"),
         progress=False,
+        level_weighting="synthetic",
+        planting="part",
     )
     return model, root, outcome
 
@@ -120,6 +122,17 @@ def test_the_bank_travels_in_the_artefact(nearest_model) -> None:
     scores = [p.score for p in detector.predict(images)]
     assert scores == pytest.approx([p.score for p in load_detector(model).predict(images)])
     assert outcome.threshold.value > 0
+    # planted small and on the part, for the level weights and for evaluation alike
+    assert manifest["planting"] == "part"
+    assert len(manifest["level_weights"]["weights"]) == 2  # chosen on planted anomalies
+
+
+def test_evaluation_plants_as_the_model_was_calibrated(nearest_model, tmp_path) -> None:
+    from fod_core.evaluate import evaluate_model
+
+    model, root, _ = nearest_model
+    metrics = evaluate_model(model, root, "part", tmp_path / "eval", format="folder")
+    assert metrics["planting"] == "part" and metrics["n_planted"] > 0
 
 
 def test_a_nearest_model_exports_with_parity(nearest_model) -> None:
@@ -157,6 +170,7 @@ def test_the_hard_preset_gives_its_recipe_and_a_flag_wins() -> None:
     assert model_config.reference is ReferenceMode.CLASS
     assert train_config.epochs == 3
     assert _setting(args, "level_weights") == "synthetic"
+    assert _setting(args, "planting") == "part"
     model_config, train_config = _configs(parser.parse_args(base))  # the method
     assert model_config == replace(model_config, reference=ReferenceMode.CLASS)
     assert model_config.alignment is Alignment.NONE
