@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
     parser.add_argument("--work", type=Path, default=Path("runs/preset"), help="models, logs")
     parser.add_argument("--cache-dir", type=Path, default=Path("runs/cache"))
+    parser.add_argument("--evaluate-device", default="cpu", help="`fod evaluate --device`")
     parser.add_argument(
         "train_args", nargs="*", help="after --: more `fod train` flags (e.g. --epochs 2)"
     )
@@ -74,7 +75,7 @@ def main() -> None:
         print(f"{name}: {shlex.join(train)}", flush=True)
         train_s, peak_gb = run(train, model / "train.log")
         evaluate = [*fod, "evaluate", "--model", str(model), "--data", root, "--category", name]
-        evaluate += ["--out", str(model / "evaluation")]
+        evaluate += ["--out", str(model / "evaluation"), "--device", args.evaluate_device]
         evaluate_s, _ = run(evaluate, model / "evaluate.log")
         manifest = json.loads((model / "fod.json").read_text())
         metrics = json.loads((model / "evaluation" / "metrics.json").read_text())

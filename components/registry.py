@@ -158,6 +158,16 @@ def check_gates(
         )
     if champion_metrics is not None:
         compared = LABELLED_METRICS if evidence == "labelled" else PLANTED_METRICS
+        ours_planting = metrics.get("planting", "anywhere")
+        if evidence != "labelled" and champion_metrics.get("planting", "anywhere") != ours_planting:
+            # Anomalies planted another way are another test: only the minimums above apply.
+            log.warning(
+                "the champion's planted metrics come from %s planting, this version's from "
+                "%s: not compared",
+                champion_metrics.get("planting", "anywhere"),
+                ours_planting,
+            )
+            compared = ()
         for key in compared:
             ours, theirs = metrics.get(key), champion_metrics.get(key)
             if ours is None or theirs is None:

@@ -280,6 +280,19 @@ def require_validation_images(weighting: LevelWeighting | str, n_validation: int
         )
 
 
+def require_held_out_normals(nearest_reference: bool, n_validation: int) -> None:
+    """A nearest-normal reference cannot be calibrated on training images: each would
+    find itself among its nearest normals and score too low (a threshold that breaks its
+    promise). Fail before any work."""
+    from fod_core.data import DatasetError
+
+    if nearest_reference and n_validation == 0:
+        raise DatasetError(
+            "a nearest-normal reference (--reference nearest) needs validation images to "
+            "calibrate on: use a validation fraction above 0"
+        )
+
+
 def apply_level_weighting(
     detector: AnomalyDetector,
     weighting: LevelWeighting | str,
@@ -336,8 +349,8 @@ def calibrate_model(
 ) -> Threshold:
     """Lifecycle stage 'calibrate': re-derive a model's threshold (and, when
     ``level_weighting`` is given, its level weights) and store them in the artefact.
-    ``planting``: how anomalies are planted for the level weights and the evaluation's
-    planted metrics (stored in the artefact; None: the artefact's, else ANYWHERE).
+    ``planting``: how anomalies are planted for the level weights, stored with them (the
+    evaluation's planted metrics follow it); None: the artefact's, else ANYWHERE.
 
     Normal scores come from the validation split the model was trained with (the same
     file-name hash split, so no image the model trained on is used); labelled anomalies,
@@ -349,11 +362,14 @@ def calibrate_model(
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
     train_records, val_records = model_split(manifest, load_category(data_root, category, format))
+    nearest = manifest.get("model", {}).get("reference", "class") == "nearest"
+    require_held_out_normals(nearest, len(val_records))
     calibration_records = val_records or train_records
     detector = load_detector(model_dir)
     planting = Planting(planting or manifest.get("planting", Planting.ANYWHERE.value))
-    extra = {"planting": planting.value}
+    extra = {}
     if level_weighting is not None:
+        extra["planting"] = planting.value  # what the weights were chosen on
         choice = apply_level_weighting(
             detector,
             level_weighting,

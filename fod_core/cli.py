@@ -265,6 +265,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.mode == ThresholdMode.F1.value and not args.anomalies:
         raise DatasetError("--mode f1 needs labelled validation anomalies (--anomalies IMG...)")
+    if args.planting and not args.level_weights:
+        raise DatasetError("--planting chooses the anomalies of --level-weights: give both")
     threshold = calibrate_model(
         args.model,
         args.data,

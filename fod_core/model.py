@@ -440,11 +440,14 @@ class FODModel(nn.Module):
         if bank.shape[0] == 0:
             raise RuntimeError("the nearest-normal reference has no bank: call fit_references")
         queries = feature_maps[0].float().flatten(2).transpose(1, 2).flatten(1)
-        distances = (
-            queries.pow(2).sum(1, keepdim=True)
-            - 2.0 * queries @ bank.transpose(0, 1)
-            + bank.pow(2).sum(1)[None]
-        )
+        # fp32 even under bf16 autocast: |q|^2 - 2 q.b + |b|^2 cancels, and bf16's round-off
+        # there is larger than the gaps between neighbours.
+        with torch.autocast(queries.device.type, enabled=False):
+            distances = (
+                queries.pow(2).sum(1, keepdim=True)
+                - 2.0 * queries @ bank.transpose(0, 1)
+                + bank.pow(2).sum(1)[None]
+            )
         if exclude is not None:
             distances = distances.scatter(1, exclude[:, None].to(distances.device), float("inf"))
         k = min(self.config.reference_k, bank.shape[0] - (exclude is not None))

@@ -174,8 +174,9 @@ def _blob_mask(
     candidates = None if centres is None else np.argwhere(centres)
     for _ in range(100):
         area = rng.uniform(*area_range) * height * width
+        raw = rng.normal(size=(height, width))  # drawn before sigma, as it always was
         sigma = rng.uniform(4, 10) * (1.0 if centres is None else 0.3)  # small: finer edges
-        noise = ndimage.gaussian_filter(rng.normal(size=(height, width)), sigma=sigma)
+        noise = ndimage.gaussian_filter(raw, sigma=sigma)
         if candidates is not None:
             cy, cx = candidates[rng.integers(len(candidates))]
         elif height == width:  # one draw for both, as square images always had

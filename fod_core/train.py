@@ -20,9 +20,10 @@ from fod_core.calibration import (
     Threshold,
     apply_level_weighting,
     calibrate_threshold,
+    require_held_out_normals,
     require_validation_images,
 )
-from fod_core.config import ModelConfig, TrainConfig
+from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat, load_category, split_sizes, split_validation
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
@@ -90,6 +91,8 @@ def train_model(
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     require_validation_images(level_weighting, len(val_records))
+    if calibrate:
+        require_held_out_normals(model_config.reference is ReferenceMode.NEAREST, len(val_records))
     splits = split_sizes(data, train_records, val_records)
     log.info(
         "%s: %d training, %d validation images (%d normal, %d anomalous test images held out)",

@@ -90,3 +90,11 @@ def test_part_planting_is_small_and_on_the_part():
     flat = np.full((64, 64, 3), 0.5, np.float32)
     assert part_mask(flat) is None
     assert plant_anomaly(flat, flat, rng, Planting.PART)[1].any()
+
+
+def test_default_planting_draws_what_it_always_drew():
+    """Planted sets are compared across model versions: the default's draws must not move.
+    (Mask sizes from the code before Planting existed, same seeds.)"""
+    image = np.random.default_rng(2).uniform(0, 1, (64, 64, 3)).astype(np.float32)
+    sizes = [int(plant_anomaly(image, image, np.random.default_rng(s))[1].sum()) for s in range(5)]
+    assert sizes == [46, 101, 317, 39, 179]

@@ -73,6 +73,36 @@ def test_scores_in_chunks_in_one_pass_and_after_reloading_agree() -> None:
     assert not torch.allclose(model.score_maps(batch)[0], chunked[0])
 
 
+def test_retrieval_stays_fp32_under_bf16_autocast() -> None:
+    """|q|^2 - 2 q.b + |b|^2 in bf16 loses more than the gaps between neighbours."""
+    model = create_fod_model(NEAREST, in_channels=CHANNELS, strides=STRIDES)
+    bank = [f + 50.0 for f in features(40)]  # large norms: where bf16 cancels badly
+    model.fit_references(bank)
+    queries = [f + 50.0 for f in features(6, seed=2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = model.neighbours(queries)
+    assert torch.equal(under_autocast, model.neighbours(queries))
+
+
+def test_a_nearest_reference_needs_validation_images(tmp_path) -> None:
+    """A training image is its own nearest normal: calibrating on them breaks the promise."""
+    from fod_core.data import DatasetError
+
+    root = make_good_only_folder(tmp_path / "data", "part", n_good=6, size=48)
+    with pytest.raises(DatasetError, match="needs validation images"):
+        train_model(
+            root,
+            "part",
+            tmp_path / "model",
+            model_config=NEAREST,
+            format="folder",
+            train_config=TrainConfig(epochs=1, val_fraction=0.0),
+            cache_store=LocalStore(tmp_path / "cache"),
+            progress=False,
+        )
+    assert not (tmp_path / "model").exists()  # refused before any work
+
+
 def test_a_class_models_dict_reads_as_before() -> None:
     assert "reference" not in TINY.to_dict()  # earlier readers and checkpoints
     assert ModelConfig.from_dict(TINY.to_dict()).reference is ReferenceMode.CLASS
@@ -137,8 +167,9 @@ def test_evaluation_plants_as_the_model_was_calibrated(nearest_model, tmp_path) 
 
 def test_a_nearest_model_exports_with_parity(nearest_model) -> None:
     model, _, _ = nearest_model
-    records = export_model(model, ["onnx"])
-    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+    records = export_model(model, ["onnx", "openvino"])
+    for runtime in ("onnx", "openvino"):  # retrieval (top-k, gather) inside the graph
+        assert records[runtime]["parity"]["passed"], records[runtime]["parity"]
 
 
 def test_a_class_model_warm_starts_a_nearest_one(nearest_model, tmp_path) -> None:

@@ -64,6 +64,15 @@ def test_worse_on_the_planted_set_than_the_champion_is_refused():
     assert check_gates(labelled, PromotionGates(), {**GOOD, "planted_aupro": 0.9})[0]
 
 
+def test_planted_metrics_of_another_planting_are_not_compared():
+    """Small anomalies on the part are another test than large ones anywhere: a version
+    planted another way than the champion is held to the minimums only."""
+    part = {**GOOD_ONLY, "planting": "part", "planted_aupro": 0.3}
+    assert check_gates(part, PromotionGates(), GOOD_ONLY) == (True, [])
+    assert not check_gates(part, PromotionGates(), {**GOOD_ONLY, "planting": "part"})[0]
+    assert not check_gates(part, PromotionGates(min_planted_aupro=0.5), GOOD_ONLY)[0]
+
+
 def test_false_alarms_beyond_the_promise_are_refused():
     """5 alarms in 20 held-out normals when 1/21 was promised: binomial p about 0.002."""
     from scipy.stats import binom
