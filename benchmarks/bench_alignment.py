@@ -88,21 +88,30 @@ def main() -> None:
     parser.add_argument("--category", required=True)
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--out-indices", default="2,3", help="backbone stages (FOD's levels)")
+    parser.add_argument(
+        "--alignments",
+        default=",".join(a.value for a in Alignment),
+        help="which pose normalisations to measure (comma-separated)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     data = load_category(args.data, args.category)
     labels = np.array([r.label for r in data.test])
-    extractor = FeatureExtractor(spec=BackboneSpec(name=args.backbone)).eval()
+    stages = tuple(int(i) for i in args.out_indices.split(","))
+    spec = BackboneSpec(name=args.backbone, out_indices=stages)
+    extractor = FeatureExtractor(spec=spec).eval()
     where = machine(torch.device("cpu"))
     report = {
         "command": "python benchmarks/bench_alignment.py "
         f"--data {args.data} --category {args.category} --backbone {args.backbone} "
-        f"--image-size {args.image_size} --out {args.out}",
+        f"--image-size {args.image_size} --out-indices {args.out_indices} "
+        f"--alignments {args.alignments} --out {args.out}",
         "machine": {"name": where.name, "isa": list(where.isa)},
         "test": {"normal": int((labels == 0).sum()), "anomalous": int(labels.sum())},
     }
-    for alignment in Alignment:
+    for alignment in [Alignment(a) for a in args.alignments.split(",")]:
         started = time.perf_counter()
         pre = PreProcessing(args.image_size, extractor.mean, extractor.std, alignment)
         train, train_poses = pooled_features(extractor, pre, data.train)
