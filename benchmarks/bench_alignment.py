@@ -56,12 +56,23 @@ def pooled_features(extractor, pre, records, batch: int = 16):
 NEAREST = (1, 5, 20)
 
 
+def nearest_feature_distance(
+    query: torch.Tensor, bank: torch.Tensor, chunk: int = 1 << 16
+) -> float:
+    """Max over the query's positions of the distance to the nearest bank feature, the bank
+    taken in chunks (at 512 px the whole distance matrix would not fit in memory)."""
+    best = torch.full((len(query),), float("inf"))
+    for start in range(0, len(bank), chunk):
+        best = torch.minimum(best, torch.cdist(query, bank[start : start + chunk]).min(1).values)
+    return best.max().item()
+
+
 def scores(train: torch.Tensor, test: torch.Tensor) -> dict[str, np.ndarray]:
     mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True) + 1e-3
     channels = train.shape[1]
     bank = train.permute(0, 2, 3, 1).reshape(-1, channels)
     queries = test.permute(0, 2, 3, 1).reshape(len(test), -1, channels)
-    knn = [torch.cdist(q, bank).min(dim=1).values.max().item() for q in queries]
+    knn = [nearest_feature_distance(q, bank) for q in queries]
     # A reference per image: the mean of the k normal images nearest to it (whole-map
     # distance), compared position by position as the class reference is.
     flat = train.flatten(2)  # (N, C, L)
