@@ -67,12 +67,12 @@ def nearest_feature_distance(
     return best.max().item()
 
 
-def scores(train: torch.Tensor, test: torch.Tensor) -> dict[str, np.ndarray]:
+def scores(train: torch.Tensor, test: torch.Tensor, knn: bool = True) -> dict[str, np.ndarray]:
     mean, std = train.mean(0, keepdim=True), train.std(0, keepdim=True) + 1e-3
     channels = train.shape[1]
     bank = train.permute(0, 2, 3, 1).reshape(-1, channels)
     queries = test.permute(0, 2, 3, 1).reshape(len(test), -1, channels)
-    knn = [nearest_feature_distance(q, bank) for q in queries]
+    nearest_feature = [nearest_feature_distance(q, bank) for q in queries] if knn else None
     # A reference per image: the mean of the k normal images nearest to it (whole-map
     # distance), compared position by position as the class reference is.
     flat = train.flatten(2)  # (N, C, L)
@@ -83,11 +83,14 @@ def scores(train: torch.Tensor, test: torch.Tensor) -> dict[str, np.ndarray]:
         for k in NEAREST:
             reference = flat[order[:k]].mean(0)
             nearest[f"mean_of_{k}_nearest"].append(((image - reference) ** 2).sum(0).max().item())
-    return {
-        "mean_ref": ((test - mean) ** 2).sum(1).flatten(1).max(1).values.numpy(),
-        "gauss": (((test - mean) / std) ** 2).mean(1).flatten(1).max(1).values.numpy(),
-        "knn": np.asarray(knn),
-    } | {name: np.asarray(values) for name, values in nearest.items()}
+    return (
+        {
+            "mean_ref": ((test - mean) ** 2).sum(1).flatten(1).max(1).values.numpy(),
+            "gauss": (((test - mean) / std) ** 2).mean(1).flatten(1).max(1).values.numpy(),
+        }
+        | ({"knn": np.asarray(nearest_feature)} if knn else {})
+        | {name: np.asarray(values) for name, values in nearest.items()}
+    )
 
 
 def main() -> None:
@@ -105,6 +108,9 @@ def main() -> None:
         default=",".join(a.value for a in Alignment),
         help="which pose normalisations to measure (comma-separated)",
     )
+    parser.add_argument(
+        "--skip-knn", action="store_true", help="no nearest-feature score (slow at 512 px)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -118,7 +124,8 @@ def main() -> None:
         "command": "python benchmarks/bench_alignment.py "
         f"--data {args.data} --category {args.category} --backbone {args.backbone} "
         f"--image-size {args.image_size} --out-indices {args.out_indices} "
-        f"--alignments {args.alignments} --out {args.out}",
+        f"--alignments {args.alignments}{' --skip-knn' if args.skip_knn else ''} "
+        f"--out {args.out}",
         "machine": {"name": where.name, "isa": list(where.isa)},
         "test": {"normal": int((labels == 0).sum()), "anomalous": int(labels.sum())},
     }
@@ -129,7 +136,7 @@ def main() -> None:
         test, test_poses = pooled_features(extractor, pre, data.test)
         result = {"posed_images": {"train": train_poses, "test": test_poses}}
         for level, (a, b) in enumerate(zip(train, test, strict=True), start=1):
-            for name, values in scores(a, b).items():
+            for name, values in scores(a, b, knn=not args.skip_knn).items():
                 result[f"L{level} {name}"] = round(image_auroc(labels, values), 4)
         result["seconds"] = round(time.perf_counter() - started, 1)
         report[alignment.value] = result

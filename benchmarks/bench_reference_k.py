@@ -9,7 +9,8 @@ to it (finer level, whole-map distance, as ``--reference nearest`` retrieves), a
 score the largest squared distance of a position to that reference. K is judged by the
 image AUROC of the **validation normals against copies of them with planted anomalies**
 (``--planting``), which needs no label; the test set's AUROC per K is printed beside it
-for the record only.
+for the record only. ``--bank-rotations N`` adds N-1 turned copies of every training image
+to the bank (augmentation by rotation, the alternative to ``--alignment``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,21 @@ def finer_level(extractor, pre, images, batch: int = 16) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def turned(paths: list[Path], copies: int) -> list:
+    """The images (as paths), and for copies > 1 each also turned by 360/copies steps, the
+    corners filled with the photo's border grey."""
+    if copies <= 1:
+        return [str(p) for p in paths]
+    images = []
+    for path in paths:
+        image = read_image(path)
+        array = np.asarray(image)
+        border = np.concatenate([array[0], array[-1], array[:, 0], array[:, -1]])
+        fill = tuple(int(v) for v in np.median(border, axis=0))
+        images += [image.rotate(360 * i / copies, fillcolor=fill) for i in range(copies)]
+    return images
+
+
 def nearest_scores(bank: torch.Tensor, queries: torch.Tensor, ks=CANDIDATES) -> dict:
     """Per K: each query's largest per-position squared distance to its K-nearest mean."""
     flat = bank.flatten(2)  # (M, C, L)
@@ -72,6 +88,9 @@ def main() -> None:
     )
     parser.add_argument("--planting", default="part", choices=[p.value for p in Planting])
     parser.add_argument("--per-image", type=int, default=3, help="planted copies per normal")
+    parser.add_argument(
+        "--bank-rotations", type=int, default=1, help="copies of each training image, turned"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -86,7 +105,7 @@ def main() -> None:
         planting=Planting(args.planting),
     )
     planted = [image for image, _ in draws]
-    bank = finer_level(extractor, pre, [str(r.path) for r in train])
+    bank = finer_level(extractor, pre, turned([r.path for r in train], args.bank_rotations))
     label_free = nearest_scores(bank, finer_level(extractor, pre, normals + planted))
     planted_labels = np.r_[np.zeros(len(normals)), np.ones(len(planted))]
     test = nearest_scores(bank, finer_level(extractor, pre, [str(r.path) for r in data.test]))
@@ -104,7 +123,7 @@ def main() -> None:
         "command": "python benchmarks/bench_reference_k.py "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
         "machine": {"name": where.name, "isa": list(where.isa)},
-        "bank": len(train),
+        "bank": len(bank),
         "validation_normals": len(normals),
         "planted": len(planted),
         "test": {"normal": int((test_labels == 0).sum()), "anomalous": int(test_labels.sum())},
