@@ -15,6 +15,7 @@ import secrets
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 from components.errors import StackError
@@ -34,6 +35,7 @@ from components.settings import DEFAULT_BUCKET, StackSettings, fod_home, read_cr
 log = logging.getLogger(__name__)
 
 DEFAULT_S3_PORT = 8333
+PORT_ATTEMPTS = 3  # starts of the S3 server when a port it was given is taken meanwhile
 DEFAULT_MLFLOW_PORT = 5055
 # SeaweedFS 'mini' runs master, volume, filer, S3, WebDAV and admin servers, each with
 # an HTTP and a gRPC port. All are pinned (to free ports) so two stacks never collide.
@@ -208,7 +210,6 @@ class EmbeddedStack:
         wait_healthy(name, server, healthy, timeout)
 
     def _start_s3(self, bucket: str, timeout: float) -> ServerState:
-        port = self._pick_port(self.s3_port, "S3 (SeaweedFS)", "--s3-port")
         credentials = self._credentials()
         config = self.home / "s3.json"
         config.write_text(
@@ -232,22 +233,34 @@ class EmbeddedStack:
         config.chmod(0o600)
         data = self.home / "s3"
         data.mkdir(parents=True, exist_ok=True)
-        argv = [
-            executable("weed"),
-            "mini",
-            f"-dir={data}",
-            f"-ip={LOOPBACK}",
-            f"-ip.bind={LOOPBACK}",
-            f"-s3.config={config}",
-            f"-bucket={bucket}",
-            f"-s3.port={port}",
-            "-master.telemetry=false",
-            *(f"-{flag}={free_port()}" for flag in _WEED_PORT_FLAGS),
-        ]
-        server = self._spawn("s3", argv)
-        server.port = port
-        probe = StackState(s3=server, bucket=bucket)
-        self._wait("S3 server (SeaweedFS)", server, lambda: self._s3_probe(probe), timeout)
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            port = self._pick_port(self.s3_port, "S3 (SeaweedFS)", "--s3-port")
+            argv = [
+                executable("weed"),
+                "mini",
+                f"-dir={data}",
+                f"-ip={LOOPBACK}",
+                f"-ip.bind={LOOPBACK}",
+                f"-s3.config={config}",
+                f"-bucket={bucket}",
+                f"-s3.port={port}",
+                "-master.telemetry=false",
+                *(f"-{flag}={free_port()}" for flag in _WEED_PORT_FLAGS),
+            ]
+            server = self._spawn("s3", argv)
+            server.port = port
+            probe = StackState(s3=server, bucket=bucket)
+            try:
+                self._wait("S3 server (SeaweedFS)", server, partial(self._s3_probe, probe), timeout)
+                break
+            except StackError as error:
+                # Its 12 inner ports were free when picked, but another process (or one of
+                # its own outgoing connections) may take one before it binds: pick again.
+                taken = any(m in str(error) for m in ("address already in use", "not available"))
+                if not taken or attempt == PORT_ATTEMPTS:
+                    raise
+                log.warning("S3 server: a port was taken before it bound; new ports (%d)", attempt)
+                stop_server(server)
         log.info("S3 (SeaweedFS) healthy at %s", probe.s3_endpoint)
         return server
 

@@ -84,3 +84,35 @@ def test_the_bucket_is_created_once_on_a_fresh_s3(stack, monkeypatch, capsys):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     assert main(["stack", "bucket"]) == 2
     assert "refused the credentials" in capsys.readouterr().err
+
+
+def test_an_inner_port_taken_before_seaweedfs_binds_it_is_picked_again(
+    tmp_path, monkeypatch, caplog
+):
+    """SeaweedFS gets 12 inner ports picked free beforehand; one can be taken before it binds
+    (another stack starting, or an outgoing connection). The start picks new ports, not fail.
+    The pick is steered onto a port held here: the race itself cannot be timed in a test."""
+    import logging
+
+    import components.local.stack as stack_module
+
+    real_free_port = stack_module.free_port
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        taken = sock.getsockname()[1]
+        calls = []
+
+        def first_pick_taken() -> int:
+            calls.append(1)
+            return taken if len(calls) == 9 else real_free_port()  # s3.port.iceberg, once
+
+        monkeypatch.setattr(stack_module, "free_port", first_pick_taken)
+        stack = EmbeddedStack(tmp_path, s3_port=0, mlflow_port=0)
+        with caplog.at_level(logging.WARNING, logger="components.local.stack"):
+            try:
+                stack.up()
+                assert stack.status()["running"]
+            finally:
+                stack.down()
+    assert "a port was taken before it bound" in caplog.text
