@@ -120,7 +120,7 @@ def _arguments(settings, version, **overrides) -> dict:
         "epochs": 30,
         "batch_size": 8,
         "learning_rate": 1e-3,
-        # 9 validation normals: with 5 the threshold (their maximum) sat so near the test
+        # 10 validation normals: with 6 the threshold (their maximum) sat so near the test
         # normals' scores that the false-alarm gate flipped with the CPU's kernels (AVX-512,
         # one thread) and the first run registered no champion.
         "val_fraction": 0.35,
