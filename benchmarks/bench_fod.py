@@ -30,12 +30,12 @@ from fod_core.evaluate import evaluate_detector, ground_truth_masks
 from fod_core.inference import AnomalyDetector
 from fod_core.losses import reference_objective
 from fod_core.metrics import image_auroc, pixel_auroc
-from fod_core.model import FODLevel, create_fod_model
+from fod_core.model import FODLevel, class_references, create_fod_model
 from fod_core.processing import Alignment, PostProcessing, PreProcessing
 from fod_core.roofline import achieved, fod_flops, machine, measure_rates, roofline_header
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.train import train_model
-from fod_core.trainer import FODTrainer, class_references, resolve_device
+from fod_core.trainer import FODTrainer, resolve_device
 
 
 @torch.no_grad()

@@ -30,10 +30,10 @@ def child(args) -> dict:
     from fod_core.cache import FeatureCache, LocalStore
     from fod_core.config import ModelConfig, TrainConfig
     from fod_core.data import load_category
-    from fod_core.model import create_fod_model
+    from fod_core.model import class_references, create_fod_model
     from fod_core.processing import PreProcessing
     from fod_core.runtime import configure_cpu_numerics
-    from fod_core.trainer import FODTrainer, class_references, resolve_device
+    from fod_core.trainer import FODTrainer, resolve_device
 
     configure_cpu_numerics()
     model_config = ModelConfig(image_size=args.image_size)

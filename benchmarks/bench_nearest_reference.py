@@ -31,11 +31,10 @@ from fod_core.config import ModelConfig
 from fod_core.data import load_category, split_validation
 from fod_core.losses import fod_objective, total_objective
 from fod_core.metrics import image_auroc
-from fod_core.model import FODLevel, create_fod_model
+from fod_core.model import FODLevel, class_references, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
 from fod_core.roofline import machine
 from fod_core.runtime import configure_cpu_numerics
-from fod_core.trainer import class_references
 
 
 def nearest(queries: torch.Tensor, bank: torch.Tensor, k: int, exclude_self: bool) -> torch.Tensor:

@@ -180,10 +180,10 @@ def time_training(
     from fod_core.cache import FeatureCache, LocalStore
     from fod_core.config import ModelConfig, TrainConfig
     from fod_core.data import split_validation
-    from fod_core.model import create_fod_model
+    from fod_core.model import class_references, create_fod_model
     from fod_core.roofline import fod_flops
     from fod_core.runtime import resolve_precision
-    from fod_core.trainer import FODTrainer, class_references
+    from fod_core.trainer import FODTrainer
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, device=device.type)
     train_records, val_records = split_validation(data.train, config.val_fraction)

@@ -383,6 +383,11 @@ class FODLevel(nn.Module):
         return FODLevel.reconstruction_error(output) * weights
 
 
+def class_references(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-position mean of the normal training features, (H*W, C) per level."""
+    return [f.float().mean(0).flatten(1).transpose(0, 1).contiguous() for f in features]
+
+
 class FODModel(nn.Module):
     """Independent FOD transformers, one per backbone level."""
 
@@ -423,9 +428,7 @@ class FODModel(nn.Module):
     def fit_references(self, feature_maps: Sequence[torch.Tensor]) -> None:
         """From the normal training images' features (per level (M, C, H, W)): the class
         reference, and for NEAREST the bank the per-image references are drawn from."""
-        self.set_references(
-            [f.float().mean(0).flatten(1).transpose(0, 1).contiguous() for f in feature_maps]
-        )
+        self.set_references(class_references(feature_maps))
         if self.nearest:
             for level, features in zip(self.levels, feature_maps, strict=True):
                 level.set_bank(features)

@@ -32,11 +32,6 @@ def resolve_device(device: Device | str) -> torch.device:
     return torch.device(device.value)
 
 
-def class_references(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-position mean of the normal training features, (H*W, C) per level."""
-    return [f.float().mean(0).flatten(1).transpose(0, 1).contiguous() for f in features]
-
-
 @dataclass
 class EpochRecord:
     epoch: int

@@ -12,10 +12,10 @@ import torch
 from fod_core.backbone import create_feature_extractor
 from fod_core.config import Device, LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.inference import AnomalyDetector
-from fod_core.model import create_fod_model
+from fod_core.model import class_references, create_fod_model
 from fod_core.processing import PostProcessing, PreProcessing
 from fod_core.runtime import resolve_precision
-from fod_core.trainer import FODTrainer, class_references
+from fod_core.trainer import FODTrainer
 
 pytestmark = [
     pytest.mark.cuda,

@@ -9,9 +9,9 @@ import torch
 
 from fod_core import roofline, runtime
 from fod_core.config import LevelConfig, ModelConfig, Precision, TrainConfig
-from fod_core.model import create_fod_model
+from fod_core.model import class_references, create_fod_model
 from fod_core.runtime import resolve_precision
-from fod_core.trainer import FODTrainer, class_references
+from fod_core.trainer import FODTrainer
 
 CHANNELS, STRIDES = (12, 20), (8, 16)
 CONFIG = ModelConfig(
