@@ -5,7 +5,9 @@ On a cluster, ``inference_service`` builds the InferenceService with the KServe 
 KServe's storage initializer downloads from the MLflow artifact location in S3 into
 /mnt/models; ``canary_traffic_percent`` rolls a new version out to part of the traffic.
 ``apply_inference_service`` creates or patches it as the deployer identity, and
-``deploy_champion`` tags the registry version ``deployed`` only once it is Ready.
+``deploy_champion`` tags the registry version ``deployed`` only once it is Ready. When it
+does not become Ready, KServe keeps serving the previous version and the champion alias,
+which registration had already moved, goes back to that version (``served_version``).
 """
 
 from __future__ import annotations
@@ -385,6 +387,16 @@ def rollout_state(service: dict, applied: Applied) -> tuple[bool, str]:
     return True, f"Ready (revision {ready_revision or 'n/a'})"
 
 
+class NotReady(DeploymentError):
+    """The applied spec did not become Ready in time; what the cluster showed last, so that
+    the registry can be put back in line with what KServe still serves."""
+
+    def __init__(self, message: str, *, applied: Applied, last_seen: dict | None, why: str,
+                 timeout: float) -> None:  # fmt: skip
+        super().__init__(message)
+        self.applied, self.last_seen, self.why, self.timeout = applied, last_seen, why, timeout
+
+
 def wait_until_ready(
     applied: Applied,
     *,
@@ -392,32 +404,125 @@ def wait_until_ready(
     timeout: float = READY_TIMEOUT,
     poll: float | None = None,
 ) -> dict:
-    """Poll the InferenceService until the applied spec is Ready; DeploymentError on timeout.
+    """Poll the InferenceService until the applied spec is Ready; NotReady on timeout.
 
-    A timeout changes nothing: KServe keeps routing to the last ready revision."""
+    A timeout changes nothing in the cluster: KServe keeps routing to the last ready
+    revision."""
     client = client or kubernetes_api()
     group, version, plural = KSERVE_API
     deadline = time.monotonic() + timeout
-    why = "not polled"
+    why, last_seen = "not polled", None
     while True:
         try:
             service = client.api.get_namespaced_custom_object(
                 group, version, applied.namespace, plural, applied.name
             )
+            last_seen = service
             ready, why = rollout_state(service, applied)
             if ready:
                 return service
         except Exception as error:  # a poll that fails is retried until the deadline
             why = str(_api_error(error, "get", applied.namespace, applied.name, client.identity))
         if time.monotonic() >= deadline:
-            raise DeploymentError(
+            revision = _predictor_status(last_seen or {}).get("latestReadyRevision")
+            serving = f" ({revision})" if revision else ""
+            raise NotReady(
                 f"InferenceService {applied.namespace}/{applied.name} was not Ready for "
-                f"generation {applied.generation} within {timeout:.0f}s ({why}). Nothing was "
-                "rolled back: KServe keeps serving the last ready revision, the champion alias "
-                "is unchanged and the version is not tagged deployed. Inspect it with "
-                f"`kubectl -n {applied.namespace} describe inferenceservice {applied.name}`."
+                f"generation {applied.generation} within {timeout:g}s (last seen: {why}). "
+                f"KServe keeps serving its last ready revision{serving}. Inspect it with "
+                f"`kubectl -n {applied.namespace} describe inferenceservice {applied.name}`.",
+                applied=applied,
+                last_seen=last_seen,
+                why=why,
+                timeout=timeout,
             )
         time.sleep(READY_POLL_SECONDS if poll is None else poll)
+
+
+def served_version(versions, service: dict | None) -> str | None:
+    """The registry version KServe still serves after a rollout that did not become Ready.
+
+    ``versions``: (version, tags) of the registered model. Only a Ready rollout is tagged
+    ``deployed`` ("kserve <time> <revision>"), and a rollout that is not Ready leaves the
+    traffic where it was. So it is the version whose tag names the predictor's latest ready
+    revision (Serverless; the latest such tag, as a recreated InferenceService reuses
+    revision names), or, where the status names no revision (RawDeployment), the version
+    last tagged deployed by kserve. None: nothing this registry deployed is known to serve.
+    """
+    deployed = []
+    for version, tags in versions:
+        stamp = (tags or {}).get("deployed", "").split()
+        if len(stamp) >= 2 and stamp[0] == DeployTarget.KSERVE.value:
+            revision = stamp[2] if len(stamp) > 2 else None
+            deployed.append((stamp[1], int(version), str(version), revision))
+    ready_revision = _predictor_status(service or {}).get("latestReadyRevision")
+    if ready_revision:
+        deployed = [d for d in deployed if d[3] == ready_revision]
+    return max(deployed)[2] if deployed else None
+
+
+def _registry_follows_cluster(name: str, version: str, error: NotReady) -> DeploymentError:
+    """After ``version`` did not become Ready: give the champion alias back to the version
+    KServe still serves (only when the alias is on ``version``: a concurrent promotion or a
+    by-hand deploy of another version is left alone), tag ``version`` ``deploy_failed``
+    with the reason, and say what is served, where the alias is and why."""
+    from datetime import UTC, datetime
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from components.registry import CHAMPION
+
+    version = str(version)
+    revision = _predictor_status(error.last_seen or {}).get("latestReadyRevision")
+    why = f"not Ready within {error.timeout:g}s (last seen: {error.why})"
+    head = (
+        f"{name} v{version} was not deployed: InferenceService {error.applied.namespace}/"
+        f"{error.applied.name} was not Ready for generation {error.applied.generation} within "
+        f"{error.timeout:g}s (last seen: {error.why})."
+    )
+    inspect = (
+        f"Inspect it with `kubectl -n {error.applied.namespace} describe inferenceservice "
+        f"{error.applied.name}`."
+    )
+    client = MlflowClient()
+    try:
+        served = None  # an InferenceService this step created served nothing before
+        if error.applied.action != "created":
+            versions = client.search_model_versions(f"name='{name}'")
+            served = served_version([(v.version, v.tags) for v in versions], error.last_seen)
+        try:
+            alias = client.get_model_version_by_alias(name, CHAMPION).version
+        except MlflowException:
+            alias = None
+        moved = alias == version and served is not None and served != version
+        if moved:
+            client.set_registered_model_alias(name, CHAMPION, served)
+            where = f"the champion alias was moved back from v{version} to v{served}"
+        elif alias == version:
+            where = f"the champion alias stays on v{version}"
+        elif alias is None:
+            where = "there is no champion alias"
+        else:
+            where = f"the champion alias points at v{alias}, not at v{version}: left as it is"
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        note = f"; the champion alias went back to v{served}" if moved else ""
+        client.set_model_version_tag(
+            name, version, "deploy_failed", f"kserve {stamp}: {why}{note}"[:5000]
+        )
+    except MlflowException as failure:
+        return DeploymentError(
+            f"{head} The registry could not be updated ({failure}): the champion alias may "
+            f"still name v{version}, which KServe does not serve. {inspect}"
+        )
+    if served:
+        what = f"v{served} is served (revision {revision})" if revision else f"v{served} is served"
+    else:
+        what = "no version is known to be served (none is tagged deployed on a ready revision)"
+    return DeploymentError(
+        f"{head} Now {what}; {where}. v{version} is tagged deploy_failed with this reason. "
+        f"{inspect}"
+    )
 
 
 def deploy_champion(
@@ -438,7 +543,13 @@ def deploy_champion(
 
     The version gets the tag ``deployed`` (target, time and revision) only once it is
     served: the local server reports it, or the InferenceService is Ready for the applied
-    spec. A retrain check can so tell a champion whose deployment failed from a served one."""
+    spec. A retrain check can so tell a champion whose deployment failed from a served one.
+
+    An InferenceService that is not Ready in time rolls the registry back, not the cluster:
+    KServe already keeps serving the last ready revision, and promotion (which moved the
+    alias before this step) cannot wait for Ready because the local target follows the
+    alias. So the alias goes back to the served version and the new one is tagged
+    ``deploy_failed`` (``_registry_follows_cluster``)."""
     if target is DeployTarget.NONE:
         return {"target": target.value, "deployed": False}
     if target is DeployTarget.LOCAL:
@@ -463,7 +574,10 @@ def deploy_champion(
     stamp = f"{target.value} {datetime.now(UTC).isoformat(timespec='seconds')}"
     if result.get("revision"):
         stamp += f" {result['revision']}"
-    MlflowClient().set_model_version_tag(name, str(version), "deployed", stamp)
+    client = MlflowClient()
+    client.set_model_version_tag(name, str(version), "deployed", stamp)
+    if "deploy_failed" in (client.get_model_version(name, str(version)).tags or {}):
+        client.delete_model_version_tag(name, str(version), "deploy_failed")  # a past attempt
     return result
 
 
@@ -493,7 +607,10 @@ def _deploy_inference_service(
     applied = apply_inference_service(manifest, client=client)
     log.info("%s InferenceService %s/%s; waiting until it is Ready", applied.action,
              namespace, applied.name)  # fmt: skip
-    service = wait_until_ready(applied, client=client, timeout=ready_timeout)
+    try:
+        service = wait_until_ready(applied, client=client, timeout=ready_timeout)
+    except NotReady as error:
+        raise _registry_follows_cluster(name, version, error) from error
     predictor = _predictor_status(service)
     return {
         "target": DeployTarget.KSERVE.value,

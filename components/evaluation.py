@@ -96,14 +96,21 @@ def _log_level_weights(model_dir: Path) -> None:
 def rescore_on(data_root: str | Path, category: str, data_format: str):
     """A function that evaluates another model (the champion) on this run's test data."""
 
-    def rescore(model_dir: str | Path) -> dict:
+    def rescore(model_dir: str | Path, planting: str | None = None) -> dict:
         import tempfile
 
         from fod_core.evaluate import evaluate_model
 
         with tempfile.TemporaryDirectory() as tmp:
             return evaluate_model(
-                model_dir, data_root, category, tmp, format=data_format, max_overlays=0
+                model_dir,
+                data_root,
+                category,
+                tmp,
+                format=data_format,
+                max_overlays=0,
+                planting=planting,
+                progress=False,
             )
 
     return rescore
@@ -121,6 +128,7 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
     split_rows = "".join(
         f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in (metrics.get("splits") or {}).items()
     )
+    promise = (metrics.get("calibration") or {}).get("promise") or "nothing (not recorded)"
     images = ""
     for name in ("roc.png", "score_histogram.png", "planted_histogram.png"):
         path = eval_dir / name
@@ -134,7 +142,10 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
         f"<p>Evidence: {html.escape(str(metrics.get('evidence', '')))}</p>"
         + "".join(f"<p><i>{html.escape(n)}</i></p>" for n in metrics.get("notes", []))
         + f"<table border=1>{rows}</table><h2>Splits</h2><table border=1>{split_rows}</table>"
+        f"<p>Roles: training learns; the validation's choice part picks the epoch and level "
+        f"weights; its calibration part alone sets the threshold.</p>"
         f"<h2>At the calibrated threshold</h2>"
+        f"<p>The threshold promises: {html.escape(str(promise))}</p>"
         f"<table border=1>{confusion_rows}</table>{images}"
         f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
         "</body></html>"

@@ -21,8 +21,12 @@ class MonitorError(RuntimeError):
     """No decision record, or no calibration to compare it with."""
 
 
-def calibration_of(model_dir: str | Path) -> tuple[list[float], float | None, float | None]:
-    """(validation normals' scores, promised false-alarm rate, threshold) of an artefact."""
+def calibration_of(
+    model_dir: str | Path,
+) -> tuple[list[float], float | None, float | None, int | None]:
+    """(calibration normals' scores, promised false-alarm rate, threshold, its rank among
+    those scores) of an artefact. The rank is None for F1 thresholds, which promise no
+    false-alarm rate."""
     calibration = read_manifest(model_dir).get("calibration") or {}
     scores = calibration.get("validation_scores")
     if not scores:
@@ -30,7 +34,25 @@ def calibration_of(model_dir: str | Path) -> tuple[list[float], float | None, fl
     promised = calibration.get("guaranteed_false_alarm_rate")
     if promised is None:
         promised = calibration.get("target_false_alarm_rate")
-    return list(scores), promised, calibration.get("threshold")
+    rank = calibration.get("threshold_rank")
+    return list(scores), promised, calibration.get("threshold"), rank
+
+
+def review_verdicts(record: str | Path) -> dict[int, str]:
+    """decision id -> the reviewer's verdict ('good' or 'defective'), from a local record
+    that the review page writes to; a shipped record carries none."""
+    import sqlite3
+
+    if not Path(record).is_file():
+        return {}
+    connection = sqlite3.connect(f"file:{Path(record)}?mode=ro", uri=True, timeout=5)
+    try:
+        rows = connection.execute("SELECT decision_id, verdict FROM verdicts").fetchall()
+    except sqlite3.OperationalError:  # a record from before reviews
+        rows = []
+    finally:
+        connection.close()
+    return dict(rows)
 
 
 def _registry_calibration(name: str, version: str):
@@ -59,6 +81,7 @@ def monitor(
     name = registered_name(category)
     since = time.time() - since_seconds if since_seconds else None
     record, rows = served_decisions(name, record, since=since, home=home)
+    verdicts = {} if is_s3(record) else review_verdicts(record)
     by_version: dict[str, list[dict]] = {}
     for row in rows:
         by_version.setdefault(row["model_version"], []).append(row)
@@ -70,7 +93,7 @@ def monitor(
                 f"{name} version {version!r} is not a registry version (a model served from "
                 "a folder): pass --model FOLDER for its calibration"
             )
-        calibration, promised, threshold = (
+        calibration, promised, threshold, rank = (
             calibration_of(model_dir) if model_dir else _registry_calibration(name, version)
         )
         check = check_drift(
@@ -78,6 +101,8 @@ def monitor(
             [None if r["is_anomalous"] is None else bool(r["is_anomalous"]) for r in decisions],
             calibration,
             promised,
+            rank=rank,
+            verdicts=[verdicts.get(r["id"]) for r in decisions],
         )
         entry = {"model_version": version, "verdict": check.verdict(), **check.to_dict()}
         report["versions"].append(entry)

@@ -6,11 +6,15 @@ data has:
 - labelled defects in the test set: minimum image/pixel metrics (pixel ones need masks);
 - no labelled defect (a product with good images only): anomalies planted into the
   held-out normals with a fixed seed (the same set for the challenger and the champion);
-- always: the false-alarm rate on held-out normals is not significantly above what the
-  threshold promised (one-sided binomial test).
+- always: the false alarms on held-out normals are not significantly more than a model
+  calibrated as promised makes (beta-binomial given the threshold's rank among its
+  calibration normals: a perfectly calibrated model is refused at most
+  ``false_alarm_alpha`` of the time).
 And it must not be worse than the current champion on the same evidence *and the same
 data* (the champion is re-scored on this run's test set when it was evaluated on another
-data version). The decision records which evidence it rests on.
+data version, and with this version's planting when it was planted another way). Splits
+never move an image (`fod_core.data`), so the test set holds no image that either model
+trained, chose or calibrated on. The decision records which evidence it rests on.
 - its exported scoring graphs (ONNX, OpenVINO), when the run exported any, agree with
   PyTorch (the parity check of ``fod_core.export``); the check's result is a tag.
 """
@@ -50,6 +54,7 @@ RECORDED_METRICS = (
     "false_alarm_p_value",
     "n_anomalous",
     "evidence",
+    "planting",
 )
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -154,20 +159,18 @@ def check_gates(
         reasons.append(
             f"{metrics.get('false_alarms')} false alarms in {metrics.get('n_normal')} held-out "
             f"normals break the promised rate {metrics.get('promised_false_alarm_rate'):.4g} "
-            f"(binomial p {p_value:.3g} < {gates.false_alarm_alpha})"
+            f"(p {p_value:.3g} < {gates.false_alarm_alpha} for a model calibrated as promised)"
         )
     if champion_metrics is not None:
         compared = LABELLED_METRICS if evidence == "labelled" else PLANTED_METRICS
         ours_planting = metrics.get("planting", "anywhere")
         if evidence != "labelled" and champion_metrics.get("planting", "anywhere") != ours_planting:
-            # Anomalies planted another way are another test: only the minimums above apply.
-            log.warning(
-                "the champion's planted metrics come from %s planting, this version's from "
-                "%s: not compared",
-                champion_metrics.get("planting", "anywhere"),
-                ours_planting,
+            # another test: the champion must be re-scored this version's way (never skipped)
+            raise ValueError(
+                f"the champion's planted metrics come from {champion_metrics.get('planting')} "
+                f"planting, this version's from {ours_planting}: re-score the champion with "
+                "this version's planting before comparing"
             )
-            compared = ()
         for key in compared:
             ours, theirs = metrics.get(key), champion_metrics.get(key)
             if ours is None or theirs is None:
@@ -182,19 +185,32 @@ def champion_metrics_on(
     name: str,
     eval_data_version: str,
     rescore,
+    planting: str | None = None,
 ) -> tuple[str | None, dict | None]:
-    """The current champion's version and its metrics on ``eval_data_version``."""
+    """The current champion's version and its metrics on ``eval_data_version``, with
+    anomalies planted the ``planting`` way (re-scored when it was evaluated otherwise;
+    None: planted metrics are not compared, labelled test defects are)."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None, None
     tags = champion.tags or {}
-    if tags.get("eval_data_version") == eval_data_version and "metrics" in tags:
-        return champion.version, json.loads(tags["metrics"])
-    log.info("re-scoring champion v%s on data %s", champion.version, eval_data_version)
+    recorded = json.loads(tags["metrics"]) if "metrics" in tags else None
+    same_data = tags.get("eval_data_version") == eval_data_version
+    same_planting = planting is None or (recorded and recorded.get("planting") == planting)
+    if recorded is not None and same_data and same_planting:
+        return champion.version, recorded
+    if rescore is None:
+        return champion.version, None
+    log.info(
+        "re-scoring champion v%s on data %s, anomalies planted %s",
+        champion.version,
+        eval_data_version,
+        planting,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = download_fod_model(f"models:/{name}@{CHAMPION}", tmp)
-        return champion.version, rescore(model_dir)
+        return champion.version, rescore(model_dir, planting)
 
 
 def register_model(
@@ -210,13 +226,16 @@ def register_model(
 ) -> RegistrationResult:
     """Register a new version (alias challenger); promote it to champion if the gates pass.
 
-    ``rescore(model_dir) -> metrics`` evaluates another model on this run's test data;
-    it is called only when the champion's recorded metrics are on other data.
+    ``rescore(model_dir, planting) -> metrics`` evaluates another model on this run's test
+    data; it is called only when the champion's recorded metrics are on other data or
+    from anomalies planted another way.
     """
     gates = gates or PromotionGates()
     name = registered_name(category)
     client = MlflowClient()
-    previous, champion_metrics = champion_metrics_on(client, name, data_version, rescore)
+    # planted evidence is compared on one planted set: the champion planted this way
+    planting = metrics.get("planting", "anywhere") if evidence_of(metrics) == "planted" else None
+    previous, champion_metrics = champion_metrics_on(client, name, data_version, rescore, planting)
     if previous is not None and champion_metrics is None:
         raise RuntimeError("the champion must be re-scored but no rescore function was given")
     model_uri = log_fod_model(model_dir, run_id)

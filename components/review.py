@@ -8,9 +8,9 @@ verdict is stored with who gave it, when, and whether it confirms or overturns t
 model's decision. Publishing copies the parts marked good into the category's training
 images and those marked defective into a labelled set (``<category>/labelled/<date>/``),
 then ``dvc add`` and ``dvc push`` make a new data version for the retrain check. The
-counts view shows, per model version, the confirmed false alarms and defects: the
-false-alarm rate seen in production. It has no login: it binds loopback only (put it
-behind the cluster's auth proxy, docs/deploy.md).
+counts view shows, per model version, the confirmed false alarms and defects, and the
+share of false alarms among the reviewed parts. It has no login: it binds loopback only
+(put it behind the cluster's auth proxy, docs/deploy.md).
 """
 
 import contextlib
@@ -124,7 +124,8 @@ class ReviewStore:
 
     def counts(self) -> list[dict]:
         """Per model version: decisions, flagged, reviewed, confirmed defects and false
-        alarms, and the false-alarm rate seen in production so far."""
+        alarms, and the false alarms among the reviewed parts: only a verdict tells a false
+        alarm, so an unreviewed decision says nothing either way and is not counted."""
         with self.connect() as connection:
             rows = connection.execute(
                 "SELECT d.model_name, d.model_version, COUNT(*) AS decisions, "
@@ -141,9 +142,8 @@ class ReviewStore:
                 "model_name": row["model_name"],
                 "model_version": row["model_version"],
             }
-            normals = entry["decisions"] - entry["confirmed_defects"]
-            entry["false_alarm_rate_seen"] = (
-                entry["confirmed_false_alarms"] / normals if normals else None
+            entry["false_alarms_among_reviewed"] = (
+                entry["confirmed_false_alarms"] / entry["reviewed"] if entry["reviewed"] else None
             )
             counts.append(entry)
         return counts
@@ -407,7 +407,7 @@ PAGE = """<!doctype html>
 <h2 style="font-size:1.1rem">Per model version</h2>
 <table id="counts"><thead><tr><th>model</th><th>version</th><th>decisions</th><th>flagged</th>
 <th>reviewed</th><th>confirmed defects</th><th>confirmed false alarms</th>
-<th>false-alarm rate seen</th></tr></thead><tbody></tbody></table>
+<th>false alarms among reviewed parts</th></tr></thead><tbody></tbody></table>
 <script>
 let items = [], selected = 0;
 const $ = (id) => document.getElementById(id);
@@ -440,7 +440,8 @@ async function load() {
   $("counts").querySelector("tbody").innerHTML = counts.map((c) => `<tr><td>${c.model_name}</td>
     <td>${c.model_version}</td><td>${c.decisions}</td><td>${c.flagged}</td><td>${c.reviewed}</td>
     <td>${c.confirmed_defects}</td><td>${c.confirmed_false_alarms}</td><td>${
-      c.false_alarm_rate_seen === null ? "-" : c.false_alarm_rate_seen.toFixed(4)}</td></tr>`)
+      c.false_alarms_among_reviewed === null ? "-" : c.false_alarms_among_reviewed.toFixed(4)
+    }</td></tr>`)
     .join("");
 }
 function mark() {

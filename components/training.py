@@ -3,6 +3,7 @@ losses, curves and the artefact's manifest."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -45,6 +46,7 @@ def train_and_track(
     import mlflow
 
     from components.tracking import connect
+    from fod_core.artifact import read_manifest
     from fod_core.train import train_model
 
     store = S3Store(settings, cache_prefix)
@@ -96,8 +98,12 @@ def train_and_track(
         if outcome.result.best_val_loss is not None:
             summary["best_val_reconstruction"] = outcome.result.best_val_loss
         summary |= {f"split_{k}": float(v) for k, v in (outcome.splits or {}).items()}
-        mlflow.log_metrics(summary)
         out_dir = Path(out_dir)
+        chosen_k = read_manifest(out_dir).get("recipe", {}).get("reference_k")
+        if chosen_k:  # the recipe setting chosen at training time, with its evidence
+            summary["reference_k"] = float(chosen_k["k"])
+            mlflow.set_tag("recipe.reference_k", json.dumps(chosen_k)[:5000])
+        mlflow.log_metrics(summary)
         mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="training")
         if (out_dir / "training_curves.png").is_file():
             mlflow.log_artifact(str(out_dir / "training_curves.png"), artifact_path="training")

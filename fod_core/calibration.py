@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fod_core.metrics import aupro, f1_max, pixel_auroc
+from fod_core.promise import DEFAULT_DELTA, Promise, normals_needed, rank_for, rate_bound
 from fod_core.synthetic import Planting
 
 if TYPE_CHECKING:
@@ -31,10 +31,11 @@ class ThresholdMode(str, Enum):
 
 @dataclass(frozen=True)
 class Threshold:
-    """The alarm threshold and, for the false-alarm mode, what it promises: with ``n_normal``
-    validation normals and the ``rank``-th largest score as threshold, a new normal image
-    scores at or above it with probability at most ``rank / (n_normal + 1)``
-    (``guaranteed_false_alarm_rate``, exchangeable scores without ties)."""
+    """The alarm threshold and, for the false-alarm mode, what it promises for this model:
+    with the ``rank``-th largest of ``n_normal`` held-out normal scores as threshold, the
+    model's false-alarm rate exceeds ``guaranteed_false_alarm_rate`` with probability at
+    most ``delta`` (`fod_core.promise`; exchangeable scores without ties).
+    ``held_out`` False: the normals were trained or chosen on, and nothing is promised."""
 
     value: float
     mode: ThresholdMode
@@ -43,6 +44,19 @@ class Threshold:
     n_anomalous: int = 0
     rank: int | None = None
     guaranteed_false_alarm_rate: float | None = None
+    delta: float | None = None
+    held_out: bool = True
+
+    @property
+    def promise(self) -> Promise | None:
+        """None for F1 thresholds and artefacts from before training-conditional promises."""
+        if self.mode is not ThresholdMode.FALSE_ALARM_RATE or self.rank is None:
+            return None
+        if self.delta is None:
+            return None
+        return Promise(
+            self.n_normal, self.rank, self.delta, self.target_false_alarm_rate, self.held_out
+        )
 
     @property
     def supports_target(self) -> bool:
@@ -52,14 +66,20 @@ class Threshold:
         )
 
     def to_dict(self) -> dict:
+        promise = self.promise
         return {
             "threshold": self.value,
             "threshold_mode": self.mode.value,
             "target_false_alarm_rate": self.target_false_alarm_rate,
             "guaranteed_false_alarm_rate": self.guaranteed_false_alarm_rate,
+            "expected_false_alarm_rate": promise.expected_rate if promise else None,
+            "confidence": None if self.delta is None else 1 - self.delta,
+            "delta": self.delta,
             "threshold_rank": self.rank,
             "n_normal": self.n_normal,
             "n_anomalous": self.n_anomalous,
+            "held_out": self.held_out,
+            "promise": self.describe(),
         }
 
     @classmethod
@@ -72,30 +92,23 @@ class Threshold:
             n_anomalous=data.get("n_anomalous", 0),
             rank=data.get("threshold_rank"),
             guaranteed_false_alarm_rate=data.get("guaranteed_false_alarm_rate"),
+            delta=data.get("delta"),
+            held_out=data.get("held_out", True),
         )
 
     def describe(self) -> str:
         if self.mode is ThresholdMode.F1:
             return (
                 f"F1-optimal on {self.n_normal} normal and {self.n_anomalous} anomalous "
-                "validation images"
+                "validation images (no false-alarm promise)"
             )
-        return (
-            f"false-alarm rate at most {self.guaranteed_false_alarm_rate:.4g} "
+        if self.promise is not None:
+            return self.promise.in_words()
+        return (  # an artefact from before training-conditional promises
+            f"false-alarm rate at most {self.guaranteed_false_alarm_rate:.4g} on average "
             f"(target {self.target_false_alarm_rate:g}; score rank {self.rank} of "
             f"{self.n_normal} validation normals)"
         )
-
-
-def conformal_rank(n_normal: int, target_false_alarm_rate: float) -> int:
-    """The largest k with k / (n + 1) <= target, at least 1: the k-th largest of n normal
-    scores as threshold bounds the expected false-alarm rate by k / (n + 1)."""
-    return max(1, math.floor(target_false_alarm_rate * (n_normal + 1) + 1e-9))
-
-
-def normals_needed(target_false_alarm_rate: float) -> int:
-    """How many validation normals can promise ``target``: 1 / (n + 1) <= target."""
-    return max(1, math.ceil(1 / target_false_alarm_rate - 1 - 1e-9))
 
 
 def calibrate_threshold(
@@ -104,16 +117,23 @@ def calibrate_threshold(
     *,
     target_false_alarm_rate: float = 0.01,
     mode: ThresholdMode | str | None = None,
+    delta: float = DEFAULT_DELTA,
+    held_out: bool = True,
 ) -> Threshold:
-    """An order statistic of the normal validation scores by default (conformal: the
-    promise holds for any score distribution); F1-optimal when anomalies exist (or when
-    asked). Warns when there are too few normals for the target rate."""
+    """An order statistic of the normal calibration scores by default: the largest rank
+    whose false-alarm rate stays below the target with confidence 1 - ``delta``, for any
+    score distribution (`fod_core.promise`); F1-optimal when anomalies exist (or when
+    asked). With too few normals the threshold is their maximum, and the promise says
+    what they support and how many normals the target needs. ``held_out``: whether the
+    normals were kept from training and from every choice (else nothing is promised)."""
     normal = np.asarray(normal_scores, dtype=np.float64)
     anomalous = np.asarray(anomalous_scores, dtype=np.float64)
     if normal.size == 0:
         raise ValueError("threshold calibration needs validation scores of normal images")
     if not 0 < target_false_alarm_rate < 1:
         raise ValueError("target false-alarm rate must be in (0, 1)")
+    if not 0 < delta < 1:
+        raise ValueError("delta (1 - confidence) must be in (0, 1)")
     if mode is None:
         mode = ThresholdMode.F1 if anomalous.size else ThresholdMode.FALSE_ALARM_RATE
     mode = ThresholdMode(mode)
@@ -124,18 +144,30 @@ def calibrate_threshold(
         _, value = f1_max(labels, np.r_[normal, anomalous])
         return Threshold(float(value), mode, None, int(normal.size), int(anomalous.size))
     n = int(normal.size)
-    rank = min(conformal_rank(n, target_false_alarm_rate), n)
+    rank = rank_for(n, target_false_alarm_rate, delta) or 1
     value = float(np.sort(normal)[::-1][rank - 1])
-    threshold = Threshold(value, mode, target_false_alarm_rate, n, 0, rank, rank / (n + 1))
-    if not threshold.supports_target:
+    threshold = Threshold(
+        value,
+        mode,
+        target_false_alarm_rate,
+        n,
+        0,
+        rank,
+        rate_bound(n, rank, delta),
+        delta,
+        held_out,
+    )
+    if not held_out:
+        log.warning("threshold calibrated on images the model trained on: %s", threshold.describe())
+    elif not threshold.supports_target:
         log.warning(
-            "%d validation normals cannot promise a %g false-alarm rate: the threshold (their "
-            "maximum) guarantees %.4g; %d validation normals are needed for %g",
+            "%d calibration normals cannot promise a %g false-alarm rate with %g confidence: "
+            "the threshold (their maximum) promises %.4g; %d are needed",
             n,
             target_false_alarm_rate,
+            1 - delta,
             threshold.guaranteed_false_alarm_rate,
-            normals_needed(target_false_alarm_rate),
-            target_false_alarm_rate,
+            normals_needed(target_false_alarm_rate, delta),
         )
     return threshold
 
@@ -269,14 +301,32 @@ def synthetic_level_weights(
     return choice
 
 
-def require_validation_images(weighting: LevelWeighting | str, n_validation: int) -> None:
-    """Fail before any work when the weighting cannot be chosen (before training, too)."""
+CALIBRATION_PART = "validation calibration part"
+
+
+def require_validation_images(weighting: LevelWeighting | str, n_choice: int) -> None:
+    """Fail before any work when the weighting cannot be chosen (before training, too):
+    it is chosen on the validation's choice part."""
     from fod_core.data import DatasetError
 
-    if LevelWeighting(weighting) is LevelWeighting.SYNTHETIC and n_validation == 0:
+    if LevelWeighting(weighting) is LevelWeighting.SYNTHETIC and n_choice == 0:
         raise DatasetError(
-            "level weighting 'synthetic' needs validation images: use a validation fraction "
-            "above 0 (or level weighting 'equal')"
+            "level weighting 'synthetic' needs validation images to choose on (the choice "
+            "part is empty): use a validation fraction above 0, a larger choice fraction, "
+            "more normal images, or level weighting 'equal'"
+        )
+
+
+def require_calibration_images(n_validation: int, n_calibration: int) -> None:
+    """Validation images exist but none was left to calibrate on: the threshold would be
+    set on images a choice was made on, and its promise would not hold."""
+    from fod_core.data import DatasetError
+
+    if n_validation and not n_calibration:
+        raise DatasetError(
+            f"all {n_validation} validation images fell into the choice part, none is left "
+            "to calibrate the threshold on: add normal images, raise the validation "
+            "fraction or lower the choice fraction"
         )
 
 
@@ -318,20 +368,52 @@ def apply_level_weighting(
     return choice
 
 
-def model_split(manifest: dict, data: CategoryData) -> tuple[list, list]:
-    """(training, validation) records of the split a model was trained with: no image the
-    model trained on is used to judge it (calibration, export parity)."""
-    from fod_core.data import split_validation
+@dataclass(frozen=True)
+class ModelSplit:
+    """The normal images of a model's split: what it trained on, chose on (epoch, level
+    weights, recipe) and may calibrate on (neither trained nor chosen on)."""
 
-    recorded = manifest.get("data", {}).get("validation_images")
-    if recorded is not None:  # the split the model was trained with, exactly
-        names = set(recorded)
-        val_records = [r for r in data.train if r.path.name in names]
-        train_records = [r for r in data.train if r.path.name not in names]
-        return train_records, val_records
-    # a model from before the names were kept: the same rule again
+    train: list
+    choice: list
+    calibration: list
+
+    @property
+    def validation(self) -> list:
+        return self.choice + [r for r in self.calibration if r not in self.choice]
+
+    @property
+    def calibration_held_out(self) -> bool:
+        """Whether the calibration images are neither trained nor chosen on."""
+        return bool(self.calibration) and not set(self.calibration) & set(self.choice)
+
+
+def model_split(manifest: dict, data: CategoryData) -> ModelSplit:
+    """The split a model was trained with: no image the model trained or chose on is used
+    to calibrate it (the threshold), and none it trained on to judge it (export parity)."""
+    from fod_core.data import split_roles, split_validation
+
+    recorded = manifest.get("data", {})
+    if recorded.get("calibration_images") is not None:  # identities: the split exactly
+        choice, calibration = set(recorded["choice_images"]), set(recorded["calibration_images"])
+        return ModelSplit(
+            [r for r in data.train if r.identity not in choice | calibration],
+            [r for r in data.train if r.identity in choice],
+            [r for r in data.train if r.identity in calibration],
+        )
+    if recorded.get("validation_images") is not None:
+        # an artefact from before the choice part: every validation image made choices
+        # (its file names, as then recorded), none is left that a choice did not see
+        names = set(recorded["validation_images"])
+        log.warning(
+            "this model chose its epoch (and level weights) on the images it calibrates on: "
+            "retrain it for a threshold whose promise holds"
+        )
+        validation = [r for r in data.train if r.path.name in names or r.identity in names]
+        train = [r for r in data.train if r not in validation]
+        return ModelSplit(train, validation, validation)
     settings = manifest.get("training", {}).get("config", {})
-    return split_validation(data.train, settings.get("val_fraction", 0.1))
+    train, val = split_validation(data.train, settings.get("val_fraction", 0.1))
+    return ModelSplit(train, *split_roles(val, settings.get("choice_fraction", 0.3)))
 
 
 def calibrate_model(
@@ -346,14 +428,16 @@ def calibrate_model(
     level_weighting: LevelWeighting | str | None = None,
     planting: Planting | str | None = None,
     progress: bool = False,
+    delta: float = DEFAULT_DELTA,
 ) -> Threshold:
     """Lifecycle stage 'calibrate': re-derive a model's threshold (and, when
     ``level_weighting`` is given, its level weights) and store them in the artefact.
     ``planting``: how anomalies are planted for the level weights, stored with them (the
     evaluation's planted metrics follow it); None: the artefact's, else ANYWHERE.
 
-    Normal scores come from the validation split the model was trained with (the same
-    file-name hash split, so no image the model trained on is used); labelled anomalies,
+    Level weights are chosen on the validation's choice part, the threshold set on its
+    calibration part (the split the model was trained with: no image the model trained or
+    chose on); ``delta``: the chance the false-alarm promise may fail. Labelled anomalies,
     when given, are validation anomalies supplied by the user, never the test set.
     """
     from fod_core.artifact import load_detector, read_manifest, update_manifest
@@ -361,10 +445,11 @@ def calibrate_model(
 
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
-    train_records, val_records = model_split(manifest, load_category(data_root, category, format))
+    split = model_split(manifest, load_category(data_root, category, format))
+    train_records = split.train
     nearest = manifest.get("model", {}).get("reference", "class") == "nearest"
-    require_held_out_normals(nearest, len(val_records))
-    calibration_records = val_records or train_records
+    require_held_out_normals(nearest, len(split.calibration))
+    calibration_records = split.calibration or train_records
     detector = load_detector(model_dir)
     planting = Planting(planting or manifest.get("planting", Planting.ANYWHERE.value))
     extra = {}
@@ -373,7 +458,7 @@ def calibrate_model(
         choice = apply_level_weighting(
             detector,
             level_weighting,
-            [r.path for r in val_records],
+            [r.path for r in split.choice],
             [r.path for r in train_records],
             seed=train_settings.get("seed", 0),
             planting=planting,
@@ -387,10 +472,17 @@ def calibrate_model(
     anomalous = (
         [p.score for p in detector.predict(list(anomalous_images))] if anomalous_images else []
     )
+    held_out = split.calibration_held_out
     threshold = calibrate_threshold(
-        normal, anomalous, target_false_alarm_rate=target_false_alarm_rate, mode=mode
+        normal,
+        anomalous,
+        target_false_alarm_rate=target_false_alarm_rate,
+        mode=mode,
+        delta=delta,
+        held_out=held_out,
     )
     detector.with_threshold(threshold.value, threshold.mode.value)
+    calibrated_on = CALIBRATION_PART if held_out else "validation images a choice was made on"
     update_manifest(
         model_dir,
         postprocessing=detector.post.to_dict(),
@@ -398,7 +490,7 @@ def calibrate_model(
             **threshold.to_dict(),
             "validation_scores": normal,
             "anomalous_scores": anomalous,
-            "calibrated_on": "validation split" if val_records else "training images",
+            "calibrated_on": calibrated_on if split.calibration else "training images",
         },
         **extra,
     )

@@ -29,6 +29,7 @@ from fod_core.config import (
 from fod_core.data import DatasetError, DatasetFormat
 from fod_core.export import ExportError, Runtime
 from fod_core.processing import Alignment, ImageDecodeError
+from fod_core.promise import DEFAULT_DELTA
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.synthetic import Planting
 from fod_core.trainer import CheckpointMismatchError
@@ -162,7 +163,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reference-k",
         type=int,
-        help=f"normals per nearest reference (default: {defaults_model.reference_k})",
+        help="normals per nearest reference (default 0: chosen at training time on the "
+        "validation's choice part, with planted anomalies; no labels)",
     )
     parser.add_argument(
         "--epochs", type=int, help=f"training epochs (default: {defaults_train.epochs})"
@@ -170,7 +172,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
     parser.add_argument("--lr", type=float, help=f"Adam's rate (default: {defaults_train.lr})")
     parser.add_argument("--seed", type=int, default=defaults_train.seed)
-    parser.add_argument("--val-fraction", type=float, default=defaults_train.val_fraction)
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=defaults_train.val_fraction,
+        help="share of the normal images held out from training (0: no false-alarm guarantee)",
+    )
+    parser.add_argument(
+        "--choice-fraction",
+        type=float,
+        default=defaults_train.choice_fraction,
+        help="share of the validation images that make choices (epoch, level weights); "
+        "the rest set the threshold alone",
+    )
     parser.add_argument("--device", default="auto", choices=[d.value for d in Device])
     parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
     parser.add_argument(
@@ -178,7 +192,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=defaults_train.lean_attention,
         help="hold each attention map one block of query rows at a time (fp32): the same "
-        "training in a quarter of the memory, about a fifth slower (default: off)",
+        "training in a quarter of the memory, about a fifth slower (default: on)",
     )
     parser.add_argument(
         "--target-far",
@@ -186,11 +200,22 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         default=0.01,
         help="false-alarm rate the threshold is calibrated for",
     )
+    _add_confidence_arg(parser)
     _add_level_weights_arg(parser, None, train_default=LevelWeighting.EQUAL.value)
     _add_planting_arg(parser, Planting.ANYWHERE.value)
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--keep-checkpoints", action="store_true")
+
+
+def _add_confidence_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=1 - DEFAULT_DELTA,
+        help="how sure the false-alarm promise is: P(this model's rate <= target) "
+        f"(default {1 - DEFAULT_DELTA:g})",
+    )
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
@@ -213,6 +238,7 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         lr=float(_setting(args, "lr")),
         seed=args.seed,
         val_fraction=args.val_fraction,
+        choice_fraction=args.choice_fraction,
         device=Device(args.device),
         precision=Precision(args.precision),
         lean_attention=args.lean_attention,
@@ -236,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
         target_false_alarm_rate=args.target_far,
+        delta=1 - args.confidence,
         level_weighting=_setting(args, "level_weights"),
         planting=_setting(args, "planting"),
         progress=not args.quiet,
@@ -277,6 +304,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         anomalous_images=args.anomalies,
         level_weighting=args.level_weights,
         planting=args.planting,
+        delta=1 - args.confidence,
     )
     post = read_manifest(args.model)["postprocessing"]
     print(json.dumps({**threshold.to_dict(), "level_weights": post.get("level_weights")}, indent=2))
@@ -413,6 +441,7 @@ def build_parser(
         help="default: F1-optimal with --anomalies, else the false-alarm quantile",
     )
     calibrate.add_argument("--target-far", type=float, default=0.01)
+    _add_confidence_arg(calibrate)
     calibrate.add_argument(
         "--anomalies", nargs="*", type=Path, default=[], help="labelled validation anomalies"
     )
@@ -476,6 +505,9 @@ def build_parser(
     quick.add_argument("--image-size", type=int, default=128)
     quick.add_argument("--model-size", default=ModelSize.COMPACT.value)
     quick.set_defaults(func=cmd_quickstart)
+    from fod_core.cli_data import add_data_commands
+
+    add_data_commands(sub)
     if extra_commands is not None:
         extra_commands(sub)
     return parser

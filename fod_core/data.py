@@ -4,9 +4,13 @@ Every loader returns the same typed records. Three disjoint sets of images exist
 - test: the layout's test images; when the layout has no normal test images (a folder
   of good parts), a ``test_fraction`` of the normal images is held out as test normals,
   so a false-alarm rate can always be measured on images no choice has seen;
-- validation: a ``val_fraction`` of the remaining normal images, which every choice
-  (best epoch, level weights, threshold) uses;
+- validation: a ``val_fraction`` of the remaining normal images, in two disjoint parts:
+  *choice* (best epoch, level weights, any recipe setting) and *calibration* (the
+  threshold alone, so that its false-alarm promise holds after the choices);
 - train: the rest. Test labels are never used for a choice.
+
+Each image's split depends on its own identity alone (its path relative to the category
+folder, hashed with a salt per split), so adding or removing other images never moves it.
 
 Masks are optional in every layout: training and calibration never read the test set,
 and evaluation gives image metrics alone when anomalous images have no mask.
@@ -43,6 +47,13 @@ class ImageRecord:
     label: int  # 0 normal, 1 anomalous
     defect_type: str = NORMAL
     mask_path: Path | None = None
+    key: str = ""  # the path relative to the category folder (set by `load_category`)
+
+    @property
+    def identity(self) -> str:
+        """What the split hashes and the manifest records: two files of one name in two
+        folders (MVTec 3D-AD's train and validation) are two images."""
+        return self.key or self.path.name
 
 
 @dataclass
@@ -212,49 +223,105 @@ def load_category(
     if not (root / category).is_dir():
         raise DatasetError(f"category '{category}' not found under {root}")
     data = LOADERS[DatasetFormat(format)](root, category, require_masks=require_masks)
+    base = root / category
+    data.train = [with_key(r, base) for r in data.train]
+    data.test = [with_key(r, base) for r in data.test]
     if not any(r.label == 0 for r in data.test):
         data.train, held_out = hold_out(data.train, test_fraction, salt="test", min_rest=1)
         data.test = held_out + data.test
     return data
 
 
-def _hash_rank(name: str, salt: str) -> str:
-    """A file name's place in a salted hash order: each split draws with its own salt, so
-    the test hold-out and the validation split are independent draws."""
-    return hashlib.sha256(f"{salt}:{name}".encode()).hexdigest()
+def with_key(record: ImageRecord, base: Path) -> ImageRecord:
+    from dataclasses import replace
+
+    try:
+        key = record.path.relative_to(base).as_posix()
+    except ValueError:
+        key = record.path.name
+    return replace(record, key=key)
+
+
+def split_unit(identity: str, salt: str) -> float:
+    """An image's place in [0, 1) for one split: a salted hash of its identity alone, so
+    each split is an independent draw and no other image can move it."""
+    digest = hashlib.sha256(f"{salt}:{identity}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def hold_out(
     records: list[ImageRecord], fraction: float, *, salt: str, min_rest: int = 1
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(rest, held out): the ``round(len * fraction)`` records first in the salted hash
-    order of their file names (at least one when ``fraction`` > 0), keeping ``min_rest``.
+    """(rest, held out): each record is held out when its ``split_unit`` is below
+    ``fraction``: about that share, the exact count varying with the names.
 
-    The choice depends on the names alone (no random state), so a data version always
-    splits the same way; adding images moves at most a few from the held-out side."""
+    The choice depends on each image's identity alone (no random state, no count), so a
+    data version always splits the same way and adding or removing images never moves
+    another one. Fewer than ``min_rest`` left is an error that says what to do."""
     if not 0 <= fraction < 1:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
-    count = round(len(records) * fraction)
-    if fraction > 0:
-        count = max(count, 1)
-    count = max(0, min(count, len(records) - min_rest))
-    ranked = sorted(records, key=lambda r: _hash_rank(r.path.name, salt))
-    held = set(ranked[:count])
-    return [r for r in records if r not in held], [r for r in records if r in held]
+    held = [r for r in records if split_unit(r.identity, salt) < fraction]
+    rest = [r for r in records if split_unit(r.identity, salt) >= fraction]
+    if len(rest) < min_rest:
+        raise DatasetError(
+            f"{len(records)} images: the {salt} hold-out (fraction {fraction:g}) leaves "
+            f"{len(rest)}, at least {min_rest} needed: add images"
+        )
+    return rest, held
 
 
 def split_validation(
     records: list[ImageRecord], fraction: float, *, min_train: int = 1, min_val: int = 0
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
-    """(train, validation): ``fraction`` of the normal training images (plus or minus one)
-    held out for every choice. ``min_val`` validation images are required, with an error
-    that says how many images or which fraction would do."""
+    """(train, validation): about ``fraction`` of the normal training images, each chosen
+    by its own identity. ``min_val`` validation images are required, with an error that
+    says how many images or which fraction would do."""
     if len(records) < min_train:
         raise DatasetError(f"{len(records)} training images; at least {min_train} are needed")
     train, val = hold_out(records, fraction, salt="validation", min_rest=min_train)
     if len(val) < min_val:
         raise DatasetError(validation_shortfall(len(val), len(records), fraction, min_val))
     return train, val
+
+
+DEFAULT_CHOICE_FRACTION = 0.3
+
+
+def split_roles(
+    validation: list[ImageRecord], choice_fraction: float = DEFAULT_CHOICE_FRACTION
+) -> tuple[list[ImageRecord], list[ImageRecord]]:
+    """(choice, calibration): the validation normals that make choices (epoch, level
+    weights, recipe) and the disjoint ones that set the threshold alone. Scores of images
+    a choice was made on are no longer exchangeable with new normals; the calibration
+    part's are, so the threshold's promise holds whatever was chosen."""
+    if not 0 <= choice_fraction < 1:
+        raise ValueError(f"choice fraction must be in [0, 1), got {choice_fraction}")
+    calibration, choice = hold_out(validation, choice_fraction, salt="choice", min_rest=0)
+    return choice, calibration
+
+
+def describe_splits(
+    data: CategoryData,
+    val_fraction: float,
+    choice_fraction: float = DEFAULT_CHOICE_FRACTION,
+) -> dict:
+    """Every image's split by identity (``fod data splits``): what the model trains on,
+    chooses on, calibrates on and is tested on."""
+    train, val = split_validation(data.train, val_fraction, min_train=0)
+    choice, calibration = split_roles(val, choice_fraction)
+    return {
+        "category": data.name,
+        "format": data.format.value,
+        "val_fraction": val_fraction,
+        "choice_fraction": choice_fraction,
+        "train": sorted(r.identity for r in train),
+        "validation": {
+            "choice": sorted(r.identity for r in choice),
+            "calibration": sorted(r.identity for r in calibration),
+        },
+        "test_normal": sorted(r.identity for r in data.test if r.label == 0),
+        "test_anomalous": sorted(r.identity for r in data.test if r.label == 1),
+    }
 
 
 def test_sizes(data: CategoryData) -> dict[str, int]:
@@ -265,9 +332,16 @@ def test_sizes(data: CategoryData) -> dict[str, int]:
     }
 
 
-def split_sizes(data: CategoryData, train: list, val: list) -> dict[str, int]:
-    """The split sizes every record of a run keeps (manifest, report, MLflow)."""
-    return {"train": len(train), "validation": len(val), **test_sizes(data)}
+def split_sizes(
+    data: CategoryData, train: list, val: list, choice: list | None = None
+) -> dict[str, int]:
+    """The split sizes every record of a run keeps (manifest, report, MLflow); with
+    ``choice``, the validation part that made choices (the rest set the threshold)."""
+    sizes = {"train": len(train), "validation": len(val)}
+    if choice is not None:
+        sizes["validation_choice"] = len(choice)
+        sizes["validation_calibration"] = len(val) - len(choice)
+    return sizes | test_sizes(data)
 
 
 def validation_shortfall(n_val: int, n_normals: int, fraction: float, min_val: int) -> str:

@@ -1,11 +1,17 @@
-"""Has the served model drifted from its calibration? The alarm rate against the rate the
-threshold promised, and the served scores against the validation normals.
+"""Has the served model drifted from its calibration? Two tests, each on the evidence
+that can carry it, together at the stated level ``alpha`` (each at alpha / 2 when both
+run, so a healthy model is reported in drift at most ``alpha`` of the time):
 
-The alarm test is binomial, so that 3 alarms in 100 parts is not called drift at a 1%
-promise when it is chance; more alarms than the promise allows mean the line makes more
-defects or the model no longer fits it (the review page tells which). The score test
-compares distributions: the Kolmogorov-Smirnov statistic and the population stability
-index (PSI) over the validation scores' deciles.
+- **False alarms against the promise**, only where the alarms' truth is known: alarms
+  that a reviewer confirmed good are false alarms (at least that many), among at most the
+  decisions not confirmed defective. Given the threshold's calibration (the rank k of
+  n normals) a healthy model's false-alarm count is beta-binomial, not binomial: the
+  model's own rate varies with its calibration set (`fod_core.promise`). Unreviewed
+  alarms may be real defects: they are reported, never called a broken promise, so a line
+  that makes more defects than the promised false-alarm rate is not in drift for that.
+- **The score distribution** of the parts (those confirmed defective left out) against
+  the calibration normals': the Kolmogorov-Smirnov test, with the population stability
+  index (PSI) over the calibration scores' deciles as the size of the shift that counts.
 """
 
 from __future__ import annotations
@@ -15,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-ALPHA = 0.01  # a drift verdict needs p below this
+ALPHA = 0.01  # a healthy model is reported in drift at most this often
 PSI_MAJOR = 0.25  # the usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 a major shift
 MIN_DECISIONS = 20
+GOOD, DEFECTIVE = "good", "defective"  # review verdicts (`components.review.Verdict`)
 
 
 @dataclass(frozen=True)
@@ -26,12 +33,15 @@ class DriftCheck:
     alarms: int
     alarm_rate: float | None
     promised_rate: float | None
-    alarm_p_value: float | None
+    reviewed: int  # decisions with a verdict
+    false_alarms: int  # alarms reviewed as good
+    false_alarm_p_value: float | None  # None: no verdict, the alarms' truth is unknown
     ks_statistic: float | None
     ks_p_value: float | None
     psi: float | None
     drift: bool
     reasons: list[str] = field(default_factory=list)
+    evidence: list[str] = field(default_factory=list)  # what each test rested on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -43,7 +53,7 @@ class DriftCheck:
             return "DRIFT: " + "; ".join(self.reasons)
         rate = "" if self.alarm_rate is None else f", alarm rate {self.alarm_rate:.3g}"
         psi = "" if self.psi is None else f", PSI {self.psi:.3g}"
-        return f"no drift ({self.n_decisions} decisions{rate}{psi})"
+        return f"no drift ({self.n_decisions} decisions{rate}{psi}): " + "; ".join(self.evidence)
 
 
 def population_stability_index(
@@ -65,37 +75,75 @@ def check_drift(
     calibration_scores: Sequence[float],
     promised_rate: float | None,
     *,
+    rank: int | None = None,
+    verdicts: Sequence[str | None] | None = None,
     alpha: float = ALPHA,
     psi_limit: float = PSI_MAJOR,
 ) -> DriftCheck:
-    """The served decisions against the model's calibration (its validation normals'
-    scores and the false-alarm rate its threshold promised)."""
-    from scipy.stats import binom, ks_2samp
+    """The served decisions against the model's calibration: its calibration normals'
+    scores, the threshold's ``rank`` among them and the rate it promised. ``verdicts``:
+    per decision, a reviewer's 'good' / 'defective' or None (not reviewed)."""
+    from scipy.stats import ks_2samp
+
+    from fod_core.promise import false_alarm_p_value
 
     scores = np.asarray(served_scores, float)
-    decided = [a for a in served_alarms if a is not None]  # no threshold: no decision
-    n, alarms = int(scores.size), int(sum(bool(a) for a in decided))
+    alarmed = [None if a is None else bool(a) for a in served_alarms]
+    verdicts = list(verdicts) if verdicts is not None else [None] * len(alarmed)
+    n, alarms = int(scores.size), sum(a is True for a in alarmed)
+    decided = sum(a is not None for a in alarmed)  # no threshold: no decision
+    rate = alarms / decided if decided else None
+    reviewed = sum(v is not None for v in verdicts)
+    false_alarms = sum(a is True and v == GOOD for a, v in zip(alarmed, verdicts, strict=True))
+    defective = [v == DEFECTIVE for v in verdicts]
+    base = dict(
+        n_decisions=n, alarms=alarms, alarm_rate=rate, promised_rate=promised_rate,
+        reviewed=reviewed, false_alarms=false_alarms,
+    )  # fmt: skip
     if n < MIN_DECISIONS or len(calibration_scores) == 0:
-        rate = alarms / len(decided) if decided else None
-        return DriftCheck(n, alarms, rate, promised_rate, None, None, None, None, False)
-    reasons = []
-    alarm_p = None
-    if promised_rate is not None and decided:
-        alarm_p = float(binom.sf(alarms - 1, len(decided), promised_rate))
-        if alarm_p < alpha:
+        return DriftCheck(**base, false_alarm_p_value=None, ks_statistic=None, ks_p_value=None,
+                          psi=None, drift=False)  # fmt: skip
+    n_cal = len(calibration_scores)
+    promise_testable = rank is not None and reviewed > 0 and decided > 0
+    level = alpha / 2 if promise_testable else alpha
+    reasons, evidence = [], []
+    p_false = None
+    if promise_testable:
+        # at least `false_alarms` false alarms among at most this many good parts: both
+        # bounds make the p-value larger than the true one (a conservative test)
+        good_at_most = sum(a is not None and not d for a, d in zip(alarmed, defective, strict=True))
+        p_false = false_alarm_p_value(false_alarms, good_at_most, n_cal, rank)
+        evidence.append(
+            f"false alarms: {false_alarms} alarms reviewed as good among at most "
+            f"{good_at_most} good parts ({reviewed} reviewed), beta-binomial against the "
+            f"threshold's rank {rank} of {n_cal} calibration normals, p {p_false:.2g}"
+        )
+        if p_false < level:
             reasons.append(
-                f"{alarms} alarms in {len(decided)} parts ({alarms / len(decided):.3g}) where "
-                f"the threshold promised at most {promised_rate:.3g} (binomial p {alarm_p:.2g})"
+                f"{false_alarms} confirmed false alarms in at most {good_at_most} good parts "
+                f"where the threshold promised at most {promised_rate:.3g} (p {p_false:.2g})"
             )
-    ks = ks_2samp(scores, np.asarray(calibration_scores, float))
-    psi = population_stability_index(calibration_scores, scores)
-    if ks.pvalue < alpha and psi > psi_limit:
+    else:
+        why = "no reviewed verdict" if reviewed == 0 else "no calibration rank"
+        evidence.append(
+            f"alarm rate {rate if rate is None else round(rate, 4)} reported, not tested "
+            f"against the false-alarm promise ({why}: unreviewed alarms may be real defects)"
+        )
+    kept = scores[~np.asarray(defective, bool)] if any(defective) else scores
+    # exact p-values: the asymptotic ones run a little over the level for small n
+    ks = ks_2samp(kept, np.asarray(calibration_scores, float), method="exact")
+    psi = population_stability_index(calibration_scores, kept)
+    evidence.append(
+        f"scores: {kept.size} parts (confirmed defects left out) against {n_cal} "
+        f"calibration normals, KS p {ks.pvalue:.2g}, PSI {psi:.3g}"
+    )
+    if ks.pvalue < level and psi > psi_limit:
         reasons.append(
-            f"scores shifted from the validation normals (KS {ks.statistic:.3g}, "
+            f"scores shifted from the calibration normals (KS {ks.statistic:.3g}, "
             f"p {ks.pvalue:.2g}; PSI {psi:.3g} > {psi_limit})"
         )
-    rate = alarms / len(decided) if decided else None
     return DriftCheck(
-        n, alarms, rate, promised_rate, alarm_p, float(ks.statistic), float(ks.pvalue), psi,
-        bool(reasons), reasons,
+        **base, false_alarm_p_value=p_false, ks_statistic=float(ks.statistic),
+        ks_p_value=float(ks.pvalue), psi=psi, drift=bool(reasons), reasons=reasons,
+        evidence=evidence,
     )  # fmt: skip

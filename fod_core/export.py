@@ -43,6 +43,9 @@ MAP_TOL = 1e-3
 # bf16 is held to the accuracy that matters instead: image AUROC, pixel AUROC and AUPRO on
 # the planted anomalies within 0.002 of fp32 (the accuracy bar issue 16 sets on bottle).
 PRECISION_METRIC_TOL = 0.002
+# bf16 moves scores by about 1e-3 relative (8-bit mantissa): a decision flip of an image
+# scoring more than 1% from the threshold is a real disagreement, not a near tie
+PRECISION_DECISION_BAND = 0.01
 # Three planted copies per normal: 21 x 21 pairs would move image AUROC by 0.0023 per
 # swapped pair, more than the tolerance; 21 x 63 pairs, by 0.0008.
 PRECISION_PLANTED_PER_IMAGE = 3
@@ -394,7 +397,8 @@ def check_set(
         )
     # the layout the model was trained on, unless the caller names the data
     data = load_category(root, category, format if data_root else recorded.get("format", format))
-    train, val = model_split(manifest, data)
+    split = model_split(manifest, data)
+    train, val = split.train, split.validation
     chosen = sorted(val or train, key=lambda r: r.path.name)[:max_images]
     if not chosen:
         raise DatasetError(f"{root}/{category} has no normal images for the check")
@@ -585,7 +589,9 @@ def load_runtime(
 class PrecisionReport:
     """bf16 against fp32 on the same model and images: the label-free accuracy that
     matters (planted anomalies: image AUROC, pixel AUROC, AUPRO) must move by at most
-    ``tolerance``. Scores are not held to the export's 1e-4: bf16 keeps 8 bits of mantissa."""
+    ``tolerance``, and no decision at the calibrated threshold may change for an image
+    scoring more than ``PRECISION_DECISION_BAND`` from it. Scores are not held to the
+    export's 1e-4: bf16 keeps 8 bits of mantissa."""
 
     precision: str
     passed: bool
@@ -599,12 +605,35 @@ class PrecisionReport:
     max_score_rel_error: float
     decisions_changed: int  # of the checked images, at the calibrated threshold
     checked_with: dict
+    # flips of images scoring farther than PRECISION_DECISION_BAND from the threshold: a
+    # disagreement on a decision that is not a near tie, which fails the check
+    decisions_changed_beyond_band: int = 0
     tolerance: float = PRECISION_METRIC_TOL
     seconds: float = 0.0
     failure: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def decision_flips(
+    fp32_scores: Sequence[float],
+    reduced_scores: Sequence[float],
+    threshold: float | None,
+    band: float = PRECISION_DECISION_BAND,
+) -> tuple[int, int]:
+    """(all, beyond the band): images whose decision at ``threshold`` differs between the
+    two precisions, and those of them whose fp32 score lies farther than ``band``
+    (relative) from the threshold. A near tie may flip with bf16's 8-bit mantissa (the
+    threshold is itself one calibration image's score); a decision farther away must not."""
+    if threshold is None:
+        return 0, 0
+    flips = beyond = 0
+    for a, b in zip(fp32_scores, reduced_scores, strict=True):
+        if (a >= threshold) != (b >= threshold):
+            flips += 1
+            beyond += abs(a - threshold) > band * abs(threshold)
+    return flips, beyond
 
 
 def planted_accuracy(predictions, n_normal: int, masks: Sequence[np.ndarray]) -> dict:
@@ -675,6 +704,14 @@ def check_precision(
         accuracy.append({})
         delta = score_error = math.inf
         failures.append("bf16 scores or maps are not finite")
+    flips, far_flips = decision_flips(
+        [a.score for a, _ in pairs], [b.score for _, b in pairs], fp32.post.threshold
+    )
+    if far_flips:
+        failures.append(
+            f"{far_flips} decisions at the calibrated threshold change in bf16 for images "
+            f"scoring more than {PRECISION_DECISION_BAND:.0%} from it"
+        )
     manifest = read_manifest(model_dir)
     report = PrecisionReport(
         precision=precision.value,
@@ -687,8 +724,9 @@ def check_precision(
         reduced=accuracy[1],
         max_metric_delta=delta,
         max_score_rel_error=score_error,
-        decisions_changed=sum(a.is_anomalous != b.is_anomalous for a, b in pairs),
+        decisions_changed=flips,
         checked_with=scoring_fingerprint(model_dir, manifest["postprocessing"]),
+        decisions_changed_beyond_band=far_flips,
         seconds=round(time.perf_counter() - started, 2),
         failure="; ".join(failures) or None,
     )

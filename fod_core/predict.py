@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fod_core.artifact import read_manifest
+from fod_core.calibration import Threshold
 from fod_core.export import load_runtime
 from fod_core.processing import read_image
 from fod_core.visualize import prediction_overlay
@@ -18,14 +20,18 @@ def predict_images(
     runtime: str = "torch",
     precision: str = "fp32",
 ) -> list[dict]:
-    """One dict per image: path, score, is_anomalous, threshold (and heatmap path).
+    """One dict per image: path, score, is_anomalous, threshold, what the threshold
+    promises (and heatmap path).
     ``runtime``: torch, or a checked export (onnx, openvino; ``fod export``);
     ``precision``: fp32, bf16 or auto (torch only; see ``load_detector``)."""
     detector = load_runtime(model_dir, runtime, device=device, precision=precision)
     predictions = detector.predict([Path(p) for p in images])
+    calibration = read_manifest(model_dir).get("calibration") or {}
+    promise = Threshold.from_dict(calibration).describe() if "threshold" in calibration else None
     results = []
     for path, prediction in zip(images, predictions, strict=True):
         entry = {"path": str(path), **prediction.to_dict(), "threshold": detector.post.threshold}
+        entry["promise"] = promise
         if heatmap_dir is not None:
             target = Path(heatmap_dir) / f"{Path(path).stem}_heatmap.png"
             target.parent.mkdir(parents=True, exist_ok=True)

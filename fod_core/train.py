@@ -6,7 +6,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -15,19 +15,29 @@ from fod_core.artifact import ArtifactError, read_manifest, save_artifact
 from fod_core.backbone import FeatureExtractor
 from fod_core.cache import BlobStore, CacheStats, FeatureCache, LocalStore
 from fod_core.calibration import (
+    CALIBRATION_PART,
     LevelWeightChoice,
     LevelWeighting,
     Threshold,
     apply_level_weighting,
     calibrate_threshold,
+    require_calibration_images,
     require_held_out_normals,
     require_validation_images,
 )
 from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
-from fod_core.data import DatasetFormat, load_category, split_sizes, split_validation
+from fod_core.data import (
+    DatasetFormat,
+    load_category,
+    split_roles,
+    split_sizes,
+    split_validation,
+)
 from fod_core.inference import AnomalyDetector
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
+from fod_core.promise import DEFAULT_DELTA
+from fod_core.recipe import AUTO, choose_reference_k, require_choice_images
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.synthetic import Planting
 from fod_core.trainer import FODTrainer, TrainResult, resolve_device
@@ -65,6 +75,7 @@ def train_model(
     resume: bool = False,
     keep_checkpoints: bool = False,
     target_false_alarm_rate: float = 0.01,
+    delta: float = DEFAULT_DELTA,
     level_weighting: LevelWeighting | str = LevelWeighting.EQUAL,
     progress: bool = True,
     on_epoch_end: Callable[[int, FODModel], dict | None] | None = None,
@@ -82,7 +93,9 @@ def train_model(
     validation images. ``calibrate=False`` leaves level weights and threshold to a later
     ``calibrate_model`` (the pipeline's calibration step), so they are derived once.
     ``planting``: how anomalies are planted for the level weights and for the evaluation's
-    planted metrics (small and on the part for products like screws); kept in the artefact."""
+    planted metrics (small and on the part for products like screws); kept in the artefact.
+    Choices (best epoch, level weights) use the validation's choice part, the threshold
+    its calibration part: ``delta`` is the chance its false-alarm promise may fail."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -90,15 +103,25 @@ def train_model(
     timings: dict[str, float] = {}
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
-    require_validation_images(level_weighting, len(val_records))
+    choice_records, calibration_records = split_roles(val_records, train_config.choice_fraction)
+    require_validation_images(level_weighting, len(choice_records))
+    auto_k = model_config.reference is ReferenceMode.NEAREST and model_config.reference_k == AUTO
+    if auto_k:
+        require_choice_images(len(choice_records))
     if calibrate:
-        require_held_out_normals(model_config.reference is ReferenceMode.NEAREST, len(val_records))
-    splits = split_sizes(data, train_records, val_records)
+        require_calibration_images(len(val_records), len(calibration_records))
+        require_held_out_normals(
+            model_config.reference is ReferenceMode.NEAREST, len(calibration_records)
+        )
+    splits = split_sizes(data, train_records, val_records, choice_records)
     log.info(
-        "%s: %d training, %d validation images (%d normal, %d anomalous test images held out)",
+        "%s: %d training, %d validation images (%d to choose on, %d to calibrate on; "
+        "%d normal, %d anomalous test images held out)",
         category,
         splits["train"],
         splits["validation"],
+        splits["validation_choice"],
+        splits["validation_calibration"],
         splits["test_normal"],
         splits["test_anomalous"],
     )
@@ -115,11 +138,23 @@ def train_model(
     train_features, train_stats = cache.features(
         train_records, device=device, progress=progress, desc="train features"
     )
-    val_features, val_stats = cache.features(
-        val_records, device=device, progress=progress, desc="val features"
+    val_features, val_stats = cache.features(  # the best epoch is a choice
+        choice_records, device=device, progress=progress, desc="val features"
     )
     timings["features_s"] = time.perf_counter() - started
 
+    reference_k = None
+    if auto_k:
+        started = time.perf_counter()
+        reference_k = choose_reference_k(
+            extractor,
+            pre,
+            train_features[0],
+            [r.path for r in choice_records],
+            planting=planting,
+        )
+        model_config = replace(model_config, reference_k=reference_k.k)
+        timings["reference_k_s"] = time.perf_counter() - started
     torch.manual_seed(train_config.seed)  # the seed fixes the initial weights too
     model = create_fod_model(
         model_config, in_channels=extractor.channels, strides=extractor.strides
@@ -151,22 +186,28 @@ def train_model(
         level_weights = apply_level_weighting(
             detector,
             level_weighting,
-            [r.path for r in val_records],
+            [r.path for r in choice_records],
             [r.path for r in train_records],
             seed=train_config.seed,
             planting=planting,
         )
         timings["level_weights_s"] = time.perf_counter() - started
-        calibration_records = val_records or train_records
-        if not val_records:
-            log.warning("no validation images: calibrating on training images (optimistic)")
-        val_scores = [p.score for p in detector.predict([r.path for r in calibration_records])]
-        threshold = calibrate_threshold(val_scores, target_false_alarm_rate=target_false_alarm_rate)
+        held_out = bool(val_records)
+        if not held_out:
+            log.warning("no validation images: calibrating on training images (no guarantee)")
+        scored = calibration_records if held_out else train_records
+        val_scores = [p.score for p in detector.predict([r.path for r in scored])]
+        threshold = calibrate_threshold(
+            val_scores,
+            target_false_alarm_rate=target_false_alarm_rate,
+            delta=delta,
+            held_out=held_out,
+        )
         detector.with_threshold(threshold.value, threshold.mode.value)
         calibration = {
             **threshold.to_dict(),
             "validation_scores": val_scores,
-            "calibrated_on": "validation split" if val_records else "training images",
+            "calibrated_on": CALIBRATION_PART if held_out else "training images",
         }
     history = [r.__dict__ for r in result.history]
     save_artifact(
@@ -183,7 +224,9 @@ def train_model(
                 "train_images": len(train_records),
                 "val_images": len(val_records),
                 "splits": splits,
-                "validation_images": sorted(r.path.name for r in val_records),
+                "validation_images": sorted(r.identity for r in val_records),
+                "choice_images": sorted(r.identity for r in choice_records),
+                "calibration_images": sorted(r.identity for r in calibration_records),
             },
             "training": {
                 "config": train_config.to_dict(),
@@ -198,6 +241,7 @@ def train_model(
             "calibration": calibration,
             "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
             "planting": Planting(planting).value,
+            **({"recipe": {"reference_k": reference_k.to_dict()}} if reference_k else {}),
             **(metadata or {}),
         },
     )

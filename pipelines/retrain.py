@@ -86,11 +86,14 @@ def decide(category: str, data_version: str, *, resume: bool = False) -> Retrain
         if latest.version == champion and "deployed" not in (latest.tags or {}):
             reason = f"champion v{champion} (data {short}) was never deployed: the run is resumed"
             return RetrainDecision(category, data_version, True, reason, champion)
+        tags = latest.tags or {}
         outcome = (
             "the champion"
             if latest.version == champion
-            else f"not promoted: {(latest.tags or {}).get('gates', 'gates not recorded')}"
+            else f"not promoted: {tags.get('gates', 'gates not recorded')}"
         )
+        if "deploy_failed" in tags:  # the alias went back to the served version: a person looks
+            outcome = f"its deployment failed ({tags['deploy_failed']}); not retried"
         reason = f"v{latest.version} was trained on data {short} already ({outcome})"
         return RetrainDecision(category, data_version, False, reason, champion)
     if champion is None:

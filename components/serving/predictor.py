@@ -106,5 +106,6 @@ class FODPredictor:
             "loading": self._loading,
             "failed_versions": {v: error for v, (error, _) in dict(self._failed).items()},
             "threshold": active.detector.post.threshold if active else None,
+            "promise": active.promise if active else None,
             "scored": dict(self.scoring_stats),
         }

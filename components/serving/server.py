@@ -95,16 +95,43 @@ def _add_status_route(
     app, name: str, predictor: FODPredictor, recorder: DecisionLog | None = None
 ) -> None:
     """GET /v2/models/NAME/status: which version is served, which is loading, failures,
-    and what the decision record wrote."""
+    and what the decision record wrote, shipped, still has to ship and lost."""
 
     @app.get(f"/v2/models/{name}/status")
     async def status():
         answer = predictor.status()
         if recorder is not None:
             answer["records"] = {"path": str(recorder.settings.path), **recorder.counts}
-            if recorder.settings.ship_to:
+            if recorder.settings.ship_to:  # pending, dropped_unshipped: in the counts
                 answer["records"]["shipped_to"] = recorder.settings.ship_to
+                answer["records"]["max_unshipped"] = recorder.settings.unshipped_cap
         return answer
+
+
+class DroppedDecisions:
+    """Prometheus ``fod_decisions_dropped_total``: served decisions the record lost, by
+    reason, read from the record's counts when scraped, so it always agrees with /status.
+    ``unshipped_over_cap``: deleted before S3 had them (over ``--max-unshipped``)."""
+
+    REASONS = (  # (label, key in the record's counts)
+        ("queue_full", "dropped"), ("write_failed", "failed"),
+        ("unshipped_over_cap", "dropped_unshipped"),
+    )  # fmt: skip
+
+    def __init__(self, model: str, recorder: DecisionLog) -> None:
+        self.model, self.recorder = model, recorder
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(
+            "fod_decisions_dropped", "Served decisions the decision record lost, by reason",
+            labels=["model", "reason"],
+        )  # fmt: skip
+        for reason, key in self.REASONS:
+            if key in self.recorder.counts:
+                family.add_metric([self.model, reason], self.recorder.counts[key])
+        yield family
 
 
 def _requests_that_fail_to_decode_are_400(dataplane) -> None:
@@ -193,9 +220,12 @@ def serve(name: str, predictor: FODPredictor, config: ServerConfig) -> None:
 
     recorder = None
     if config.record:
+        from prometheus_client import REGISTRY
+
         from components.serving.shipping import shipper_for
 
         recorder = DecisionLog(config.record, shipper=shipper_for(config.record))
+        REGISTRY.register(DroppedDecisions(name, recorder))
     model = build_kserve_model(
         name,
         predictor,
@@ -280,7 +310,16 @@ def add_serve_arguments(parser) -> None:
         help="full images the record keeps (thumbnails always; overlays of flagged ones)",
     )
     parser.add_argument(
-        "--max-records", type=int, default=100_000, help="the oldest beyond this are deleted"
+        "--max-records",
+        type=int,
+        default=100_000,
+        help="the oldest beyond this are deleted; with --ship-to only shipped ones",
+    )
+    parser.add_argument(
+        "--max-unshipped",
+        type=int,
+        help="with --ship-to: the most decisions not yet shipped the record keeps during an "
+        "S3 outage (default: twice --max-records); older ones are dropped and counted",
     )
     parser.add_argument(
         "--ship-to",
@@ -326,6 +365,7 @@ def serve_from_args(args) -> None:
             Path(args.record),
             KeepImages(args.keep_images),
             max_records=args.max_records,
+            max_unshipped=args.max_unshipped,
             ship_to=args.ship_to,
             ship_interval=args.ship_interval,
         )

@@ -7,9 +7,10 @@ written since the last shipment go to S3, one Parquet object per model::
     s3://<bucket>/<prefix>/<model>/date=<YYYY-MM-DD>/<source>-<first id>-<last id>.parquet
 
 ``source`` is the writer (the pod's host name): replicas never overwrite each other. An S3
-outage is logged and counted; the same decisions go with the next shipment, and requests
-never wait for it. A shipment that half failed may be shipped twice: readers keep one row
-per (source, id).
+outage is logged and counted (one failed attempt per round); the same decisions go with
+the next shipment, and requests never wait for it. Meanwhile the record keeps every
+unshipped decision up to its hard cap (records.py). A shipment that half failed may be
+shipped twice: readers keep one row per (source, id).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ log = logging.getLogger(__name__)
 
 BLOBS = ("thumbnail", "image", "overlay")
 SHIPPED_SCHEMA = """
-CREATE TABLE IF NOT EXISTS shipped (destination TEXT PRIMARY KEY, last_id INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS imported (
     source TEXT NOT NULL, source_id INTEGER NOT NULL, PRIMARY KEY (source, source_id)
 );
@@ -83,7 +83,9 @@ def _day(timestamp: float) -> str:
 
 class RecordShipper:
     """Ships new decisions of a local record every ``interval`` seconds, off the request
-    path; ``counts`` gains ``shipped`` and ``ship_failed`` (decisions)."""
+    path. ``counts`` gains ``shipped`` (decisions), ``ship_failed`` (failed attempts: a
+    long outage is not multiplied by the backlog) and ``pending`` (decisions not yet
+    shipped, as of the last attempt)."""
 
     def __init__(
         self,
@@ -102,6 +104,7 @@ class RecordShipper:
         self.counts = counts if counts is not None else {}
         self.counts.setdefault("shipped", 0)
         self.counts.setdefault("ship_failed", 0)
+        self.counts.setdefault("pending", 0)
         self._client = client
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -116,7 +119,6 @@ class RecordShipper:
             return 0
         connection = open_record(self.record)
         try:
-            connection.executescript(SHIPPED_SCHEMA)
             row = connection.execute(
                 "SELECT last_id FROM shipped WHERE destination = ?", (str(self.location),)
             ).fetchone()
@@ -162,46 +164,65 @@ class RecordShipper:
             try:
                 shipped = self.ship()
             except Exception as error:  # an S3 outage, a full disk: the next round retries
-                pending = self.pending()
-                self.counts["ship_failed"] += pending
+                pending = self._count_pending()  # before the count: /status stays consistent
+                self.counts["ship_failed"] += 1  # one attempt, however many rows wait
                 log.warning(
-                    "could not ship %d decisions to %s (%s: %s); retrying in %.0f s",
+                    "could not ship %s decisions to %s (%s: %s); retrying in %.0f s",
                     pending, self.location, type(error).__name__, error, self.interval,
                 )  # fmt: skip
                 return total
             self.counts["shipped"] += shipped
             total += shipped
             if shipped < MAX_ROWS_PER_SHIPMENT:
+                self._count_pending()
                 return total
 
     def pending(self) -> int:
-        """Decisions in the record not yet shipped."""
+        """Decisions in the record not yet shipped; a record that cannot be read raises
+        (an unknown backlog must not pass for an empty one)."""
+        if not self.record.is_file():
+            return 0  # nothing recorded yet
+        connection = open_record(self.record)
         try:
-            connection = open_record(self.record)
-            try:
-                connection.executescript(SHIPPED_SCHEMA)
-                row = connection.execute(
-                    "SELECT COUNT(*) FROM decisions WHERE id > COALESCE("
-                    "(SELECT last_id FROM shipped WHERE destination = ?), 0)",
-                    (str(self.location),),
-                ).fetchone()
-                return int(row[0])
-            finally:
-                connection.close()
-        except Exception:
-            return 0
+            row = connection.execute(
+                "SELECT COUNT(*) FROM decisions WHERE id > COALESCE("
+                "(SELECT last_id FROM shipped WHERE destination = ?), 0)",
+                (str(self.location),),
+            ).fetchone()
+            return int(row[0])
+        finally:
+            connection.close()
+
+    def _count_pending(self) -> int | str:
+        """Update ``counts["pending"]``; an error is logged and the count left as it was."""
+        try:
+            self.counts["pending"] = self.pending()
+        except Exception as error:
+            log.warning(
+                "could not count the decisions waiting to be shipped from %s (%s: %s)",
+                self.record, type(error).__name__, error,
+            )  # fmt: skip
+            return "an unknown number of"
+        return self.counts["pending"]
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="fod-shipping", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop, after one last shipment of what is left."""
+        """Stop, after one last shipment of what is left (what is still unshipped then
+        stays in the local record for a server started on it later)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.counts["pending"]:
+            log.warning(
+                "%d decisions were not shipped to %s; they stay in %s",
+                self.counts["pending"], self.location, self.record,
+            )  # fmt: skip
 
     def _loop(self) -> None:
+        self._count_pending()  # a backlog left by an earlier server shows from the start
         while not self._stop.wait(self.interval):
             self.ship_all()
         self.ship_all()

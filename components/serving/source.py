@@ -115,6 +115,7 @@ class LoadedModel:
     version: str
     data_version: str | None = None  # what it was trained on (from its manifest)
     loaded_at: float = field(default_factory=time.time)
+    promise: str | None = None  # the threshold's false-alarm promise, in words
 
 
 def _loaded(
@@ -122,11 +123,22 @@ def _loaded(
 ) -> LoadedModel:
     """A version whose export is missing, stale or failed parity is refused like a broken
     artefact: the served version stays, and the failure shows in /status."""
-    data_version = read_manifest(directory).get("data_version")
+    manifest = read_manifest(directory)
+    data_version = manifest.get("data_version")
     try:
         detector = run_torch(
             lambda: load_runtime(directory, source.runtime, precision=source.precision)
         )
     except ExportError as error:
         raise ServingError(str(error)) from error
-    return LoadedModel(detector, version, data_version)
+    return LoadedModel(detector, version, data_version, promise=threshold_promise(manifest))
+
+
+def threshold_promise(manifest: dict) -> str | None:
+    """What the served threshold promises, as its calibration states it (None: none)."""
+    from fod_core.calibration import Threshold
+
+    calibration = manifest.get("calibration") or {}
+    if "threshold" not in calibration:
+        return None
+    return Threshold.from_dict(calibration).describe()

@@ -85,3 +85,18 @@ def test_the_result_reports_no_warm_up_when_compilation_is_off(precision) -> Non
     config = TrainConfig(epochs=1, batch_size=4, device="cpu", precision=Precision(precision))
     result = FODTrainer(model, config=config, progress=False).fit(features)
     assert result.warmup_seconds == 0.0 and result.to_dict()["warmup_seconds"] == 0.0
+
+
+def test_decision_flips_gate_only_beyond_the_near_tie_band():
+    """The bf16 check gates decisions that change at the calibrated threshold: a flip of
+    an image 0.5% from it is a near tie (counted), one 5% from it fails the check."""
+    from fod_core.export import PRECISION_DECISION_BAND, decision_flips
+
+    assert PRECISION_DECISION_BAND == 0.01
+    fp32 = [1.0, 0.995, 0.95, 1.2]
+    assert decision_flips(fp32, fp32, 1.0) == (0, 0)
+    near = [0.999, 1.001, 0.95, 1.2]  # 1.0 -> below, 0.995 -> above: both within 1%
+    assert decision_flips(fp32, near, 1.0) == (2, 0)
+    far = [1.0, 0.995, 1.01, 0.99]  # 0.95 -> alarm, 1.2 -> no alarm: both beyond 1%
+    assert decision_flips(fp32, far, 1.0) == (2, 2)
+    assert decision_flips(fp32, far, None) == (0, 0)

@@ -129,7 +129,9 @@ def test_an_export_that_disagrees_fails_parity_and_is_refused(
     ]
     with pytest.raises(ExportError, match="failed its parity check"):
         load_runtime(copy, "onnx")
-    load_runtime(copy, "openvino")  # the other export is unaffected
+    assert _scores(load_runtime(copy, "openvino"), exported) == pytest.approx(
+        _scores(load_detector(copy), exported), rel=1e-4
+    )  # the other export is unaffected: it still answers what PyTorch answers
     assert fod_main(["-q", "export", "--model", str(copy), "--check-only"]) == 3
     assert "check FAILED for onnx" in capsys.readouterr().err
 
@@ -142,7 +144,9 @@ def test_exporting_one_format_leaves_the_others_export_alone(exported, tmp_path)
     assert records["openvino"]["parity"]["passed"] and records["onnx"]["parity"]["passed"]
     assert export_file(copy, Runtime.ONNX).read_bytes() == onnx_before
     assert not (copy / "export" / "openvino" / "intermediate.onnx").exists()
-    load_runtime(copy, "onnx")
+    assert _scores(load_runtime(copy, "onnx"), exported) == pytest.approx(
+        _scores(load_detector(copy), exported), rel=1e-4
+    )
 
 
 def test_missing_export_and_missing_data_are_clear_errors(exported, tmp_path, capsys):
@@ -157,6 +161,9 @@ def test_missing_export_and_missing_data_are_clear_errors(exported, tmp_path, ca
     update_manifest(bare, data={**manifest["data"], "root": str(tmp_path / "gone")})
     assert fod_main(["-q", "export", "--model", str(bare)]) == 2
     assert "pass --data and --category" in capsys.readouterr().err
+
+
+BF16_SCORE_RTOL = 0.1  # see test_bf16_scoring_stays_close_to_fp32_with_fp32_maps
 
 
 def _cpu(monkeypatch, *, bf16: bool) -> None:
@@ -176,7 +183,13 @@ def test_bf16_scoring_stays_close_to_fp32_with_fp32_maps(exported):
     (_, scores), (low_maps, low_scores) = fp32.score_batch(batch), bf16.score_batch(batch)
     assert low_maps.dtype == low_scores.dtype == torch.float32
     assert torch.isfinite(low_maps).all() and not torch.equal(low_scores, scores)
-    torch.testing.assert_close(low_scores, scores, rtol=0.25, atol=0)  # 8-bit mantissa
+    # bf16 rounds each matmul to about 2^-8 relative (the divergences move by 0.1-0.2%),
+    # but the token weights are a softmax of those divergences less its maximum, which
+    # amplifies that: measured 5.5% at most on these images (6.7% over the fixture's 16,
+    # 5.3% on tests/serving's model). 10% holds that with margin and still fails a bf16
+    # path that is really off (level-1 features 5% off moves these scores 8-17%: 25%
+    # let that through).
+    torch.testing.assert_close(low_scores, scores, rtol=BF16_SCORE_RTOL, atol=0)
     torch.testing.assert_close(fp32.score_batch(batch)[1], scores)  # fp32 again: untouched
     with pytest.raises(ExportError, match="bf16 is for --runtime torch"):
         load_runtime(model, "onnx", precision="bf16")
@@ -184,25 +197,32 @@ def test_bf16_scoring_stays_close_to_fp32_with_fp32_maps(exported):
 
 def test_bf16_check_is_recorded_and_auto_follows_it(exported, tmp_path, monkeypatch, capsys):
     """`fod export --format bf16`: the planted-anomaly accuracy of both precisions is
-    recorded; auto picks bf16 only on a CPU that has it and only while the check holds."""
+    recorded; auto picks bf16 only on a CPU that has it and only while the check holds.
+    Whether this tiny model passes the real 0.002 tolerance depends on the CPU's bf16
+    (emulated on AVX2): the tolerance is opened to 1 (no AUROC moves more) so that the
+    check passes everywhere; test_a_failed_bf16_check_keeps_auto_at_fp32 is the other way."""
     model, _ = exported
     copy = shutil.copytree(model, tmp_path / "model")
+    monkeypatch.setattr(export_module, "PRECISION_METRIC_TOL", 1.0)
     _cpu(monkeypatch, bf16=False)
     assert load_detector(copy, precision="auto").precision is Precision.FP32  # never checked
-    assert fod_main(["-q", "export", "--model", str(copy), "--format", "bf16"]) in (0, 3)
+    assert fod_main(["-q", "export", "--model", str(copy), "--format", "bf16"]) == 0
     printed = json.loads(capsys.readouterr().out)
     record = read_manifest(copy)["precision_check"]["bf16"]
     assert printed == {"bf16": record}
     assert set(record["fp32"]) == set(record["reduced"]) == {"image_auroc", "pixel_auroc", "aupro"}
     n_val = len(read_manifest(copy)["data"]["validation_images"])
     assert record["n_images"] == 4 * n_val and not record["native"]  # 3 planted per normal
-    assert record["passed"] == (record["max_metric_delta"] <= record["tolerance"] == 0.002)
+    assert record["passed"] and record["failure"] is None
+    # the recorded worst change is the largest of the recorded metrics' changes
+    fp32, reduced = record["fp32"], record["reduced"]
+    deltas = [abs(v - reduced[k]) for k, v in fp32.items() if v is not None]
+    assert record["max_metric_delta"] == pytest.approx(max(deltas), abs=1e-12)
+    assert 0 < record["max_score_rel_error"] <= BF16_SCORE_RTOL  # bf16 really ran
     assert load_detector(copy, precision="auto").precision is Precision.FP32  # not native
     _cpu(monkeypatch, bf16=True)
-    # The real check decides (a tiny model, emulated bf16 on an AVX2 CI machine, may fail it)
-    chosen = Precision.BF16 if record["passed"] else Precision.FP32
-    assert load_detector(copy, precision="auto").precision is chosen
-    assert (precision_problem(copy, read_manifest(copy)) is None) == record["passed"]
+    assert load_detector(copy, precision="auto").precision is Precision.BF16
+    assert precision_problem(copy, read_manifest(copy)) is None
     assert load_detector(copy).precision is Precision.FP32  # the default stays fp32
     post = read_manifest(copy)["postprocessing"]
     update_manifest(copy, postprocessing={**post, "level_weights": [0.7, 0.3]})
@@ -227,3 +247,8 @@ def test_a_failed_bf16_check_keeps_auto_at_fp32(exported, tmp_path, monkeypatch,
 
 def _any_image(exported) -> Path:
     return sorted((exported[1] / "part" / "good").glob("*.png"))[0]
+
+
+def _scores(detector, exported) -> list[float]:
+    images = sorted((exported[1] / "part" / "good").glob("*.png"))[:4]
+    return [p.score for p in detector.predict(images, batch_size=4)]

@@ -12,7 +12,7 @@ import torch
 from fod_core.artifact import ArtifactError, load_detector, read_manifest
 from fod_core.cache import LocalStore
 from fod_core.config import LevelConfig, ModelConfig, TrainConfig, model_config_for
-from fod_core.data import DatasetError, load_category, split_validation
+from fod_core.data import DatasetError, load_category, split_roles, split_validation
 from fod_core.evaluate import evaluate_model
 from fod_core.synthetic import make_synthetic_dataset
 from fod_core.train import train_model
@@ -274,8 +274,10 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     assert printed["level_weights"] == weights and sum(weights) == pytest.approx(1.0)
     assert manifest["format_version"] == 2
     choice = manifest["level_weights"]
-    n_val = manifest["data"]["val_images"]
-    assert (choice["n_normal"], choice["n_anomalous"]) == (n_val, 3 * n_val)
+    # chosen on the validation's choice part; the threshold on the disjoint rest
+    n_choice = len(manifest["data"]["choice_images"])
+    assert n_choice == manifest["data"]["splits"]["validation_choice"] > 0
+    assert (choice["n_normal"], choice["n_anomalous"]) == (n_choice, 3 * n_choice)
     assert len(choice["candidates"]) == 11 and (model_dir / "level_weights.png").is_file()
     detector = load_detector(model_dir)
     assert detector.post.level_weights == tuple(weights)
@@ -283,7 +285,9 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     val_scores = manifest["calibration"]["validation_scores"]
     assert detector.post.threshold == pytest.approx(max(val_scores))
     _, val = split_validation(load_category(root, "widget").train, 0.2)
-    rescored = [p.score for p in detector.predict([r.path for r in val])]
+    _, calibration = split_roles(val)
+    assert sorted(r.identity for r in calibration) == manifest["data"]["calibration_images"]
+    rescored = [p.score for p in detector.predict([r.path for r in calibration])]
     assert rescored == pytest.approx(val_scores, rel=1e-5)
 
     # Weights that do not fit the model are refused when it loads, not at the first image.

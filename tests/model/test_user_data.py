@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import shutil
+from math import comb
 
 import pytest
 import torch
 from PIL import Image
+from scipy.special import beta as beta_fn
 
 from fod_core.artifact import read_manifest
 from fod_core.cache import LocalStore
 from fod_core.config import TrainConfig, model_config_for
-from fod_core.data import DatasetError
+from fod_core.data import DatasetError, describe_splits, load_category
 from fod_core.evaluate import evaluate_model
 from fod_core.synthetic import make_good_only_folder, make_synthetic_dataset
 from fod_core.train import train_model
@@ -47,12 +49,25 @@ def test_mvtec_without_masks_trains_and_evaluates_image_metrics(no_masks):
         progress=False,
     )
     broken.write_bytes(saved)
-    splits = {"train": 22, "validation": 6, "test_normal": 8, "test_anomalous": 12}
-    assert outcome.splits == splits | {"test_masks": 0}
+    expected = describe_splits(load_category(root, "widget"), SCHEDULE.val_fraction)
+    choice, calibration = expected["validation"]["choice"], expected["validation"]["calibration"]
+    assert outcome.splits == {
+        "train": len(expected["train"]),
+        "validation": len(choice) + len(calibration),
+        "validation_choice": len(choice),
+        "validation_calibration": len(calibration),
+        "test_normal": 8,
+        "test_anomalous": 12,
+        "test_masks": 0,
+    }
+    assert len(expected["train"]) + outcome.splits["validation"] == 28
     manifest = read_manifest(base / "model")
     assert manifest["data"]["splits"] == outcome.splits
-    assert len(manifest["data"]["validation_images"]) == 6
-    assert manifest["calibration"]["guaranteed_false_alarm_rate"] == pytest.approx(1 / 7)
+    assert manifest["data"]["calibration_images"] == calibration
+    n_cal = len(calibration)
+    promise = manifest["calibration"]
+    assert promise["n_normal"] == n_cal and promise["threshold_rank"] == 1
+    assert promise["guaranteed_false_alarm_rate"] == pytest.approx(1 - 0.1 ** (1 / n_cal))
 
     metrics = evaluate_model(base / "model", root, "widget", base / "eval", progress=False)
     assert metrics["image_auroc"] >= 0.75, metrics  # a short schedule: the labels are read
@@ -63,8 +78,14 @@ def test_mvtec_without_masks_trains_and_evaluates_image_metrics(no_masks):
         "none; image metrics only"
     ]
     assert metrics["splits"] == outcome.splits
-    assert metrics["n_normal"] == 8 and metrics["promised_false_alarm_rate"] == pytest.approx(1 / 7)
-    assert 0 <= metrics["false_alarm_p_value"] <= 1
+    assert metrics["n_normal"] == 8
+    assert metrics["promised_false_alarm_rate"] == promise["guaranteed_false_alarm_rate"]
+    # P(at least this many of 8 normals alarm) for a model at rank 1 of n_cal: by hand
+    x = metrics["false_alarms"]
+    by_hand = sum(
+        comb(8, j) * beta_fn(j + 1, n_cal + 8 - j) / beta_fn(1, n_cal) for j in range(x, 9)
+    )
+    assert metrics["false_alarm_p_value"] == pytest.approx(by_hand)
     assert metrics["planted_image_auroc"] is not None  # a second opinion, always
     assert (base / "eval" / "roc.png").is_file()
 
@@ -87,7 +108,7 @@ def test_mask_of_another_size_is_a_clear_error_in_evaluation(no_masks, tmp_path)
 def test_good_only_folder_is_evaluated_on_held_out_normals(tmp_path):
     # 128 px: planted regions of 0.3-3 % of a 64 px image are a few pixels, which the
     # 8 x 8 token grid of a 64 px model cannot resolve
-    root = make_good_only_folder(tmp_path / "data", "parts", n_good=40, size=128, seed=3)
+    root = make_good_only_folder(tmp_path / "data", "parts", n_good=50, size=128, seed=3)
     outcome = train_model(
         root,
         "parts",
@@ -98,18 +119,17 @@ def test_good_only_folder_is_evaluated_on_held_out_normals(tmp_path):
         cache_store=LocalStore(tmp_path / "cache"),
         progress=False,
     )
-    assert outcome.splits == {
-        "train": 26,
-        "validation": 6,
-        "test_normal": 8,
-        "test_anomalous": 0,
-        "test_masks": 0,
-    }
+    expected = describe_splits(load_category(root, "parts", "folder"), SCHEDULE.val_fraction)
+    n_test = len(expected["test_normal"])
+    assert outcome.splits["train"] == len(expected["train"])
+    assert outcome.splits["validation_calibration"] == len(expected["validation"]["calibration"])
+    assert outcome.splits["test_normal"] == n_test > 0 and outcome.splits["test_anomalous"] == 0
+    assert outcome.splits["train"] + outcome.splits["validation"] + n_test == 50
     metrics = evaluate_model(
         tmp_path / "model", root, "parts", tmp_path / "eval", format="folder", progress=False
     )
     assert metrics["evidence"] == "planted" and metrics["image_auroc"] is None
-    assert metrics["n_normal"] == 8 and metrics["n_planted"] == 16
+    assert metrics["n_normal"] == n_test and metrics["n_planted"] == 2 * n_test
     assert metrics["planted_image_auroc"] > 0.5, metrics  # better than chance
     assert 0.3 < metrics["planted_aupro"] <= 1, metrics
     assert (tmp_path / "eval" / "planted_histogram.png").is_file()
@@ -122,7 +142,9 @@ def test_one_seed_gives_identical_weights(tmp_path):
     root = make_synthetic_dataset(
         tmp_path / "data", "widget", n_train=16, n_test_good=2, n_test_defect=1, size=64, seed=2
     )
-    schedule = TrainConfig(epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25, seed=11)
+    schedule = TrainConfig(
+        epochs=2, batch_size=4, lr=1e-3, val_fraction=0.25, choice_fraction=0.5, seed=11
+    )
     states = []
     for run in ("a", "b"):
         torch.manual_seed(int.from_bytes(run.encode(), "big"))  # a different global state

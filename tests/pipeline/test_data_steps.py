@@ -132,7 +132,7 @@ def test_mask_of_another_size_fails_even_when_masks_are_optional(synthetic_root,
 def test_too_few_normals_for_validation_fail_with_the_rule(synthetic_root, tmp_path):
     report = validate_images(synthetic_root, "widget", rules=ValidationRules(min_val=5))
     assert not report.success
-    assert "too few normal images left for validation: 2 of 24" in report.message()
+    assert "too few normal images left for validation: 3 of 24" in report.message()
     assert "min_val_images" in report.message()
 
 

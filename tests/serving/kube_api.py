@@ -7,8 +7,11 @@ GET, POST and merge-PATCH on ``/apis/serving.kserve.io/v1beta1/namespaces/NS/
 inferenceservices[/NAME]``, a bearer token check, 401/403/404/409/415/422 answers in the
 API server's ``Status`` form, a ``generation`` that grows with each spec change, and a
 controller that reports Ready some polls later, first showing the previous revision's
-status as a real one does until it has reconciled. Every request body is validated
-against the KServe SDK's models, which are generated from the CRD's OpenAPI schema.
+status as a real one does until it has reconciled. Every request body is judged by the
+SDKs, not by the product's code: it is deserialised into the KServe SDK's
+``V1beta1InferenceService`` (generated from the CRD's OpenAPI schema; its Kubernetes
+fields by the kubernetes package's own deserialiser) and serialised back, and anything the
+SDK refuses, drops or reads differently is an error (``sdk_errors``).
 """
 
 from __future__ import annotations
@@ -129,9 +132,7 @@ class FakeKubeApi:
         return _status_body(405, "MethodNotAllowed", method)
 
     def _validate(self, obj: dict) -> list[str]:
-        from components.deploy import schema_errors
-
-        errors = schema_errors({k: v for k, v in obj.items() if k != "status"})
+        errors = sdk_errors({k: v for k, v in obj.items() if k != "status"})
         if obj.get("kind") != "InferenceService" or not obj.get("metadata", {}).get("name"):
             errors.append("kind InferenceService with metadata.name expected")
         self.invalid_bodies += errors
@@ -205,6 +206,79 @@ class FakeKubeApi:
             server.socket = context.wrap_socket(server.socket, server_side=True)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
+
+
+class _Response:
+    """What the SDKs' ``ApiClient.deserialize`` reads: a response with a JSON body."""
+
+    def __init__(self, value) -> None:
+        self.data = json.dumps(value)
+
+
+def sdk_object(value, type_name: str = "V1beta1InferenceService"):
+    """``value`` deserialised by the SDKs into their model objects.
+
+    kserve's ``ApiClient.deserialize`` looks every nested type up in ``kserve.models``,
+    where the Kubernetes types its models refer to (V1ObjectMeta, V1Container, ...) are
+    not, and the kubernetes package's looks only in its own. So KServe's models are built
+    here the way its deserialiser builds them (the fields its ``attribute_map`` names, each
+    of its ``openapi_types``, then its constructor, which checks required fields), and
+    every other type, Kubernetes model or primitive, is the kubernetes SDK's to read."""
+    from kubernetes import client as k8s
+
+    from components.serving.kserve_model import import_kserve
+
+    model = getattr(import_kserve().models, type_name, None)
+    if match := re.fullmatch(r"list\[(.+)\]", type_name):
+        if not isinstance(value, list):
+            raise TypeError(f"{type_name} expected, got {type(value).__name__}")
+        return [sdk_object(item, match[1]) for item in value]
+    if match := re.fullmatch(r"dict\(([^,]*), (.+)\)", type_name):
+        if not isinstance(value, dict):
+            raise TypeError(f"{type_name} expected, got {type(value).__name__}")
+        return {key: sdk_object(item, match[2]) for key, item in value.items()}
+    if model is None:
+        return k8s.ApiClient().deserialize(_Response(value), type_name)
+    if not isinstance(value, dict):
+        raise TypeError(f"{type_name} expected, got {type(value).__name__}")
+    return model(
+        **{
+            attribute: sdk_object(value[key], model.openapi_types[attribute])
+            for attribute, key in model.attribute_map.items()
+            if value.get(key) is not None
+        }
+    )
+
+
+def sdk_errors(body: dict) -> list[str]:
+    """Where the SDK's reading of an InferenceService body differs from the body: fields
+    its models do not have (dropped), values of another type (converted or refused)."""
+    from kubernetes import client as k8s
+
+    try:
+        kept = k8s.ApiClient().sanitize_for_serialization(sdk_object(body))
+    except (AttributeError, TypeError, ValueError) as error:  # a shape it cannot read
+        return [f"refused by the SDK: {type(error).__name__}: {error}"]
+    return _differences(body, kept)
+
+
+def _differences(sent, kept, path: str = "") -> list[str]:
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        errors = []
+        for key, value in sent.items():
+            if value is None:  # JSON null: absent, as the API server reads it
+                continue
+            if key not in kept:
+                errors.append(f"{path}.{key}: not a field of the SDK's model")
+            else:
+                errors += _differences(value, kept[key], f"{path}.{key}")
+        return errors
+    if isinstance(sent, list) and isinstance(kept, list) and len(sent) == len(kept):
+        pairs = enumerate(zip(sent, kept, strict=True))
+        return [e for i, (a, b) in pairs for e in _differences(a, b, f"{path}[{i}]")]
+    if sent == kept and type(sent) is type(kept):
+        return []
+    return [f"{path or '/'}: {sent!r} is read by the SDK as {kept!r}"]
 
 
 def _status_body(code: int, reason: str, message) -> tuple[int, dict]:

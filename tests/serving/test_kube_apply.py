@@ -1,5 +1,6 @@
 """The deploy step against the Kubernetes API: create, merge-patch, 403, 409, a Ready that
-arrives late, and a timeout that changes nothing.
+arrives late, and a timeout that changes nothing in the cluster but gives the champion
+alias back to the version KServe still serves.
 
 No real Kubernetes API server can be installed here; ``kube_api.FakeKubeApi`` answers the
 InferenceService CRD's paths on loopback (see its docstring) and validates every body
@@ -16,9 +17,11 @@ from registered import register_version
 
 from components import deploy
 from components.deploy import (
+    NotReady,
     apply_inference_service,
     inference_service,
     kubernetes_api,
+    served_version,
     wait_until_ready,
 )
 from components.errors import DeploymentError
@@ -124,15 +127,40 @@ def test_conflicts_are_resolved_by_patching_and_retrying(kube, monkeypatch):
         apply_inference_service(manifest(model_version="3"))
 
 
-def test_a_timeout_rolls_nothing_back_and_says_so(kube):
+def test_a_timeout_changes_nothing_in_the_cluster_and_says_what_is_served(kube):
     wait_until_ready(apply_inference_service(manifest()), timeout=10, poll=0.01)
     kube.never_ready = True
     applied = apply_inference_service(manifest(model_version="2"))
-    with pytest.raises(DeploymentError) as error:
+    with pytest.raises(NotReady) as error:
         wait_until_ready(applied, timeout=0.2, poll=0.01)
     message = str(error.value)
-    assert "was not Ready for generation 2" in message and "Nothing was rolled back" in message
+    assert "was not Ready for generation 2 within 0.2s" in message
+    assert "last seen: Ready is False: RevisionMissing" in message
+    assert "KServe keeps serving its last ready revision (fod-bottle-predictor-00001)" in message
     assert "kubectl -n fod describe inferenceservice fod-bottle" in message
+    assert error.value.last_seen["metadata"]["annotations"]["fod/model-version"] == "2"
+
+
+def test_the_served_version_is_the_one_deployed_on_the_ready_revision():
+    """What ``deployed`` tags say KServe serves: Serverless names the ready revision (a
+    recreated InferenceService reuses revision names, so the latest tag wins); RawDeployment
+    names none, and the last Ready rollout is what its Deployment still runs."""
+    versions = [
+        ("1", {"deployed": "kserve 2026-01-01T00:00:00+00:00 fod-b-predictor-00001"}),
+        ("2", {"deployed": "kserve 2026-01-02T00:00:00+00:00 fod-b-predictor-00002"}),
+        ("3", {"deployed": "local 2026-01-03T00:00:00+00:00"}),  # not the cluster
+        ("4", {"deployed": "kserve 2026-01-04T00:00:00+00:00 fod-b-predictor-00001"}),
+        ("5", {}),  # promoted, never Ready
+    ]
+
+    def status(revision):
+        return {"status": {"components": {"predictor": {"latestReadyRevision": revision}}}}
+
+    assert served_version(versions, status("fod-b-predictor-00002")) == "2"
+    assert served_version(versions, status("fod-b-predictor-00001")) == "4"
+    assert served_version(versions, status("fod-b-predictor-00009")) is None
+    assert served_version(versions, {"status": {}}) == "4"  # RawDeployment
+    assert served_version(versions[2:3] + versions[4:], None) is None
 
 
 def test_an_invalid_body_is_refused_by_the_schema(kube):
@@ -168,26 +196,65 @@ def test_the_deployer_token_secret_is_used_over_tls(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_version_is_tagged_deployed_only_once_ready(kube, settings, model_a, monkeypatch):
-    """The deploy step on the real MLflow: the tag ``deployed`` names the ready revision;
-    a version that never becomes Ready is not tagged and the champion alias is not moved."""
+def test_a_version_that_never_becomes_ready_gives_the_alias_back(
+    kube, settings, model_a, monkeypatch
+):
+    """Registration moves the champion alias before the deploy step runs. When the new
+    version never becomes Ready, KServe keeps serving the old one, so the alias must go back
+    to it: registry and cluster name the same version, and the message says which."""
     from mlflow import MlflowClient
 
     from components.deploy import DeployTarget, deploy_champion
 
     monkeypatch.setattr(deploy, "READY_POLL_SECONDS", 0.01)
-    versions = [register_version(settings, model_a, "kube") for _ in range(2)]
     client = MlflowClient()
-    first = deploy_champion("fod-kube", versions[0], DeployTarget.KSERVE, ready_timeout=10)
+    served = register_version(settings, model_a, "kube")
+    first = deploy_champion("fod-kube", served, DeployTarget.KSERVE, ready_timeout=10)
     assert first["revision"] == "fod-kube-predictor-00001"
-    tag = client.get_model_version("fod-kube", versions[0]).tags["deployed"]
+    tag = client.get_model_version("fod-kube", served).tags["deployed"]
     assert tag.startswith("kserve ") and tag.endswith("fod-kube-predictor-00001")
 
-    champion_before = client.get_model_version_by_alias("fod-kube", "champion").version
+    failed = register_version(settings, model_a, "kube")  # passes the gates: promoted
+    assert client.get_model_version_by_alias("fod-kube", "champion").version == failed
     kube.never_ready = True
-    with pytest.raises(DeploymentError, match="not tagged deployed"):
-        deploy_champion("fod-kube", versions[1], DeployTarget.KSERVE, ready_timeout=0.3)
-    assert "deployed" not in client.get_model_version("fod-kube", versions[1]).tags
-    assert client.get_model_version_by_alias("fod-kube", "champion").version == champion_before
+    with pytest.raises(DeploymentError) as error:
+        deploy_champion("fod-kube", failed, DeployTarget.KSERVE, ready_timeout=0.3)
+    message = str(error.value)
+    assert client.get_model_version_by_alias("fod-kube", "champion").version == served
+    assert f"v{served} is served (revision fod-kube-predictor-00001)" in message
+    assert f"champion alias was moved back from v{failed} to v{served}" in message
+    assert "not Ready for generation 2 within 0.3s" in message and "RevisionMissing" in message
+    tags = client.get_model_version("fod-kube", failed).tags
+    assert "deployed" not in tags  # a retrain check must not take it for a served version
+    assert "not Ready" in tags["deploy_failed"] and "RevisionMissing" in tags["deploy_failed"]
     stored = kube.objects[("fod", "fod-kube")]
-    assert stored["metadata"]["annotations"]["fod/model-version"] == str(versions[1])
+    assert stored["metadata"]["annotations"]["fod/model-version"] == str(failed)
+
+    kube.never_ready = False  # fixed; the rollback of docs/deploy.md, forwards this time
+    client.set_registered_model_alias("fod-kube", "champion", failed)
+    deploy_champion("fod-kube", failed, DeployTarget.KSERVE, ready_timeout=10)
+    tags = client.get_model_version("fod-kube", failed).tags
+    assert tags["deployed"].endswith("fod-kube-predictor-00002") and "deploy_failed" not in tags
+
+
+@pytest.mark.slow
+def test_a_first_deploy_that_never_becomes_ready_keeps_the_alias(
+    kube, settings, model_a, monkeypatch
+):
+    """Nothing was served before: there is no version to go back to, and the message says
+    so instead of naming one."""
+    from mlflow import MlflowClient
+
+    from components.deploy import DeployTarget, deploy_champion
+
+    monkeypatch.setattr(deploy, "READY_POLL_SECONDS", 0.01)
+    version = register_version(settings, model_a, "kube-first")
+    kube.never_ready = True
+    with pytest.raises(DeploymentError) as error:
+        deploy_champion("fod-kube-first", version, DeployTarget.KSERVE, ready_timeout=0.3)
+    message = str(error.value)
+    assert "no version is known to be served" in message
+    assert f"champion alias stays on v{version}" in message
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("fod-kube-first", "champion").version == version
+    assert "deploy_failed" in client.get_model_version("fod-kube-first", version).tags

@@ -113,7 +113,11 @@ def test_a_broken_store_never_fails_a_request(model_a, tmp_path, test_images) ->
         stop_server(server)
 
 
-def test_the_record_keeps_its_limits_and_drops_rather_than_waits(tmp_path, test_images) -> None:
+def test_without_shipping_the_record_keeps_max_records_and_drops_rather_than_waits(
+    tmp_path, test_images
+) -> None:
+    """Nothing is shipped, so the local record is all there is: the oldest beyond
+    max_records go. With shipping, unshipped ones stay (test_shipping.py)."""
     image = test_images[0].read_bytes()
 
     def served(score: float) -> Served:

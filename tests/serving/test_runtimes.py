@@ -129,7 +129,9 @@ def test_the_pipelines_bf16_check_is_a_tag_and_a_server_in_bf16_says_so(
     finally:
         serving.stop("fod-bf16")
     for answer, ours in zip(answers, expected, strict=True):
-        assert answer["score"] == pytest.approx(ours.score, rel=0.25)  # bf16: 8-bit mantissa
+        # bf16's 2^-8 per matmul, amplified by the softmax of the divergences that weights
+        # the tokens: 5.3% at most measured on these images (see tests/model/test_export.py)
+        assert answer["score"] == pytest.approx(ours.score, rel=0.1)
         assert answer["score"] != ours.score
     # auto without a bf16 check (exported_a has none) scores in fp32
     assert ModelSource(str(exported_a), precision="auto").load("1").detector.precision == "fp32"

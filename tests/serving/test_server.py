@@ -16,6 +16,8 @@ import pytest
 import requests
 from PIL import Image
 
+from fod_core.artifact import read_manifest
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -56,7 +58,7 @@ def cli_predictions(model_a, test_images) -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_v1_batch_scores_equal_fod_predict(server, test_images, cli_predictions):
+def test_v1_batch_scores_equal_fod_predict(server, model_a, test_images, cli_predictions):
     response = v1(server, [{"image_bytes": {"b64": b64(p.read_bytes())}} for p in test_images])
     assert response.status_code == 200, response.text
     served = response.json()["predictions"]
@@ -66,6 +68,11 @@ def test_v1_batch_scores_equal_fod_predict(server, test_images, cli_predictions)
         assert item["is_anomalous"] == expected["is_anomalous"]
         assert item["threshold"] == pytest.approx(expected["threshold"], abs=1e-6)
         assert item["model_name"] == "fod-widget" and item["model_version"] == "7"
+    # what the threshold promises, in words, wherever a decision is shown
+    promise = read_manifest(model_a)["calibration"]["promise"]
+    assert promise.startswith("at most ") and "confidence, from" in promise
+    assert {p["promise"] for p in cli_predictions} == {promise}
+    assert server.status()["promise"] == promise
 
 
 def test_concurrent_requests_batched_together_score_as_alone(server, test_images, cli_predictions):
