@@ -357,6 +357,31 @@ def test_one_level_models_have_nothing_to_weight(synthetic_root, tmp_path):
     assert read_manifest(tmp_path / "m")["format_version"] == 1
 
 
+def test_without_validation_images_nothing_is_promised(synthetic_root, tmp_path):
+    """--val-fraction 0: the threshold comes from training images, and every place that
+    shows the promise says there is none (artefact, registry tag, fod predict)."""
+    from components.registry import threshold_tag
+    from fod_core.predict import predict_images
+
+    outcome = train_model(
+        synthetic_root,
+        "widget",
+        tmp_path / "m",
+        model_config=TINY,
+        train_config=TrainConfig(epochs=1, val_fraction=0.0),
+        cache_store=LocalStore(tmp_path / "cache"),
+        progress=False,
+    )
+    calibration = read_manifest(tmp_path / "m")["calibration"]
+    assert calibration["held_out"] is False and calibration["calibrated_on"] == "training images"
+    assert calibration["promise"].startswith("no false-alarm guarantee")
+    assert outcome.threshold.describe() == calibration["promise"]
+    assert "no false-alarm guarantee" in threshold_tag(tmp_path / "m")
+    image = next((synthetic_root / "widget" / "test" / "good").glob("*.png"))
+    (predicted,) = predict_images(tmp_path / "m", [image])
+    assert predicted["promise"].startswith("no false-alarm guarantee")
+
+
 def test_parts_at_any_angle_train_aligned_and_maps_come_back_onto_the_photo(tmp_path):
     """The first user's layout (a folder of good parts, no labels) with parts lying at
     any angle: training, calibration on planted anomalies and prediction all go through

@@ -271,3 +271,16 @@ def test_a_champion_that_was_never_deployed_is_run_again(stack, settings, tmp_pa
     MlflowClient().set_model_version_tag("fod-undeployed", "1", "deployed", "local")
     decision = decide("undeployed", "d-undeployed")
     assert not decision.retrain and "already (the champion)" in decision.reason
+    # a version whose InferenceService never became Ready: the alias went back to the
+    # served one (components.deploy); the check reports it and does not retry
+    register_model(
+        tmp_path / "model", run_id=run.info.run_id, category="undeployed",
+        metrics={"image_auroc": 1.0}, data_version="d-undeployed", code_version="t",
+        gates=PromotionGates(min_image_auroc=0.0),
+    )  # fmt: skip
+    client = MlflowClient()
+    client.set_registered_model_alias("fod-undeployed", "champion", "1")
+    client.set_model_version_tag("fod-undeployed", "2", "deploy_failed", "not Ready in 600s")
+    decision = decide("undeployed", "d-undeployed")
+    assert not decision.retrain
+    assert "v2 was trained" in decision.reason and "deployment failed" in decision.reason

@@ -74,3 +74,40 @@ def test_brighter_light_is_drift_with_its_numbers(model_a, new_parts, tmp_path) 
 def test_no_record_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(MonitorError, match="no decision record"):
         monitor("widget", record=tmp_path / "missing.sqlite", track=False)
+
+
+def test_alarms_are_tested_against_the_promise_only_once_reviewed(model_a, new_parts, tmp_path):
+    """Every part flagged (a line with many alarms): unreviewed, the alarms may be real
+    defects and nothing is called broken; once a reviewer confirms them good, they are
+    false alarms far beyond the promise, and the verdict says which evidence it used."""
+    from components.review import ReviewStore
+
+    detector = load_detector(model_a)
+    images = [Image.open(p).convert("RGB") for p in new_parts]
+    path = tmp_path / "flagged.sqlite"
+    log = DecisionLog(RecordSettings(path, KeepImages.NONE))
+    encoded = []
+    for image in images:
+        from io import BytesIO
+
+        buffer = BytesIO()
+        image.save(buffer, "PNG")
+        encoded.append(buffer.getvalue())
+    log.submit(
+        [
+            Served(data, p.score, detector.post.threshold, True, None, "fod-widget", "1", "abc")
+            for data, p in zip(encoded, detector.predict(images), strict=True)
+        ]
+    )
+    log.close()
+    assert log.counts["recorded"] == len(images), log.counts
+    (unreviewed,) = monitor("widget", record=path, model_dir=model_a, track=False)["versions"]
+    assert unreviewed["drift"] is False and unreviewed["false_alarm_p_value"] is None
+    assert "not tested against the false-alarm promise" in unreviewed["verdict"]
+    store = ReviewStore(path)
+    for decision_id in range(1, len(images) + 1):
+        store.give(decision_id, "good", "qa")
+    (reviewed,) = monitor("widget", record=path, model_dir=model_a, track=False)["versions"]
+    assert reviewed["drift"] is True and reviewed["reviewed"] == reviewed["false_alarms"] == 40
+    assert reviewed["false_alarm_p_value"] < 0.005
+    assert "confirmed false alarms" in reviewed["verdict"]
