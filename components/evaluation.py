@@ -18,6 +18,8 @@ HEADLINE = (
     "pixel_auroc",
     "aupro",
     "f1_max",
+    "catch_rate",
+    "planted_detected",
     "false_alarm_rate",
     "promised_false_alarm_rate",
     "planted_image_auroc",
@@ -116,6 +118,25 @@ def rescore_on(data_root: str | Path, category: str, data_format: str):
     return rescore
 
 
+def catch_line(metrics: dict) -> str:
+    """What the line sees at the shipped threshold, in one sentence: defects caught,
+    false alarms, and the planted catch rate (named as planted) without labelled ones."""
+    parts = []
+    if metrics.get("catch_rate") is not None:
+        n = metrics["defects_caught"], metrics.get("n_anomalous")
+        parts.append(f"caught {n[0]} of {n[1]} labelled defects ({metrics['catch_rate']:.0%})")
+    elif metrics.get("planted_detected") is not None:
+        parts.append(
+            f"caught {metrics['planted_detected']:.0%} of {metrics.get('n_planted')} planted "
+            "anomalies (no labelled defects)"
+        )
+    if metrics.get("false_alarm_rate") is not None:
+        parts.append(
+            f"{metrics.get('false_alarms')} false alarms in {metrics.get('n_normal')} test normals"
+        )
+    return "At the shipped threshold: " + ("; ".join(parts) or "no decision (no threshold)")
+
+
 def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -> None:
     """One self-contained page: headline metrics, confusion matrix, plots inline."""
     rows = "".join(
@@ -146,6 +167,7 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
         f"weights; its calibration part alone sets the threshold.</p>"
         f"<h2>At the calibrated threshold</h2>"
         f"<p>The threshold promises: {html.escape(str(promise))}</p>"
+        f"<p>{html.escape(catch_line(metrics))}</p>"
         f"<table border=1>{confusion_rows}</table>{images}"
         f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
         "</body></html>"

@@ -55,6 +55,9 @@ RECORDED_METRICS = (
     "n_anomalous",
     "evidence",
     "planting",
+    "catch_rate",
+    "defects_caught",
+    "planted_detected",
 )
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -75,6 +78,8 @@ class PromotionGates:
     # refuse when the held-out false alarms are this unlikely under the promised rate
     false_alarm_alpha: float = 0.05
     tolerance: float = 0.0  # how much worse than the champion still counts as "not worse"
+    # share of defects caught at the model's own threshold (labelled, else planted); 0: off
+    min_catch_rate: float = 0.0
 
     def minimums(self, evidence: str) -> dict[str, float]:
         if evidence == "planted":
@@ -112,6 +117,13 @@ def describe_evidence(metrics: dict) -> str:
             f"no labelled defects: {metrics.get('n_planted')} anomalies planted into "
             f"{n_normal} held-out normals (seed {metrics.get('planted_seed')})"
         )
+    if metrics.get("catch_rate") is not None:
+        main += (
+            f"; caught {metrics.get('defects_caught')}/{metrics.get('n_anomalous')} "
+            "labelled defects at the threshold"
+        )
+    elif metrics.get("planted_detected") is not None:
+        main += f"; caught {metrics['planted_detected']:.0%} of the planted at the threshold"
     if metrics.get("false_alarm_rate") is not None:
         promised = metrics.get("promised_false_alarm_rate")
         promise = "" if promised is None else f" (promised at most {promised:.4g})"
@@ -154,6 +166,17 @@ def check_gates(
             continue
         if value < minimum:
             reasons.append(f"{key} {value:.4f} below the minimum {minimum:.4f}")
+    catch_key = "catch_rate" if evidence == "labelled" else "planted_detected"
+    catch = metrics.get(catch_key)
+    if gates.min_catch_rate > 0:
+        if catch is None:
+            reasons.append(f"{catch_key} not available (needs a threshold), minimum "
+                           f"{gates.min_catch_rate}")  # fmt: skip
+        elif catch < gates.min_catch_rate:
+            reasons.append(
+                f"{catch_key} {catch:.4f} below the minimum {gates.min_catch_rate:.4f} (defects "
+                "caught at the model's own threshold)"
+            )
     p_value = metrics.get("false_alarm_p_value")
     if p_value is not None and p_value < gates.false_alarm_alpha:
         reasons.append(
@@ -171,6 +194,11 @@ def check_gates(
                 f"planting, this version's from {ours_planting}: re-score the champion with "
                 "this version's planting before comparing"
             )
+        ours_rate = metrics.get("promised_false_alarm_rate")
+        theirs_rate = champion_metrics.get("promised_false_alarm_rate")
+        if ours_rate is not None and theirs_rate is not None and ours_rate <= theirs_rate:
+            # at an equal or lower promised rate, fewer defects caught is worse for the line
+            compared = (*compared, catch_key)
         for key in compared:
             ours, theirs = metrics.get(key), champion_metrics.get(key)
             if ours is None or theirs is None:

@@ -306,6 +306,7 @@ def register_model(
     min_planted_image_auroc: float,
     min_planted_aupro: float,
     promotion_tolerance: float,
+    min_catch_rate: float,
 ) -> NamedTuple(
     "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
 ):
@@ -335,6 +336,7 @@ def register_model(
             min_planted_image_auroc=min_planted_image_auroc,
             min_planted_aupro=min_planted_aupro,
             tolerance=promotion_tolerance,
+            min_catch_rate=min_catch_rate,
         ),
         rescore=rescore_on(dataset.path, category, data_format),
     )

@@ -145,7 +145,7 @@ def planted_metrics(
             float(np.mean(detector.post.is_anomalous(scores[len(normals) :])))
             if detector.post.threshold is not None
             else None
-        ),
+        ),  # the planted catch rate at the shipped threshold (named as planted)
         "n_planted": len(planted),
         "planted_seed": PLANTED_SEED,
         "planting": planting.value,
@@ -232,7 +232,12 @@ def evaluate_detector(
 
     fpr, tpr = roc_points(labels, scores) if metrics["image_auroc"] is not None else ([], [])
     if len(fpr):
-        plot_roc(fpr, tpr, metrics["image_auroc"], out_dir / "roc.png", f"{title} image ROC")
+        shipped = None
+        if metrics.get("catch_rate") is not None and metrics.get("false_alarm_rate") is not None:
+            shipped = (metrics["false_alarm_rate"], metrics["catch_rate"])
+        plot_roc(
+            fpr, tpr, metrics["image_auroc"], out_dir / "roc.png", f"{title} image ROC", shipped
+        )
     plot_score_histogram(
         scores, labels, threshold, out_dir / "score_histogram.png", f"{title} test scores"
     )

@@ -124,6 +124,23 @@ def confusion_at(labels: Sequence[int], scores: Sequence[float], threshold: floa
     }
 
 
+def catch_rate_at_false_alarm_rate(
+    labels: Sequence[int], scores: Sequence[float], rate: float
+) -> float | None:
+    """For the record: the share of defects caught at the lowest threshold whose false-alarm
+    rate on these normals is at most ``rate`` (read from the test set's own curve, so it is
+    not a rate the model can promise)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not labels.any() or labels.all():
+        return None
+    normal = np.sort(scores[~labels])[::-1]
+    allowed = int(np.floor(rate * normal.size + 1e-9))  # normals that may score above it
+    # strictly above the (allowed + 1)-th highest normal score, so at most `allowed` alarm
+    threshold = normal[allowed] if allowed < normal.size else -np.inf
+    return float(np.mean(scores[labels] > threshold))
+
+
 def compute_metrics(
     labels: Sequence[int],
     scores: Sequence[float],
@@ -149,6 +166,16 @@ def compute_metrics(
     if threshold is not None:
         result["threshold"] = float(threshold)
         result["confusion"] = confusion_at(labels, scores, threshold)
+        if labels.any():  # what the line sees: defects caught at the shipped threshold
+            caught = int(alarms(scores[labels == 1], threshold).sum())
+            result |= {
+                "defects_caught": caught,
+                "catch_rate": caught / int(labels.sum()),
+            }
+    if labels.any() and not labels.all():
+        result["catch_rate_at_test_far"] = {
+            str(rate): catch_rate_at_false_alarm_rate(labels, scores, rate) for rate in (0.01, 0.05)
+        }
     per_type = {}
     normal = labels == 0
     for defect in sorted(set(types[labels == 1])):
@@ -157,6 +184,9 @@ def compute_metrics(
             "n_images": int((types == defect).sum()),
             "image_auroc": image_auroc(labels[subset], scores[subset]),
         }
+        if threshold is not None:
+            caught = int(alarms(scores[types == defect], threshold).sum())
+            entry |= {"caught": caught, "catch_rate": caught / entry["n_images"]}
         if masks is not None:
             entry["pixel_auroc"] = pixel_auroc(masks[subset], maps[subset])
             entry["aupro"] = aupro(masks[subset], maps[subset])

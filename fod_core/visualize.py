@@ -47,20 +47,32 @@ def prediction_overlay(
     return overlay(image, anomaly_map, vmin=0.0, vmax=vmax * 2)
 
 
-def plot_roc(fpr: np.ndarray, tpr: np.ndarray, auroc: float | None, path: Path, title: str) -> None:
+def plot_roc(
+    fpr: np.ndarray,
+    tpr: np.ndarray,
+    auroc: float | None,
+    path: Path,
+    title: str,
+    shipped: tuple[float, float] | None = None,
+) -> None:
+    """Catch rate against false-alarm rate; ``shipped``: (false-alarm rate, catch rate) at
+    the threshold the model ships with, marked on the curve."""
     fig = Figure(figsize=(4.5, 4.5))
     ax = fig.subplots()
     ax.plot(fpr, tpr, lw=2, label=f"AUROC {auroc:.4f}" if auroc is not None else None)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
+    if shipped is not None:
+        label = f"shipped threshold: catches {shipped[1]:.0%}, {shipped[0]:.1%} false alarms"
+        ax.plot(*shipped, "o", color="tab:red", ms=8, label=label)
     ax.set(
-        xlabel="false positive rate",
-        ylabel="true positive rate",
+        xlabel="false-alarm rate (test normals)",
+        ylabel="catch rate (labelled defects)",
         title=title,
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
-    if auroc is not None:
-        ax.legend(loc="lower right")
+    if auroc is not None or shipped is not None:
+        ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -134,6 +134,11 @@ class PipelineParameters:
     promotion_tolerance: float = parameter(
         _GATES.tolerance, "how much worse than the champion still counts as not worse"
     )
+    min_catch_rate: float = parameter(
+        _GATES.min_catch_rate,
+        "gate on the share of defects caught at the model's own threshold (labelled "
+        "defects, else the planted ones); 0: off",
+    )
     # serving
     deploy_target: str = parameter(
         "kserve",

@@ -109,3 +109,44 @@ def test_threshold_calibration_modes():
         calibrate_threshold([])
     with pytest.raises(ValueError, match="anomalous"):
         calibrate_threshold([0.1], mode="f1")
+
+
+def test_catch_rate_at_the_shipped_threshold():
+    """What the line sees: defects caught at the threshold the model ships with. All
+    caught, none caught, and a case checked by hand (per defect type too)."""
+    from fod_core.metrics import compute_metrics
+
+    labels = [0, 0, 0, 0, 1, 1, 1, 1, 1]
+    types = ["good"] * 4 + ["scratch", "scratch", "dent", "dent", "dent"]
+    scores = [0.1, 0.2, 0.3, 0.4, 0.5, 0.35, 0.45, 0.9, 0.25]
+    every = compute_metrics(labels, scores, types, threshold=0.2)
+    assert every["defects_caught"] == 5 and every["catch_rate"] == 1.0
+    none = compute_metrics(labels, scores, types, threshold=1.0)
+    assert none["defects_caught"] == 0 and none["catch_rate"] == 0.0
+    # by hand at 0.4: scratch 0.5 caught, 0.35 missed; dent 0.45 and 0.9 caught, 0.25 missed
+    mid = compute_metrics(labels, scores, types, threshold=0.4)
+    assert mid["defects_caught"] == 3 and mid["catch_rate"] == 3 / 5
+    assert mid["per_defect_type"]["scratch"] | {} == {**mid["per_defect_type"]["scratch"],
+                                                       "caught": 1, "catch_rate": 0.5}  # fmt: skip
+    assert mid["per_defect_type"]["dent"]["caught"] == 2
+    assert mid["confusion"] == {"tp": 3, "fp": 1, "tn": 3, "fn": 2}  # 0.4 is a false alarm
+    # for the record, from the test normals' own curve: at 0% of 4 normals above (rate
+    # 0.01), defects above the highest normal 0.4: 0.5, 0.45, 0.9
+    assert mid["catch_rate_at_test_far"]["0.01"] == 3 / 5
+    assert compute_metrics([0, 1], [0.1, 0.2], ["good", "d"])["catch_rate_at_test_far"] == {
+        "0.01": 1.0,
+        "0.05": 1.0,
+    }
+
+
+def test_the_catch_line_says_what_the_line_sees():
+    from components.evaluation import catch_line
+
+    labelled = {"catch_rate": 0.34, "defects_caught": 22, "n_anomalous": 65,
+                "false_alarm_rate": 0.0, "false_alarms": 0, "n_normal": 22}  # fmt: skip
+    assert catch_line(labelled) == (
+        "At the shipped threshold: caught 22 of 65 labelled defects (34%); "
+        "0 false alarms in 22 test normals"
+    )
+    planted = {"planted_detected": 0.5, "n_planted": 24}
+    assert "caught 50% of 24 planted anomalies (no labelled defects)" in catch_line(planted)
