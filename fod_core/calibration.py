@@ -387,6 +387,22 @@ class ModelSplit:
         return bool(self.calibration) and not set(self.calibration) & set(self.choice)
 
 
+def require_unseen(images: Sequence[Path], seen: Sequence) -> None:
+    """Calibration normals must be new to the model: an image it trained or chose on (or
+    a copy of one) scores low and would make the promise optimistic."""
+    from fod_core.cache import file_sha256
+    from fod_core.data import DatasetError
+
+    seen_hashes = {file_sha256(r.path) for r in seen}
+    repeated = [str(p) for p in images if file_sha256(p) in seen_hashes]
+    if repeated:
+        shown = "\n  ".join(repeated[:10])
+        raise DatasetError(
+            f"{len(repeated)} of the extra normals were trained or chosen on by this model "
+            f"(same content): they cannot calibrate its threshold:\n  {shown}"
+        )
+
+
 def model_split(manifest: dict, data: CategoryData) -> ModelSplit:
     """The split a model was trained with: no image the model trained or chose on is used
     to calibrate it (the threshold), and none it trained on to judge it (export parity)."""
@@ -429,6 +445,7 @@ def calibrate_model(
     planting: Planting | str | None = None,
     progress: bool = False,
     delta: float = DEFAULT_DELTA,
+    extra_normals: Sequence[str | Path] = (),
 ) -> Threshold:
     """Lifecycle stage 'calibrate': re-derive a model's threshold (and, when
     ``level_weighting`` is given, its level weights) and store them in the artefact.
@@ -439,6 +456,9 @@ def calibrate_model(
     calibration part (the split the model was trained with: no image the model trained or
     chose on); ``delta``: the chance the false-alarm promise may fail. Labelled anomalies,
     when given, are validation anomalies supplied by the user, never the test set.
+    ``extra_normals``: more good parts for the threshold alone (``fod calibrate
+    --normals DIR``), without retraining: a larger calibration set, a tighter promise.
+    Images the model trained or chose on are refused (by content, so copies are too).
     """
     from fod_core.artifact import load_detector, read_manifest, update_manifest
     from fod_core.data import load_category
@@ -448,7 +468,10 @@ def calibrate_model(
     split = model_split(manifest, load_category(data_root, category, format))
     train_records = split.train
     nearest = manifest.get("model", {}).get("reference", "class") == "nearest"
-    require_held_out_normals(nearest, len(split.calibration))
+    more_normals = [Path(p) for p in extra_normals]
+    if more_normals:
+        require_unseen(more_normals, split.train + split.choice)
+    require_held_out_normals(nearest, len(split.calibration) + len(more_normals))
     calibration_records = split.calibration or train_records
     detector = load_detector(model_dir)
     planting = Planting(planting or manifest.get("planting", Planting.ANYWHERE.value))
@@ -468,11 +491,15 @@ def calibrate_model(
         plot.unlink(missing_ok=True)  # a plot of an earlier choice would mislead
         if choice:
             choice.save_plot(plot)
-    normal = [p.score for p in detector.predict([r.path for r in calibration_records])]
+    if more_normals and not split.calibration:
+        scored = more_normals  # training images promise nothing: the new normals alone
+    else:
+        scored = [r.path for r in calibration_records] + more_normals
+    normal = [p.score for p in detector.predict(scored)]
     anomalous = (
         [p.score for p in detector.predict(list(anomalous_images))] if anomalous_images else []
     )
-    held_out = split.calibration_held_out
+    held_out = split.calibration_held_out or (bool(more_normals) and not split.calibration)
     threshold = calibrate_threshold(
         normal,
         anomalous,
@@ -490,7 +517,11 @@ def calibrate_model(
             **threshold.to_dict(),
             "validation_scores": normal,
             "anomalous_scores": anomalous,
-            "calibrated_on": calibrated_on if split.calibration else "training images",
+            "calibrated_on": (calibrated_on if split.calibration else "training images")
+            if not more_normals
+            else f"{calibrated_on if split.calibration else 'no validation'} + "
+            f"{len(more_normals)} more normals (fod calibrate --normals)",
+            "extra_normals": len(more_normals),
         },
         **extra,
     )

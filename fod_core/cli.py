@@ -26,7 +26,7 @@ from fod_core.config import (
     TrainConfig,
     model_config_for,
 )
-from fod_core.data import DatasetError, DatasetFormat
+from fod_core.data import DatasetError, DatasetFormat, list_images
 from fod_core.export import ExportError, Runtime
 from fod_core.processing import Alignment, ImageDecodeError
 from fod_core.promise import DEFAULT_DELTA
@@ -292,6 +292,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.mode == ThresholdMode.F1.value and not args.anomalies:
         raise DatasetError("--mode f1 needs labelled validation anomalies (--anomalies IMG...)")
+    if args.normals and not list_images(args.normals):
+        raise DatasetError(f"--normals: no images in {args.normals}")
     if args.planting and not args.level_weights:
         raise DatasetError("--planting chooses the anomalies of --level-weights: give both")
     threshold = calibrate_model(
@@ -305,6 +307,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         level_weighting=args.level_weights,
         planting=args.planting,
         delta=1 - args.confidence,
+        extra_normals=list_images(args.normals) if args.normals else (),
     )
     post = read_manifest(args.model)["postprocessing"]
     print(json.dumps({**threshold.to_dict(), "level_weights": post.get("level_weights")}, indent=2))
@@ -442,6 +445,12 @@ def build_parser(
     )
     calibrate.add_argument("--target-far", type=float, default=0.01)
     _add_confidence_arg(calibrate)
+    calibrate.add_argument(
+        "--normals",
+        type=Path,
+        help="a folder of more good parts the model never saw: they join the calibration "
+        "part for a tighter false-alarm promise (no retraining)",
+    )
     calibrate.add_argument(
         "--anomalies", nargs="*", type=Path, default=[], help="labelled validation anomalies"
     )

@@ -250,6 +250,41 @@ def test_recalibration_with_labelled_anomalies_is_f1_optimal(trained, tmp_path):
     assert again.value == pytest.approx(outcome.threshold.value, rel=1e-5)
 
 
+def test_more_good_parts_tighten_the_promise_without_retraining(trained, tmp_path):
+    """`fod calibrate --normals DIR`: new good parts join the calibration part; the
+    promise is recomputed on more normals; images the model trained on are refused."""
+    import shutil
+
+    base, root, _, _ = trained
+    model_dir = tmp_path / "model"
+    shutil.copytree(base / "model", model_dir)
+    before = read_manifest(model_dir)["calibration"]
+    new = make_synthetic_dataset(tmp_path / "new", "widget", n_train=30, n_test_good=1,
+                                 n_test_defect=1, size=64, seed=23)  # fmt: skip
+    normals = new / "widget" / "train" / "good"
+    command = [sys.executable, "-m", "fod_core.cli", "-q", "calibrate", "--model",
+               str(model_dir), "--data", str(root), "--category", "widget",
+               "--normals", str(normals)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, env=_env())
+    assert out.returncode == 0, out.stderr
+    after = read_manifest(model_dir)["calibration"]
+    assert after["n_normal"] == before["n_normal"] + 30 and after["extra_normals"] == 30
+    assert after["guaranteed_false_alarm_rate"] < before["guaranteed_false_alarm_rate"]
+    expected = sorted(after["validation_scores"], reverse=True)[after["threshold_rank"] - 1]
+    assert after["threshold"] == pytest.approx(expected)
+    assert f"from {after['n_normal']} good parts" in after["promise"]
+    # a training image (a copy under another name) is refused, and the artefact kept
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    training = sorted((root / "widget" / "train" / "good").glob("*.png"))
+    trained_on = read_manifest(model_dir)["data"]["validation_images"]
+    first_training = next(p for p in training if f"train/good/{p.name}" not in trained_on)
+    shutil.copy(first_training, seen / "renamed.png")
+    out = subprocess.run([*command[:-1], str(seen)], capture_output=True, text=True, env=_env())
+    assert out.returncode == 2 and "trained or chosen on by this model" in out.stderr
+    assert read_manifest(model_dir)["calibration"] == after
+
+
 def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     """`fod calibrate --level-weights synthetic`, then back to the method's average."""
     import shutil
