@@ -111,6 +111,15 @@ class Threshold:
         )
 
 
+def promise_of(manifest: dict) -> str | None:
+    """What a model's threshold promises, in words, as its calibration states it (None:
+    not calibrated). One reading for `fod predict`, the model server and the registry."""
+    calibration = manifest.get("calibration") or {}
+    if "threshold" not in calibration:
+        return None
+    return Threshold.from_dict(calibration).describe()
+
+
 def calibrate_threshold(
     normal_scores: Sequence[float],
     anomalous_scores: Sequence[float] = (),
@@ -509,7 +518,14 @@ def calibrate_model(
         held_out=held_out,
     )
     detector.with_threshold(threshold.value, threshold.mode.value)
-    calibrated_on = CALIBRATION_PART if held_out else "validation images a choice was made on"
+    if not split.calibration:
+        calibrated_on = "training images" if not more_normals else "no validation"
+    elif held_out:
+        calibrated_on = CALIBRATION_PART
+    else:
+        calibrated_on = "validation images a choice was made on"
+    if more_normals:
+        calibrated_on += f" + {len(more_normals)} more normals (fod calibrate --normals)"
     update_manifest(
         model_dir,
         postprocessing=detector.post.to_dict(),
@@ -517,10 +533,7 @@ def calibrate_model(
             **threshold.to_dict(),
             "validation_scores": normal,
             "anomalous_scores": anomalous,
-            "calibrated_on": (calibrated_on if split.calibration else "training images")
-            if not more_normals
-            else f"{calibrated_on if split.calibration else 'no validation'} + "
-            f"{len(more_normals)} more normals (fod calibrate --normals)",
+            "calibrated_on": calibrated_on,
             "extra_normals": len(more_normals),
         },
         **extra,

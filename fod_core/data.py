@@ -260,8 +260,9 @@ def hold_out(
     another one. Fewer than ``min_rest`` left is an error that says what to do."""
     if not 0 <= fraction < 1:
         raise ValueError(f"held-out fraction must be in [0, 1), got {fraction}")
-    held = [r for r in records if split_unit(r.identity, salt) < fraction]
-    rest = [r for r in records if split_unit(r.identity, salt) >= fraction]
+    is_held = [split_unit(r.identity, salt) < fraction for r in records]
+    held = [r for r, h in zip(records, is_held, strict=True) if h]
+    rest = [r for r, h in zip(records, is_held, strict=True) if not h]
     if len(rest) < min_rest:
         raise DatasetError(
             f"{len(records)} images: the {salt} hold-out (fraction {fraction:g}) leaves "

@@ -626,14 +626,14 @@ def decision_flips(
     two precisions, and those of them whose fp32 score lies farther than ``band``
     (relative) from the threshold. A near tie may flip with bf16's 8-bit mantissa (the
     threshold is itself one calibration image's score); a decision farther away must not."""
+    from fod_core.metrics import alarms
+
     if threshold is None:
         return 0, 0
-    flips = beyond = 0
-    for a, b in zip(fp32_scores, reduced_scores, strict=True):
-        if (a >= threshold) != (b >= threshold):
-            flips += 1
-            beyond += abs(a - threshold) > band * abs(threshold)
-    return flips, beyond
+    fp32 = np.asarray(fp32_scores, dtype=np.float64)
+    flipped = alarms(fp32, threshold) != alarms(reduced_scores, threshold)
+    beyond = flipped & (np.abs(fp32 - threshold) > band * abs(threshold))
+    return int(flipped.sum()), int(beyond.sum())
 
 
 def planted_accuracy(predictions, n_normal: int, masks: Sequence[np.ndarray]) -> dict:

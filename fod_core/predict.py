@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fod_core.artifact import read_manifest
-from fod_core.calibration import Threshold
+from fod_core.calibration import promise_of
 from fod_core.export import load_runtime
 from fod_core.processing import read_image
 from fod_core.visualize import prediction_overlay
@@ -26,8 +26,7 @@ def predict_images(
     ``precision``: fp32, bf16 or auto (torch only; see ``load_detector``)."""
     detector = load_runtime(model_dir, runtime, device=device, precision=precision)
     predictions = detector.predict([Path(p) for p in images])
-    calibration = read_manifest(model_dir).get("calibration") or {}
-    promise = Threshold.from_dict(calibration).describe() if "threshold" in calibration else None
+    promise = promise_of(read_manifest(model_dir))
     results = []
     for path, prediction in zip(images, predictions, strict=True):
         entry = {"path": str(path), **prediction.to_dict(), "threshold": detector.post.threshold}

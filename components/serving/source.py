@@ -12,6 +12,7 @@ from typing import TypeVar
 
 from components.errors import ServingError
 from fod_core.artifact import read_manifest
+from fod_core.calibration import promise_of
 from fod_core.export import ExportError, load_runtime
 from fod_core.inference import Detector
 
@@ -131,14 +132,4 @@ def _loaded(
         )
     except ExportError as error:
         raise ServingError(str(error)) from error
-    return LoadedModel(detector, version, data_version, promise=threshold_promise(manifest))
-
-
-def threshold_promise(manifest: dict) -> str | None:
-    """What the served threshold promises, as its calibration states it (None: none)."""
-    from fod_core.calibration import Threshold
-
-    calibration = manifest.get("calibration") or {}
-    if "threshold" not in calibration:
-        return None
-    return Threshold.from_dict(calibration).describe()
+    return LoadedModel(detector, version, data_version, promise=promise_of(manifest))

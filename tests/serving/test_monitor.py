@@ -23,7 +23,9 @@ def new_parts(tmp_path_factory) -> list:
     return sorted((root / "widget" / "train" / "good").glob("*.png"))
 
 
-def record(model_dir, images: list[Image.Image], path) -> None:
+def record(model_dir, images: list[Image.Image], path, *, flag_all: bool = False) -> dict:
+    """Record the model's decisions on ``images`` (``flag_all``: every part an alarm, as a
+    line with many alarms); returns the record's counts."""
     detector = load_detector(model_dir)
     log = DecisionLog(RecordSettings(path, KeepImages.NONE))
     encoded = []
@@ -36,12 +38,13 @@ def record(model_dir, images: list[Image.Image], path) -> None:
     predictions = detector.predict(images)
     log.submit(
         [
-            Served(data, p.score, detector.post.threshold, p.is_anomalous, None, "fod-widget",
-                   "1", "abc")
+            Served(data, p.score, detector.post.threshold, flag_all or p.is_anomalous, None,
+                   "fod-widget", "1", "abc")
             for data, p in zip(encoded, predictions, strict=True)
         ]
     )  # fmt: skip
     log.close()
+    return log.counts
 
 
 def test_parts_like_the_training_ones_are_no_drift(model_a, new_parts, tmp_path) -> None:
@@ -82,25 +85,10 @@ def test_alarms_are_tested_against_the_promise_only_once_reviewed(model_a, new_p
     false alarms far beyond the promise, and the verdict says which evidence it used."""
     from components.review import ReviewStore
 
-    detector = load_detector(model_a)
     images = [Image.open(p).convert("RGB") for p in new_parts]
     path = tmp_path / "flagged.sqlite"
-    log = DecisionLog(RecordSettings(path, KeepImages.NONE))
-    encoded = []
-    for image in images:
-        from io import BytesIO
-
-        buffer = BytesIO()
-        image.save(buffer, "PNG")
-        encoded.append(buffer.getvalue())
-    log.submit(
-        [
-            Served(data, p.score, detector.post.threshold, True, None, "fod-widget", "1", "abc")
-            for data, p in zip(encoded, detector.predict(images), strict=True)
-        ]
-    )
-    log.close()
-    assert log.counts["recorded"] == len(images), log.counts
+    counts = record(model_a, images, path, flag_all=True)
+    assert counts["recorded"] == len(images), counts
     (unreviewed,) = monitor("widget", record=path, model_dir=model_a, track=False)["versions"]
     assert unreviewed["drift"] is False and unreviewed["false_alarm_p_value"] is None
     assert "not tested against the false-alarm promise" in unreviewed["verdict"]
