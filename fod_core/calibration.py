@@ -397,8 +397,10 @@ class ModelSplit:
 
 
 def require_unseen(images: Sequence[Path], seen: Sequence) -> None:
-    """Calibration normals must be new to the model: an image it trained or chose on (or
-    a copy of one) scores low and would make the promise optimistic."""
+    """Extra calibration normals must be new to the model and to its evaluation: an image
+    it trained or chose on (or a copy) scores low and would make the promise optimistic;
+    one already in the calibration part would count twice; a test image would let the
+    evaluation grade the threshold on its own images."""
     from fod_core.cache import file_sha256
     from fod_core.data import DatasetError
 
@@ -407,8 +409,9 @@ def require_unseen(images: Sequence[Path], seen: Sequence) -> None:
     if repeated:
         shown = "\n  ".join(repeated[:10])
         raise DatasetError(
-            f"{len(repeated)} of the extra normals were trained or chosen on by this model "
-            f"(same content): they cannot calibrate its threshold:\n  {shown}"
+            f"{len(repeated)} of the extra normals are images this model trained, chose or "
+            f"calibrated on, or its test images (same content): give good parts it has not "
+            f"seen:\n  {shown}"
         )
 
 
@@ -474,12 +477,13 @@ def calibrate_model(
 
     manifest = read_manifest(model_dir)
     train_settings = manifest.get("training", {}).get("config", {})
-    split = model_split(manifest, load_category(data_root, category, format))
+    data = load_category(data_root, category, format)
+    split = model_split(manifest, data)
     train_records = split.train
     nearest = manifest.get("model", {}).get("reference", "class") == "nearest"
     more_normals = [Path(p) for p in extra_normals]
     if more_normals:
-        require_unseen(more_normals, split.train + split.choice)
+        require_unseen(more_normals, split.train + split.validation + data.test)
     require_held_out_normals(nearest, len(split.calibration) + len(more_normals))
     calibration_records = split.calibration or train_records
     detector = load_detector(model_dir)

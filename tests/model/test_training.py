@@ -281,8 +281,15 @@ def test_more_good_parts_tighten_the_promise_without_retraining(trained, tmp_pat
     first_training = next(p for p in training if f"train/good/{p.name}" not in trained_on)
     shutil.copy(first_training, seen / "renamed.png")
     out = subprocess.run([*command[:-1], str(seen)], capture_output=True, text=True, env=_env())
-    assert out.returncode == 2 and "trained or chosen on by this model" in out.stderr
+    assert out.returncode == 2 and "images this model trained, chose or calibrated" in out.stderr
     assert read_manifest(model_dir)["calibration"] == after
+    # nor a calibration image again (it would count twice), nor a test image
+    calibration = read_manifest(model_dir)["data"]["calibration_images"][0]
+    test_image = sorted((root / "widget" / "test" / "good").glob("*.png"))[0]
+    for image in (root / "widget" / calibration, test_image):
+        shutil.copy(image, seen / "renamed.png")
+        out = subprocess.run([*command[:-1], str(seen)], capture_output=True, text=True, env=_env())
+        assert out.returncode == 2 and "or its test images" in out.stderr
 
 
 def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
