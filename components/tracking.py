@@ -50,25 +50,31 @@ def connect(tracking_uri: str, category: str) -> str:
 
 
 def code_version(repo: str | Path = ".") -> str:
-    """The git commit of the code (with '-dirty' when it has uncommitted changes)."""
+    """The git commit of the code (with '-dirty' when it has uncommitted changes).
+
+    Where git cannot tell (no checkout, no git, a checkout another user owns that git
+    refuses as "dubious ownership"), the package version stands in, and a warning says why:
+    a run recorded against a version instead of a commit is harder to reproduce."""
     from importlib.metadata import version
 
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        rev = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
         return f"{rev}-dirty" if dirty else rev
-    except (OSError, subprocess.CalledProcessError):
-        return f"fod-pipeline=={version('fod-pipeline')}"
+    except (OSError, subprocess.CalledProcessError) as error:
+        stderr = getattr(error, "stderr", None) or str(error)
+        why = next((line for line in stderr.splitlines() if line.strip()), "no output")
+        fallback = f"fod-pipeline=={version('fod-pipeline')}"
+        log.warning(
+            "code version: git cannot read the commit of %s (%s); recording %s instead",
+            Path(repo).resolve(), why.strip()[:300], fallback,
+        )  # fmt: skip
+        return fallback
 
 
 class FODPyfunc(mlflow.pyfunc.PythonModel):

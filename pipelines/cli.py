@@ -278,6 +278,20 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+class CategoriesAction(argparse.Action):
+    """``--categories a b``, ``"a b"`` or ``a,b``: one list. A Kubernetes manifest's
+    ``$(FOD_CATEGORIES)`` reaches the command as one argument (Kubernetes substitutes it,
+    it never splits words), so names are split here on spaces and commas."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        import re
+
+        names = [name for value in values for name in re.split(r"[\s,]+", value) if name]
+        if not names:
+            parser.error(f"{option_string} needs at least one category name")
+        setattr(namespace, self.dest, list(dict.fromkeys(names)))
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from components.deploy import DEFAULT_NAMESPACE
     from components.serving.server import add_serve_arguments
@@ -304,7 +318,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     pipeline.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
     pipeline.add_argument("--dvc-remote", help="default: s3://<bucket>/dvc")
     pipeline.add_argument("--data-version", help="default: the md5 in --dvc-file")
-    pipeline.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
+    pipeline.add_argument(
+        "--categories", nargs="+", action=CategoriesAction, default=list(DEFAULT_CATEGORIES)
+    )
     add_parameter_arguments(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)
 
@@ -346,7 +362,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     retrain = sub.add_parser(
         "retrain", help="retrain when the data version changed; promote only through the gates"
     )
-    retrain.add_argument("--categories", nargs="+", default=list(DEFAULT_CATEGORIES))
+    retrain.add_argument(
+        "--categories", nargs="+", action=CategoriesAction, default=list(DEFAULT_CATEGORIES)
+    )
     retrain.add_argument("--dvc-file", type=Path, default=Path("data.dvc"))
     retrain.add_argument(
         "--track", type=Path, help="data folder to `dvc add` and push first (new images in it)"

@@ -6,27 +6,14 @@ from __future__ import annotations
 
 import itertools
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from manifests import INFRA, MODES, ROOT, build, index
 
-ROOT = Path(__file__).resolve().parents[2]
-INFRA = ROOT / "infra"
 KUBERNETES_VERSION = "1.37.0"
 KUSTOMIZATIONS = sorted(p.parent for p in INFRA.rglob("kustomization.yaml"))
-
-
-def build(directory: Path) -> list[dict]:
-    if not shutil.which("kubectl"):
-        pytest.skip("kubectl (with its built-in kustomize) is not installed on this machine")
-    result = subprocess.run(
-        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
 @pytest.mark.parametrize(
@@ -50,14 +37,8 @@ def test_kustomization_builds_and_validates(directory):
             pytest.fail(f"{directory.name}: {name} is invalid: {error}")
 
 
-def _index(objects: list[dict]) -> dict[tuple[str, str, str], dict]:
-    return {
-        (o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]): o for o in objects
-    }
-
-
 def test_the_whole_deployment_holds_what_a_cluster_needs():
-    objects = _index(build(INFRA))
+    objects = index(build(INFRA))
     assert {
         ("Namespace", "", "fod"),
         ("Deployment", "fod", "mlflow"),
@@ -72,7 +53,7 @@ def test_the_whole_deployment_holds_what_a_cluster_needs():
         ("ConfigMap", "fod", "fod-settings"),
         ("ConfigMap", "kubeflow", "fod-settings"),
     } <= set(objects)
-    assert ("InferenceService", "fod", "fod-bottle") in _index(build(INFRA / "serving"))
+    assert ("InferenceService", "fod", "fod-bottle") in index(build(INFRA / "serving"))
     assert objects["CronJob", "fod", "fod-retrain"]["spec"]["concurrencyPolicy"] == "Forbid"
     # The drift check: the nightly check's pod, hourly, with --on-drift, on the same settings.
     nightly, on_drift = (
@@ -92,8 +73,6 @@ def test_the_whole_deployment_holds_what_a_cluster_needs():
     )
 
 
-# Where each mode runs the pipeline's pods, and where the InferenceServices live.
-MODES = {"infra": ("kubeflow", "fod"), "infra/multi-user": ("fod", "fod")}
 USER_SECRETS = {  # created by the user
     "fod-s3-credentials",
     "fod-seaweedfs-s3-config",
@@ -143,7 +122,7 @@ def test_every_configmap_secret_and_role_is_where_its_readers_run(mode):
     from pipelines.schedule import COMPILED_YAML as CHECK_YAML
 
     pipeline_ns, serving_ns = MODES[mode]
-    objects = _index(build(ROOT / mode))
+    objects = index(build(ROOT / mode))
     present = {(kind, ns, name) for kind, ns, name in objects}
 
     def exists(kind: str, namespace: str, name: str) -> bool:
@@ -187,7 +166,7 @@ def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
     from kfp.client import KF_PIPELINES_SA_TOKEN_PATH
 
     for mode, name in itertools.product(MODES, ("fod-retrain", "fod-retrain-on-drift")):
-        cron = _index(build(ROOT / mode))["CronJob", "fod", name]
+        cron = index(build(ROOT / mode))["CronJob", "fod", name]
         spec = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         volume = next(v for v in spec["volumes"] if "projected" in v)
         token = volume["projected"]["sources"][0]["serviceAccountToken"]
@@ -196,7 +175,7 @@ def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
             m for m in spec["containers"][0]["volumeMounts"] if m["name"] == volume["name"]
         )
         assert f"{mount['mountPath']}/{token['path']}" == KF_PIPELINES_SA_TOKEN_PATH
-    multi = _index(build(ROOT / "infra/multi-user"))
+    multi = index(build(ROOT / "infra/multi-user"))
     assert multi["ConfigMap", "fod", "fod-retrain"]["data"]["FOD_KFP_NAMESPACE"] == "fod"
     binding = multi["RoleBinding", "fod", "fod-retrain-pipelines"]
     assert binding["roleRef"]["name"] == "kubeflow-pipelines-edit"
@@ -206,7 +185,7 @@ def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():
 def test_the_review_page_is_reached_through_its_auth_proxy_only():
     """The page has no login: it listens on the pod's loopback (fod review's default host),
     and the Service reaches only the auth proxy, whose upstream is that loopback port."""
-    objects = _index(build(INFRA))
+    objects = index(build(INFRA))
     pod = objects["Deployment", "fod", "fod-review"]["spec"]["template"]["spec"]
     review, proxy = (next(c for c in pod["containers"] if c["name"] == n)
                      for n in ("review", "auth-proxy"))  # fmt: skip
@@ -224,7 +203,7 @@ def test_the_review_page_is_reached_through_its_auth_proxy_only():
 
 
 def test_mlflow_can_write_its_sqlite_file_and_has_one_writer():
-    mlflow = _index(build(INFRA))["Deployment", "fod", "mlflow"]["spec"]["template"]["spec"]
+    mlflow = index(build(INFRA))["Deployment", "fod", "mlflow"]["spec"]["template"]["spec"]
     uid = re.search(r"--uid (\d+)", (INFRA / "images" / "Dockerfile").read_text())[1]
     assert mlflow["securityContext"]["fsGroup"] == int(uid)
     assert mlflow["securityContext"]["runAsUser"] == int(uid)
