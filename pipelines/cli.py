@@ -80,6 +80,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     # submit
     if not args.host:
         raise SubmitError("`fod pipeline submit` needs --host URL of a KFP endpoint")
+    use_kfp_identity(args)
     run_id = submit(_pipeline_arguments(args), args.host, experiment=args.experiment)
     print(f"submitted run {run_id} to {args.host}")
     return 0
@@ -192,6 +193,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from pipelines.parameters import from_arguments
     from pipelines.retrain import parse_duration, retrain_every, retrain_once
 
+    use_kfp_identity(args)
     overrides = from_arguments(args)
     if args.preset == "demo":
         from pipelines.demo import DemoSettings
@@ -273,9 +275,44 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         return 0
     if not args.host:
         raise SubmitError("`fod schedule create` needs --host URL of a KFP endpoint")
+    use_kfp_identity(args)
     run_id = create_recurring_run(args.host, args.spec)
     print(f"created recurring run {run_id} on {args.host}")
     return 0
+
+
+def add_kfp_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    """A person's identity for a multi-user KFP, from files (never a secret in argv)."""
+    parser.add_argument(
+        "--kfp-token-file",
+        type=Path,
+        help="multi-user KFP: a bearer token, read again at each request (`kubectl create "
+        "token <account> -n <profile> --audience pipelines.kubeflow.org`); in a pod, the "
+        "projected token at KF_PIPELINES_SA_TOKEN_PATH is used without this; or FOD_KFP_TOKEN",
+    )
+    parser.add_argument(
+        "--kfp-cookie-file",
+        type=Path,
+        help="multi-user KFP behind the Kubeflow dashboard's login: a file with the session "
+        "cookie (name=value, as the browser holds it); or FOD_KFP_COOKIE",
+    )
+
+
+def use_kfp_identity(args: argparse.Namespace) -> None:
+    """The identity files given on the command line, where ``kfp_credentials`` reads them."""
+    import os
+
+    from kfp.client import KF_PIPELINES_SA_TOKEN_ENV
+
+    from pipelines.runner import COOKIE_ENV, SubmitError
+
+    for path in (args.kfp_token_file, args.kfp_cookie_file):
+        if path is not None and not path.is_file():
+            raise SubmitError(f"{path} does not exist")
+    if args.kfp_token_file is not None:
+        os.environ[KF_PIPELINES_SA_TOKEN_ENV] = str(args.kfp_token_file.resolve())
+    if args.kfp_cookie_file is not None:
+        os.environ[COOKIE_ENV] = args.kfp_cookie_file.read_text().strip()
 
 
 class CategoriesAction(argparse.Action):
@@ -322,6 +359,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--categories", nargs="+", action=CategoriesAction, default=list(DEFAULT_CATEGORIES)
     )
     add_parameter_arguments(pipeline)
+    add_kfp_identity_arguments(pipeline)
     pipeline.set_defaults(func=cmd_pipeline)
 
     serve = sub.add_parser("serve", help="KServe model server (v1, v2 REST and gRPC) on 127.0.0.1")
@@ -385,6 +423,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="run the check only when fod monitor finds drift in a category",
     )
     retrain.add_argument("--drift-window", default="24h", help="with --on-drift: decisions since")
+    add_kfp_identity_arguments(retrain)
     retrain.set_defaults(func=cmd_retrain)
 
     monitor = sub.add_parser(
@@ -443,6 +482,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     schedule.add_argument("--host", help="KFP endpoint")
     schedule.add_argument("--spec", type=Path, default=Path("infra/kfp/recurring-run.yaml"))
     schedule.add_argument("--out", type=Path, help="compile: the YAML path")
+    add_kfp_identity_arguments(schedule)
     schedule.set_defaults(func=cmd_schedule)
 
     demo = sub.add_parser("demo", help="the main job: stack, DVC data, pipeline, registry")

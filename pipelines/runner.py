@@ -3,6 +3,7 @@ KFP endpoint (submit, wait). ``fod pipeline run|submit``, ``fod retrain`` and ``
 all run it here."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,27 +57,82 @@ class SubmitError(RuntimeError):
     """The KFP endpoint cannot take the pipeline, or the run did not succeed."""
 
 
+TOKEN_ENV = "FOD_KFP_TOKEN"  # a person's bearer token for a multi-user KFP
+COOKIE_ENV = "FOD_KFP_COOKIE"  # a person's session cookie from the Kubeflow dashboard
+
+
 def kfp_call(host: str, call):
     """``call()`` against a KFP endpoint; connection and API errors become a SubmitError."""
     try:
         return call()
+    except SubmitError:
+        raise
     except Exception as error:  # kfp raises urllib3/ApiException types on connection errors
+        if getattr(error, "status", None) in (401, 403):
+            raise SubmitError(
+                f"KFP endpoint {host} refused the request ({error.status}: "
+                f"{_api_message(error)}). Multi-user KFP needs an identity: in a pod, the "
+                "projected ServiceAccount token (audience pipelines.kubeflow.org) at "
+                "KF_PIPELINES_SA_TOKEN_PATH and a RoleBinding in the profile namespace "
+                f"(infra/multi-user); by hand, --kfp-token-file, {TOKEN_ENV} or {COOKIE_ENV} "
+                "(docs/deploy.md)."
+            ) from error
         raise SubmitError(
             f"KFP endpoint {host} is unreachable or refused the client: "
             f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         ) from error
 
 
-def kfp_client(host: str):
-    """A client of ``host``. Multi-user KFP: runs go to the profile namespace named by
-    FOD_KFP_NAMESPACE, and the client authenticates with the projected ServiceAccount token
-    at KF_PIPELINES_SA_TOKEN_PATH where the pod has one (infra/retrain)."""
-    import os
+def _api_message(error) -> str:
+    import json
 
+    try:
+        return str(json.loads(error.body).get("error") or error.reason)[:300]
+    except (TypeError, ValueError, AttributeError):
+        return str(getattr(error, "reason", error))[:300]
+
+
+def kfp_credentials() -> dict:
+    """How the client proves who it is, as ``kfp.Client`` keyword arguments.
+
+    A person's token (``FOD_KFP_TOKEN``) first; else a token file, read again at every
+    request (the SDK's ``ServiceAccountTokenVolumeCredentials``): the pod's projected
+    ServiceAccount token, which the kubelet replaces before it expires (2 h, while a run
+    is waited on for up to 6 h), at ``KF_PIPELINES_SA_TOKEN_PATH`` or the SDK's default
+    path. A session cookie (``FOD_KFP_COOKIE``) goes with either. The SDK itself reads the
+    token file only when no host is given; a CronJob always gives one."""
+    from kfp.client import (
+        KF_PIPELINES_SA_TOKEN_ENV,
+        KF_PIPELINES_SA_TOKEN_PATH,
+        ServiceAccountTokenVolumeCredentials,
+    )
+
+    credentials = {}
+    if cookie := os.environ.get(COOKIE_ENV):
+        credentials["cookies"] = cookie
+    if token := os.environ.get(TOKEN_ENV):
+        return credentials | {"existing_token": token}
+    path = os.environ.get(KF_PIPELINES_SA_TOKEN_ENV)
+    if path and not Path(path).is_file():
+        raise SubmitError(
+            f"the KFP token file {path} (KF_PIPELINES_SA_TOKEN_PATH) does not exist: in a pod, "
+            "mount the projected ServiceAccount token there (infra/retrain); by hand, write "
+            "one with `kubectl create token <account> --audience pipelines.kubeflow.org`"
+        )
+    if path or Path(KF_PIPELINES_SA_TOKEN_PATH).is_file():
+        path = path or KF_PIPELINES_SA_TOKEN_PATH
+        credentials["credentials"] = ServiceAccountTokenVolumeCredentials(path=path)
+    return credentials
+
+
+def kfp_client(host: str):
+    """A client of ``host`` that authenticates as ``kfp_credentials`` says. Multi-user KFP:
+    runs go to the profile namespace named by FOD_KFP_NAMESPACE (infra/retrain)."""
     import kfp
 
     namespace = os.environ.get("FOD_KFP_NAMESPACE") or None
-    return kfp_call(host, lambda: kfp.Client(host=host, namespace=namespace))
+    credentials = kfp_credentials()
+    return kfp_call(host, lambda: kfp.Client(host=host, namespace=namespace, **credentials))
 
 
 def submit(

@@ -72,6 +72,23 @@ def settings(stack):
     return stack.settings()
 
 
+@pytest.fixture
+def tracked_repo(settings, tmp_path):
+    """A data folder of its own, tracked by DVC (``data.dvc``) and pushed to the stack's
+    remote, so that a test needs no other test to have tracked the module's repo first."""
+    from components.data_version import DvcRepo
+    from fod_core.synthetic import make_synthetic_dataset
+
+    root = tmp_path / "tracked-repo"
+    make_synthetic_dataset(
+        root / "data", "remote", n_train=2, n_test_good=1, n_test_defect=1, size=64, seed=3
+    )
+    repo = DvcRepo(root)
+    repo.ensure(settings)
+    repo.add_and_push(root / "data")
+    return root
+
+
 @pytest.fixture(scope="session")
 def damage_onnx():
     """A function that scales the largest weight of an exported ONNX graph by 1.5: an

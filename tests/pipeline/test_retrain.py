@@ -126,22 +126,6 @@ def test_a_second_check_while_one_runs_exits_with_a_clear_message(stack, repo, c
     assert "another retrain is running (pid" in capsys.readouterr().err
 
 
-@pytest.fixture
-def tracked_repo(settings, tmp_path):
-    """A data folder of its own, tracked by DVC (``data.dvc``) and pushed to the stack's
-    remote, so that a test needs no other test to have tracked the module's repo first."""
-    from components.data_version import DvcRepo
-
-    root = tmp_path / "tracked-repo"
-    make_synthetic_dataset(
-        root / "data", "remote", n_train=2, n_test_good=1, n_test_defect=1, size=64, seed=3
-    )
-    repo = DvcRepo(root)
-    repo.ensure(settings)
-    repo.add_and_push(root / "data")
-    return root
-
-
 def test_submitting_to_an_unreachable_kfp_is_a_clear_error(stack, tracked_repo, capsys):
     from components.local.processes import free_port
     from pipelines.cli import main
