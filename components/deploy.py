@@ -4,23 +4,26 @@ On a cluster, ``inference_service`` builds the InferenceService with the KServe 
 ``V1beta1InferenceService``: the serving image runs ``fod serve`` on the model that
 KServe's storage initializer downloads from the MLflow artifact location in S3 into
 /mnt/models; ``canary_traffic_percent`` rolls a new version out to part of the traffic.
-``apply_inference_service`` creates or patches it as the deployer identity, and
-``deploy_champion`` tags the registry version ``deployed`` only once it is Ready. When it
+``kserve_rollout`` applies it as the deployer identity and follows the rollout, and
+``deploy_champion`` tags the registry version ``deployed`` only once it serves. When it
 does not become Ready, KServe keeps serving the previous version and the champion alias,
 which registration had already moved, goes back to that version (``served_version``).
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
-import time
-from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from components.errors import DeploymentError
+from components.kserve_rollout import (
+    READY_TIMEOUT,
+    NotReady,
+    apply_inference_service,
+    kubernetes_api,
+    predictor_status,
+    wait_until_ready,
+)
 from components.local.servers import LocalServing
 
 log = logging.getLogger(__name__)
@@ -207,238 +210,6 @@ def champion_storage_uri(name: str, version: str, artifacts_root: str) -> str:
     return uri
 
 
-KSERVE_API = ("serving.kserve.io", "v1beta1", "inferenceservices")  # group, version, plural
-# The deploy step's identity on a cluster: the token Secret of the ServiceAccount
-# fod-deployer (it may get, create and patch InferenceServices, nothing more), mounted by
-# the pipeline (pipelines/dag.py). The pod's own account runs the step, not the deploy.
-DEPLOYER_TOKEN_DIR = "/var/run/secrets/fod-deployer"
-READY_TIMEOUT = 600.0
-READY_POLL_SECONDS = 5.0
-
-
-@dataclass
-class Applied:
-    """What the API server did with the InferenceService, and the spec generation to wait for."""
-
-    action: str  # created | patched
-    name: str
-    namespace: str
-    generation: int
-    previous_revision: str | None = None  # the predictor's latest revision before the change
-
-
-@dataclass(frozen=True)
-class KubeClient:
-    api: object  # kubernetes.client.CustomObjectsApi
-    identity: str  # whom it acts as, for error messages
-
-
-def kubernetes_api(token_dir: str | Path | None = None) -> KubeClient:
-    """A CustomObjectsApi client and a description of whom it acts as.
-
-    In order: the deployer's token (a pipeline's deploy step), ``KUBECONFIG`` or
-    ``~/.kube/config`` (a workstation), the pod's own service account."""
-    from kubernetes import client, config
-
-    configuration = client.Configuration()
-    token_dir = Path(token_dir or os.environ.get("FOD_DEPLOYER_TOKEN_DIR", DEPLOYER_TOKEN_DIR))
-    try:
-        if (token_dir / "token").is_file():
-            host = os.environ["KUBERNETES_SERVICE_HOST"]
-            host = f"[{host}]" if ":" in host else host
-            port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
-            configuration.host = f"https://{host}:{port}"
-            configuration.api_key = {"authorization": (token_dir / "token").read_text().strip()}
-            configuration.api_key_prefix = {"authorization": "Bearer"}
-            configuration.ssl_ca_cert = str(token_dir / "ca.crt")
-            identity = f"the service account whose token is in {token_dir}"
-        else:
-            try:
-                # KUBECONFIG read now (the kubernetes package reads it once, at import).
-                config.load_kube_config(
-                    config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration
-                )
-                identity = "the current kubeconfig context's user"
-            except (config.ConfigException, OSError, TypeError):
-                config.load_incluster_config(client_configuration=configuration)
-                identity = "this pod's service account"
-    except Exception as error:  # no token, no kubeconfig, not in a pod
-        raise DeploymentError(f"no Kubernetes cluster configured: {error}") from error
-    return KubeClient(client.CustomObjectsApi(client.ApiClient(configuration)), identity)
-
-
-def _predictor_status(service: dict) -> dict:
-    return ((service.get("status") or {}).get("components") or {}).get("predictor") or {}
-
-
-def _api_error(
-    error: Exception, what: str, namespace: str, name: str, identity: str
-) -> DeploymentError:
-    from kubernetes.client.rest import ApiException
-
-    if isinstance(error, ApiException) and error.status in (401, 403):
-        return DeploymentError(
-            f"{identity} may not {what} InferenceServices in namespace {namespace} "
-            f"({error.status} {error.reason}). The deploy step needs the Role fod-deployer "
-            "(infra/base/rbac.yaml) bound to its ServiceAccount; see docs/deploy.md."
-        )
-    if isinstance(error, ApiException):
-        reason = (error.body or str(error)).splitlines()[0][:300]
-        return DeploymentError(f"could not {what} InferenceService {namespace}/{name}: {reason}")
-    reason = str(error).splitlines()[0][:300]
-    return DeploymentError(
-        f"could not {what} InferenceService {namespace}/{name}: {type(error).__name__}: {reason}"
-    )
-
-
-def apply_inference_service(manifest: dict, *, client: KubeClient | None = None) -> Applied:
-    """Create the InferenceService, or merge-patch it so KServe rolls out a new revision.
-
-    The patch sets ``canaryTrafficPercent`` to null when the manifest has none: a merge
-    patch keeps fields it does not name, and an old canary split would stay."""
-    import urllib3
-    from kubernetes.client.rest import ApiException
-
-    client = client or kubernetes_api()
-    api, identity = client.api, client.identity
-    name = manifest["metadata"]["name"]
-    namespace = manifest["metadata"]["namespace"]
-    group, version, plural = KSERVE_API
-    failures = (ApiException, OSError, urllib3.exceptions.HTTPError)
-
-    def get() -> dict | None:
-        try:
-            return api.get_namespaced_custom_object(group, version, namespace, plural, name)
-        except ApiException as error:
-            if error.status == 404:
-                return None
-            raise _api_error(error, "get", namespace, name, identity) from error
-        except failures as error:
-            raise _api_error(error, "get", namespace, name, identity) from error
-
-    existing = get()
-    if existing is None:
-        try:
-            created = api.create_namespaced_custom_object(
-                group, version, namespace, plural, manifest
-            )
-            return Applied("created", name, namespace, created["metadata"].get("generation", 1))
-        except ApiException as error:
-            if error.status != 409:  # 409: created meanwhile by someone else; patch it
-                raise _api_error(error, "create", namespace, name, identity) from error
-        except failures as error:
-            raise _api_error(error, "create", namespace, name, identity) from error
-        existing = get() or {}
-    previous = _predictor_status(existing)
-    spec = copy.deepcopy(manifest["spec"])
-    spec["predictor"].setdefault("canaryTrafficPercent", None)
-    patch = {
-        "metadata": {k: manifest["metadata"][k] for k in ("labels", "annotations")},
-        "spec": spec,
-    }
-    for attempt in range(3):
-        try:
-            patched = api.patch_namespaced_custom_object(
-                group, version, namespace, plural, name, patch
-            )
-            break
-        except ApiException as error:
-            if error.status != 409 or attempt == 2:  # 409: a concurrent writer; try again
-                raise _api_error(error, "patch", namespace, name, identity) from error
-            time.sleep(1.0)
-        except failures as error:
-            raise _api_error(error, "patch", namespace, name, identity) from error
-    return Applied(
-        "patched",
-        name,
-        namespace,
-        patched["metadata"].get("generation", 0),
-        previous.get("latestCreatedRevision"),
-    )
-
-
-def rollout_state(service: dict, applied: Applied) -> tuple[bool, str]:
-    """Whether the InferenceService is Ready *for the applied spec*, and why not.
-
-    A Ready condition alone can be the previous revision's: the controller may not have
-    seen the change yet. Ready counts once the status is of this generation
-    (``observedGeneration``) or, where the controller does not report it, once the
-    predictor's latest revision is a new one and is the ready one."""
-    status = service.get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []}
-    ready = conditions.get("Ready", {})
-    predictor = _predictor_status(service)
-    created, ready_revision = (
-        predictor.get("latestCreatedRevision"),
-        predictor.get("latestReadyRevision"),
-    )
-    observed = status.get("observedGeneration")
-    if observed is not None and observed < applied.generation:
-        return False, f"the controller has not seen generation {applied.generation} yet"
-    if (
-        observed is None
-        and created
-        and (created == applied.previous_revision or created != ready_revision)
-    ):
-        return False, f"revision {created} is not ready yet"
-    if ready.get("status") != "True":
-        reason = f"{ready.get('reason') or 'no Ready condition yet'} {ready.get('message', '')}"
-        return False, f"Ready is {ready.get('status', 'unknown')}: {reason.strip()}"
-    return True, f"Ready (revision {ready_revision or 'n/a'})"
-
-
-class NotReady(DeploymentError):
-    """The applied spec did not become Ready in time; what the cluster showed last, so that
-    the registry can be put back in line with what KServe still serves."""
-
-    def __init__(self, message: str, *, applied: Applied, last_seen: dict | None, why: str,
-                 timeout: float) -> None:  # fmt: skip
-        super().__init__(message)
-        self.applied, self.last_seen, self.why, self.timeout = applied, last_seen, why, timeout
-
-
-def wait_until_ready(
-    applied: Applied,
-    *,
-    client: KubeClient | None = None,
-    timeout: float = READY_TIMEOUT,
-    poll: float | None = None,
-) -> dict:
-    """Poll the InferenceService until the applied spec is Ready; NotReady on timeout.
-
-    A timeout changes nothing in the cluster: KServe keeps routing to the last ready
-    revision."""
-    client = client or kubernetes_api()
-    group, version, plural = KSERVE_API
-    deadline = time.monotonic() + timeout
-    why, last_seen = "not polled", None
-    while True:
-        try:
-            service = client.api.get_namespaced_custom_object(
-                group, version, applied.namespace, plural, applied.name
-            )
-            last_seen = service
-            ready, why = rollout_state(service, applied)
-            if ready:
-                return service
-        except Exception as error:  # a poll that fails is retried until the deadline
-            why = str(_api_error(error, "get", applied.namespace, applied.name, client.identity))
-        if time.monotonic() >= deadline:
-            revision = _predictor_status(last_seen or {}).get("latestReadyRevision")
-            serving = f" ({revision})" if revision else ""
-            raise NotReady(
-                f"InferenceService {applied.namespace}/{applied.name} was not Ready for "
-                f"generation {applied.generation} within {timeout:g}s (last seen: {why}). "
-                f"KServe keeps serving its last ready revision{serving}. Inspect it with "
-                f"`kubectl -n {applied.namespace} describe inferenceservice {applied.name}`.",
-                applied=applied,
-                last_seen=last_seen,
-                why=why,
-                timeout=timeout,
-            )
-        time.sleep(READY_POLL_SECONDS if poll is None else poll)
-
-
 def served_version(versions, service: dict | None) -> str | None:
     """The registry version KServe still serves after a rollout that did not become Ready.
 
@@ -455,7 +226,7 @@ def served_version(versions, service: dict | None) -> str | None:
         if len(stamp) >= 2 and stamp[0] == DeployTarget.KSERVE.value:
             revision = stamp[2] if len(stamp) > 2 else None
             deployed.append((stamp[1], int(version), str(version), revision))
-    ready_revision = _predictor_status(service or {}).get("latestReadyRevision")
+    ready_revision = predictor_status(service or {}).get("latestReadyRevision")
     if ready_revision:
         deployed = [d for d in deployed if d[3] == ready_revision]
     return max(deployed)[2] if deployed else None
@@ -474,7 +245,7 @@ def _registry_follows_cluster(name: str, version: str, error: NotReady) -> Deplo
     from components.registry import CHAMPION
 
     version = str(version)
-    revision = _predictor_status(error.last_seen or {}).get("latestReadyRevision")
+    revision = predictor_status(error.last_seen or {}).get("latestReadyRevision")
     why = f"not Ready within {error.timeout:g}s (last seen: {error.why})"
     head = (
         f"{name} v{version} was not deployed: InferenceService {error.applied.namespace}/"
@@ -611,7 +382,7 @@ def _deploy_inference_service(
         service = wait_until_ready(applied, client=client, timeout=ready_timeout)
     except NotReady as error:
         raise _registry_follows_cluster(name, version, error) from error
-    predictor = _predictor_status(service)
+    predictor = predictor_status(service)
     return {
         "target": DeployTarget.KSERVE.value,
         "deployed": True,

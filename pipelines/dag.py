@@ -16,7 +16,7 @@ from kfp import compiler, dsl, kubernetes
 from kfp.dsl import Dataset, Input
 
 from components import steps
-from components.deploy import DEPLOYER_TOKEN_DIR
+from components.kserve_rollout import DEPLOYER_TOKEN_DIR
 from components.settings import (
     CLUSTER_CONFIG_KEYS,
     CLUSTER_CONFIG_MAP,

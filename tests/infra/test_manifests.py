@@ -158,8 +158,9 @@ def test_every_configmap_secret_and_role_is_where_its_readers_run(mode):
             "apiGroups": ["serving.kserve.io"],
             "resources": ["inferenceservices"],
             "verbs": ["get", "create", "patch"],
-        }
-    ], "the deploy step may manage InferenceServices and nothing more"
+        },
+        {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
+    ], "the deploy step may manage InferenceServices, read their Deployments, nothing more"
 
 
 def test_the_cronjob_authenticates_to_kfp_with_a_projected_token():

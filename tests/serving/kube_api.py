@@ -4,10 +4,24 @@ CRD, for the tests of the deploy step.
 No real Kubernetes API server can be installed on this machine (no container runtime, and
 kind, k3s or envtest binaries cannot be fetched), so this one plays its part on loopback:
 GET, POST and merge-PATCH on ``/apis/serving.kserve.io/v1beta1/namespaces/NS/
-inferenceservices[/NAME]``, a bearer token check, 401/403/404/409/415/422 answers in the
-API server's ``Status`` form, a ``generation`` that grows with each spec change, and a
-controller that reports Ready some polls later, first showing the previous revision's
-status as a real one does until it has reconciled. Every request body is judged by the
+inferenceservices[/NAME]``, GET on the predictor's ``/apis/apps/v1/.../deployments/NAME``,
+a bearer token check, 401/403/404/409/415/422 answers in the API server's ``Status`` form, a
+``generation`` that grows with each spec change, and a controller that reports status *as
+KServe 0.15 does* in each mode (``kserve_rollout`` says why that matters):
+
+- both: the status shows the previous state for some polls after a change (the controller
+  has not reconciled yet); ``observedGeneration`` is copied from a child, whose counter is
+  not the InferenceService's (kserve/kserve#6081); ``deploymentMode`` is recorded;
+- Serverless: a change of the predictor's template makes a new revision, which becomes
+  ready some polls later (or never); a change of the canary share alone moves traffic and
+  makes no revision;
+- RawDeployment: no revisions; a ``<name>-predictor`` Deployment with its own generation
+  (an HPA that rescaled it raised it), replicas and conditions, rolled as Kubernetes rolls
+  (the new pod surges beside the old one, which goes once the new one is available); the
+  InferenceService's Ready is the Deployment's Available, true all the while, also while
+  the new pod crash-loops.
+
+Every request body is judged by the
 SDKs, not by the product's code: it is deserialised into the KServe SDK's
 ``V1beta1InferenceService`` (generated from the CRD's OpenAPI schema; its Kubernetes
 fields by the kubernetes package's own deserialiser) and serialised back, and anything the
@@ -23,6 +37,9 @@ import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+DEPLOYMENT = re.compile(
+    r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments/(?P<name>[^/?]+)/?(?:\?.*)?$"
+)
 PATH = re.compile(
     r"^/apis/serving\.kserve\.io/v1beta1/namespaces/(?P<ns>[^/]+)/inferenceservices"
     r"(?:/(?P<name>[^/?]+))?/?(?:\?.*)?$"
@@ -42,68 +59,162 @@ def merge_patch(target, patch):
     return result
 
 
-def revision(name: str, generation: int) -> str:
-    return f"{name}-predictor-{generation:05d}"
+def revision(name: str, number: int) -> str:
+    return f"{name}-predictor-{number:05d}"
+
+
+def _template(obj: dict) -> tuple:
+    """What Knative and the Deployment are made from: the predictor without its canary
+    share, and the labels and annotations KServe passes down."""
+    predictor = {k: v for k, v in obj["spec"]["predictor"].items() if k != "canaryTrafficPercent"}
+    meta = obj["metadata"]
+    return json.dumps([predictor, meta.get("labels"), meta.get("annotations")], sort_keys=True)
 
 
 @dataclass
 class FakeKubeApi:
     token: str = "deployer-token"
-    forbidden: set[str] = field(default_factory=set)  # verbs answered with 403
+    forbidden: set[str] = field(default_factory=set)  # verbs (deployments: "get-deployments")
     conflicts_on_create: int = 0  # 409 AlreadyExists (someone created it meanwhile)
     conflicts_on_patch: int = 0  # 409 Conflict, then success
-    polls_until_ready: int = 3  # GETs after a change before the new revision is Ready
-    never_ready: bool = False
-    reports_observed_generation: bool = True
+    polls_until_ready: int = 3  # GETs after a change before the new state serves
+    never_ready: bool = False  # the new revision / the new pod never becomes ready
+    mode: str = "Serverless"  # or RawDeployment (its status.deploymentMode)
+    hpa_scalings: int = 0  # RawDeployment: how often an HPA rescaled the Deployment
     objects: dict = field(default_factory=dict)
+    deployments: dict = field(default_factory=dict)  # RawDeployment: key -> Deployment
     requests: list = field(default_factory=list)
     invalid_bodies: list = field(default_factory=list)
-    _pending: dict = field(default_factory=dict)
+    _knative: dict = field(default_factory=dict)  # Serverless: key -> revisions, traffic
+    _rollout: dict = field(default_factory=dict)  # key -> the change being reconciled
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     # -- the controller ----------------------------------------------------------------
-    def _status(self, obj: dict, generation: int, ready: bool, reason: str = "") -> dict:
-        name = obj["metadata"]["name"]
-        status = {
-            "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False", "reason": reason}
-            ],
-            "components": {
-                "predictor": {
-                    "latestCreatedRevision": revision(name, generation),
-                    "latestReadyRevision": revision(name, generation if ready else generation - 1),
-                }
-            },
-            "url": f"http://{name}.{obj['metadata']['namespace']}.example.com",
+    def _changed(self, key, before: dict | None) -> None:
+        obj = self.objects[key]
+        self._rollout[key] = {
+            "left": self.polls_until_ready,
+            "template": before is None or _template(before) != _template(obj),
+            "started": False,
         }
-        if self.reports_observed_generation:
-            status["observedGeneration"] = generation
-        return status
 
-    def _changed(self, key) -> None:
-        self._pending[key] = self.polls_until_ready
+    def _conditions(self, ready: bool, reason: str = "") -> list[dict]:
+        return [{"type": "Ready", "status": "True" if ready else "False", "reason": reason}]
+
+    def _reconcile(self, key) -> None:
+        """One controller step, taken at each GET: stale first, then the change."""
+        rollout = self._rollout.get(key)
+        if rollout is None:
+            return
+        children = self._knative if self.mode == "Serverless" else self.deployments
+        stale = key in children and rollout["left"] > self.polls_until_ready // 2
+        rollout["left"] = max(rollout["left"] - 1, 0)
+        if stale:
+            return
+        if self.mode == "Serverless":
+            self._reconcile_knative(key, rollout)
+        else:
+            self._reconcile_deployment(key, rollout)
+
+    def _reconcile_knative(self, key, rollout) -> None:
+        obj = self.objects[key]
+        state = self._knative.setdefault(key, {"revisions": [], "ready": None, "generation": 2})
+        if rollout["template"] and not rollout["started"]:
+            state["revisions"].append(revision(key[1], len(state["revisions"]) + 1))
+            state["generation"] += 1  # the Knative Service's own counter
+        rollout["started"] = True
+        latest = state["revisions"][-1]
+        if state["ready"] != latest and (self.never_ready or rollout["left"] > 0):
+            return  # the new revision is starting (or never will)
+        state["ready"] = latest
+        canary = obj["spec"]["predictor"].get("canaryTrafficPercent")
+        previous = state["revisions"][-2] if len(state["revisions"]) > 1 else None
+        if canary is None or previous is None:
+            state["traffic"] = [{"revisionName": latest, "latestRevision": True, "percent": 100}]
+        else:
+            state["traffic"] = [
+                {"revisionName": latest, "latestRevision": True, "percent": canary},
+                {"revisionName": previous, "latestRevision": False, "percent": 100 - canary},
+            ]
+        del self._rollout[key]
+
+    def _reconcile_deployment(self, key, rollout) -> None:
+        obj = self.objects[key]
+        containers = copy.deepcopy(obj["spec"]["predictor"]["containers"])
+        deployment = self.deployments.get(key)
+        if deployment is None:  # created: its generation counts the HPA's rescaling too
+            deployment = self.deployments[key] = {
+                "metadata": {
+                    "name": f"{key[1]}-predictor",
+                    "namespace": key[0],
+                    "generation": 1 + self.hpa_scalings,
+                },
+                "spec": {
+                    "replicas": 1,
+                    "selector": {"matchLabels": {"app": f"isvc.{key[1]}-predictor"}},
+                    "template": {
+                        "metadata": {"labels": {"app": f"isvc.{key[1]}-predictor"}},
+                        "spec": {"containers": containers},
+                    },
+                },
+                "status": {
+                    "observedGeneration": 1 + self.hpa_scalings,
+                    "replicas": 1,
+                    "updatedReplicas": 1,
+                    "availableReplicas": 0,
+                },
+            }
+            rollout["started"] = True
+        if rollout["template"] and not rollout["started"]:
+            deployment["metadata"]["generation"] += 1
+            deployment["spec"]["template"]["spec"]["containers"] = containers
+            deployment["status"] = {  # the new pod surges beside the old, available one
+                "observedGeneration": deployment["metadata"]["generation"],
+                "replicas": 2, "updatedReplicas": 1, "availableReplicas": 1,
+            }  # fmt: skip
+            rollout["started"] = True
+        if self.never_ready or rollout["left"] > 0:
+            return  # the new pod is starting (or crash-loops)
+        deployment["status"] |= {"replicas": 1, "updatedReplicas": 1, "availableReplicas": 1}
+        del self._rollout[key]
+
+    def _status(self, key) -> dict:
+        obj = self.objects[key]
+        name, namespace = key[1], key[0]
+        status = {"deploymentMode": self.mode, "url": f"http://{name}.{namespace}.example.com"}
+        if self.mode == "Serverless":
+            state = self._knative.get(key)
+            if state is None or not state["revisions"]:
+                return status | {"conditions": self._conditions(False, "RevisionMissing")}
+            latest, ready = state["revisions"][-1], state["ready"]
+            predictor = {"latestCreatedRevision": latest}
+            if ready:
+                predictor |= {"latestReadyRevision": ready, "traffic": state.get("traffic", [])}
+            status["components"] = {"predictor": predictor}
+            status["observedGeneration"] = state["generation"]  # the Knative Service's
+            ok = ready == latest
+            return status | {"conditions": self._conditions(ok, "" if ok else "RevisionMissing")}
+        deployment = self.deployments.get(key)
+        if deployment is None:
+            return status | {"conditions": self._conditions(False, "PredictorNotCreated")}
+        status["observedGeneration"] = deployment["status"]["observedGeneration"]  # its own
+        available = deployment["status"]["availableReplicas"] > 0  # Available: min replicas up
+        status["components"] = {"predictor": {"url": f"http://{name}-predictor.{namespace}"}}
+        del obj  # nothing of the InferenceService's own generation is reported
+        return status | {"conditions": self._conditions(available, "MinimumReplicasUnavailable")}
 
     def _observe(self, key) -> dict:
-        """What a GET returns: the old status until the controller has reconciled, then
-        NotReady while the revision starts, then Ready (unless it never becomes Ready)."""
-        obj = self.objects[key]
-        generation = obj["metadata"]["generation"]
-        left = self._pending.get(key, 0)
-        if self.never_ready or left > 0:
-            self._pending[key] = max(left - 1, 0)
-            if left > self.polls_until_ready // 2 and generation > 1:
-                obj["status"] = self._status(obj, generation - 1, ready=True)  # stale
-            else:
-                obj["status"] = self._status(obj, generation, False, "RevisionMissing")
-        else:
-            obj["status"] = self._status(obj, generation, ready=True)
-        return obj
+        self._reconcile(key)
+        self.objects[key]["status"] = self._status(key)
+        return self.objects[key]
 
     # -- the API -----------------------------------------------------------------------
     def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict]:
         self.requests.append((method, path))
         if headers.get("Authorization") != f"Bearer {self.token}":
             return _status_body(401, "Unauthorized", "invalid bearer token")
+        if (match := DEPLOYMENT.match(path)) and method == "GET":
+            return self._get_deployment(match["ns"], match["name"])
         match = PATH.match(path)
         if not match:
             return _status_body(404, "NotFound", f"no route {path}")
@@ -131,6 +242,23 @@ class FakeKubeApi:
                 return self._patch(namespace, name, payload)
         return _status_body(405, "MethodNotAllowed", method)
 
+    def _get_deployment(self, namespace: str, name: str) -> tuple[int, dict]:
+        if "get-deployments" in self.forbidden:
+            return _status_body(
+                403, "Forbidden",
+                f'deployments.apps "{name}" is forbidden: User "system:serviceaccount:kubeflow:'
+                f'fod-deployer" cannot get resource "deployments" in API group "apps" in the '
+                f'namespace "{namespace}"',
+            )  # fmt: skip
+        with self._lock:
+            for (ns, isvc), deployment in self.deployments.items():
+                if ns == namespace and deployment["metadata"]["name"] == name:
+                    self._reconcile((ns, isvc))
+                    return 200, {"apiVersion": "apps/v1", "kind": "Deployment"} | copy.deepcopy(
+                        deployment
+                    )
+        return _status_body(404, "NotFound", f'deployments.apps "{name}" not found')
+
     def _validate(self, obj: dict) -> list[str]:
         errors = sdk_errors({k: v for k, v in obj.items() if k != "status"})
         if obj.get("kind") != "InferenceService" or not obj.get("metadata", {}).get("name"):
@@ -155,7 +283,7 @@ class FakeKubeApi:
         obj.setdefault("metadata", {})["generation"] = 1
         obj["metadata"]["namespace"] = key[0]
         self.objects[key] = obj
-        self._changed(key)
+        self._changed(key, None)
         return obj
 
     def _patch(self, namespace: str, name: str, payload: dict) -> tuple[int, dict]:
@@ -169,10 +297,10 @@ class FakeKubeApi:
         merged = merge_patch(current, payload)
         if errors := self._validate(merged):
             return _status_body(422, "Invalid", "; ".join(errors))
+        self.objects[key] = merged
         if merged.get("spec") != current.get("spec"):
             merged["metadata"]["generation"] = current["metadata"]["generation"] + 1
-            self._changed(key)
-        self.objects[key] = merged
+            self._changed(key, current)
         return 200, copy.deepcopy(merged)
 
     # -- serving -----------------------------------------------------------------------

@@ -15,16 +15,15 @@ import yaml
 from kube_api import FakeKubeApi, self_signed_certificate
 from registered import register_version
 
-from components import deploy
-from components.deploy import (
+from components import kserve_rollout
+from components.deploy import inference_service, served_version
+from components.errors import DeploymentError
+from components.kserve_rollout import (
     NotReady,
     apply_inference_service,
-    inference_service,
     kubernetes_api,
-    served_version,
     wait_until_ready,
 )
-from components.errors import DeploymentError
 
 EXAMPLE = dict(storage_uri="s3://fod/mlflow/1/models/m-1/artifacts", model_version="1")
 
@@ -73,24 +72,136 @@ def test_create_then_wait_until_the_new_revision_is_ready(kube):
     assert kube.invalid_bodies == []
 
 
-@pytest.mark.parametrize("observed_generation", [True, False], ids=["observed", "revisions"])
-def test_patch_waits_past_the_previous_revisions_ready(kube, observed_generation):
-    """Right after a patch the status still says Ready, for the old revision: that must not
-    count, whether or not the controller reports observedGeneration."""
-    kube.reports_observed_generation = observed_generation
+MODES = ["Serverless", "RawDeployment"]
+
+
+def version(number: int, **options) -> dict:
+    uri = f"s3://fod/mlflow/1/models/m-{number}/artifacts"
+    return manifest(model_version=str(number), storage_uri=uri, **options)
+
+
+def deployed(kube, number: int, **options):
+    """Apply version ``number`` and wait until it serves."""
+    applied = apply_inference_service(version(number, **options))
+    return applied, wait_until_ready(applied, timeout=10, poll=0.01)
+
+
+def carried_model(kube) -> str:
+    (deployment,) = kube.deployments.values()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return next(e["value"] for e in container["env"] if e["name"] == "STORAGE_URI")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_patch_waits_past_the_previous_state(kube, mode):
+    """Right after a patch the status still says Ready, for the old revision or the old
+    Deployment, and its observedGeneration (a child's) may well exceed the
+    InferenceService's generation: neither may count."""
+    kube.mode = mode
     kube.polls_until_ready = 0
-    wait_until_ready(apply_inference_service(manifest()), timeout=10, poll=0.01)
+    deployed(kube, 1)
     kube.polls_until_ready = 6
-    applied = apply_inference_service(manifest(model_version="2"))
+    applied = apply_inference_service(version(2))
     assert (applied.action, applied.generation) == ("patched", 2)
-    polls_before = sum(1 for m, _ in kube.requests if m == "GET")
     service = wait_until_ready(applied, timeout=10, poll=0.01)
-    polls = sum(1 for m, _ in kube.requests if m == "GET") - polls_before
-    assert polls == 7  # three stale Ready answers, three NotReady, then Ready
-    assert service["status"]["components"]["predictor"]["latestReadyRevision"].endswith("00002")
+    assert not kube._rollout  # returned only once the controller had finished
+    if mode == "Serverless":
+        predictor = service["status"]["components"]["predictor"]
+        assert predictor["latestReadyRevision"].endswith("00002")
+        assert predictor["traffic"] == [
+            {"revisionName": "fod-bottle-predictor-00002", "latestRevision": True, "percent": 100}
+        ]
+    else:
+        assert carried_model(kube).endswith("m-2/artifacts")
+        (deployment,) = kube.deployments.values()
+        assert deployment["status"]["replicas"] == deployment["status"]["availableReplicas"] == 1
     stored = kube.objects[("fod", "fod-bottle")]
     assert stored["metadata"]["annotations"]["fod/model-version"] == "2"
     assert kube.invalid_bodies == []
+
+
+def test_raw_an_hpa_scaled_deployment_is_not_taken_for_rolled_out(kube):
+    """The HPA raised the Deployment's generation above the InferenceService's: KServe's
+    copied observedGeneration then says "seen" at once, on the old pods."""
+    kube.mode, kube.hpa_scalings, kube.polls_until_ready = "RawDeployment", 5, 0
+    deployed(kube, 1)
+    kube.polls_until_ready = 6
+    applied = apply_inference_service(version(2))
+    stale = kube._status(("fod", "fod-bottle"))
+    assert stale["observedGeneration"] > applied.generation  # what misled the old wait
+    wait_until_ready(applied, timeout=10, poll=0.01)
+    assert carried_model(kube).endswith("m-2/artifacts") and not kube._rollout
+
+
+def test_raw_a_crash_looping_new_pod_is_not_ready(kube):
+    """KServe 0.15's Ready is the Deployment's Available: true while the old pod serves and
+    the new one crash-loops. The wait must see the rollout stuck."""
+    kube.mode, kube.polls_until_ready = "RawDeployment", 0
+    deployed(kube, 1)
+    kube.never_ready = True
+    applied = apply_inference_service(version(2))
+    with pytest.raises(NotReady) as error:
+        wait_until_ready(applied, timeout=0.3, poll=0.01)
+    assert "1 old replica(s) still running" in str(error.value)
+    ready = {c["type"]: c["status"] for c in error.value.last_seen["status"]["conditions"]}
+    assert ready["Ready"] == "True"  # KServe said Ready all along
+
+
+def test_raw_a_canary_promote_does_not_wait_for_a_rollout_that_never_comes(kube):
+    """A promote changes the canary share only: the Deployment stays as it is, and the
+    InferenceService's generation moves past the copied observedGeneration for good."""
+    kube.mode, kube.polls_until_ready = "RawDeployment", 0
+    deployed(kube, 1)
+    deployed(kube, 2, canary_traffic_percent=10)
+    applied = apply_inference_service(version(2))  # promote: no canary share
+    assert not applied.new_revision and applied.generation == 3
+    kube.polls_until_ready = 4
+    wait_until_ready(applied, timeout=2, poll=0.01)
+    assert carried_model(kube).endswith("m-2/artifacts")
+
+
+def test_serverless_a_canary_then_its_promote(kube):
+    """A canary is ready when its revision is and has its share of the traffic; its
+    promote makes no revision and is ready once all traffic moved."""
+    kube.polls_until_ready = 4
+    deployed(kube, 1)
+    _, service = deployed(kube, 2, canary_traffic_percent=10)
+    traffic = service["status"]["components"]["predictor"]["traffic"]
+    assert {t["revisionName"]: t["percent"] for t in traffic} == {
+        "fod-bottle-predictor-00002": 10,
+        "fod-bottle-predictor-00001": 90,
+    }
+    promote = apply_inference_service(version(2))
+    assert not promote.new_revision and promote.previous_revision.endswith("00002")
+    service = wait_until_ready(promote, timeout=10, poll=0.01)
+    predictor = service["status"]["components"]["predictor"]
+    assert predictor["latestCreatedRevision"].endswith("00002")  # no new revision
+    assert [t["percent"] for t in predictor["traffic"]] == [100]
+
+
+def test_the_mode_is_the_controllers_record_then_the_annotation():
+    from components.kserve_rollout import ServingMode, UnknownMode, serving_mode
+
+    def service(status=None, annotation=None):
+        annotations = {"serving.kserve.io/deploymentMode": annotation} if annotation else {}
+        return {"metadata": {"name": "m", "annotations": annotations}, "status": status or {}}
+
+    assert serving_mode(service()) is None  # not reconciled: the cluster default applies
+    assert serving_mode(service(annotation="RawDeployment")) is ServingMode.RAW
+    assert serving_mode(service({"deploymentMode": "Standard"})) is ServingMode.RAW  # 0.16
+    assert serving_mode(service({"deploymentMode": "Knative"}, "RawDeployment")) is (
+        ServingMode.SERVERLESS
+    )
+    with pytest.raises(UnknownMode, match="ModelMesh"):
+        serving_mode(service({"deploymentMode": "ModelMesh"}))
+
+
+def test_raw_without_the_right_to_read_deployments_fails_at_once(kube):
+    kube.mode, kube.polls_until_ready = "RawDeployment", 0
+    kube.forbidden = {"get-deployments"}
+    applied = apply_inference_service(version(1))
+    with pytest.raises(DeploymentError, match=r"may not get Deployments in namespace fod \(403"):
+        wait_until_ready(applied, timeout=30, poll=0.01)
 
 
 def test_patch_clears_an_old_canary_split(kube):
@@ -116,7 +227,7 @@ def test_forbidden_names_the_identity_and_the_role(kube, verb):
 
 
 def test_conflicts_are_resolved_by_patching_and_retrying(kube, monkeypatch):
-    monkeypatch.setattr(deploy.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(kserve_rollout.time, "sleep", lambda seconds: None)
     kube.conflicts_on_create = 1  # created by someone else between our GET and POST
     kube.conflicts_on_patch = 2  # then two concurrent writers
     applied = apply_inference_service(manifest())
@@ -135,7 +246,7 @@ def test_a_timeout_changes_nothing_in_the_cluster_and_says_what_is_served(kube):
         wait_until_ready(applied, timeout=0.2, poll=0.01)
     message = str(error.value)
     assert "was not Ready for generation 2 within 0.2s" in message
-    assert "last seen: Ready is False: RevisionMissing" in message
+    assert "last seen: revision fod-bottle-predictor-00002 is not ready yet" in message
     assert "KServe keeps serving its last ready revision (fod-bottle-predictor-00001)" in message
     assert "kubectl -n fod describe inferenceservice fod-bottle" in message
     assert error.value.last_seen["metadata"]["annotations"]["fod/model-version"] == "2"
@@ -206,7 +317,7 @@ def test_a_version_that_never_becomes_ready_gives_the_alias_back(
 
     from components.deploy import DeployTarget, deploy_champion
 
-    monkeypatch.setattr(deploy, "READY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(kserve_rollout, "READY_POLL_SECONDS", 0.01)
     client = MlflowClient()
     served = register_version(settings, model_a, "kube")
     first = deploy_champion("fod-kube", served, DeployTarget.KSERVE, ready_timeout=10)
@@ -223,10 +334,11 @@ def test_a_version_that_never_becomes_ready_gives_the_alias_back(
     assert client.get_model_version_by_alias("fod-kube", "champion").version == served
     assert f"v{served} is served (revision fod-kube-predictor-00001)" in message
     assert f"champion alias was moved back from v{failed} to v{served}" in message
-    assert "not Ready for generation 2 within 0.3s" in message and "RevisionMissing" in message
+    assert "not Ready for generation 2 within 0.3s" in message
+    assert "revision fod-kube-predictor-00002 is not ready yet" in message
     tags = client.get_model_version("fod-kube", failed).tags
     assert "deployed" not in tags  # a retrain check must not take it for a served version
-    assert "not Ready" in tags["deploy_failed"] and "RevisionMissing" in tags["deploy_failed"]
+    assert "not Ready" in tags["deploy_failed"] and "is not ready yet" in tags["deploy_failed"]
     stored = kube.objects[("fod", "fod-kube")]
     assert stored["metadata"]["annotations"]["fod/model-version"] == str(failed)
 
@@ -247,7 +359,7 @@ def test_a_first_deploy_that_never_becomes_ready_keeps_the_alias(
 
     from components.deploy import DeployTarget, deploy_champion
 
-    monkeypatch.setattr(deploy, "READY_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(kserve_rollout, "READY_POLL_SECONDS", 0.01)
     version = register_version(settings, model_a, "kube-first")
     kube.never_ready = True
     with pytest.raises(DeploymentError) as error:
