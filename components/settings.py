@@ -12,6 +12,8 @@ embedded loopback stack on a laptop, against MinIO/SeaweedFS in a cluster, or AW
     FOD_MLFLOW_ARTIFACTS   that server's --artifacts-destination (default s3://<bucket>/mlflow)
     FOD_IMAGE              the CPU image of a cluster's steps and model server
     FOD_CUDA_IMAGE         the CUDA image of the training step
+    FOD_GPU_TOLERATIONS    the training step's tolerations of GPU nodes' taints (a JSON
+                           list of Kubernetes tolerations; "[]": none)
     FOD_DECISION_RECORD    where a cluster's model servers ship their decision record
                            (s3://<bucket>/records in infra/; unset or "none": not shipped)
 
@@ -44,6 +46,7 @@ CLUSTER_CONFIG_KEYS = (
     "HF_HUB_OFFLINE",
     "FOD_IMAGE",
     "FOD_CUDA_IMAGE",
+    "FOD_GPU_TOLERATIONS",
     "FOD_DECISION_RECORD",
 )
 CLUSTER_SECRET = "fod-s3-credentials"
@@ -65,6 +68,53 @@ def images() -> Images:
         cpu=os.environ.get("FOD_IMAGE") or DEFAULT_IMAGE,
         cuda=os.environ.get("FOD_CUDA_IMAGE") or DEFAULT_CUDA_IMAGE,
     )
+
+
+# Most GPU node pools carry this taint (GKE, AKS, the NVIDIA GPU Operator's docs).
+DEFAULT_GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+_TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def gpu_tolerations() -> list[dict]:
+    """The training step's tolerations (FOD_GPU_TOLERATIONS), read when the pipeline is
+    compiled or submitted, like the images. They compile to plain Kubernetes fields, which
+    every KFP backend from 2.2 applies; a run-time parameter would compile to
+    ``tolerationJson``, which backends before 2.5.0 drop, leaving an empty toleration that
+    the API server rejects (kubeflow/pipelines#11860). Checked here by Kubernetes' rules,
+    so that a mistake fails at compile time, not as a pod that never starts."""
+    text = os.environ.get("FOD_GPU_TOLERATIONS", "").strip()
+    if not text:
+        return [dict(t) for t in DEFAULT_GPU_TOLERATIONS]
+    try:
+        tolerations = json.loads(text)
+    except ValueError as error:
+        raise SettingsError(f"FOD_GPU_TOLERATIONS is not JSON: {error}") from error
+    if not isinstance(tolerations, list) or not all(isinstance(t, dict) for t in tolerations):
+        raise SettingsError("FOD_GPU_TOLERATIONS must be a JSON list of tolerations")
+    for toleration in tolerations:
+        if problem := toleration_problem(toleration):
+            raise SettingsError(f"FOD_GPU_TOLERATIONS: {json.dumps(toleration)}: {problem}")
+    return tolerations
+
+
+def toleration_problem(toleration: dict) -> str | None:
+    """What Kubernetes' validation (ValidateTolerations) refuses in a toleration; None."""
+    if unknown := set(toleration) - _TOLERATION_FIELDS:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    operator = toleration.get("operator") or "Equal"
+    if operator not in ("Equal", "Exists"):
+        return f"operator must be Equal or Exists, not {operator}"
+    if not toleration.get("key") and operator != "Exists":
+        return "an empty key needs operator Exists"
+    if operator == "Exists" and toleration.get("value"):
+        return "operator Exists takes no value"
+    effect = toleration.get("effect") or ""
+    if effect not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+        return f"effect {effect} is not NoSchedule, PreferNoSchedule or NoExecute"
+    seconds = toleration.get("tolerationSeconds")
+    if seconds is not None and (effect != "NoExecute" or not isinstance(seconds, int)):
+        return "tolerationSeconds (an integer) goes with effect NoExecute only"
+    return None
 
 
 def shipped_record() -> str | None:

@@ -14,7 +14,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from components.settings import DEFAULT_IMAGE
 
 # The image contains this package, so components install nothing at start-up. The image
-# of each step is set when the pipeline is compiled (pipelines.dag.set_images).
+# of each step is set when the pipeline is compiled (pipelines.dag.set_cluster_settings).
 component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 
 

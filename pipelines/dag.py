@@ -22,6 +22,7 @@ from components.settings import (
     CLUSTER_CONFIG_MAP,
     CLUSTER_SECRET,
     CLUSTER_SECRET_KEYS,
+    gpu_tolerations,
     images,
 )
 from pipelines.parameters import RUN_INPUTS, PipelineParameters, defaults, step_inputs
@@ -109,10 +110,9 @@ def category_pipeline(p: dict):
         train = steps.train_fod(**step_inputs(steps.train_fod, p)).after(features)
         with_cluster_settings(train).set_caching_options(True)
         train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
-        # A GPU on a cluster, tolerating the taint of GPU nodes (a parameter: clusters name
-        # it differently); the local runner ignores both and trains on CPU.
+        # A GPU on a cluster; its tolerations of GPU nodes' taints are set at compile time
+        # (``set_cluster_settings``). The local runner ignores both and trains on CPU.
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
-        kubernetes.add_toleration_json(train, p["gpu_tolerations"])
         trained = {"run_id": train.outputs["Output"]}
         calibration = steps.calibrate_threshold(
             **step_inputs(steps.calibrate_threshold, p),
@@ -164,13 +164,18 @@ def training_pipeline(p: dict):
         category_pipeline(**step_inputs(category_pipeline, per_category))
 
 
-def set_images(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_STEPS) -> Path:
-    """Give each step of a compiled pipeline its role's image (``components.settings.images``:
-    FOD_IMAGE, FOD_CUDA_IMAGE), so that a user's registry needs no code edit."""
+def set_cluster_settings(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_STEPS) -> Path:
+    """Give a compiled pipeline what differs per cluster, read now from the environment
+    (``components.settings``), so that no code edit is needed: each step its role's image
+    (FOD_IMAGE, FOD_CUDA_IMAGE), the CUDA steps their tolerations (FOD_GPU_TOLERATIONS).
+
+    Tolerations are written as kfp-kubernetes' ``add_toleration`` writes them: plain
+    fields, which the driver of every KFP backend from 2.2 applies. A pipeline parameter
+    would compile to ``tolerationJson``, read only from backend 2.5.0 on."""
     import yaml
 
     path = Path(path)
-    chosen = images()
+    chosen, tolerations = images(), gpu_tolerations()
     text = path.read_text()
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
     documents = list(yaml.safe_load_all(text))
@@ -179,6 +184,12 @@ def set_images(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_STEPS) -> Pa
         if "container" in spec:
             cuda = executor.removeprefix("exec-") in cuda_steps
             spec["container"]["image"] = chosen.cuda if cuda else chosen.cpu
+            if cuda and tolerations:
+                platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]
+                platform["executors"].setdefault(executor, {})["tolerations"] = [
+                    {k: str(v) if k == "tolerationSeconds" else v for k, v in t.items()}
+                    for t in tolerations
+                ]
     path.write_text(header + yaml.safe_dump_all(documents, sort_keys=False))
     return path
 
@@ -187,4 +198,4 @@ def compile_pipeline(path: str | Path = COMPILED_YAML) -> Path:
     """Write the KFP IR YAML that a cluster runs (kept in the repo, checked by a test)."""
     path = Path(path)
     compiler.Compiler().compile(training_pipeline, str(path))
-    return set_images(path)
+    return set_cluster_settings(path)

@@ -22,7 +22,6 @@ from fod_core.data import DatasetFormat
 from fod_core.processing import Alignment
 from fod_core.synthetic import Planting
 
-GPU_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 DEPLOY_TARGETS = ("local", "kserve", "none")
 THRESHOLD_MODES = ("auto", "false_alarm_rate", "f1")
 DEFAULT_CATEGORIES = ("widget",)  # the demo's synthetic product
@@ -149,9 +148,6 @@ class PipelineParameters:
     serving_namespace: str = parameter(DEFAULT_NAMESPACE, "namespace of the InferenceService")
     canary_traffic_percent: int = parameter(
         0, "kserve: traffic share of a new version (0: all at once)", flag="--canary-percent"
-    )
-    gpu_tolerations: list = parameter(  # noqa: RUF009 (a fresh list per instance)
-        GPU_TOLERATIONS, "tolerations of the training step's GPU node", cli=False
     )
 
 

@@ -15,7 +15,7 @@ import yaml
 from kfp import compiler, dsl
 
 from components.settings import DEFAULT_IMAGE
-from pipelines.dag import set_images, with_cluster_settings
+from pipelines.dag import set_cluster_settings, with_cluster_settings
 
 SPEC = Path(__file__).resolve().parents[1] / "infra" / "kfp" / "recurring-run.yaml"
 COMPILED_YAML = Path(__file__).with_name("fod_retrain_check.yaml")
@@ -93,7 +93,7 @@ def retrain_check_pipeline(
 
 def compile_check(path: str | Path = COMPILED_YAML) -> Path:
     compiler.Compiler().compile(retrain_check_pipeline, str(path))
-    return set_images(path, cuda_steps=())
+    return set_cluster_settings(path, cuda_steps=())
 
 
 def load_spec(path: str | Path = SPEC) -> dict:

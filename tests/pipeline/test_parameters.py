@@ -35,8 +35,7 @@ def test_every_parameter_reaches_a_step_under_its_own_name() -> None:
     per_category = category_pipeline.component_spec.inputs
     for spec in fields(PipelineParameters):
         assert spec.name in per_category, spec.name
-        if spec.name != "gpu_tolerations":  # a property of the training task, not an input
-            assert spec.name in step_inputs, f"{spec.name} is passed to no step"
+        assert spec.name in step_inputs, f"{spec.name} is passed to no step"
 
 
 def test_the_cli_has_a_flag_per_parameter_and_passes_only_what_was_set() -> None:

@@ -42,7 +42,7 @@ def test_compiled_yaml_requests_a_gpu_for_training():
 
 def test_each_role_gets_its_image_from_the_environment(tmp_path, monkeypatch):
     """A user's registry needs no code edit: the images are read at compile (and submit)
-    time. Training runs the CUDA image and tolerates the GPU nodes' taint (a parameter)."""
+    time. Training runs the CUDA image and tolerates the GPU nodes' taint (FOD_GPU_TOLERATIONS)."""
     monkeypatch.setenv("FOD_IMAGE", "registry.example.com/fod:1.2")
     monkeypatch.setenv("FOD_CUDA_IMAGE", "registry.example.com/fod:1.2-cuda")
     documents = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
@@ -51,11 +51,74 @@ def test_each_role_gets_its_image_from_the_environment(tmp_path, monkeypatch):
     assert images.pop("exec-train-fod") == "registry.example.com/fod:1.2-cuda"
     assert set(images.values()) == {"registry.example.com/fod:1.2"}
     platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    toleration = platform["exec-train-fod"]["tolerations"][0]["tolerationJson"]
-    parameter = toleration["componentInputParameter"].removeprefix("pipelinechannel--")
-    defaults = documents[0]["root"]["inputDefinitions"]["parameters"][parameter]["defaultValue"]
-    assert defaults == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert platform["exec-train-fod"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
     assert "tolerations" not in platform["exec-evaluate-model"]
+
+
+def driver_tolerations_before_2_5(entries: list[dict]) -> list[dict]:
+    """What the driver of KFP backends 2.2.0 to 2.4.1 makes of a task's tolerations
+    (backend/src/v2/driver/driver.go at 2.4.1, read for this test): the kubernetes_platform
+    proto it vendors has key, operator, value, effect and toleration_seconds; it parses the
+    platform spec with AllowUnknownFields, so anything else (``tolerationJson``) is dropped,
+    and every entry becomes one Toleration of the fields that were kept."""
+    tolerations = []
+    for entry in entries:
+        toleration = {k: entry[k] for k in ("key", "operator", "value", "effect") if entry.get(k)}
+        if entry.get("tolerationSeconds") is not None:  # int64: a JSON string in the YAML
+            toleration["tolerationSeconds"] = int(entry["tolerationSeconds"])
+        tolerations.append(toleration)
+    return tolerations
+
+
+@pytest.mark.parametrize(
+    "tolerations",
+    [
+        None,  # the default
+        [
+            {"key": "gpu", "operator": "Equal", "value": "a100", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 600},
+        ],
+        [],
+    ],
+    ids=["default", "custom", "none"],
+)
+def test_tolerations_reach_the_pod_on_the_oldest_supported_backend(
+    tmp_path, monkeypatch, tolerations
+):
+    """Compiled as plain fields, the training step's tolerations come out of an old driver
+    as they were set, each one valid. A run-time parameter compiled to ``tolerationJson``,
+    which that driver drops: it built ``{}``, which the API server refuses."""
+    from components.settings import DEFAULT_GPU_TOLERATIONS, toleration_problem
+
+    monkeypatch.delenv("FOD_GPU_TOLERATIONS", raising=False)
+    if tolerations is not None:
+        monkeypatch.setenv("FOD_GPU_TOLERATIONS", json.dumps(tolerations))
+    documents = list(yaml.safe_load_all(compile_pipeline(tmp_path / "p.yaml").read_text()))
+    platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    entries = platform["exec-train-fod"].get("tolerations", [])
+    applied = driver_tolerations_before_2_5(entries)
+    assert applied == (DEFAULT_GPU_TOLERATIONS if tolerations is None else tolerations)
+    assert [toleration_problem(t) for t in applied] == [None] * len(applied)
+    # what the parameter's compiled form became on such a backend
+    (before,) = driver_tolerations_before_2_5(
+        [{"tolerationJson": {"componentInputParameter": "x"}}]
+    )
+    assert toleration_problem(before) == "an empty key needs operator Exists"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{"key": "gpu"}', '[{"key": "gpu", "operator": "Exist"}]', '[{"operator": "Equal"}]',
+     '[{"key": "g", "effect": "NoSchedule", "tolerationSeconds": 5}]', "[{"],
+)  # fmt: skip
+def test_a_wrong_toleration_fails_at_compile_time(tmp_path, monkeypatch, value):
+    from components.settings import SettingsError
+
+    monkeypatch.setenv("FOD_GPU_TOLERATIONS", value)
+    with pytest.raises(SettingsError, match="FOD_GPU_TOLERATIONS"):
+        compile_pipeline(tmp_path / "p.yaml")
 
 
 def test_no_step_with_side_effects_is_cached():
