@@ -190,8 +190,32 @@ def set_cluster_settings(path: str | Path, cuda_steps: tuple[str, ...] = CUDA_ST
                     {k: str(v) if k == "tolerationSeconds" else v for k, v in t.items()}
                     for t in tolerations
                 ]
+    for platform in documents[1:]:
+        for config in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"].values():
+            readable_by_old_backends(config)
     path.write_text(header + yaml.safe_dump_all(documents, sort_keys=False))
     return path
+
+
+def readable_by_old_backends(config: dict) -> dict:
+    """A step's Kubernetes config as KFP backends 2.2.0 to 2.4.0 can read it: their driver
+    parses it strictly and fails the step on any field its proto lacks. kfp-kubernetes
+    2.17 also writes each ConfigMap and Secret name as a parameter (read from backend 2.5.0
+    on, else the constant name beside it) and ``optional: false`` on env sources (read from
+    2.15.0; false is the default): both mean what their absence means, so they go."""
+    for key in ("configMapAsEnv", "secretAsEnv", "secretAsVolume", "configMapAsVolume"):
+        for source in config.get(key, []):
+            name = source.pop("configMapNameParameter", None) or source.pop(
+                "secretNameParameter", None
+            )
+            constant = (name or {}).get("runtimeValue", {}).get("constant")
+            if constant is not None and constant != (
+                source.get("configMapName") or source.get("secretName")
+            ):
+                raise ValueError(f"{key}: a name parameter that is not the constant name")
+            if key.endswith("AsEnv") and source.get("optional") is False:
+                del source["optional"]
+    return config
 
 
 def compile_pipeline(path: str | Path = COMPILED_YAML) -> Path:

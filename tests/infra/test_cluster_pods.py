@@ -166,3 +166,24 @@ def test_a_code_version_without_its_commit_says_why(tmp_path, caplog):
         version = code_version(repo)
     assert version.startswith("fod-pipeline==")
     assert "dubious ownership" in caplog.text and str(repo) in caplog.text
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_jobs_finish_and_never_block_the_next_under_an_istio_sidecar(mode):
+    """In a multi-user profile namespace Istio injects a proxy into every pod. As a plain
+    container it outlives the Job's own, the pod never completes, and the CronJob's
+    concurrencyPolicy Forbid then holds every later check. Each Job's pod asks for the
+    proxy as a native sidecar (Istio 1.24+, Kubernetes 1.29+; docs/deploy.md), and each
+    Job has a deadline, so even a pod that hangs frees the schedule."""
+    jobs = [o for o in build(ROOT / mode) if o["kind"] in ("Job", "CronJob")]
+    assert {o["metadata"]["name"] for o in jobs} >= {"fod-bucket", *CRONJOBS}
+    for job in jobs:
+        spec = job["spec"]["jobTemplate"]["spec"] if job["kind"] == "CronJob" else job["spec"]
+        annotations = spec["template"]["metadata"].get("annotations", {})
+        assert annotations.get("sidecar.istio.io/nativeSidecar") == "true", job["metadata"]
+        assert spec.get("activeDeadlineSeconds"), job["metadata"]["name"]
+    from pipelines.runner import RUN_TIMEOUT
+
+    for job in jobs:
+        if job["kind"] == "CronJob":  # the check waits for its run: the deadline is beyond
+            assert job["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > RUN_TIMEOUT

@@ -108,6 +108,53 @@ def test_tolerations_reach_the_pod_on_the_oldest_supported_backend(
     assert toleration_problem(before) == "an empty key needs operator Exists"
 
 
+# The fields of the Kubernetes executor config that KFP backend 2.2.0 knows
+# (kubernetes_platform/proto/kubernetes_executor_config.proto at the commit its go.mod
+# pins, 8b2a099e8c9f), per message, for the messages the compiled pipelines use. Its driver
+# (and 2.4.0's) parses the config strictly: any other field fails the step.
+KFP_2_2_FIELDS = {
+    "config": {"secretAsVolume", "secretAsEnv", "pvcMount", "nodeSelector", "podMetadata",
+               "imagePullSecret", "imagePullPolicy", "configMapAsVolume", "configMapAsEnv",
+               "activeDeadlineSeconds", "fieldPathAsEnv", "tolerations",
+               "genericEphemeralVolume", "nodeAffinity", "podAffinity"},
+    "secretAsVolume": {"secretName", "mountPath", "optional"},
+    "secretAsEnv": {"secretName", "keyToEnv"},
+    "configMapAsEnv": {"configMapName", "keyToEnv"},
+    "secretAsEnv.keyToEnv": {"secretKey", "envVar"},
+    "configMapAsEnv.keyToEnv": {"configMapKey", "envVar"},
+    "tolerations": {"key", "operator", "value", "effect", "tolerationSeconds"},
+}  # fmt: skip
+
+
+def unknown_to_kfp_2_2(config: dict) -> list[str]:
+    unknown = [f"config.{k}" for k in set(config) - KFP_2_2_FIELDS["config"]]
+    for key, entries in config.items():
+        for entry in entries if isinstance(entries, list) else []:
+            known = KFP_2_2_FIELDS.get(key)
+            if known is None:
+                unknown.append(f"{key}: not checked here")
+                continue
+            unknown += [f"{key}.{field}" for field in set(entry) - known]
+            for inner in entry.get("keyToEnv", []):
+                unknown += [
+                    f"{key}.keyToEnv.{f}" for f in set(inner) - KFP_2_2_FIELDS[f"{key}.keyToEnv"]
+                ]
+    return unknown
+
+
+@pytest.mark.parametrize("compiled", ["fod_training.yaml", "fod_retrain_check.yaml"])
+def test_every_steps_kubernetes_config_parses_on_kfp_backend_2_2(compiled):
+    """What the checked-in pipelines ask of Kubernetes, each step's config read as the
+    strict driver of KFP 2.2.0 reads it: no field it does not know."""
+    documents = list(yaml.safe_load_all((COMPILED_YAML.parent / compiled).read_text()))
+    executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert executors
+    for name, config in executors.items():
+        assert unknown_to_kfp_2_2(config) == [], name
+    env = executors["exec-train-fod" if "training" in compiled else next(iter(executors))]
+    assert env["configMapAsEnv"][0]["configMapName"] == "fod-settings"  # the name stays
+
+
 @pytest.mark.parametrize(
     "value",
     ['{"key": "gpu"}', '[{"key": "gpu", "operator": "Exist"}]', '[{"operator": "Equal"}]',
