@@ -137,6 +137,38 @@ def catch_line(metrics: dict) -> str:
     return "At the shipped threshold: " + ("; ".join(parts) or "no decision (no threshold)")
 
 
+def more_normals_lines(metrics: dict) -> list[str]:
+    """The forecast of ``fod_core.evaluate.more_normals`` in sentences: how many more good
+    parts behind the threshold move it, and the catch rate that would follow."""
+    from fod_core.promise import ordinal, percent
+
+    lines = []
+    for row in metrics.get("more_normals") or []:
+        if row["more"] == 0:
+            continue
+        head = (
+            f"{row['more']} more good parts ({row['n_normal']}), asking at most "
+            f"{percent(row['asked_rate'])}: the threshold at the {ordinal(row['rank'])} "
+            f"highest score promises at most {percent(row['promise'])}"
+        )
+        if row["threshold"] is None:
+            today = row.get("catch_rate_at_most")
+            lines.append(
+                f"{head}; it would be at least today's (above every calibration score so "
+                "far), so the catch rate would not rise"
+                + (f" (today {today:.0%})" if today is not None else "")
+            )
+        elif row.get("catch_rate") is not None:
+            lines.append(
+                f"{head}; threshold about {row['threshold']:.4g} (from today's normal scores), "
+                f"catching about {row['catch_rate']:.0%} of the test's labelled defects"
+                f" (today {metrics.get('catch_rate', 0):.0%})"
+            )
+        else:
+            lines.append(f"{head}; threshold about {row['threshold']:.4g}")
+    return lines
+
+
 def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -> None:
     """One self-contained page: headline metrics, confusion matrix, plots inline."""
     rows = "".join(
@@ -168,7 +200,16 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
         f"<h2>At the calibrated threshold</h2>"
         f"<p>The threshold promises: {html.escape(str(promise))}</p>"
         f"<p>{html.escape(catch_line(metrics))}</p>"
-        f"<table border=1>{confusion_rows}</table>{images}"
+        + (
+            "<h3>More good parts behind the threshold</h3><p>Without retraining: "
+            "<code>fod calibrate --normals DIR</code>, or the pipeline's "
+            "<code>normals_subdir</code>. Estimated from today's calibration scores:</p><ul>"
+            + "".join(f"<li>{html.escape(line)}</li>" for line in more_normals_lines(metrics))
+            + "</ul>"
+            if more_normals_lines(metrics)
+            else ""
+        )
+        + f"<table border=1>{confusion_rows}</table>{images}"
         f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
         "</body></html>"
     )

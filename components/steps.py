@@ -180,6 +180,7 @@ def calibrate_threshold(
     threshold_mode: str,
     target_false_alarm_rate: float,
     anomalies_subdir: str,
+    normals_subdir: str,
     level_weights: str,
     planting: str,
     run_id: str,
@@ -187,7 +188,9 @@ def calibrate_threshold(
 ) -> float:
     """Threshold from validation normals (false-alarm quantile), or F1-optimal when a
     folder of labelled validation anomalies is given; stored in the artefact. Level weights
-    first: 'equal' (the method) or 'synthetic' (chosen on planted validation anomalies)."""
+    first: 'equal' (the method) or 'synthetic' (chosen on planted validation anomalies).
+    ``normals_subdir``: more good parts (under the category) for the threshold alone;
+    images the model trained or chose on are refused by content."""
     import shutil
     from pathlib import Path
 
@@ -202,6 +205,17 @@ def calibrate_threshold(
         folder = Path(dataset.path) / category / anomalies_subdir
         anomalies = [p for sub in sorted(folder.glob("*")) for p in list_images(sub)]
         anomalies += list_images(folder)
+    normals = []
+    if normals_subdir:
+        folder = Path(dataset.path) / category / normals_subdir
+        normals = [p for sub in sorted(folder.glob("*")) if sub.is_dir() for p in list_images(sub)]
+        normals += list_images(folder)
+        if not normals:
+            from fod_core.data import DatasetError
+
+            raise DatasetError(
+                f"normals_subdir {normals_subdir!r}: no images in {folder} (or its folders)"
+            )
     threshold = calibrate_model(
         model.path,
         dataset.path,
@@ -212,6 +226,7 @@ def calibrate_threshold(
         anomalous_images=anomalies,
         level_weighting=level_weights,
         planting=planting,
+        extra_normals=normals,
     )
     load_settings().export()
     log_calibration(run_id, threshold)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from fod_core.artifact import read_manifest
 from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category, test_sizes
 from fod_core.inference import Detector
-from fod_core.metrics import aupro, compute_metrics, image_auroc, roc_points
+from fod_core.metrics import alarms, aupro, compute_metrics, image_auroc, roc_points
 from fod_core.processing import read_image, read_mask, resize_mask
 from fod_core.visualize import overlay, plot_roc, plot_score_histogram
 
@@ -152,6 +152,45 @@ def planted_metrics(
     }
 
 
+def more_normals(calibration: dict | None, defect_scores: np.ndarray) -> list[dict]:
+    """How more good parts behind the threshold would move it, and the catch rate on these
+    labelled defects: ``promise.more_normals_forecast`` for the asked rate and, when today's
+    normals cannot promise it, for today's promise. [] without a held-out false-alarm
+    calibration (an F1 threshold, normals trained or chosen on, an old artefact)."""
+    from fod_core.promise import more_normals_forecast
+
+    calibration = calibration or {}
+    normals = calibration.get("validation_scores")
+    if (
+        not normals
+        or calibration.get("threshold_mode") != "false_alarm_rate"
+        or not calibration.get("held_out", True)
+        or calibration.get("delta") is None
+    ):
+        return []
+    delta, asked = calibration["delta"], calibration.get("target_false_alarm_rate")
+    promised = calibration.get("guaranteed_false_alarm_rate")
+    rates = [asked] + ([promised] if promised and asked and promised > asked + 1e-12 else [])
+    today = (
+        float(np.mean(alarms(defect_scores, calibration["threshold"])))
+        if len(defect_scores)
+        else None
+    )
+    rows = []
+    for rate in (r for r in rates if r):
+        for row in more_normals_forecast(normals, rate, delta):
+            caught = None
+            if len(defect_scores) and row.threshold is not None:
+                caught = float(np.mean(alarms(defect_scores, row.threshold)))
+            rows.append({
+                "asked_rate": rate, "n_normal": row.n, "more": row.n - len(normals),
+                "rank": row.rank, "promise": row.rate, "threshold": row.threshold,
+                # above today's normals: the threshold would not fall, nor the catch rise
+                "catch_rate": caught, "catch_rate_at_most": today if caught is None else None,
+            })  # fmt: skip
+    return rows
+
+
 def evaluate_detector(
     detector: Detector,
     records: list[ImageRecord],
@@ -213,6 +252,8 @@ def evaluate_detector(
         }
     if decisions is not None:
         metrics |= false_alarms(decisions[labels == 0], promised_false_alarm_rate, calibration)
+    if forecast := more_normals(calibration, scores[labels == 1]):
+        metrics["more_normals"] = forecast
     metrics |= planted_metrics(
         detector,
         [r.path for r in records if r.label == 0],

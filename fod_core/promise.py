@@ -114,3 +114,69 @@ class Promise:
                 " calibration normals are needed for it"
             )
         return words
+
+
+@dataclass(frozen=True)
+class MoreNormals:
+    """The threshold a larger calibration set would give for the same asked rate."""
+
+    n: int  # calibration normals
+    rank: int  # the threshold's rank among them (1: the highest)
+    rate: float  # what it promises, at the same confidence
+    threshold: float | None  # estimated from today's normals; None: above all of them
+
+
+def estimated_order_statistic(scores, n_new: int, rank: int) -> float | None:
+    """The ``rank``-th largest of ``n_new`` normal scores, estimated from ``scores``: their
+    empirical quantile at the order statistic's plotting position (n_new + 1 - rank) /
+    (n_new + 1), interpolated between today's order statistics (positions i / (n + 1)).
+    None when that position lies above today's largest score: more normals are needed
+    than these scores can speak for, and the threshold would be at least their maximum."""
+    import numpy as np
+
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(ordered)
+    position = (n_new + 1 - rank) / (n_new + 1) * (n + 1)  # in units of today's ranks
+    if position > n + 1e-9:
+        return None
+    if position <= 1:
+        return float(ordered[0])
+    below = int(position)
+    if below >= n:
+        return float(ordered[-1])
+    fraction = position - below
+    return float(ordered[below - 1] + fraction * (ordered[below] - ordered[below - 1]))
+
+
+def _next_rank_step(n: int, alpha: float, delta: float) -> int:
+    """The smallest count above ``n`` whose rank for ``alpha`` is higher than ``n``'s: how
+    many normals move the threshold one order statistic down."""
+    current = rank_for(n, alpha, delta) or 0
+    low, high = n, max(2 * n, n + 8)
+    while (rank_for(high, alpha, delta) or 0) <= current:
+        low, high = high, 2 * high
+    while high - low > 1:  # rank_for grows with the count
+        middle = (low + high) // 2
+        if (rank_for(middle, alpha, delta) or 0) > current:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+def more_normals_forecast(scores, alpha: float, delta: float = DEFAULT_DELTA) -> list[MoreNormals]:
+    """What more good parts behind the threshold would give, for the asked rate ``alpha``:
+    today's calibration, the count that promises ``alpha`` (when today's cannot), the next
+    count that moves the threshold down one order statistic, and twice and four times the
+    larger of those. Thresholds are estimated from today's scores
+    (``estimated_order_statistic``)."""
+    n = len(scores)
+    needed = normals_needed(alpha, delta)
+    base = max(n, needed)
+    counts = sorted({n, needed, _next_rank_step(base, alpha, delta), 2 * base, 4 * base})
+    rows = []
+    for count in (c for c in counts if c >= n):
+        rank = rank_for(count, alpha, delta) or 1  # none promises alpha: the maximum
+        threshold = estimated_order_statistic(scores, count, rank)  # today's: exact
+        rows.append(MoreNormals(count, rank, rate_bound(count, rank, delta), threshold))
+    return rows

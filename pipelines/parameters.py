@@ -63,6 +63,11 @@ class PipelineParameters:
     anomalies_subdir: str = parameter(
         "", "folder (under the category) of labelled validation anomalies for an F1 threshold"
     )
+    normals_subdir: str = parameter(
+        "",
+        "folder (under the category) of more good parts for the threshold alone, as fod "
+        "calibrate --normals: a tighter promise without retraining",
+    )
     # model and training
     code_version: str = parameter("unknown", "the git commit that trained", cli=False)
     backbone: str = parameter(ModelConfig().backbone.name, "timm feature extractor")

@@ -28,9 +28,17 @@ _CACHED = re.compile(r"Task '?(?P<task>[\w.-]+)'? cache hit")
 _FINISHED = re.compile(r"Task '?(?P<task>[\w.-]+)'? finished with status (?P<status>\w+)")
 _SKIPPED = re.compile(r"Skipping (?P<conditional>conditional )?task '?(?P<task>[\w.-]+)'?")
 _EPOCH = re.compile(r"epoch (?P<epoch>\d+)/(?P<epochs>\d+)")
+# the last line of a Python traceback: "package.module.SomeError: what went wrong"
+_RAISED = re.compile(r"^(?P<type>[A-Za-z_][\w.]*)(?:: (?P<text>.*))?$")
 TRAINING_STEP = "train-fod"
-FAILURE_TAIL = 60  # lines of a failed step's output shown on the console
+FAILURE_TAIL = 60  # lines of a failed step's output kept, to find its error in
+FALLBACK_LINES = 8  # shown when a failed step printed no Python error
 BAR_WIDTH = 24
+
+
+def plain(text: str) -> str:
+    """``text`` without terminal colour codes (the KFP runner colours its messages)."""
+    return _ANSI.sub("", text)
 
 
 def log_path_for(pipeline_root: str | Path) -> Path:
@@ -45,6 +53,9 @@ class _Step:
     started: float = field(default_factory=time.perf_counter)
     tail: deque = field(default_factory=lambda: deque(maxlen=FAILURE_TAIL))
     epoch: int = 0
+    error: str | None = None  # the exception its traceback ended with (and its lines)
+    in_traceback: bool = False
+    in_error: bool = False  # reading the indented lines of a multi-line message
 
 
 class StepReport:
@@ -59,6 +70,7 @@ class StepReport:
         self.steps: dict[str, _Step] = {}
         self.current: _Step | None = None
         self.finished: list[tuple[str, str]] = []  # (step, status) in order
+        self.failure: tuple[str, str] | None = None  # (step, its error) of the first failure
         self._partial = ""
         self._bar_shown = False
         self._quarters_shown = 0
@@ -116,7 +128,21 @@ class StepReport:
                 if self.current.name == TRAINING_STEP:
                     self._progress(int(match["epoch"]), int(match["epochs"]))
             elif line.strip():
-                self.current.tail.append(line.removeprefix("    "))  # the runner's indent
+                self._output(self.current, line.removeprefix("    "))  # the runner's indent
+
+    def _output(self, step: _Step, line: str) -> None:
+        step.tail.append(line)
+        if step.in_error and line.startswith(" ") and not line.lstrip().startswith("File "):
+            step.error += "\n" + line  # the message goes on (a validation report, say)
+            return
+        step.in_error = False
+        if line.startswith("Traceback (most recent call last):"):
+            step.in_traceback = True
+        elif step.in_traceback and (match := _RAISED.match(line)):
+            kind = match["type"].rsplit(".", 1)[-1]
+            step.error = f"{kind}: {match['text']}" if match["text"] else kind
+            step.in_traceback = False  # a chained one starts with its own header
+            step.in_error = True
 
     def _start(self, name: str) -> None:
         self.current = self.steps[name] = _Step(name)
@@ -129,10 +155,21 @@ class StepReport:
         ok = status.upper() == "SUCCESS"
         self._say(f"  {'✓' if ok else '✗'} {name:<22} {status.lower()} in {seconds:.1f}s")
         self.finished.append((name, status.lower()))
-        if not ok and not self.verbose:
-            self._say(f"    last lines of {name}'s output:")
-            for line in step.tail:
-                self._say(f"    | {line}")
+        if not ok:
+            error = step.error or next(
+                (line for line in reversed(step.tail) if not line.lstrip().startswith("{")),
+                "no output",
+            )
+            self.failure = self.failure or (name, error)
+            if step.error:  # its own message; the executor's JSON and traceback: the log
+                first, *rest = step.error.splitlines()
+                self._say(f"    error: {first}")
+                for line in rest:
+                    self._say(f"    {line}")
+            else:
+                self._say(f"    last lines of {name}'s output (no Python error in it):")
+                for line in list(step.tail)[-FALLBACK_LINES:]:
+                    self._say(f"    | {line}")
         self.current = None
 
     def _progress(self, epoch: int, epochs: int) -> None:

@@ -48,9 +48,20 @@ def run_local(
     with reported(log_path, verbose=verbose) as report:
         try:
             training_pipeline(**checked(arguments))
-        except RuntimeError as error:  # a step failed: its output was shown, the rest is logged
-            raise SubmitError(f"{error}; the run's raw logs: {log_path}") from error
+        except RuntimeError as error:  # a step failed: its error first, the rest is logged
+            raise SubmitError(failure_message(report.failure, error, log_path)) from error
     return LocalRunResult(pipeline_root, log_path, report.finished)
+
+
+def failure_message(failure: tuple[str, str] | None, error: Exception, log_path: Path) -> str:
+    """The command's last line for a failed run: the step and its own error (not the
+    runner's coloured status line), and where the executor's input and traceback are."""
+    from pipelines.progress import plain
+
+    if failure:
+        step, message = failure
+        return f"step {step} failed: {message} (the run's raw logs: {log_path})"
+    return f"{plain(str(error))} (the run's raw logs: {log_path})"
 
 
 class SubmitError(RuntimeError):

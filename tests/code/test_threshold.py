@@ -157,3 +157,65 @@ def test_false_alarm_p_value_is_beta_binomial():
     for x in (5, 15, 30):
         assert false_alarm_p_value(x, m, n, k) == pytest.approx(np.mean(counts >= x), abs=0.01)
     assert false_alarm_p_value(0, m, n, k) == 1.0
+
+
+def test_an_order_statistic_estimated_from_todays_scores():
+    """Today's own order statistic comes back exactly; a larger set's is interpolated
+    between today's; above today's largest it is unknown (None), not extrapolated."""
+    from fod_core.promise import estimated_order_statistic
+
+    scores = np.arange(1.0, 21.0)  # 1..20: positions i / 21
+    assert [estimated_order_statistic(scores, 20, k) for k in (1, 3, 20)] == [20.0, 18.0, 1.0]
+    # the 2nd largest of 41: position (41 + 1 - 2) / 42 * 21 = 20.0 -> today's largest
+    assert estimated_order_statistic(scores, 41, 2) == 20.0
+    # the 3rd largest of 41: position 39 / 42 * 21 = 19.5 -> halfway between 19 and 20
+    assert estimated_order_statistic(scores, 41, 3) == pytest.approx(19.5)
+    assert estimated_order_statistic(scores, 41, 1) is None  # beyond 20/21
+
+
+def test_more_normals_estimates_the_larger_sets_threshold():
+    """On draws from a known distribution, the forecast's threshold for a larger set lies
+    near that set's real order statistic (simulated), and every row keeps its promise."""
+    from fod_core.promise import more_normals_forecast
+
+    rng = np.random.default_rng(0)
+    today = rng.normal(size=400)
+    rows = more_normals_forecast(today, 0.05)
+    assert rows[0].n == 400 and rows[0].threshold == pytest.approx(
+        np.sort(today)[::-1][rows[0].rank - 1]
+    )
+    assert [r.n for r in rows] == sorted(r.n for r in rows) and len(rows) >= 3
+    step = rows[1]  # the next count that moves the threshold
+    assert step.rank == rows[0].rank + 1 and step.rate <= 0.05
+    for row in rows[1:]:
+        real = np.median([np.sort(rng.normal(size=row.n))[::-1][row.rank - 1] for _ in range(400)])
+        assert row.threshold == pytest.approx(real, abs=0.15), row
+        assert row.rate <= 0.05 + 1e-12
+
+
+def test_more_normals_and_the_catch_rate_by_hand():
+    """20 calibration normals scored 1..20 cannot promise 5% (45 are needed): the forecast
+    says so for 5% and, for today's promise, where the threshold and catch rate go."""
+    from fod_core.evaluate import more_normals
+    from fod_core.promise import best_supported_rate
+
+    threshold = calibrate_threshold(np.arange(1.0, 21.0), target_false_alarm_rate=0.05)
+    calibration = threshold.to_dict() | {"validation_scores": list(np.arange(1.0, 21.0))}
+    assert threshold.value == 20.0 and threshold.rank == 1
+    defects = np.array([19.75, 19.9, 20.5, 30.0])  # today: 2 of 4 caught
+    rows = more_normals(calibration, defects)
+    asked = [r for r in rows if r["asked_rate"] == 0.05]
+    assert [r["n_normal"] for r in asked][:2] == [20, 45]
+    assert asked[0]["catch_rate"] == 0.5 and asked[0]["threshold"] == 20.0
+    at_45 = asked[1]  # the maximum of 45: above every score of today's, unknown
+    assert at_45["threshold"] is None and at_45["catch_rate_at_most"] == 0.5
+    kept = [r for r in rows if r["asked_rate"] == pytest.approx(best_supported_rate(20))]
+    moved = next(r for r in kept if r["rank"] == 2)  # the threshold one step down
+    # 35 normals keep today's promise at rank 2: position (35 + 1 - 2) / 36 * 21 = 19.83
+    assert (moved["n_normal"], moved["more"]) == (35, 15)
+    assert moved["threshold"] == pytest.approx(19.0 + 5 / 6)
+    assert moved["catch_rate"] == 0.75  # 19.9 is caught now, 19.75 still not
+    assert moved["promise"] <= best_supported_rate(20) + 1e-12
+    # nothing is forecast where nothing is promised
+    assert more_normals(calibration | {"held_out": False}, defects) == []
+    assert more_normals(calibration | {"threshold_mode": "f1"}, defects) == []

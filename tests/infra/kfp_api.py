@@ -17,8 +17,10 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from json_api import serve_json
 
 NO_IDENTITY = (
     "Failed to check authorization. User identity is empty in the request header: "
@@ -94,26 +96,4 @@ class FakeKfpApi:
         return 404, {"error": f"no route {method} {path}", "code": 5}
 
     def serve(self) -> ThreadingHTTPServer:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                code, payload = api.handle(
-                    self.command, self.path, self.headers, self.rfile.read(length)
-                )
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        return serve_json(self.handle)

@@ -292,6 +292,46 @@ def test_more_good_parts_tighten_the_promise_without_retraining(trained, tmp_pat
         assert out.returncode == 2 and "or its test images" in out.stderr
 
 
+def test_the_pipelines_calibration_takes_more_good_parts_from_the_data(trained, tmp_path, stack):
+    """The pipeline's equivalent of ``--normals``: ``normals_subdir``, a folder of more good
+    parts in the data version, joins the calibration part; a folder that is not there is a
+    clear error, not a silent no-op. The evaluation forecasts what more would change."""
+    import shutil
+
+    import mlflow
+    from kfp.dsl import Dataset, Model
+
+    from components import steps
+
+    base, root, _, metrics = trained
+    forecast = metrics["more_normals"]
+    calibrated = read_manifest(base / "model")["calibration"]
+    assert forecast[0]["n_normal"] == calibrated["n_normal"] and forecast[0]["more"] == 0
+    assert any(row["more"] > 0 for row in forecast)
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    new = make_synthetic_dataset(tmp_path / "new", "widget", n_train=30, n_test_good=1,
+                                 n_test_defect=1, size=64, seed=29)  # fmt: skip
+    shutil.copytree(new / "widget" / "train" / "good", data / "widget" / "more_good")
+    with mlflow.start_run() as run:
+        pass
+    arguments = dict(
+        dataset=Dataset(uri=str(data)), trained_model=Model(uri=str(base / "model")),
+        category="widget", data_format="mvtec", threshold_mode="auto",
+        target_false_alarm_rate=0.01, anomalies_subdir="", level_weights="equal",
+        planting="anywhere", run_id=run.info.run_id,
+    )  # fmt: skip
+    model = Model(uri=str(tmp_path / "calibrated"))
+    steps.calibrate_threshold.python_func(normals_subdir="more_good", model=model, **arguments)
+    after = read_manifest(model.path)["calibration"]
+    assert after["extra_normals"] == 30 and after["n_normal"] == calibrated["n_normal"] + 30
+    with pytest.raises(DatasetError, match="normals_subdir 'missing': no images"):
+        steps.calibrate_threshold.python_func(
+            normals_subdir="missing", model=Model(uri=str(tmp_path / "again")), **arguments
+        )
+
+
 def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     """`fod calibrate --level-weights synthetic`, then back to the method's average."""
     import shutil

@@ -309,10 +309,17 @@ def test_invalid_data_stops_the_run_and_registers_nothing(settings, tmp_path, ca
     repo = DvcRepo(bad_root)
     repo.ensure(settings, remote_url(settings, "dvc-pipeline"))
     bad_version = repo.add_and_push(bad_root / "data")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError) as failed:
         run_local(_arguments(settings, bad_version, categories=["broken"]), tmp_path / "bad-run")
     output = capfd.readouterr()
     logs = output.out + output.err
+    # the error first (issue 27): the step's own message, not the executor's input JSON
+    assert str(failed.value).startswith(
+        "step fail-validation failed: RuntimeError: data validation FAILED"
+    )
+    assert "raw logs: " in str(failed.value) and "\x1b" not in str(failed.value)
+    assert "error: RuntimeError: data validation FAILED" in logs
+    assert "parameterValues" not in logs and "Traceback" not in logs
     assert "broken/train/good/002.png" in logs
     assert "broken/test/scratch/000.png" in logs and "size_mismatch" in logs
     assert "too few normal images left for validation" in logs  # 12 normals, 2 for validation

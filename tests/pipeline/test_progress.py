@@ -55,14 +55,56 @@ def test_the_console_gets_one_line_per_step_and_the_file_everything() -> None:
     ]
 
 
-def test_a_failed_step_shows_its_last_lines() -> None:
-    console = io.StringIO()
-    report = StepReport(io.StringIO(), console)
-    report.write(kfp_lines("FAILURE"))
+def test_a_failed_step_shows_its_own_error_first() -> None:
+    """Its exception's text under its line and as the command's last line; the executor's
+    input JSON and the traceback stay in the raw log."""
+    from pathlib import Path
+
+    from pipelines.runner import failure_message
+
+    console, log = io.StringIO(), io.StringIO()
+    report = StepReport(log, console)
+    report.write(kfp_lines("FAILURE").replace(
+        "    ValueError: out of memory",
+        '    {"inputs": {"parameterValues": {"epochs": 21}}}\n'
+        '      File "/x/components/steps.py", line 9, in train_fod\n'
+        "    components.errors.StorageError: S3 at http://127.0.0.1:8333 is unreachable\n"
+        "\n    The above exception was the direct cause of the following exception:\n\n"
+        "    Traceback (most recent call last):\n"
+        "    components.errors.TrackingError: MLflow at http://127.0.0.1:5055 is down; "
+        "is the stack up? `fod stack up`",
+    ))  # fmt: skip
     report.close_report()
     shown = console.getvalue()
-    assert "✗ train-fod" in shown and "failure" in shown
-    assert "| ValueError: out of memory" in shown
+    error = (
+        "TrackingError: MLflow at http://127.0.0.1:5055 is down; is the stack up? `fod stack up`"
+    )
+    assert "✗ train-fod" in shown and f"    error: {error}" in shown
+    assert "parameterValues" not in shown and "Traceback" not in shown
+    assert "parameterValues" in log.getvalue() and "Traceback" in log.getvalue()
+    assert report.failure == ("train-fod", error)
+    last = failure_message(report.failure, RuntimeError("x"), Path("runs/logs/p.log"))
+    assert last == f"step train-fod failed: {error} (the run's raw logs: runs/logs/p.log)"
+
+
+def test_a_failure_without_a_python_error_shows_its_last_lines_without_colours() -> None:
+    from pathlib import Path
+
+    from pipelines.runner import failure_message
+
+    console = io.StringIO()
+    report = StepReport(io.StringIO(), console)
+    lines = kfp_lines("FAILURE").replace("    Traceback (most recent call last):\n", "")
+    report.write(lines.replace("    ValueError: out of memory", "    Killed"))
+    report.close_report()
+    shown = console.getvalue()
+    assert "(no Python error in it)" in shown and "| Killed" in shown
+    assert report.failure == ("train-fod", "Killed")
+    coloured = RuntimeError(
+        "Task \x1b[95m'fod-training'\x1b[0m finished with \x1b[91mFAILURE\x1b[0m"
+    )
+    message = failure_message(None, coloured, Path("p.log"))
+    assert "\x1b" not in message and "'fod-training' finished with FAILURE" in message
 
 
 def test_verbose_shows_the_raw_lines_live(tmp_path) -> None:
@@ -94,3 +136,23 @@ def test_a_steps_own_result_line_is_shown_under_it() -> None:
     shown = console.getvalue().splitlines()
     assert shown[1] == '    {"version": "2", "promoted": false, "evidence": "planted"}'
     assert len(shown) == 3
+
+
+def test_a_multi_line_error_is_shown_whole() -> None:
+    """A data-validation failure's message lists its expectations and files on the lines
+    after the exception's: they are part of the error, not of the traceback."""
+    console = io.StringIO()
+    report = StepReport(io.StringIO(), console)
+    report.write(kfp_lines("FAILURE").replace(
+        "    ValueError: out of memory",
+        "    RuntimeError: data validation FAILED (1 expectation(s)):\n"
+        "      - images_decode: 1 image cannot be read\n"
+        "          files: broken/train/good/002.png\n"
+        "    [KFP Executor 2026-11-30 13:08:33,000 INFO]: done",
+    ))  # fmt: skip
+    report.close_report()
+    shown = console.getvalue()
+    assert "    error: RuntimeError: data validation FAILED (1 expectation(s)):" in shown
+    assert "      - images_decode: 1 image cannot be read" in shown
+    assert "files: broken/train/good/002.png" in shown and "KFP Executor" not in shown
+    assert report.failure[1].endswith("files: broken/train/good/002.png")

@@ -23,3 +23,27 @@ def test_the_report_states_the_promise_and_the_roles(tmp_path):
     assert promise in page
     assert "its calibration part alone sets the threshold" in page
     assert "<td>validation_calibration</td><td>140</td>" in page
+
+
+def test_the_report_says_what_more_good_parts_would_change(tmp_path):
+    from fod_core.evaluate import more_normals
+
+    scores = np.arange(1.0, 21.0)
+    threshold = calibrate_threshold(scores, target_false_alarm_rate=0.05)
+    calibration = threshold.to_dict() | {"validation_scores": list(scores)}
+    defects = np.array([19.75, 19.9, 20.5, 30.0])
+    metrics = {
+        "evidence": "labelled",
+        "calibration": calibration,
+        "catch_rate": 0.5,
+        "defects_caught": 2,
+        "n_anomalous": 4,
+        "more_normals": more_normals(calibration, defects),
+    }
+    target = tmp_path / "report.html"
+    write_html_report(metrics, tmp_path, target, "widget")
+    page = target.read_text()
+    assert "More good parts behind the threshold" in page and "fod calibrate --normals" in page
+    assert "25 more good parts (45), asking at most 5%" in page
+    assert "the catch rate would not rise (today 50%)" in page
+    assert "catching about 75% of the test&#x27;s labelled defects (today 50%)" in page

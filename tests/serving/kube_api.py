@@ -35,7 +35,9 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from json_api import serve_json
 
 DEPLOYMENT = re.compile(
     r"^/apis/apps/v1/namespaces/(?P<ns>[^/]+)/deployments/(?P<name>[^/?]+)/?(?:\?.*)?$"
@@ -305,35 +307,7 @@ class FakeKubeApi:
 
     # -- serving -----------------------------------------------------------------------
     def serve(self, tls: tuple[str, str] | None = None) -> ThreadingHTTPServer:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _answer(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                code, payload = api.handle(
-                    self.command, self.path, self.headers, self.rfile.read(length)
-                )
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _answer
-
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        if tls:
-            import ssl
-
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        return serve_json(self.handle, tls)
 
 
 class _Response:
