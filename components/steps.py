@@ -21,9 +21,11 @@ component = dsl.component(base_image=DEFAULT_IMAGE, install_kfp_package=False)
 @component
 def fetch_data(dvc_remote: str, data_version: str, dataset: Output[Dataset]):
     """Download one DVC data version (the ``.dir`` md5 in data.dvc) from the S3 remote."""
+    from components.preflight import preflight
     from components.settings import load_settings
     from components.storage import fetch_dvc_directory
 
+    preflight(load_settings(), s3=True)
     count = fetch_dvc_directory(load_settings(), dvc_remote, data_version, dataset.path)
     # Strings only: numbers come back as floats from KFP's cache, which would change
     # the cache keys of every downstream step between a first and a second run.
@@ -93,8 +95,10 @@ def cache_features(
     """Fill the S3-backed feature cache for every image of the category."""
     from components.features import fill_cache
     from components.kfp_io import write_metrics_file
+    from components.preflight import preflight
     from components.settings import load_settings
 
+    preflight(load_settings(), s3=True)
     result = fill_cache(
         dataset.path,
         category,
@@ -134,11 +138,14 @@ def train_fod(
 ) -> str:
     """Train on cached features (GPU when the pod has one); returns the MLflow run id."""
     from components.kfp_io import write_metrics_file
+    from components.preflight import mlflow_calls, preflight
     from components.registry import champion_uri
     from components.settings import load_settings
     from components.tracking import registered_name
     from components.training import train_and_track
     from fod_core.config import TrainConfig, model_config_for
+
+    preflight(load_settings(), s3=True, mlflow=True, artifacts=True)  # before the epochs
 
     model_config = model_config_for(
         model_size,
@@ -151,19 +158,20 @@ def train_fod(
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction
     )
-    run_id, summary = train_and_track(
-        dataset.path,
-        category,
-        model.path,
-        settings=load_settings(),
-        model_config=model_config,
-        train_config=train_config,
-        data_format=data_format,
-        data_version=data_version,
-        code_version=code_version,
-        cache_prefix=cache_prefix,
-        warm_start_from=champion_uri(registered_name(category)) if warm_start else None,
-    )
+    with mlflow_calls(load_settings(), "training"):
+        run_id, summary = train_and_track(
+            dataset.path,
+            category,
+            model.path,
+            settings=load_settings(),
+            model_config=model_config,
+            train_config=train_config,
+            data_format=data_format,
+            data_version=data_version,
+            code_version=code_version,
+            cache_prefix=cache_prefix,
+            warm_start_from=champion_uri(registered_name(category)) if warm_start else None,
+        )
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():
         training.log_metric(key, value)
@@ -194,11 +202,13 @@ def calibrate_threshold(
     import shutil
     from pathlib import Path
 
+    from components.preflight import mlflow_calls, preflight
     from components.settings import load_settings
     from components.tracking import log_calibration
     from fod_core.calibration import calibrate_model
     from fod_core.data import list_images
 
+    preflight(load_settings(), mlflow=True)
     shutil.copytree(trained_model.path, model.path, dirs_exist_ok=True)
     anomalies = []
     if anomalies_subdir:
@@ -229,7 +239,8 @@ def calibrate_threshold(
         extra_normals=normals,
     )
     load_settings().export()
-    log_calibration(run_id, threshold)
+    with mlflow_calls(load_settings(), "calibration"):
+        log_calibration(run_id, threshold)
     model.metadata.update({k: str(v) for k, v in threshold.to_dict().items()})
     model.metadata["level_weights"] = level_weights
     model.metadata["framework"] = "fod"
@@ -286,18 +297,21 @@ def evaluate_model(
 
     from components.evaluation import evaluate_and_track
     from components.kfp_io import write_metrics_file
+    from components.preflight import mlflow_calls, preflight
     from components.settings import load_settings
 
-    result = evaluate_and_track(
-        model.path,
-        dataset.path,
-        category,
-        evaluation.path,
-        settings=load_settings(),
-        data_format=data_format,
-        run_id=run_id,
-        html_report=report.path,
-    )
+    preflight(load_settings(), mlflow=True, artifacts=True)
+    with mlflow_calls(load_settings(), "evaluation"):
+        result = evaluate_and_track(
+            model.path,
+            dataset.path,
+            category,
+            evaluation.path,
+            settings=load_settings(),
+            data_format=data_format,
+            run_id=run_id,
+            html_report=report.path,
+        )
     for key in ("image_auroc", "pixel_auroc", "aupro", "f1_max"):
         if result.get(key) is not None:
             metrics.log_metric(key, result[key])
@@ -332,29 +346,32 @@ def register_model(
 
     from components.evaluation import rescore_on
     from components.kfp_io import print_summary
+    from components.preflight import mlflow_calls, preflight
     from components.registry import PromotionGates, register_model
     from components.settings import load_settings
     from components.tracking import connect
 
+    preflight(load_settings(), mlflow=True, artifacts=True)
     connect(load_settings().mlflow_uri, category)
-    result = register_model(
-        model.path,
-        run_id=run_id,
-        category=category,
-        metrics=json.loads(metrics_json),
-        data_version=data_version,
-        code_version=code_version,
-        gates=PromotionGates(
-            min_image_auroc=min_image_auroc,
-            min_pixel_auroc=min_pixel_auroc,
-            min_aupro=min_aupro,
-            min_planted_image_auroc=min_planted_image_auroc,
-            min_planted_aupro=min_planted_aupro,
-            tolerance=promotion_tolerance,
-            min_catch_rate=min_catch_rate,
-        ),
-        rescore=rescore_on(dataset.path, category, data_format),
-    )
+    with mlflow_calls(load_settings(), "registration"):
+        result = register_model(
+            model.path,
+            run_id=run_id,
+            category=category,
+            metrics=json.loads(metrics_json),
+            data_version=data_version,
+            code_version=code_version,
+            gates=PromotionGates(
+                min_image_auroc=min_image_auroc,
+                min_pixel_auroc=min_pixel_auroc,
+                min_aupro=min_aupro,
+                min_planted_image_auroc=min_planted_image_auroc,
+                min_planted_aupro=min_planted_aupro,
+                tolerance=promotion_tolerance,
+                min_catch_rate=min_catch_rate,
+            ),
+            rescore=rescore_on(dataset.path, category, data_format),
+        )
     print_summary(result.to_dict())
     outputs = NamedTuple(
         "RegistrationOutputs", version=str, promoted=bool, champion_version=str, evidence=str
@@ -376,21 +393,24 @@ def deploy_model(
 
     from components.deploy import DeployTarget, deploy_champion
     from components.kfp_io import print_summary
+    from components.preflight import mlflow_calls, preflight
     from components.settings import load_settings
     from components.tracking import registered_name
 
     settings = load_settings()
+    preflight(settings, mlflow=True)
     settings.export()
     if not champion_version:
         print(f"{registered_name(category)} has no champion yet: nothing to deploy")
         return json.dumps({"target": deploy_target, "deployed": False})
-    result = deploy_champion(
-        registered_name(category),
-        champion_version,
-        DeployTarget(deploy_target),
-        namespace=serving_namespace,
-        canary_traffic_percent=canary_traffic_percent or None,
-        env=settings.env(),
-    )
+    with mlflow_calls(load_settings(), "deployment"):
+        result = deploy_champion(
+            registered_name(category),
+            champion_version,
+            DeployTarget(deploy_target),
+            namespace=serving_namespace,
+            canary_traffic_percent=canary_traffic_percent or None,
+            env=settings.env(),
+        )
     print_summary(result)
     return json.dumps(result)

@@ -494,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     from components.data_version import DataVersionError
     from components.errors import DeploymentError, ServingError, StackError
     from components.monitoring import MonitorError
+    from components.preflight import ServiceDown
     from components.registry import MlflowException
     from components.settings import SettingsError
     from components.storage import StorageError
@@ -516,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
             DeploymentError,
             RetrainBusy,
             MonitorError,
+            ServiceDown,
         ),
     )
 
