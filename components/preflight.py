@@ -1,7 +1,8 @@
 """Services a step needs, checked before its work and reported the same way when they fail
 during it: one line naming the service, where it is, and what to do (``ServiceDown``).
 
-- ``preflight``: probes that answer in about a second. A step that learns of an outage only
+- ``preflight``: probes with short timeouts (3 s; 15 s for the write MLflow passes on to its
+  store). A step that learns of an outage only
   when it uploads, after minutes of training, reports it as a client library's traceback.
 - ``mlflow_calls``: MLflow calls made during the work are retried a stated, bounded number
   of times (MLflow's own client retries 7 times over about four minutes by default), then
@@ -164,7 +165,7 @@ def mlflow_calls(settings: StackSettings, what: str):
         outage = any(sign in text for sign in _OUTAGE_SIGNS)
         if not outage and not isinstance(error, requests.ConnectionError):
             raise
-        tried = f"after {MLFLOW_RETRIES} retries over about {retry_window():.0f}s"
+        tried = f"after {MLFLOW_RETRIES} retries, {retry_window():.0f}s of backoff between them"
         base = settings.mlflow_uri.rstrip("/")
         first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
         if "mlflow-artifacts" in text:

@@ -14,9 +14,9 @@ from components.local.processes import free_port
 from components.preflight import PROBE_TIMEOUT, ServiceDown, preflight
 
 
-def test_a_healthy_stack_passes_in_about_a_second(settings):
+def test_a_healthy_stack_passes_in_seconds(settings):
     seconds = preflight(settings, s3=True, mlflow=True, artifacts=True)
-    assert seconds < 2.0
+    assert seconds < 2 * PROBE_TIMEOUT  # under 2 s alone here, 2.5 s beside other tests
 
 
 def _fails(settings, **services) -> tuple[str, float]:
@@ -68,24 +68,25 @@ def test_mlflows_artifact_store_down_is_named_as_such(tmp_path):
         assert "the S3 behind it" in message and seconds < 60
         message, _ = _fails(settings, s3=True)
         assert message.startswith(f"S3 at {settings.s3_endpoint} is unreachable")
-        # during a step's work: MLflow's bounded retries, then the same reading
-        import mlflow
+        # during a step's work: MLflow's bounded retries, then the same reading (a client
+        # of its own: the fluent API's tracking URI is process-wide, other tests share it)
+        from mlflow import MlflowClient
 
-        from components.preflight import mlflow_calls, retry_window
+        from components.preflight import MLFLOW_RETRIES, mlflow_calls
 
-        mlflow.set_tracking_uri(settings.mlflow_uri)
-        mlflow.set_experiment("preflight")
+        client = MlflowClient(settings.mlflow_uri)
+        run = client.create_run(client.create_experiment("preflight"))
         artifact = tmp_path / "model.txt"
         artifact.write_text("trained")
         started = time.perf_counter()
-        with (
-            pytest.raises(ServiceDown) as error,
-            mlflow.start_run(),
-            mlflow_calls(settings, "training"),
-        ):
-            mlflow.log_artifact(str(artifact))
+        with pytest.raises(ServiceDown) as error, mlflow_calls(settings, "training"):
+            client.log_artifact(run.info.run_id, str(artifact))
         seconds = time.perf_counter() - started
-        assert str(error.value).startswith("training: MLflow's artifact store is down (after 4")
-        assert seconds < retry_window() + 30, seconds  # not MLflow's four minutes
+        assert str(error.value).startswith(
+            f"training: MLflow's artifact store is down (after {MLFLOW_RETRIES} retries"
+        )
+        # bounded: MLflow's own default (7 retries, backoff up to 120 s) takes minutes; each
+        # try also waits for the MLflow server's own S3 retries, hence the margin
+        assert seconds < 150, seconds
     finally:
         stack.down()
