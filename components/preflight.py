@@ -2,8 +2,8 @@
 during it: one line naming the service, where it is, and what to do (``ServiceDown``).
 
 - ``preflight``: probes with short timeouts (3 s; 15 s for the write MLflow passes on to its
-  store). A step that learns of an outage only
-  when it uploads, after minutes of training, reports it as a client library's traceback.
+  store). A step that learns of an outage only when it uploads, after minutes of training,
+  reports it as a client library's traceback.
 - ``mlflow_calls``: MLflow calls made during the work are retried a stated, bounded number
   of times (MLflow's own client retries 7 times over about four minutes by default), then
   fail as one ``ServiceDown``; a 5xx from MLflow's artifact proxy is named for what it is,
