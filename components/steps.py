@@ -206,20 +206,18 @@ def calibrate_threshold(
     from components.settings import load_settings
     from components.tracking import log_calibration
     from fod_core.calibration import calibrate_model
-    from fod_core.data import list_images
+    from fod_core.data import images_in_folder_tree
 
     preflight(load_settings(), mlflow=True)
     shutil.copytree(trained_model.path, model.path, dirs_exist_ok=True)
     anomalies = []
     if anomalies_subdir:
         folder = Path(dataset.path) / category / anomalies_subdir
-        anomalies = [p for sub in sorted(folder.glob("*")) for p in list_images(sub)]
-        anomalies += list_images(folder)
+        anomalies = images_in_folder_tree(folder)
     normals = []
     if normals_subdir:
         folder = Path(dataset.path) / category / normals_subdir
-        normals = [p for sub in sorted(folder.glob("*")) if sub.is_dir() for p in list_images(sub)]
-        normals += list_images(folder)
+        normals = images_in_folder_tree(folder)
         if not normals:
             from fod_core.data import DatasetError
 

@@ -97,6 +97,13 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def images_in_folder_tree(folder: Path) -> list[Path]:
+    """Images in ``folder``'s sub-folders (one level, e.g. one per defect type), then in
+    ``folder`` itself: what a user drops under a category for calibration."""
+    nested = [p for sub in sorted(folder.glob("*")) if sub.is_dir() for p in list_images(sub)]
+    return nested + list_images(folder)
+
+
 def _require_images(folder: Path, what: str) -> list[Path]:
     if not folder.is_dir():
         raise DatasetError(f"{what}: folder not found: {folder}")

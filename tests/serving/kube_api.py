@@ -181,7 +181,6 @@ class FakeKubeApi:
         del self._rollout[key]
 
     def _status(self, key) -> dict:
-        obj = self.objects[key]
         name, namespace = key[1], key[0]
         status = {"deploymentMode": self.mode, "url": f"http://{name}.{namespace}.example.com"}
         if self.mode == "Serverless":
@@ -202,7 +201,6 @@ class FakeKubeApi:
         status["observedGeneration"] = deployment["status"]["observedGeneration"]  # its own
         available = deployment["status"]["availableReplicas"] > 0  # Available: min replicas up
         status["components"] = {"predictor": {"url": f"http://{name}-predictor.{namespace}"}}
-        del obj  # nothing of the InferenceService's own generation is reported
         return status | {"conditions": self._conditions(available, "MinimumReplicasUnavailable")}
 
     def _observe(self, key) -> dict:
