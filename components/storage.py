@@ -102,6 +102,17 @@ class S3Store:
         except (BotoCoreError, ClientError) as error:
             raise StorageError(_describe(error, self.settings.s3_endpoint)) from error
 
+    def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except (BotoCoreError, ClientError) as error:
+            raise StorageError(_describe(error, self.settings.s3_endpoint)) from error
+
+    def url(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
     def check(self) -> None:
         """Fail early, with a readable message, when S3 cannot be used."""
         from botocore.exceptions import BotoCoreError, ClientError

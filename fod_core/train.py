@@ -74,6 +74,7 @@ def train_model(
     cache_store: BlobStore | None = None,
     resume: bool = False,
     keep_checkpoints: bool = False,
+    checkpoint_dir: str | Path | None = None,
     target_false_alarm_rate: float = 0.01,
     delta: float = DEFAULT_DELTA,
     level_weighting: LevelWeighting | str = LevelWeighting.EQUAL,
@@ -92,6 +93,8 @@ def train_model(
     method); SYNTHETIC weights them for the best AUPRO on anomalies planted into the
     validation images. ``calibrate=False`` leaves level weights and threshold to a later
     ``calibrate_model`` (the pipeline's calibration step), so they are derived once.
+    ``checkpoint_dir``: where the per-epoch checkpoint goes (``out_dir/checkpoints`` by
+    default; the pipeline keeps it apart so a killed step resumes).
     ``planting``: how anomalies are planted for the level weights and for the evaluation's
     planted metrics (small and on the part for products like screws); kept in the artefact.
     Choices (best epoch, level weights) use the validation's choice part, the threshold
@@ -100,6 +103,7 @@ def train_model(
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     out_dir = Path(out_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     timings: dict[str, float] = {}
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
@@ -165,7 +169,7 @@ def train_model(
     trainer = FODTrainer(
         model,
         config=train_config,
-        checkpoint_dir=out_dir / "checkpoints",
+        checkpoint_dir=checkpoint_dir,
         progress=progress,
         on_epoch_end=on_epoch_end,
     )
@@ -249,7 +253,7 @@ def train_model(
     if level_weights is not None:
         level_weights.save_plot(out_dir / "level_weights.png")
     if not keep_checkpoints:
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return TrainOutcome(
         out_dir,
         result,

@@ -264,9 +264,15 @@ class FODTrainer:
         tmp.replace(self.checkpoint_dir / "last.pt")
 
     def _load_checkpoint(self) -> tuple[int, TrainResult, dict | None]:
-        payload = torch.load(
-            self.checkpoint_dir / "last.pt", map_location=self.device, weights_only=False
-        )
+        try:
+            payload = torch.load(
+                self.checkpoint_dir / "last.pt", map_location=self.device, weights_only=False
+            )
+        except Exception as error:  # a truncated file raises many kinds of errors
+            raise CheckpointMismatchError(
+                f"{self.checkpoint_dir / 'last.pt'} is damaged ({type(error).__name__}); "
+                "remove it or train without --resume"
+            ) from error
         if payload["model_config"] != self.model.config.to_dict():
             raise CheckpointMismatchError(
                 f"{self.checkpoint_dir / 'last.pt'} was written for another model config; "
