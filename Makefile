@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(EXTRAS)
 # file stays on one worker (its fixtures and order). PYTEST_WORKERS= runs them in one.
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 
-.PHONY: setup browser demo test lint benchmark clean
+.PHONY: setup browser demo test faults lint benchmark clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ browser:
 test: setup browser
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_WORKERS)
+
+# The fault tests alone (services stopped, killed and full under real runs), and their table
+# in BENCHMARKS.md.
+faults: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/fault_table.py
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -2,8 +2,9 @@
 the epochs, a rerun of the pipeline uploads the kept model instead of training again.
 
 Kept under ``<FOD_HOME>/kept-models/<key>/`` (``FOD_KEPT_MODELS`` to choose the folder: in
-a cluster, a volume that outlives the pod), with a copy in the bucket when S3 answers, so a
-pod that failed on MLflow leaves it where the next pod finds it. The key hashes everything
+a cluster, a volume that outlives the pod; without either, a temporary folder), with a copy
+in the bucket when S3 answers, so a pod that failed on MLflow leaves it where the next pod
+finds it. The key hashes everything
 that decides the training (category, data and code versions, model and training settings,
 warm start): other settings train anew. Each file's SHA-256 is kept beside it; a damaged
 kept model is removed and trained again, never used. The trainer's per-epoch checkpoint
@@ -19,6 +20,7 @@ import logging
 import os
 import shutil
 import tarfile
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,7 +43,13 @@ def training_key(identity: dict) -> str:
 
 
 def kept_root() -> Path:
-    return Path(os.environ.get("FOD_KEPT_MODELS") or fod_home() / "kept-models")
+    """FOD_KEPT_MODELS; else the local stack's home (FOD_HOME, set for local runs); else a
+    temporary folder (a pod without a volume: the bucket's copy is what outlives it)."""
+    if os.environ.get("FOD_KEPT_MODELS"):
+        return Path(os.environ["FOD_KEPT_MODELS"])
+    if os.environ.get("FOD_HOME"):
+        return fod_home() / "kept-models"
+    return Path(tempfile.gettempdir()) / "fod-kept-models"
 
 
 class KeptModels:

@@ -8,11 +8,14 @@ pluggable so the pipeline can keep the cache in S3.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from fod_core.data import ImageRecord
 from fod_core.processing import Alignment, PreProcessing, read_image
 
 CACHE_FORMAT = 1
+log = logging.getLogger(__name__)
 
 
 class BlobStore(Protocol):
@@ -57,9 +61,14 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:  # a full disk: no partial file left behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def file_sha256(path: str | Path) -> str:
@@ -100,6 +109,8 @@ class FeatureCache:
         self.extractor = extractor
         self.pre = pre
         self.prefix = extractor_key(extractor, pre)
+        self.damaged = 0  # entries found unreadable and extracted again
+        self.unwritable = 0  # entries that could not be written (a full disk)
 
     @classmethod
     def for_backbone(
@@ -119,22 +130,45 @@ class FeatureCache:
         return f"{self.prefix}/{content_hash[:2]}/{content_hash}.npz"
 
     def get(self, content_hash: str) -> list[torch.Tensor] | None:
-        blob = self.store.get(self._key(content_hash))
+        """The entry's features, or None when absent or damaged (then extracted again and
+        overwritten: a truncated or foreign entry is never used)."""
+        key = self._key(content_hash)
+        blob = self.store.get(key)
         if blob is None:
             return None
-        with np.load(io.BytesIO(blob)) as arrays:
-            return [
-                torch.from_numpy(arrays[f"level{i}"].astype(np.float32))
-                for i in range(len(arrays.files))
-            ]
+        try:
+            with np.load(io.BytesIO(blob)) as arrays:
+                levels = [
+                    torch.from_numpy(arrays[f"level{i}"].astype(np.float32))
+                    for i in range(len(arrays.files))
+                ]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            log.warning("feature cache entry %s is damaged (%s): extracted again", key, error)
+            self.damaged += 1
+            return None
+        channels = [level.shape[0] for level in levels]
+        if channels != list(self.extractor.channels):
+            log.warning(
+                "feature cache entry %s has other levels %s: extracted again", key, channels
+            )
+            self.damaged += 1
+            return None
+        return levels
 
     def put(self, content_hash: str, features: Sequence[torch.Tensor]) -> None:
+        """Store one entry; a local disk that is full or read-only costs the cache, not the
+        run: one warning, the features are still used."""
         buffer = io.BytesIO()
         np.savez(
             buffer,
             **{f"level{i}": f.cpu().numpy().astype(np.float16) for i, f in enumerate(features)},
         )
-        self.store.put(self._key(content_hash), buffer.getvalue())
+        try:
+            self.store.put(self._key(content_hash), buffer.getvalue())
+        except OSError as error:
+            if not self.unwritable:
+                log.warning("cannot write the feature cache (%s): going on without caching", error)
+            self.unwritable += 1
 
     def features(
         self,

@@ -30,6 +30,8 @@ class FODPredictor:
         # retry_failed_after seconds (a broken artefact stays broken; an S3 outage passes).
         self._failed: dict[str, tuple[str, float]] = {}
         self.scoring_stats: dict[str, int] = {}  # batches, requests, images scored
+        # the last alias check: ok, when, and since when it fails (the registry is down)
+        self.last_check: dict = {"ok": None, "at": None, "error": None, "failing_since": None}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         # Where PyTorch work runs: here by default; the server's BatchScorer.call, so that
@@ -77,16 +79,46 @@ class FODPredictor:
         self._load(version)
         return True
 
+    def poll_once(self) -> None:
+        """One alias check; a failure (the registry down, a load failing) keeps the served
+        model, is logged once when it starts and when it ends, and shows in ``status``."""
+        now = time.time()
+        try:
+            self.check_for_update()
+        except Exception as error:
+            first = self.last_check["failing_since"] is None
+            active = self._active
+            self.last_check = {
+                "ok": False,
+                "at": now,
+                "error": f"{type(error).__name__}: {error}"[:500],
+                "failing_since": self.last_check["failing_since"] or now,
+            }
+            if first:
+                log.warning(
+                    "cannot check %s for a new version (%s); still serving version %s, "
+                    "checking every %.0fs",
+                    self.source.uri,
+                    self.last_check["error"],
+                    active.version if active else None,
+                    self.poll_interval,
+                )
+            return
+        if self.last_check["failing_since"] is not None:
+            log.info(
+                "%s answers again after %.0fs",
+                self.source.uri,
+                now - self.last_check["failing_since"],
+            )
+        self.last_check = {"ok": True, "at": now, "error": None, "failing_since": None}
+
     def start_watching(self) -> None:
         if not self.source.follows_alias or self.poll_interval <= 0 or self._watcher:
             return
 
         def loop() -> None:
             while not self._stop.wait(self.poll_interval):
-                try:
-                    self.check_for_update()
-                except Exception as error:  # the registry is down, a load failed: keep serving
-                    log.warning("model update check failed, still serving the old one: %s", error)
+                self.poll_once()
 
         self._watcher = threading.Thread(target=loop, name="fod-model-watch", daemon=True)
         self._watcher.start()
@@ -108,4 +140,5 @@ class FODPredictor:
             "threshold": active.detector.post.threshold if active else None,
             "promise": active.promise if active else None,
             "scored": dict(self.scoring_stats),
+            "last_check": dict(self.last_check),
         }

@@ -26,6 +26,8 @@ from fod_core.config import Precision
 log = logging.getLogger(__name__)
 
 DEFAULT_HTTP_PORT = 8080
+# MLflow's client retries while the model server asks the registry (a user's own values win)
+POLL_RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 DEFAULT_GRPC_PORT = 8081
 
 
@@ -351,6 +353,10 @@ def serve_from_args(args) -> None:
         from components.settings import load_settings
 
         load_settings().export()  # MLflow and its S3 artifact store
+        # an alias check against a registry that is down fails in seconds (MLflow's default
+        # retries for minutes); the served model stays, the next poll tries again
+        for key, value in POLL_RETRY_ENV.items():
+            os.environ.setdefault(key, value)
     config = ServerConfig(
         host=args.host,
         http_port=args.http_port,

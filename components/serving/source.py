@@ -75,7 +75,12 @@ class ModelSource:
         try:
             return str(MlflowClient().get_model_version_by_alias(name, alias).version)
         except MlflowException as error:
-            raise ServingError(f"{self.uri}: {error.message}") from error
+            text = error.message
+            if "Max retries exceeded" in text or "Connection refused" in text:
+                import mlflow
+
+                text = f"the registry, MLflow at {mlflow.get_tracking_uri()}, does not answer"
+            raise ServingError(f"{self.uri}: {text}") from error
 
     def load(self, version: str, *, run_torch: TorchRunner = run_here) -> LoadedModel:
         """Load one version; a registry version is fetched by number, so an alias that

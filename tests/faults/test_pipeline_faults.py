@@ -118,8 +118,9 @@ def test_s3_killed_mid_training_keeps_the_model_and_the_rerun_does_not_train_aga
     kept = list((fault_stack.home / "kept-models").glob("*/model/kept.json"))
     assert len(kept) == 1, "the trained model is kept"
     fault_table(
-        FaultRow("S3 (SeaweedFS) killed", "mid-training: train-fod, epoch 5", seconds,
-                 message, "the trained model (kept-models/), the data, the feature cache")
+        FaultRow("S3 (SeaweedFS) killed", "mid-training: train-fod at epoch 5 of 60 (the "
+                 "other 55 run before the upload fails)", seconds, message,
+                 "the trained model (kept-models/), the data, the feature cache")
     )  # fmt: skip
 
     code, output, seconds = run(fault_stack, repo, "--epochs", str(EPOCHS))
@@ -141,3 +142,107 @@ def test_s3_killed_mid_training_keeps_the_model_and_the_rerun_does_not_train_aga
                  "not trained again", f"registered and promoted; training took 0 epochs, "
                  f"the whole rerun {seconds:.0f} s")
     )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def champion(fault_stack, repo) -> str:
+    """The product's champion version (the run of the test above, from the KFP cache when
+    it ran; trained here when it did not)."""
+    code, output, _ = run(fault_stack, repo, "--epochs", str(EPOCHS))
+    assert code == 0, output[-3000:]
+    client = MlflowClient(fault_stack.settings().mlflow_uri)
+    return client.get_model_version_by_alias(f"fod-{CATEGORY}", "champion").version
+
+
+def test_mlflow_down_at_registration_fails_that_step_and_leaves_the_registry(
+    fault_stack, repo, champion, fault_table
+):
+    client = MlflowClient(fault_stack.settings().mlflow_uri)
+    versions = len(client.search_model_versions(f"name='fod-{CATEGORY}'"))
+    uri = fault_stack.settings().mlflow_uri
+    stop_service(fault_stack, "mlflow")
+    try:  # a new promotion tolerance: every step before registration comes from the cache
+        code, output, seconds = run(
+            fault_stack, repo, "--epochs", str(EPOCHS), "--promotion-tolerance", "0.02"
+        )
+    finally:
+        fault_stack.up()
+    message = last_line(output)
+    assert code != 0 and "register-model" in message, output[-3000:]
+    assert f"MLflow at {uri} does not answer (connection refused)" in message
+    assert "`fod stack up`" in message and seconds < 120, seconds
+    assert client.get_model_version_by_alias(f"fod-{CATEGORY}", "champion").version == champion
+    assert len(client.search_model_versions(f"name='fod-{CATEGORY}'")) == versions
+    fault_table(
+        FaultRow("MLflow stopped", "register-model (the steps before it cached)", seconds,
+                 message, f"champion v{champion} and its alias; the evaluated model (KFP cache)")
+    )  # fmt: skip
+
+
+def test_seaweedfs_restarted_with_its_data_mid_training_the_run_completes(
+    fault_stack, repo, fault_table
+):
+    process = start(fault_stack, repo, "--epochs", str(EPOCHS + 1))  # trains anew
+    try:
+        _wait_for_epoch(repo, process, 5)
+        stop_service(fault_stack, "s3")
+        down = time.perf_counter()
+        fault_stack.up()  # the same port and data folder
+        outage = time.perf_counter() - down
+        output, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, output[-3000:]
+    assert "reused the model" not in output
+    fault_table(
+        FaultRow("S3 (SeaweedFS) restarted, same data", "mid-training: train-fod", None,
+                 f"none: the run completed (S3 was down {outage:.0f} s)", "everything")
+    )  # fmt: skip
+
+
+def test_the_model_server_keeps_serving_while_its_registry_is_down(
+    fault_stack, repo, champion, fault_table
+):
+    from components.local.servers import LocalServing
+
+    code, output, _ = _cli(fault_stack, repo, "deploy", "local", "--category", CATEGORY)
+    assert code == 0, output
+    server = next(s for s in LocalServing(fault_stack.home).servers() if CATEGORY in s.name)
+    image = next((repo / "data" / CATEGORY / "test" / "good").iterdir()).read_bytes()
+    before = server.predict([image])[0]
+    uri = fault_stack.settings().mlflow_uri
+    stopped = time.perf_counter()
+    stop_service(fault_stack, "mlflow")
+    try:
+        deadline = time.monotonic() + 60
+        while (server.status() or {}).get("last_check", {}).get("ok") is not False:
+            assert time.monotonic() < deadline, server.status()
+            time.sleep(0.5)
+        seconds = time.perf_counter() - stopped
+        status = server.status()
+        during = server.predict([image])[0]
+    finally:
+        fault_stack.up()
+    assert during["score"] == pytest.approx(before["score"], abs=1e-6)
+    assert status["version"] == champion and status["ready"]
+    assert f"the registry, MLflow at {uri}, does not answer" in status["last_check"]["error"]
+    deadline = time.monotonic() + 60
+    while not (server.status() or {}).get("last_check", {}).get("ok"):
+        assert time.monotonic() < deadline, server.status()
+        time.sleep(0.5)
+    log = Path(server.log).read_text()
+    assert "still serving version" in log and "answers again" in log
+    LocalServing(fault_stack.home).stop(server.name)
+    fault_table(
+        FaultRow("MLflow (the registry) stopped", "the model server's alias poll", seconds,
+                 f"a warning in its log and /status last_check: {status['last_check']['error']}",
+                 f"v{champion} served throughout, same scores; polls resume when MLflow is back")
+    )  # fmt: skip
+
+
+def _cli(stack, repo: Path, *args: str) -> tuple[int, str, float]:
+    started = time.perf_counter()
+    process = fod_process(stack, repo, *args)
+    output, _ = process.communicate(timeout=300)
+    return process.returncode, output, time.perf_counter() - started
