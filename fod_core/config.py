@@ -168,11 +168,17 @@ class TrainConfig:
     precision: Precision = Precision.AUTO
     # The attention maps held one block of query rows at a time (forward and backward):
     # the same losses and gradients (to round-off) in a fraction of the memory, 3.2 GB
-    # against 10-13 GB for the training step at batch 8 on bottle, about 22% slower on a
-    # 2-core CPU (fp32; autocast keeps the maps). BENCHMARKS.md, training memory. On by
-    # default: a pod's memory request or a laptop's RAM is the harder limit for our users;
-    # --no-lean-attention trades the memory back for speed.
+    # against 8.1 GB for the training step alone at batch 8 on bottle, about 22% slower
+    # on a 2-core CPU (fp32; autocast keeps the maps). With micro-batches below, the whole
+    # `fod train` at batch 8 peaks near 3 GB (BENCHMARKS.md, training memory end to end).
+    # On by default: a pod's memory request or a laptop's RAM is the harder limit for our
+    # users; --no-lean-attention trades the memory back for speed.
     lean_attention: bool = True
+    # Images per forward and backward pass; their gradients add up to the batch's before
+    # one Adam step, so the training is the batch's (to round-off: the loss is a mean
+    # over images). 0: ``AUTO_MICRO_BATCH`` on a CPU, where memory grows with the images
+    # in a pass and the time per image barely changes; the whole batch on a GPU.
+    micro_batch_size: int = 0
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {

@@ -15,8 +15,10 @@ from tqdm.auto import tqdm
 from fod_core.artifact import read_manifest
 from fod_core.data import DatasetError, DatasetFormat, ImageRecord, load_category, test_sizes
 from fod_core.inference import Detector
+from fod_core.memory import PhaseMeter
 from fod_core.metrics import alarms, aupro, compute_metrics, image_auroc, roc_points
 from fod_core.processing import read_image, read_mask, resize_mask
+from fod_core.runtime import release_free_memory
 from fod_core.visualize import overlay, plot_roc, plot_score_histogram
 
 log = logging.getLogger(__name__)
@@ -217,15 +219,19 @@ def evaluate_detector(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     size = detector.pre.image_size
-    scores, maps = score_records(
-        detector, [r.path for r in records], batch_size=batch_size, progress=progress
-    )
+    meter = PhaseMeter(getattr(detector, "device", None))
+    with meter.phase("scoring"):
+        scores, maps = score_records(
+            detector, [r.path for r in records], batch_size=batch_size, progress=progress
+        )
+    release_free_memory()  # the decoded images' buffers, between phases
     labels = np.array([r.label for r in records])
     types = [r.defect_type for r in records]
-    masks = ground_truth_masks(records, size)
     threshold = detector.post.threshold
     decisions = detector.post.is_anomalous(scores) if threshold is not None else None
-    metrics = compute_metrics(labels, scores, types, masks, maps, threshold=threshold)
+    with meter.phase("metrics"):
+        masks = ground_truth_masks(records, size)
+        metrics = compute_metrics(labels, scores, types, masks, maps, threshold=threshold)
     n_anomalous = int(labels.sum())
     without_mask = sum(r.label == 1 and r.mask_path is None for r in records)
     notes = []
@@ -254,23 +260,34 @@ def evaluate_detector(
         metrics |= false_alarms(decisions[labels == 0], promised_false_alarm_rate, calibration)
     if forecast := more_normals(calibration, scores[labels == 1]):
         metrics["more_normals"] = forecast
-    metrics |= planted_metrics(
-        detector,
-        [r.path for r in records if r.label == 0],
-        out_dir,
-        batch_size=batch_size,
-        progress=progress,
-        planting=planting,
-    )
+    with meter.phase("planted"):
+        metrics |= planted_metrics(
+            detector,
+            [r.path for r in records if r.label == 0],
+            out_dir,
+            batch_size=batch_size,
+            progress=progress,
+            planting=planting,
+        )
+    metrics["memory"] = meter.to_dict()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    with meter.phase("report"):
+        with open(out_dir / "predictions.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "defect_type", "label", "score", "is_anomalous"])
+            for i, (r, s) in enumerate(zip(records, scores, strict=True)):
+                decision = "" if decisions is None else int(decisions[i])
+                writer.writerow([str(r.path), r.defect_type, r.label, f"{s:.8g}", decision])
+        _write_plots(metrics, labels, scores, threshold, out_dir, title)
+        _write_overlays(records, scores, maps, masks, out_dir / "overlays", max_overlays)
+    metrics["memory"] = meter.to_dict()
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("%s", meter.describe())
+    return metrics
 
-    with open(out_dir / "predictions.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "defect_type", "label", "score", "is_anomalous"])
-        for i, (r, s) in enumerate(zip(records, scores, strict=True)):
-            decision = "" if decisions is None else int(decisions[i])
-            writer.writerow([str(r.path), r.defect_type, r.label, f"{s:.8g}", decision])
 
+def _write_plots(metrics: dict, labels, scores, threshold, out_dir: Path, title: str) -> None:
+    """The ROC with the shipped point marked, and the test scores against the threshold."""
     fpr, tpr = roc_points(labels, scores) if metrics["image_auroc"] is not None else ([], [])
     if len(fpr):
         shipped = None
@@ -282,8 +299,6 @@ def evaluate_detector(
     plot_score_histogram(
         scores, labels, threshold, out_dir / "score_histogram.png", f"{title} test scores"
     )
-    _write_overlays(records, scores, maps, masks, out_dir / "overlays", max_overlays)
-    return metrics
 
 
 def _write_overlays(records, scores, maps, masks, folder: Path, limit: int | None) -> None:

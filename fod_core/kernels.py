@@ -80,12 +80,23 @@ def compile_enabled() -> bool:
     return os.environ.get("FOD_COMPILE", "1") not in ("0", "false", "no") and not _compile_failed
 
 
+def _compile_in_process() -> None:
+    """Inductor compiles in a pool of worker processes by default (one per core), each a
+    whole Python with PyTorch loaded: about 2 GB beside a 3 GB training on the 2-core CPU
+    (BENCHMARKS.md), which a pod's memory limit counts too. FOD compiles a handful of small
+    kernels, so it compiles them in this process (FOD_COMPILE_THREADS overrides)."""
+    import torch._inductor.config as inductor
+
+    inductor.compile_threads = int(os.environ.get("FOD_COMPILE_THREADS", "1"))
+
+
 def _kernel(name: str, eager: Callable) -> Callable:
     # torch.export (``fod export``) traces the eager code: the graph is compiled elsewhere.
     if not compile_enabled() or torch.compiler.is_exporting():
         return eager
     with _compile_lock:
         if name not in _compiled:
+            _compile_in_process()
             _compiled[name] = torch.compile(eager, dynamic=False, fullgraph=True)
         return _compiled[name]
 

@@ -212,10 +212,13 @@ class I2CorrelationLayer(nn.Module):
         reference_keys_values: tuple[torch.Tensor, torch.Tensor],
         *,
         need_intra_maps: bool = True,
+        need_inter_maps: bool = True,
         lean_eps: float | None = None,
-    ) -> tuple[torch.Tensor, AttentionMaps | None, AttentionMaps]:
+    ) -> tuple[torch.Tensor, AttentionMaps | None, AttentionMaps | None]:
         intra_out, intra_maps = self.intra(x, x, need_maps=need_intra_maps, lean_eps=lean_eps)
-        inter_out, inter_maps = self.inter(x, keys_values=reference_keys_values, lean_eps=lean_eps)
+        inter_out, inter_maps = self.inter(
+            x, keys_values=reference_keys_values, need_maps=need_inter_maps, lean_eps=lean_eps
+        )
         # (x + intra) - (x + inter): the residual cancels, only the discrepancy remains.
         h = self.norm1(intra_out - inter_out)
         return self.norm2(h + self.ffn(h)), intra_maps, inter_maps
@@ -228,7 +231,7 @@ class LevelOutput:
     tokens: torch.Tensor  # (N, L, C) input feature tokens, the reconstruction target
     reconstruction: torch.Tensor  # (N, L, C)
     intra: list[AttentionMaps]  # empty when scoring: the score uses the inter maps only
-    inter: list[AttentionMaps]
+    inter: list[AttentionMaps]  # empty for the reconstruction alone (the validation loss)
 
 
 class FODLevel(nn.Module):
@@ -336,12 +339,15 @@ class FODLevel(nn.Module):
         feature_map: torch.Tensor,
         *,
         scoring: bool = False,
+        reconstruction_only: bool = False,
         lean_eps: float | None = None,
         reference: torch.Tensor | None = None,
     ) -> LevelOutput:
         """feature_map: pooled backbone features (N, C, H, W). ``lean_eps``: see
         ``PriorAttention.forward``. ``reference``: (N, L, C), one per image, instead of
-        the class reference."""
+        the class reference. ``reconstruction_only``: no maps at all, every attention
+        fused (the validation loss needs the reconstruction alone, and whole maps of a
+        batch are gigabytes)."""
         tokens = feature_map.flatten(2).transpose(1, 2)  # row-major (N, H*W, C)
         x = self.embed(tokens)
         intra, inter = [], []
@@ -352,11 +358,16 @@ class FODLevel(nn.Module):
         )
         for layer, keys_values in zip(self.layers, references, strict=True):
             x, intra_maps, inter_maps = layer(
-                x, keys_values, need_intra_maps=not scoring, lean_eps=lean_eps
+                x,
+                keys_values,
+                need_intra_maps=not (scoring or reconstruction_only),
+                need_inter_maps=not reconstruction_only,
+                lean_eps=lean_eps,
             )
             if intra_maps is not None:
                 intra.append(intra_maps)
-            inter.append(inter_maps)
+            if inter_maps is not None:
+                inter.append(inter_maps)
         reconstruction = self.head(self.norm(x))
         return LevelOutput(tokens, reconstruction.float(), intra, inter)
 
@@ -474,14 +485,16 @@ class FODModel(nn.Module):
         *,
         lean: bool = False,
         neighbours: torch.Tensor | None = None,
+        reconstruction_only: bool = False,
     ) -> list[LevelOutput]:
         """``lean`` (training): the maps carry the loss's per-row terms, S is never held
         whole (fp32 only; under autocast the maps are kept as before). ``neighbours``
-        (NEAREST): each image's bank rows, found by retrieval when not given."""
+        (NEAREST): each image's bank rows, found by retrieval when not given.
+        ``reconstruction_only``: no attention maps (see ``FODLevel.forward``)."""
         eps = self.config.log_eps if lean else None
         references = self.image_references(feature_maps, neighbours)
         return [
-            level(f, lean_eps=eps, reference=r)
+            level(f, lean_eps=eps, reference=r, reconstruction_only=reconstruction_only)
             for level, f, r in zip(self.levels, feature_maps, references, strict=True)
         ]
 

@@ -60,6 +60,19 @@ def _tune_glibc_malloc() -> bool:
     return _malloc_tuned
 
 
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system between phases (glibc's
+    ``malloc_trim``). The allocator tuning keeps freed buffers for reuse within a phase;
+    across phases that memory is stranded, above all in the arenas of the threads that
+    decoded images, and the next phase's peak would stand on top of it."""
+    if not _malloc_tuned:
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
 def configure_cpu_numerics() -> None:
     """Flush subnormal floats to zero and keep large freed buffers for reuse."""
     if os.environ.get("FOD_FLUSH_DENORMAL", "1") != "0":

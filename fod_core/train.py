@@ -34,11 +34,12 @@ from fod_core.data import (
     split_validation,
 )
 from fod_core.inference import AnomalyDetector
+from fod_core.memory import PhaseMeter
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
 from fod_core.promise import DEFAULT_DELTA
 from fod_core.recipe import AUTO, choose_reference_k, require_choice_images
-from fod_core.runtime import configure_cpu_numerics
+from fod_core.runtime import configure_cpu_numerics, release_free_memory
 from fod_core.synthetic import Planting
 from fod_core.trainer import FODTrainer, TrainResult, resolve_device
 from fod_core.visualize import plot_training_curves
@@ -61,6 +62,7 @@ class TrainOutcome:
     seconds: dict[str, float]
     level_weights: LevelWeightChoice | None = None
     splits: dict[str, int] | None = None
+    memory: dict | None = None  # each phase's peak resident memory (fod_core.memory)
 
 
 def train_model(
@@ -131,51 +133,57 @@ def train_model(
     )
 
     device = resolve_device(train_config.device)
+    meter = PhaseMeter(device)
     started = time.perf_counter()
-    cache = FeatureCache.for_backbone(
-        cache_store or LocalStore(default_cache_dir()),
-        model_config.backbone,
-        model_config.image_size,
-        model_config.alignment,
-    )
-    extractor, pre = cache.extractor, cache.pre
-    train_features, train_stats = cache.features(
-        train_records, device=device, progress=progress, desc="train features"
-    )
-    val_features, val_stats = cache.features(  # the best epoch is a choice
-        choice_records, device=device, progress=progress, desc="val features"
-    )
+    with meter.phase("features"):
+        cache = FeatureCache.for_backbone(
+            cache_store or LocalStore(default_cache_dir()),
+            model_config.backbone,
+            model_config.image_size,
+            model_config.alignment,
+        )
+        extractor, pre = cache.extractor, cache.pre
+        train_features, train_stats = cache.features(
+            train_records, device=device, progress=progress, desc="train features"
+        )
+        val_features, val_stats = cache.features(  # the best epoch is a choice
+            choice_records, device=device, progress=progress, desc="val features"
+        )
     timings["features_s"] = time.perf_counter() - started
+    release_free_memory()  # the decoded images' buffers: training needs the room
 
     reference_k = None
     if auto_k:
         started = time.perf_counter()
-        reference_k = choose_reference_k(
-            extractor,
-            pre,
-            train_features[0],
-            [r.path for r in choice_records],
-            planting=planting,
-        )
+        with meter.phase("reference_k"):
+            reference_k = choose_reference_k(
+                extractor,
+                pre,
+                train_features[0],
+                [r.path for r in choice_records],
+                planting=planting,
+            )
         model_config = replace(model_config, reference_k=reference_k.k)
         timings["reference_k_s"] = time.perf_counter() - started
     torch.manual_seed(train_config.seed)  # the seed fixes the initial weights too
-    model = create_fod_model(
-        model_config, in_channels=extractor.channels, strides=extractor.strides
-    )
-    if init_from is not None:
-        load_weights_for_warm_start(model, init_from, extractor)
-    model.fit_references(train_features)
-    trainer = FODTrainer(
-        model,
-        config=train_config,
-        checkpoint_dir=checkpoint_dir,
-        progress=progress,
-        on_epoch_end=on_epoch_end,
-    )
     started = time.perf_counter()
-    result = trainer.fit(train_features, val_features, resume=resume)
+    with meter.phase("training"):
+        model = create_fod_model(
+            model_config, in_channels=extractor.channels, strides=extractor.strides
+        )
+        if init_from is not None:
+            load_weights_for_warm_start(model, init_from, extractor)
+        model.fit_references(train_features)
+        trainer = FODTrainer(
+            model,
+            config=train_config,
+            checkpoint_dir=checkpoint_dir,
+            progress=progress,
+            on_epoch_end=on_epoch_end,
+        )
+        result = trainer.fit(train_features, val_features, resume=resume)
     timings["train_s"] = time.perf_counter() - started
+    release_free_memory()
 
     detector = AnomalyDetector(
         extractor=extractor,
@@ -187,20 +195,22 @@ def train_model(
     level_weights, threshold, calibration = None, None, {"pending": "a calibration step"}
     if calibrate:
         started = time.perf_counter()
-        level_weights = apply_level_weighting(
-            detector,
-            level_weighting,
-            [r.path for r in choice_records],
-            [r.path for r in train_records],
-            seed=train_config.seed,
-            planting=planting,
-        )
+        with meter.phase("level_weights"):
+            level_weights = apply_level_weighting(
+                detector,
+                level_weighting,
+                [r.path for r in choice_records],
+                [r.path for r in train_records],
+                seed=train_config.seed,
+                planting=planting,
+            )
         timings["level_weights_s"] = time.perf_counter() - started
         held_out = bool(val_records)
         if not held_out:
             log.warning("no validation images: calibrating on training images (no guarantee)")
         scored = calibration_records if held_out else train_records
-        val_scores = [p.score for p in detector.predict([r.path for r in scored])]
+        with meter.phase("threshold"):
+            val_scores = [p.score for p in detector.predict([r.path for r in scored])]
         threshold = calibrate_threshold(
             val_scores,
             target_false_alarm_rate=target_false_alarm_rate,
@@ -214,6 +224,7 @@ def train_model(
             "calibrated_on": CALIBRATION_PART if held_out else "training images",
         }
     history = [r.__dict__ for r in result.history]
+    log.info("%s: %s", category, meter.describe())
     save_artifact(
         out_dir,
         model=model,
@@ -239,6 +250,7 @@ def train_model(
                 "best_val_loss": result.best_val_loss,
                 "compile_warmup_s": result.warmup_seconds,
                 "history": history,
+                "memory": meter.to_dict(),
                 **timings,
             },
             "feature_cache": {"train": train_stats.to_dict(), "val": val_stats.to_dict()},
@@ -262,6 +274,7 @@ def train_model(
         timings,
         level_weights,
         splits,
+        meter.to_dict(),
     )
 
 

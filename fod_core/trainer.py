@@ -23,6 +23,11 @@ from fod_core.runtime import autocast_for, configure_cpu_numerics
 log = logging.getLogger(__name__)
 
 
+# Images per forward/backward pass on a CPU (TrainConfig.micro_batch_size 0). Measured
+# with the whole `fod train` at batch 8 (BENCHMARKS.md, training memory end to end).
+AUTO_MICRO_BATCH = 4
+
+
 def resolve_device(device: Device | str) -> torch.device:
     device = Device(device)
     if device is Device.AUTO:
@@ -101,17 +106,34 @@ class FODTrainer:
             ]
         return terms, total_objective(terms)
 
+    def micro_batch_size(self, batch_size: int) -> int:
+        """Images per forward/backward pass (``TrainConfig.micro_batch_size``)."""
+        size = self.config.micro_batch_size
+        if size <= 0:
+            size = AUTO_MICRO_BATCH if self.device.type == "cpu" else batch_size
+        return max(1, min(size, batch_size))
+
     def train_step(
         self, batch: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
     ) -> dict[str, float]:
-        terms, loss = self.objective(batch, neighbours)
+        """One Adam step on the batch, its gradient summed over micro-batches, each
+        weighted by its share of the batch: the loss is a mean over images, so this is the
+        whole batch's gradient while only a micro-batch's activations are held."""
+        n = batch[0].shape[0]
+        size = self.micro_batch_size(n)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
         stats: dict[str, float] = {}
-        for level, t in enumerate(terms):
-            for key, value in t.as_floats().items():
-                stats[f"level{level}/{key}"] = value
+        for start in range(0, n, size):
+            part = [f[start : start + size] for f in batch]
+            rows = None if neighbours is None else neighbours[start : start + size]
+            terms, loss = self.objective(part, rows)
+            share = part[0].shape[0] / n
+            (loss * share if share < 1 else loss).backward()
+            for level, t in enumerate(terms):
+                for key, value in t.as_floats().items():
+                    name = f"level{level}/{key}"
+                    stats[name] = stats.get(name, 0.0) + value * share
+        self.optimizer.step()
         return stats
 
     @torch.no_grad()
@@ -122,10 +144,11 @@ class FODTrainer:
             return None
         self.model.eval()
         total = 0.0
-        for start in range(0, n, self.config.batch_size):
-            batch = [f[start : start + self.config.batch_size].to(self.device) for f in features]
+        size = self.micro_batch_size(self.config.batch_size)  # no more held than a step
+        for start in range(0, n, size):
+            batch = [f[start : start + size].to(self.device) for f in features]
             with autocast_for(self.device, self.config.precision):
-                outputs = self.model(batch)
+                outputs = self.model(batch, reconstruction_only=True)
             rec = sum(
                 float(reconstruction_loss(o.tokens.float(), o.reconstruction.float()))
                 for o in outputs
@@ -138,7 +161,8 @@ class FODTrainer:
         or a draw from the random generators: the first epoch's time is then the epoch's
         own. Returns the seconds it took."""
         started = time.perf_counter()
-        batch = [f[: self.config.batch_size].to(self.device) for f in train_features]
+        size = self.micro_batch_size(self.config.batch_size)  # the shape the steps compile
+        batch = [f[:size].to(self.device) for f in train_features]
         self.model.train()
         with torch.random.fork_rng(devices=[]):
             self.objective(batch)[1].backward()
@@ -278,8 +302,9 @@ class FODTrainer:
                 f"{self.checkpoint_dir / 'last.pt'} was written for another model config; "
                 "remove it or train without --resume"
             )
-        # Only --epochs may change; lean attention is the same training in less memory.
-        free = ("epochs", "lean_attention")
+        # Only --epochs may change; lean attention and micro-batches are the same training
+        # in less memory.
+        free = ("epochs", "lean_attention", "micro_batch_size")
         saved = {k: v for k, v in payload["train_config"].items() if k not in free}
         current = {k: v for k, v in self.config.to_dict().items() if k not in free}
         if saved != current:

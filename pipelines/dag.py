@@ -109,7 +109,9 @@ def category_pipeline(p: dict):
         with_cluster_settings(features).set_caching_options(False)
         train = steps.train_fod(**step_inputs(steps.train_fod, p)).after(features)
         with_cluster_settings(train).set_caching_options(True)
-        train.set_cpu_request("2").set_memory_request("8G").set_memory_limit("24G")
+        # `fod train` at batch 8 peaked at 3.0-3.3 GB on bottle and screw (--preset hard),
+        # every phase measured (BENCHMARKS.md, training memory end to end)
+        train.set_cpu_request("2").set_memory_request("4G").set_memory_limit("8G")
         # A GPU on a cluster; its tolerations of GPU nodes' taints are set at compile time
         # (``set_cluster_settings``). The local runner ignores both and trains on CPU.
         train.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
@@ -123,6 +125,8 @@ def category_pipeline(p: dict):
         calibrated = {"model": calibration.outputs["model"], **trained}
         evaluation = steps.evaluate_model(**step_inputs(steps.evaluate_model, p), **calibrated)
         with_cluster_settings(evaluation).set_caching_options(True)
+        # `fod evaluate` peaked at 1.5-1.6 GB on bottle and screw (BENCHMARKS.md)
+        evaluation.set_cpu_request("1").set_memory_request("2G").set_memory_limit("4G")
         export = steps.export_model(
             **step_inputs(steps.export_model, p), calibrated_model=calibration.outputs["model"]
         )

@@ -7,12 +7,13 @@ import math
 import pytest
 import torch
 
-from fod_core.config import LevelConfig, ModelConfig
+from fod_core.config import LevelConfig, ModelConfig, TrainConfig
 from fod_core.kernels import divergence, outer_target, split_divergence_entropy
 from fod_core.losses import (
     entropy,
     fod_objective,
     kl_divergence,
+    reconstruction_loss,
     total_objective,
 )
 from fod_core.model import (
@@ -23,6 +24,7 @@ from fod_core.model import (
     sincos_position_embedding_2d,
     squash_sigma,
 )
+from fod_core.trainer import FODTrainer
 
 CHANNELS, STRIDES = (12, 20), (8, 16)
 
@@ -371,6 +373,45 @@ def test_scoring_path_skips_intra_maps_but_scores_the_same():
             assert torch.allclose(
                 FODLevel.token_scores(fast, 1e-4), FODLevel.token_scores(full, 1e-4), rtol=1e-4
             )
+
+
+def test_validation_loss_without_maps_is_the_same_reconstruction():
+    """The validation loss runs every attention fused (no maps held): the same
+    reconstruction, so the same loss and the same best epoch, in a fraction of the memory."""
+    model = make_model().eval()
+    feats = features(3, seed=6)
+    with torch.no_grad():
+        full, lean = model(feats), model(feats, reconstruction_only=True)
+    for with_maps, without in zip(full, lean, strict=True):
+        assert without.intra == [] and without.inter == [] and with_maps.inter
+        assert torch.allclose(without.reconstruction, with_maps.reconstruction, atol=1e-5)
+    batch = [f[:2] for f in feats]
+    with torch.no_grad():
+        expected = sum(float(reconstruction_loss(o.tokens, o.reconstruction)) for o in model(batch))
+    trainer = FODTrainer(model, config=TrainConfig(batch_size=2), progress=False)
+    assert trainer.validation_loss(batch) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_micro_batches_give_the_whole_batch_gradient(lean):
+    """A batch of 6 in passes of 6, 4 + 2 and 1: the same gradient (the loss is a mean over
+    images), the same logged terms, so the same training in a micro-batch's memory."""
+    feats = features(6, seed=7)
+    runs = []
+    for micro in (6, 4, 1):
+        model = make_model(seed=1)
+        config = TrainConfig(batch_size=6, micro_batch_size=micro, lean_attention=lean)
+        trainer = FODTrainer(model, config=config, progress=False)
+        stats = trainer.train_step(feats)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((stats, grads))
+    (whole_stats, whole), others = runs[0], runs[1:]
+    largest = max(g.abs().max() for g in whole.values())
+    for stats, grads in others:
+        assert grads.keys() == whole.keys()
+        for name, grad in grads.items():
+            assert (grad - whole[name]).abs().max() <= 1e-5 * largest, name
+        assert stats == pytest.approx(whole_stats, rel=1e-5, abs=1e-7)
 
 
 def test_score_maps_runs_only_the_levels_asked_for():

@@ -68,6 +68,12 @@ def test_report_and_artefact(trained):
     assert manifest["calibration"]["threshold_mode"] == "false_alarm_rate"
     assert 1 <= manifest["training"]["best_epoch"] <= EPOCHS
     assert not (base / "model" / "checkpoints").exists()
+    phases = [p["name"] for p in manifest["training"]["memory"]["phases"]]
+    assert phases == ["features", "training", "level_weights", "threshold"]
+    assert [p["name"] for p in written["memory"]["phases"]] == [
+        "scoring", "metrics", "planted", "report"
+    ]  # fmt: skip
+    assert all(p["peak_rss_mb"] > 0 for p in written["memory"]["phases"])
     assert sorted(p.name for p in (base / "model").iterdir()) == [
         "backbone.pt",
         "fod.json",

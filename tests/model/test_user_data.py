@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from math import comb
 
 import pytest
@@ -109,17 +110,20 @@ def test_good_only_folder_is_evaluated_on_held_out_normals(tmp_path):
     # 128 px: planted regions of 0.3-3 % of a 64 px image are a few pixels, which the
     # 8 x 8 token grid of a 64 px model cannot resolve
     root = make_good_only_folder(tmp_path / "data", "parts", n_good=50, size=128, seed=3)
+    # 24 epochs: after 12 the planted AUROC sat at chance (0.44-0.83 by thread count and
+    # micro-batch round-off); after 24 it was 0.79-0.82 on two data seeds, one thread
+    schedule = replace(SCHEDULE, epochs=24)
     outcome = train_model(
         root,
         "parts",
         tmp_path / "model",
         format="folder",
         model_config=model_config_for("compact", image_size=128),
-        train_config=SCHEDULE,
+        train_config=schedule,
         cache_store=LocalStore(tmp_path / "cache"),
         progress=False,
     )
-    expected = describe_splits(load_category(root, "parts", "folder"), SCHEDULE.val_fraction)
+    expected = describe_splits(load_category(root, "parts", "folder"), schedule.val_fraction)
     n_test = len(expected["test_normal"])
     assert outcome.splits["train"] == len(expected["train"])
     assert outcome.splits["validation_calibration"] == len(expected["validation"]["calibration"])

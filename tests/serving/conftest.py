@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from serving_kit import png, start_server
 
 from components.data_version import DvcRepo
-from components.local.processes import ServerState, free_port, stop_server, wait_healthy
-from components.local.servers import LocalServer, spawn_model_server
+from components.local.processes import free_port, stop_server
 from components.review import ReviewStore, create_app
 from components.serving.records import DecisionLog, KeepImages, RecordSettings, Served
 from fod_core.artifact import load_detector
@@ -72,16 +71,6 @@ def test_images(served_data) -> list[Path]:
     return sorted((served_data / "widget" / "test").glob("*/*.png"))[:4]
 
 
-def start_server(home: Path, model: str, name: str, *extra: str) -> LocalServer:
-    """``python -m components.serving`` (what ``fod serve`` runs) as its own process."""
-    server = spawn_model_server(
-        home, name, model, http_port=free_port(), grpc_port=free_port(), extra=extra
-    )
-    process = ServerState(pid=server.pid, log=server.log)
-    wait_healthy(name, process, lambda: bool(server.status()), timeout=120)
-    return server
-
-
 @pytest.fixture(scope="module")
 def server(model_a, tmp_path_factory):
     """Model A served from its directory, with small limits to test them cheaply."""
@@ -108,12 +97,6 @@ def server(model_a, tmp_path_factory):
 
 
 # -- the review page (tests/serving/test_review*.py) ----------------------------------
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def review_repo(settings, tmp_path):
     """A data repository tracked by DVC, like a user's."""

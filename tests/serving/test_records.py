@@ -9,7 +9,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import start_server
+from serving_kit import start_server
 
 from components.local.processes import stop_server
 from components.serving.records import (

@@ -6,8 +6,8 @@ from __future__ import annotations
 import io
 
 import requests
-from conftest import png
 from PIL import Image
+from serving_kit import png
 
 from components.data_version import read_data_version
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import start_server
+from serving_kit import start_server
 from test_records import metric
 
 from components.local.processes import free_port, stop_server
