@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 
@@ -43,14 +44,20 @@ _malloc_tuned = False
 _warned_emulated_bf16 = False  # once per process, not once per batch
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def _tune_glibc_malloc() -> bool:
     global _malloc_tuned
     if _malloc_tuned or os.environ.get("FOD_MALLOC_TUNING", "1") == "0":
         return _malloc_tuned
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc (macOS, musl): nothing to tune
         return False
     ok = mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 1 << 62)
     ok = ok and mallopt(_M_TOP_PAD, 256 << 20)
@@ -65,12 +72,9 @@ def release_free_memory() -> None:
     ``malloc_trim``). The allocator tuning keeps freed buffers for reuse within a phase;
     across phases that memory is stranded, above all in the arenas of the threads that
     decoded images, and the next phase's peak would stand on top of it."""
-    if not _malloc_tuned:
-        return
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return
+    trim = getattr(_libc(), "malloc_trim", None)
+    if _malloc_tuned and trim is not None:
+        trim(0)
 
 
 def configure_cpu_numerics() -> None:
