@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(EXTRAS)
 # file stays on one worker (its fixtures and order). PYTEST_WORKERS= runs them in one.
 PYTEST_WORKERS ?= -n 2 --dist loadfile
 
-.PHONY: setup browser demo test faults lint benchmark clean
+.PHONY: setup browser demo test faults lint benchmark peers products clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,26 @@ lint: setup
 
 benchmark: setup
 	$(BIN)/python benchmarks/bench_fod.py --data ../shared/data/mvtec_ad --category bottle
+
+# Benchmarks only: FOD's --preset auto beside anomalib's PatchCore and PaDiM on bottle, screw
+# and the ELPV solar cells (hours on a 2-core CPU). The peers and the ELPV images live in a
+# virtual environment of their own, so the product's stays as users install it.
+PEERS_VENV ?= .venv-peers
+PRODUCTS ?= --product bottle=../shared/data/mvtec_ad --product screw=../shared/data/screw_512 \
+	--product elpv_mono=runs/data/elpv:folder --product elpv_poly=runs/data/elpv:folder
+
+peers: $(PEERS_VENV)/.installed
+
+$(PEERS_VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install --quiet -c constraints.txt -e ".[peers]"
+	touch $@
+
+products: setup peers
+	$(PEERS_VENV)/bin/python benchmarks/elpv_products.py --out runs/data/elpv
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_products.py $(PRODUCTS) \
+	  --peers-python $(PEERS_VENV)/bin/python --out benchmarks/results/products.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -61,6 +61,72 @@ def shipped(metrics: dict, calibration: dict) -> dict:
     }
 
 
+def parse_product(spec: str) -> tuple[str, str, str]:
+    """``name=root`` or ``name=root:format`` (``folder`` for a good/defects layout)."""
+    name, _, rest = spec.partition("=")
+    root, _, fmt = rest.partition(":")
+    return name, root, fmt or "mvtec"
+
+
+def train_and_evaluate(
+    name: str,
+    root: str,
+    fmt: str = "mvtec",
+    *,
+    preset: str,
+    work: Path,
+    cache_dir: Path,
+    evaluate_device: str = "cpu",
+    train_args: list[str] = (),
+    reuse: bool = False,
+) -> dict:
+    """`fod train --preset ...` then `fod evaluate`, as a user runs them; the results (kept
+    beside the model: ``reuse`` reads them instead of training again)."""
+    fod = [sys.executable, "-m", "fod_core.cli", "-q"]
+    model = work / preset / name
+    kept = model / "bench_result.json"
+    if reuse and kept.is_file():
+        print(f"{name}: the results of {model} (--reuse)", flush=True)
+        return json.loads(kept.read_text())
+    model.mkdir(parents=True, exist_ok=True)
+    common = ["--data", root, "--category", name, "--format", fmt]
+    train = [*fod, "train", *common, "--out", str(model), "--preset", preset]
+    train += ["--cache-dir", str(cache_dir), *train_args]
+    print(f"{name}: {shlex.join(train)}", flush=True)
+    train_s, peak_gb = run(train, model / "train.log")
+    evaluate = [*fod, "evaluate", "--model", str(model), *common]
+    evaluate += ["--out", str(model / "evaluation"), "--device", evaluate_device]
+    evaluate_s, _ = run(evaluate, model / "evaluate.log")
+    manifest = json.loads((model / "fod.json").read_text())
+    metrics = json.loads((model / "evaluation" / "metrics.json").read_text())
+    history = manifest["training"]["history"]
+    result = {
+        "model_dir": str(model),
+        "test": {k: round(metrics[k], 4) for k in METRICS if metrics.get(k) is not None},
+        "n_test": {"normal": metrics.get("n_normal"), "anomalous": metrics.get("n_anomalous")},
+        "model": manifest["model"],
+        "alignment": manifest["preprocessing"].get("alignment", "none"),
+        "level_weights": manifest["postprocessing"].get("level_weights"),
+        "branch_scales": manifest["postprocessing"].get("branch_scales"),
+        "recipe": manifest.get("recipe"),
+        "phase_seconds": {
+            k: round(v, 1) for k, v in manifest["training"].items() if k.endswith("_s")
+        },
+        "epochs": len(history),
+        "best_epoch_on_validation": manifest["training"]["best_epoch"],
+        "seconds_per_epoch": [round(r["seconds"], 1) for r in history],
+        "train_images": manifest["data"]["train_images"],
+        "train_wall_s": round(train_s, 1),
+        "evaluate_wall_s": round(evaluate_s, 1),
+        "train_peak_rss_gb": round(peak_gb, 2),
+        "at_shipped_threshold": shipped(metrics, manifest.get("calibration") or {}),
+        "catch_rate_at_test_far": metrics.get("catch_rate_at_test_far"),
+        "more_normals": metrics.get("more_normals"),
+    }
+    kept.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,38 +151,18 @@ def main() -> None:
         "preset": args.preset,
         "products": {},
     }
-    fod = [sys.executable, "-m", "fod_core.cli", "-q"]
     for product in args.product:
-        name, _, root = product.partition("=")
-        model = args.work / args.preset / name
-        model.mkdir(parents=True, exist_ok=True)
-        train = [*fod, "train", "--data", root, "--category", name, "--out", str(model)]
-        train += ["--preset", args.preset, "--cache-dir", str(args.cache_dir), *args.train_args]
-        print(f"{name}: {shlex.join(train)}", flush=True)
-        train_s, peak_gb = run(train, model / "train.log")
-        evaluate = [*fod, "evaluate", "--model", str(model), "--data", root, "--category", name]
-        evaluate += ["--out", str(model / "evaluation"), "--device", args.evaluate_device]
-        evaluate_s, _ = run(evaluate, model / "evaluate.log")
-        manifest = json.loads((model / "fod.json").read_text())
-        metrics = json.loads((model / "evaluation" / "metrics.json").read_text())
-        history = manifest["training"]["history"]
-        result = {
-            "test": {k: round(metrics[k], 4) for k in METRICS if metrics.get(k) is not None},
-            "n_test": {"normal": metrics.get("n_normal"), "anomalous": metrics.get("n_anomalous")},
-            "model": manifest["model"],
-            "alignment": manifest["preprocessing"].get("alignment", "none"),
-            "level_weights": manifest["postprocessing"].get("level_weights"),
-            "epochs": len(history),
-            "best_epoch_on_validation": manifest["training"]["best_epoch"],
-            "seconds_per_epoch": [round(r["seconds"], 1) for r in history],
-            "train_images": manifest["data"]["train_images"],
-            "train_wall_s": round(train_s, 1),
-            "evaluate_wall_s": round(evaluate_s, 1),
-            "train_peak_rss_gb": round(peak_gb, 2),
-            "at_shipped_threshold": shipped(metrics, manifest.get("calibration") or {}),
-            "catch_rate_at_test_far": metrics.get("catch_rate_at_test_far"),
-            "more_normals": metrics.get("more_normals"),
-        }
+        name, root, fmt = parse_product(product)
+        result = train_and_evaluate(
+            name,
+            root,
+            fmt,
+            preset=args.preset,
+            work=args.work,
+            cache_dir=args.cache_dir,
+            evaluate_device=args.evaluate_device,
+            train_args=args.train_args,
+        )
         report["products"][name] = result
         print(json.dumps({name: result["test"], "train_wall_s": result["train_wall_s"]}))
         args.out.parent.mkdir(parents=True, exist_ok=True)

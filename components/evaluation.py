@@ -169,6 +169,19 @@ def more_normals_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def recipe_section(recipe: dict | None) -> str:
+    """What ``--preset auto`` chose, on what evidence (none for a fixed recipe)."""
+    if not recipe:
+        return ""
+    chosen = ", ".join(f"{k} {v}" for k, v in recipe["chosen"].items())
+    return (
+        f"<h2>Recipe chosen without labels</h2><p>{html.escape(chosen)}: planted image "
+        f"AUROC {recipe.get('planted_image_auroc')} on {recipe.get('choice_images')} choice "
+        f"images and {recipe.get('planted_images')} planted copies, best of "
+        f"{recipe.get('candidates')} candidates ({html.escape(str(recipe.get('rule')))}).</p>"
+    )
+
+
 def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -> None:
     """One self-contained page: headline metrics, confusion matrix, plots inline."""
     rows = "".join(
@@ -209,6 +222,7 @@ def write_html_report(metrics: dict, eval_dir: Path, target: Path, title: str) -
             if more_normals_lines(metrics)
             else ""
         )
+        + recipe_section(metrics.get("recipe"))
         + f"<table border=1>{confusion_rows}</table>{images}"
         f"<pre>{html.escape(json.dumps(metrics.get('per_defect_type', {}), indent=2))}</pre>"
         "</body></html>"

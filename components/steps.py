@@ -127,6 +127,8 @@ def train_fod(
     alignment: str,
     reference: str,
     reference_k: int,
+    retrieval_window: int,
+    auto_recipe: bool,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -154,6 +156,7 @@ def train_fod(
         alignment=alignment,
         reference=reference,
         reference_k=reference_k,
+        retrieval_window=retrieval_window,
     )
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction
@@ -171,6 +174,7 @@ def train_fod(
             code_version=code_version,
             cache_prefix=cache_prefix,
             warm_start_from=champion_uri(registered_name(category)) if warm_start else None,
+            auto_recipe=auto_recipe,
         )
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():
@@ -210,6 +214,10 @@ def calibrate_threshold(
 
     preflight(load_settings(), mlflow=True)
     shutil.copytree(trained_model.path, model.path, dirs_exist_ok=True)
+    from fod_core.artifact import read_manifest
+
+    if read_manifest(model.path).get("recipe", {}).get("auto"):
+        planting = None  # the auto recipe chose it: the model's, not the parameter's
     anomalies = []
     if anomalies_subdir:
         folder = Path(dataset.path) / category / anomalies_subdir

@@ -18,7 +18,7 @@ from fod_core.config import ModelConfig, TrainConfig
 
 log = logging.getLogger(__name__)
 # the phases' seconds train_model records in the manifest, logged as the run's metrics
-TIMINGS = ("features_s", "reference_k_s", "train_s", "level_weights_s")
+TIMINGS = ("recipe_s", "features_s", "reference_k_s", "train_s", "level_weights_s")
 
 
 def _flatten(prefix: str, data: dict) -> dict[str, str]:
@@ -47,6 +47,7 @@ def train_and_track(
     progress: bool = True,
     warm_start_from: str | None = None,
     kept: KeptModels | None = None,
+    auto_recipe: bool = False,
 ) -> tuple[str, dict[str, float]]:
     """Train one category into ``out_dir``, then track it in a new MLflow run; returns (run
     id, summary). The trained model is kept (``components.kept``) until the run holds it:
@@ -69,6 +70,7 @@ def train_and_track(
             "model": model_config.to_dict(),
             "train": train_config.to_dict(),
             "warm_start_from": warm_start_from,
+            **({"auto_recipe": True} if auto_recipe else {}),
         }
     )
     out_dir = Path(out_dir)
@@ -100,6 +102,7 @@ def train_and_track(
                     "warm_start_from": warm_start_from if init_dir else None,
                 },
                 init_from=init_dir,
+                auto_recipe=auto_recipe,
                 calibrate=False,  # the pipeline's calibrate_threshold step does it, once
                 checkpoint_dir=kept.checkpoints(key),  # a killed step resumes its epochs
                 keep_checkpoints=True,
@@ -182,6 +185,13 @@ def _track(
         if chosen_k:  # the recipe setting chosen at training time, with its evidence
             summary["reference_k"] = float(chosen_k["k"])
             mlflow.set_tag("recipe.reference_k", json.dumps(chosen_k)[:5000])
+        auto = manifest.get("recipe", {}).get("auto")
+        if auto:  # what --preset auto chose, with its label-free evidence
+            from fod_core.evaluate import recipe_summary
+
+            chosen = recipe_summary(auto)
+            mlflow.set_tag("recipe.auto", json.dumps(chosen)[:5000])
+            summary["recipe_planted_image_auroc"] = float(chosen["planted_image_auroc"])
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="training")
         if (out_dir / "training_curves.png").is_file():

@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "fod-model"
 # 2: post-processing may carry level weights; 3: pre-processing a pose; 4: a reference
-# per image from a bank of training normals kept in model.pt
-ARTIFACT_VERSION = 4
+# per image from a bank of training normals kept in model.pt; 5: a retrieval branch in the
+# score, the branches on their own scales
+ARTIFACT_VERSION = 5
 
 
 def format_version(
@@ -40,6 +41,8 @@ def format_version(
     weights, readers of version 2 no pose normalisation, readers of version 3 no
     nearest-normal reference, so only artefacts that use them are marked 2, 3 or 4 (and
     refused clearly by older readers)."""
+    if (model or {}).get("retrieval_window") or postprocessing.get("branch_scales"):
+        return 5
     if (model or {}).get("reference", "class") != "class":
         return 4
     if (preprocessing or {}).get("alignment", "none") != "none":
@@ -178,15 +181,20 @@ def load_detector(
             f"({type(error).__name__}: {error})"
         ) from error
     post = PostProcessing.from_dict(manifest["postprocessing"])
-    weights = post.level_weights
+    weights, scales = post.level_weights, post.branch_scales
     if weights is not None and (
-        len(weights) != len(config.levels)
+        len(weights) != model.n_branches
         or not all(0 <= w <= 1 for w in weights)
         or abs(sum(weights) - 1) > 1e-6
     ):
         raise ArtifactError(
             f"{directory / MANIFEST}: level weights {list(weights)} do not fit a model of "
-            f"{len(config.levels)} levels (one weight in [0, 1] per level, summing to 1)"
+            f"{model.n_branches} branches (one weight in [0, 1] per branch, summing to 1)"
+        )
+    if scales is not None and (len(scales) != model.n_branches or min(scales) <= 0):
+        raise ArtifactError(
+            f"{directory / MANIFEST}: branch scales {list(scales)} do not fit a model of "
+            f"{model.n_branches} branches (one positive scale per branch)"
         )
     return AnomalyDetector(
         extractor=extractor,
@@ -233,6 +241,8 @@ def scoring_fingerprint(model_dir: Path, post: dict) -> dict:
     """What an exported graph or a precision check depends on: the weights and the
     post-processing inside the scoring graph (not the threshold, applied after it)."""
     baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
+    if post.get("branch_scales") is not None:
+        baked["branch_scales"] = post["branch_scales"]
     weights = files_digest([model_dir / "model.pt", model_dir / "backbone.pt"])
     return {"weights_digest": weights, "postprocessing": baked}
 

@@ -195,9 +195,15 @@ class LevelWeightChoice:
     n_anomalous: int
     criterion: str = "aupro on synthetic anomalies, then pixel auroc"
     candidates: list[dict] = field(default_factory=list)
+    scales: tuple[float, ...] | None = None  # PostProcessing.branch_scales, if any
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"weights": list(self.weights)}
+        data = asdict(self) | {"weights": list(self.weights)}
+        if self.scales is None:
+            del data["scales"]
+        else:
+            data["scales"] = list(self.scales)
+        return data
 
     def save_plot(self, path: Path) -> None:
         """The metrics against the finer level's weight (two-level models only)."""
@@ -217,12 +223,32 @@ def weight_grid(n_levels: int, step: float = 0.1) -> list[tuple[float, ...]]:
     return grid
 
 
+def branch_step(n_branches: int) -> float:
+    """The weight grid's step: 0.1 for two levels (11 candidates), 0.2 with a third
+    branch (21 candidates; 0.1 would be 66, each an AUPRO over every image)."""
+    return 0.1 if n_branches <= 2 else 0.2
+
+
+def typical_maxima(level_maps: Sequence[np.ndarray], normal: np.ndarray) -> tuple[float, ...]:
+    """Per branch, the mean over the ``normal`` images of each map's maximum: the scale
+    that puts every branch near 1 on a normal image (``PostProcessing.branch_scales``)."""
+    scales = []
+    for maps in level_maps:
+        peak = float(np.asarray(maps)[normal].reshape(int(normal.sum()), -1).max(1).mean())
+        scales.append(peak if peak > 0 else 1.0)
+    return tuple(scales)
+
+
 def choose_level_weights(
-    level_maps: Sequence[np.ndarray], masks: np.ndarray, *, step: float = 0.1
+    level_maps: Sequence[np.ndarray],
+    masks: np.ndarray,
+    *,
+    step: float = 0.1,
+    scales: Sequence[float] | None = None,
 ) -> LevelWeightChoice:
     """The weights (on a ``step`` grid) whose combined map has the best AUPRO, ties broken
     by pixel AUROC, then by closeness to the method's equal weights, over images with known
-    anomaly ``masks`` (N, S, S)."""
+    anomaly ``masks`` (N, S, S). ``scales``: each branch's map is divided by its own first."""
     import torch
 
     from fod_core.processing import PostProcessing
@@ -231,10 +257,12 @@ def choose_level_weights(
     if not masks.any() or masks.all():
         raise ValueError("level weights need images with both normal and anomalous pixels")
     maps = [torch.as_tensor(np.asarray(m)) for m in level_maps]
+    scales = tuple(float(s) for s in scales) if scales is not None else None
     candidates = []
     for weights in weight_grid(len(level_maps), step):
         # combined as the detector combines them (PostProcessing.combine)
-        combined = PostProcessing(masks.shape[-1], level_weights=weights).combine(maps).numpy()
+        post = PostProcessing(masks.shape[-1], level_weights=weights, branch_scales=scales)
+        combined = post.combine(maps).numpy()
         candidates.append(
             {
                 "weights": list(weights),
@@ -251,7 +279,11 @@ def choose_level_weights(
     best = max(candidates, key=rank)
     n_anomalous = int(masks.any(axis=(1, 2)).sum())
     return LevelWeightChoice(
-        tuple(best["weights"]), len(masks) - n_anomalous, n_anomalous, candidates=candidates
+        tuple(best["weights"]),
+        len(masks) - n_anomalous,
+        n_anomalous,
+        candidates=candidates,
+        scales=scales,
     )
 
 
@@ -298,9 +330,12 @@ def synthetic_level_weights(
                 per_level.append([])
             per_level[level].append(detector.post.to_input_frame(level_map, poses).numpy())
         masks += [mask for _, mask in chunk]
-    choice = choose_level_weights(
-        [np.concatenate(m) for m in per_level], np.stack(masks), step=step
-    )
+    maps, masks = [np.concatenate(m) for m in per_level], np.stack(masks)
+    scales = None
+    if detector.model.n_branches > len(detector.model.levels):  # a retrieval branch
+        scales = typical_maxima(maps, ~masks.any(axis=(1, 2)))
+        step = max(step, branch_step(len(maps)))
+    choice = choose_level_weights(maps, masks, step=step, scales=scales)
     log.info(
         "level weights %s chosen on %d validation images and %d with planted anomalies",
         choice.weights,
@@ -366,15 +401,29 @@ def apply_level_weighting(
     from dataclasses import replace
 
     weighting = LevelWeighting(weighting)
-    if weighting is LevelWeighting.EQUAL or len(detector.model.levels) == 1:
-        detector.post = replace(detector.post, level_weights=None)
+    require_weighted_branches(weighting, detector.model.n_branches > len(detector.model.levels))
+    if weighting is LevelWeighting.EQUAL or detector.model.n_branches == 1:
+        detector.post = replace(detector.post, level_weights=None, branch_scales=None)
         return None
     require_validation_images(weighting, len(validation_images))
     choice = synthetic_level_weights(
         detector, validation_images, donor_images, seed=seed, planting=planting
     )
-    detector.post = replace(detector.post, level_weights=choice.weights)
+    detector.post = replace(
+        detector.post, level_weights=choice.weights, branch_scales=choice.scales
+    )
     return choice
+
+
+def require_weighted_branches(weighting: LevelWeighting | str, retrieval_branch: bool) -> None:
+    """A retrieval branch is a squared feature distance, FOD's levels are scores of another
+    kind: their plain average means nothing; the weights and scales come from planted
+    anomalies."""
+    if retrieval_branch and LevelWeighting(weighting) is LevelWeighting.EQUAL:
+        raise ValueError(
+            "a retrieval branch (--retrieval-window) needs --level-weights synthetic: its "
+            "distance and FOD's scores are put on one scale and weighted on planted anomalies"
+        )
 
 
 @dataclass(frozen=True)

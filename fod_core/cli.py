@@ -78,6 +78,8 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "alignment": ModelConfig().alignment.value,
     "reference": ModelConfig().reference.value,
     "reference_k": ModelConfig().reference_k,
+    "retrieval_window": ModelConfig().retrieval_window,
+    "auto_recipe": False,
     "epochs": TrainConfig().epochs,
     "lr": TrainConfig().lr,
     "level_weights": LevelWeighting.EQUAL.value,
@@ -87,7 +89,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
 
 def _setting(args: argparse.Namespace, name: str):
     """A training setting: its flag if given, else the preset's value, else the default."""
-    given = getattr(args, name)
+    given = getattr(args, name, None)
     if given is not None:
         return given
     return PRESETS[Preset(args.preset)].get(name, TRAIN_DEFAULTS[name])
@@ -125,7 +127,10 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         help="method: the published method (default); hard: parts at any angle with small "
         "defects (screws): "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS[Preset.HARD].items())
-        + ". A flag given as well wins over the preset",
+        + "; auto: alignment, reference, K, retrieval window and planting chosen for the "
+        "product before training on planted anomalies (no labels), the branches weighted "
+        "on them, epochs for about 1,500 images seen. A flag given as well wins over the "
+        "preset (auto's own choices are refused as flags)",
     )
     parser.add_argument(
         "--backbone",
@@ -167,7 +172,17 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         "validation's choice part, with planted anomalies; no labels)",
     )
     parser.add_argument(
-        "--epochs", type=int, help=f"training epochs (default: {defaults_train.epochs})"
+        "--retrieval-window",
+        type=int,
+        help="not the method: add the retrieval distance (the finer level's distance to the "
+        "reference within w x w positions) as a further branch of the score; odd w, 0 for "
+        "none (default); needs --level-weights synthetic",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        help=f"training epochs (default: {defaults_train.epochs}; 0: enough for about "
+        "1,500 images seen)",
     )
     parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
     parser.add_argument("--lr", type=float, help=f"Adam's rate (default: {defaults_train.lr})")
@@ -239,7 +254,19 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         alignment=Alignment(_setting(args, "alignment")),
         reference=ReferenceMode(_setting(args, "reference")),
         reference_k=int(_setting(args, "reference_k")),
+        retrieval_window=int(_setting(args, "retrieval_window")),
     )
+    if _setting(args, "auto_recipe"):
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+            if getattr(args, name, None) is not None
+        ]
+        if given:
+            raise SystemExit(
+                f"error: --preset auto chooses {', '.join(given)} itself, on planted anomalies; "
+                "give them with --preset method or --preset hard instead"
+            )
     train_config = TrainConfig(
         epochs=int(_setting(args, "epochs")),
         batch_size=args.batch_size,
@@ -275,6 +302,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         level_weighting=_setting(args, "level_weights"),
         planting=_setting(args, "planting"),
         progress=not args.quiet,
+        auto_recipe=bool(_setting(args, "auto_recipe")),
     )
     print(
         json.dumps(
@@ -286,6 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 "threshold": outcome.threshold.value,
                 "threshold_promise": outcome.threshold.describe(),
                 "level_weights": outcome.level_weights.weights if outcome.level_weights else None,
+                **({"recipe": outcome.recipe.describe()} if outcome.recipe else {}),
                 "feature_cache": {k: v.to_dict() for k, v in outcome.cache.items()},
                 "peak_memory_mb": {
                     **{p["name"]: p["peak_rss_mb"] for p in outcome.memory["phases"]},

@@ -206,8 +206,10 @@ def evaluate_detector(
     splits: dict | None = None,
     calibration: dict | None = None,
     planting: str = "anywhere",
+    recipe: dict | None = None,
 ) -> dict:
     """Score ``records`` and write metrics.json, predictions.csv, plots and overlays.
+    ``recipe``: what ``--preset auto`` chose (the artefact's ``recipe.auto``), reported.
 
     Labelled defects give image metrics, masks add pixel metrics; held-out normals alone
     give the false-alarm rate and the planted-anomaly metrics, so a product with good
@@ -269,6 +271,8 @@ def evaluate_detector(
             progress=progress,
             planting=planting,
         )
+    if recipe:
+        metrics["recipe"] = recipe_summary(recipe)
     metrics["memory"] = meter.to_dict()
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     with meter.phase("report"):
@@ -326,6 +330,23 @@ def _spread(records: list[ImageRecord], limit: int) -> list[int]:
     return sorted(chosen)
 
 
+def recipe_summary(recipe: dict) -> dict:
+    """The auto recipe's choice and its label-free evidence, short (the candidates stay in
+    the artefact): for the report, MLflow and the registry."""
+    candidates = recipe.get("candidates", [])
+    return {
+        "chosen": {
+            k: recipe.get(k)
+            for k in ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+        },
+        "rule": recipe.get("rule"),
+        "planted_image_auroc": max((c["planted_image_auroc"] for c in candidates), default=None),
+        "candidates": len(candidates),
+        "choice_images": recipe.get("n_choice_images"),
+        "planted_images": recipe.get("n_planted"),
+    }
+
+
 def evaluate_model(
     model_dir: str | Path,
     data_root: str | Path,
@@ -363,4 +384,5 @@ def evaluate_model(
         splits=splits,
         calibration=manifest.get("calibration"),
         planting=planting or manifest.get("planting", "anywhere"),
+        recipe=manifest.get("recipe", {}).get("auto"),
     )

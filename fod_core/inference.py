@@ -130,7 +130,7 @@ class ScoringGraph(nn.Module):
     def score_features(
         self, feature_maps: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        levels = self.post.used_levels(len(self.model.levels))
+        levels = self.post.used_levels(self.model.n_branches)
         with self._autocast(feature_maps[0]):
             level_maps = self.model.score_maps(feature_maps, levels=levels, chunked=self.chunked)
         maps = self.post.anomaly_map([m if m is None else m.float() for m in level_maps])

@@ -17,6 +17,7 @@ from torch import nn
 
 from fod_core.config import LevelConfig, ModelConfig, ReferenceMode
 from fod_core.kernels import attention_divergence, divergence, outer_target
+from fod_core.retrieval import window_min_distance
 
 # Bytes of one layer's inter attention map per scoring pass (see FODLevel.scoring_chunk).
 SCORING_MAP_BUDGET = 64 << 20
@@ -428,6 +429,11 @@ class FODModel(nn.Module):
         return [level.grid for level in self.levels]
 
     @property
+    def n_branches(self) -> int:
+        """Maps that make the anomaly map: one per level, and the retrieval distance's."""
+        return len(self.levels) + bool(self.config.retrieval_window)
+
+    @property
     def nearest(self) -> bool:
         """Whether each image's reference is the mean of its nearest training normals."""
         return self.config.reference is ReferenceMode.NEAREST
@@ -479,6 +485,25 @@ class FODModel(nn.Module):
             neighbours = self.neighbours(feature_maps)
         return [level.nearest_reference(neighbours) for level in self.levels]
 
+    def retrieval_map(
+        self, feature_maps: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, H, W) on the finer level's grid: the retrieval distance (``fod_core.retrieval``)
+        to each image's K nearest bank rows, or to the class reference."""
+        level, features = self.levels[0], feature_maps[0]
+        shape = (features.shape[1], *level.grid)  # (C, H, W)
+        if self.nearest:
+            if neighbours is None:
+                neighbours = self.neighbours(feature_maps)
+            rows = level.bank.index_select(0, neighbours.reshape(-1))
+            rows = rows.view(*neighbours.shape, -1, shape[0]).transpose(2, 3)
+        else:
+            rows = level.reference.transpose(0, 1)[None, None]
+        with torch.autocast(features.device.type, enabled=False):
+            return window_min_distance(
+                features, rows.reshape(*rows.shape[:2], *shape), self.config.retrieval_window
+            )
+
     def forward(
         self,
         feature_maps: Sequence[torch.Tensor],
@@ -506,13 +531,19 @@ class FODModel(nn.Module):
         levels: Sequence[bool] | None = None,
         chunked: bool = True,
     ) -> list[torch.Tensor | None]:
-        """Per-level token score grids [(N, H_l, W_l)]; post-processing makes the map.
-        ``levels`` picks which to compute (the others are None): a level weighted 0 is
+        """Per-level token score grids [(N, H_l, W_l)], then the retrieval distance's where
+        the model has one (``n_branches`` in all); post-processing makes the map.
+        ``levels`` picks which to compute (the others are None): a branch weighted 0 is
         not run at all. ``chunked``: in passes of ``scoring_chunk`` images (an exported
         graph, whose batch size is not known when it is traced, takes one pass)."""
         maps: list[torch.Tensor | None] = []
-        wanted = levels if levels is not None else [True] * len(self.levels)
+        wanted = list(levels) if levels is not None else [True] * self.n_branches
+        if len(wanted) != self.n_branches:
+            raise ValueError(f"{len(wanted)} branches asked of a model with {self.n_branches}")
         neighbours = self.neighbours(feature_maps) if self.nearest else None
+        retrieval = None
+        if self.config.retrieval_window and wanted.pop():
+            retrieval = self.retrieval_map(feature_maps, neighbours)
         for level, features, use in zip(self.levels, feature_maps, wanted, strict=True):
             if not use:
                 maps.append(None)
@@ -535,6 +566,8 @@ class FODModel(nn.Module):
                 for chunk, r in zip(chunks, rows, strict=True)
             ]
             maps.append(torch.cat(scores).view(-1, *level.grid))
+        if self.config.retrieval_window:
+            maps.append(retrieval)
         return maps
 
 

@@ -274,18 +274,26 @@ class PostProcessing:
     # None: the method's plain average of the levels; else one weight per level (summing
     # to 1), chosen on validation data (see fod_core.calibration.LevelWeighting).
     level_weights: tuple[float, ...] | None = None
+    # None: the maps as they are. Else one scale per branch, each map divided by its own
+    # before weighting: a model with a retrieval branch adds a squared feature distance to
+    # FOD's scores, and the weights compare like with like only on one scale (each
+    # branch's typical maximum on normal validation images, fod_core.calibration).
+    branch_scales: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         if self.level_weights is None:
             del data["level_weights"]  # what format-1 readers know
+        if self.branch_scales is None:
+            del data["branch_scales"]  # what format-4 readers know
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> PostProcessing:
         data = dict(data)
-        if data.get("level_weights") is not None:
-            data["level_weights"] = tuple(float(w) for w in data["level_weights"])
+        for key in ("level_weights", "branch_scales"):
+            if data.get(key) is not None:
+                data[key] = tuple(float(w) for w in data[key])
         return cls(**data)
 
     def used_levels(self, n_levels: int) -> list[bool]:
@@ -313,6 +321,11 @@ class PostProcessing:
         missing = [i for i, m in enumerate(upsampled) if m is None and used[i]]
         if missing:
             raise ValueError(f"level(s) {missing} were not scored but the map needs them")
+        if self.branch_scales is not None:
+            upsampled = [
+                None if m is None else m / s
+                for m, s in zip(upsampled, self.branch_scales, strict=True)
+            ]
         if self.level_weights is None:
             return torch.stack(list(upsampled)).mean(0)
         weighted = [w * m for w, m in zip(self.level_weights, upsampled, strict=True) if w > 0]

@@ -1,13 +1,18 @@
 """Recipe settings chosen at training time by a stated, label-free rule, never fixed after
 looking at test labels.
 
-The nearest-normal reference's K (how many training normals are averaged into an image's
-reference): before training, each candidate K scores the validation's *choice* images and
-copies of them with planted anomalies by the training-free retrieval distance (the largest
-per-position squared distance of the finer level's features to the mean of the K nearest
-training normals, found as ``FODModel.neighbours`` finds them). The K with the best image
-AUROC of planted against clean wins; ties go to the smaller K (cheaper, closer to the
-image itself). The calibration images take no part, so the threshold's promise holds.
+The nearest-normal reference's K (``--reference-k 0``, ``--preset hard``): before training,
+each candidate K scores the validation's *choice* images and copies of them with planted
+anomalies by the training-free retrieval distance (the largest per-position squared
+distance of the finer level's features to the mean of the K nearest training normals,
+found as ``FODModel.neighbours`` finds them). The K with the best image AUROC of planted
+against clean wins; ties go to the smaller K (cheaper, closer to the image itself).
+
+The whole recipe (``--preset auto``, ``choose_recipe``): planting by the part's size, then
+every alignment x reference (class, or nearest K) x retrieval window, each judged the same
+way by its retrieval distance (``fod_core.retrieval``) through the model's own
+post-processing. The calibration images take no part in either, so the threshold's
+promise holds.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import numpy as np
 import torch
 
 from fod_core.metrics import image_auroc
-from fod_core.processing import read_image
+from fod_core.processing import Alignment, read_image
 from fod_core.synthetic import PLANTED_SEED, Planting, planted_copies
 
 log = logging.getLogger(__name__)
@@ -109,4 +114,155 @@ def choose_reference_k(
         rows,
     )
     log.info("reference K %d chosen on %d choice images: %s", choice.k, len(normals), rows)
+    return choice
+
+
+# --- the whole recipe (``--preset auto``) -------------------------------------------------
+
+WINDOWS = (1, 3)  # retrieval windows tried: position to position, and a position away
+CLASS_REFERENCE = 0  # a candidate's K 0: the class reference (the mean of every normal)
+# Planted small and on the part where a part stands out from a plain background and fills
+# under a quarter of the photo (a screw: 12-15 % by ``part_pixels``); a product that fills
+# the photo (a bottle, a solar cell) has no such part and is planted anywhere.
+SMALL_PART = 0.25
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """What ``--preset auto`` chose before training, and on what evidence (no labels)."""
+
+    alignment: str
+    reference: str  # "class" (the method's) or "nearest"
+    reference_k: int  # 0 with the class reference
+    retrieval_window: int
+    planting: str
+    rule: str
+    n_choice_images: int
+    n_planted: int
+    planting_evidence: dict = field(default_factory=dict)
+    candidates: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        reference = "class" if self.reference == "class" else f"nearest {self.reference_k}"
+        return (
+            f"alignment {self.alignment}, reference {reference}, retrieval window "
+            f"{self.retrieval_window}, planting {self.planting}"
+        )
+
+
+def choose_planting(choice_images: Sequence[str | Path]) -> tuple[Planting, dict]:
+    """PART (small, on the part) when in most choice images a part stands out from a plain
+    background and fills under ``SMALL_PART`` of the photo (a screw on a table); else
+    ANYWHERE (a bottle, a solar cell: the product fills the photo)."""
+    from fod_core.synthetic import part_mask
+
+    fractions = []
+    for path in choice_images:
+        part = part_mask(np.asarray(read_image(path), dtype=np.float32) / 255.0)
+        fractions.append(None if part is None else float(part.mean()))
+    small = sum(f is not None and f < SMALL_PART for f in fractions)
+    planting = Planting.PART if small > len(fractions) / 2 else Planting.ANYWHERE
+    evidence = {
+        "images": len(fractions),
+        "small_part_images": small,
+        "median_part_fraction": (
+            float(np.median([f for f in fractions if f is not None]))
+            if any(f is not None for f in fractions)
+            else None
+        ),
+    }
+    return planting, evidence
+
+
+def candidate_scores(
+    bank: torch.Tensor,
+    queries: torch.Tensor,
+    ks: Sequence[int],
+    windows: Sequence[int],
+    post,
+) -> dict[tuple[int, int], np.ndarray]:
+    """Per (K, window), each query's image score of the retrieval distance alone (its map
+    through ``post``, the model's own upsampling, smoothing and max). K 0: the class
+    reference. bank (M, C, H, W), queries (Q, C, H, W) of the finer level."""
+    from fod_core.retrieval import window_min_distance
+
+    flat = bank.flatten(1)
+    class_rows = bank.mean(0)[None, None]
+    scores: dict[tuple[int, int], list[float]] = {(k, w): [] for k in ks for w in windows}
+    for query in queries:
+        order = ((flat - query.flatten()[None]) ** 2).sum(1).argsort()
+        for k in ks:
+            rows = class_rows if k == CLASS_REFERENCE else bank[order[:k]][None]
+            for window in windows:
+                grid = window_min_distance(query[None], rows, window)
+                score = post.image_score(post.anomaly_map([grid]))
+                scores[(k, window)].append(float(score[0]))
+    return {key: np.asarray(v) for key, v in scores.items()}
+
+
+def choose_recipe(
+    features_for,
+    choice_images: Sequence[str | Path],
+    *,
+    image_size: int,
+    score_sigma: float,
+    alignments: Sequence[Alignment | str] = tuple(Alignment),
+    ks: Sequence[int] = (CLASS_REFERENCE, *K_CANDIDATES),
+    windows: Sequence[int] = WINDOWS,
+    per_image: int = 3,
+) -> RecipeChoice:
+    """The recipe with the best planted image AUROC of its training-free score, on the
+    choice images only. ``features_for(alignment)`` -> (extractor, pre, training images'
+    finer level (M, C, H, W)), from the feature cache (the chosen one is reused by
+    training). Ties go to the simpler: no alignment, the class reference, the smaller
+    window, the smaller K."""
+    from fod_core.processing import PostProcessing
+
+    require_choice_images(len(choice_images))
+    planting, evidence = choose_planting(choice_images)
+    normals, draws = planted_copies(
+        list(choice_images), per_image=per_image, seed=PLANTED_SEED, planting=planting
+    )
+    planted = [image for image, _ in draws]
+    labels = np.r_[np.zeros(len(normals)), np.ones(len(planted))]
+    post = PostProcessing(image_size, score_sigma)
+    rows = []
+    for alignment in (Alignment(a) for a in alignments):
+        extractor, pre, bank = features_for(alignment)
+        usable = [k for k in ks if k <= bank.shape[0]]
+        queries = _finer_level(extractor, pre, list(normals) + planted)
+        scores = candidate_scores(bank.float(), queries, usable, windows, post)
+        for (k, window), values in scores.items():
+            rows.append(
+                {
+                    "alignment": alignment.value,
+                    "reference": "class" if k == CLASS_REFERENCE else "nearest",
+                    "k": k,
+                    "window": window,
+                    "planted_image_auroc": round(image_auroc(labels, values), 4),
+                }
+            )
+    order = {a.value: i for i, a in enumerate(Alignment)}
+    best = max(
+        rows,
+        key=lambda r: (r["planted_image_auroc"], -order[r["alignment"]], -r["window"], -r["k"]),
+    )
+    choice = RecipeChoice(
+        alignment=best["alignment"],
+        reference=best["reference"],
+        reference_k=best["k"],
+        retrieval_window=best["window"],
+        planting=planting.value,
+        rule="best planted image AUROC of the training-free retrieval distance on the "
+        "choice images; ties to no alignment, the class reference, the smaller window, the "
+        "smaller K",
+        n_choice_images=len(normals),
+        n_planted=len(planted),
+        planting_evidence=evidence,
+        candidates=rows,
+    )
+    log.info("recipe chosen on %d choice images: %s", len(normals), choice.describe())
     return choice

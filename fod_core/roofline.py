@@ -173,7 +173,8 @@ def fod_flops(
     at 1024 tokens the first level is most of the cost); training runs them all."""
     score = train = 0.0
     config = model.config
-    wanted = levels if levels is not None else [True] * len(model.levels)
+    # the retrieval branch (after the levels, if any) costs next to nothing: not counted
+    wanted = list(levels)[: len(model.levels)] if levels is not None else [True] * len(model.levels)
     for level, level_config, used in zip(model.levels, config.levels, wanted, strict=True):
         shape = dict(
             tokens=level.grid[0] * level.grid[1],

@@ -24,8 +24,15 @@ from fod_core.calibration import (
     require_calibration_images,
     require_held_out_normals,
     require_validation_images,
+    require_weighted_branches,
 )
-from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
+from fod_core.config import (
+    AUTO_TRAIN_IMAGES,
+    ModelConfig,
+    ReferenceMode,
+    TrainConfig,
+    budget_epochs,
+)
 from fod_core.data import (
     DatasetFormat,
     load_category,
@@ -38,7 +45,13 @@ from fod_core.memory import PhaseMeter
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
 from fod_core.promise import DEFAULT_DELTA
-from fod_core.recipe import AUTO, choose_reference_k, require_choice_images
+from fod_core.recipe import (
+    AUTO,
+    RecipeChoice,
+    choose_recipe,
+    choose_reference_k,
+    require_choice_images,
+)
 from fod_core.runtime import configure_cpu_numerics, release_free_memory
 from fod_core.synthetic import Planting
 from fod_core.trainer import FODTrainer, TrainResult, resolve_device
@@ -63,6 +76,7 @@ class TrainOutcome:
     level_weights: LevelWeightChoice | None = None
     splits: dict[str, int] | None = None
     memory: dict | None = None  # each phase's peak resident memory (fod_core.memory)
+    recipe: RecipeChoice | None = None  # what --preset auto chose
 
 
 def train_model(
@@ -86,6 +100,7 @@ def train_model(
     init_from: str | Path | None = None,
     calibrate: bool = True,
     planting: Planting | str = Planting.ANYWHERE,
+    auto_recipe: bool = False,
 ) -> TrainOutcome:
     """Train one category and write a calibrated model artefact to ``out_dir``.
 
@@ -100,7 +115,10 @@ def train_model(
     ``planting``: how anomalies are planted for the level weights and for the evaluation's
     planted metrics (small and on the part for products like screws); kept in the artefact.
     Choices (best epoch, level weights) use the validation's choice part, the threshold
-    its calibration part: ``delta`` is the chance its false-alarm promise may fail."""
+    its calibration part: ``delta`` is the chance its false-alarm promise may fail.
+    ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window and
+    planting are chosen before training on the choice part with planted anomalies
+    (``fod_core.recipe.choose_recipe``), overriding ``model_config``'s and ``planting``."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
@@ -109,15 +127,20 @@ def train_model(
     timings: dict[str, float] = {}
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
+    if train_config.epochs == 0:
+        train_config = replace(train_config, epochs=budget_epochs(len(train_records)))
+        log.info("%d epochs: about %d images seen", train_config.epochs, AUTO_TRAIN_IMAGES)
     choice_records, calibration_records = split_roles(val_records, train_config.choice_fraction)
     require_validation_images(level_weighting, len(choice_records))
     auto_k = model_config.reference is ReferenceMode.NEAREST and model_config.reference_k == AUTO
-    if auto_k:
+    if auto_k or auto_recipe:
         require_choice_images(len(choice_records))
     if calibrate:
+        require_weighted_branches(level_weighting, auto_recipe or model_config.retrieval_window > 0)
         require_calibration_images(len(val_records), len(calibration_records))
         require_held_out_normals(
-            model_config.reference is ReferenceMode.NEAREST, len(calibration_records)
+            auto_recipe or model_config.reference is ReferenceMode.NEAREST,
+            len(calibration_records),
         )
     splits = split_sizes(data, train_records, val_records, choice_records)
     log.info(
@@ -134,10 +157,28 @@ def train_model(
 
     device = resolve_device(train_config.device)
     meter = PhaseMeter(device)
+    store = cache_store or LocalStore(default_cache_dir())
+    recipe = None
+    if auto_recipe:
+        started = time.perf_counter()
+        with meter.phase("recipe"):
+            recipe = auto_recipe_choice(
+                store, model_config, train_records, choice_records, device, progress
+            )
+        model_config = replace(
+            model_config,
+            alignment=recipe.alignment,
+            reference=recipe.reference,
+            reference_k=recipe.reference_k,
+            retrieval_window=recipe.retrieval_window,
+        )
+        planting = recipe.planting
+        timings["recipe_s"] = time.perf_counter() - started
+        release_free_memory()
     started = time.perf_counter()
     with meter.phase("features"):
         cache = FeatureCache.for_backbone(
-            cache_store or LocalStore(default_cache_dir()),
+            store,
             model_config.backbone,
             model_config.image_size,
             model_config.alignment,
@@ -258,6 +299,7 @@ def train_model(
             "level_weights": (level_weights.to_dict() if level_weights else {"weighting": "equal"}),
             "planting": Planting(planting).value,
             **({"recipe": {"reference_k": reference_k.to_dict()}} if reference_k else {}),
+            **({"recipe": {"auto": recipe.to_dict()}} if recipe else {}),
             **(metadata or {}),
         },
     )
@@ -275,6 +317,38 @@ def train_model(
         level_weights,
         splits,
         meter.to_dict(),
+        recipe,
+    )
+
+
+def auto_recipe_choice(
+    store: BlobStore,
+    model_config: ModelConfig,
+    train_records: list,
+    choice_records: list,
+    device: torch.device,
+    progress: bool,
+) -> RecipeChoice:
+    """``choose_recipe`` on the training features of each alignment, through the feature
+    cache (the chosen alignment's features are then a cache hit for training)."""
+
+    def features_for(alignment: Alignment):
+        cache = FeatureCache.for_backbone(
+            store, model_config.backbone, model_config.image_size, alignment
+        )
+        features, _ = cache.features(
+            train_records,
+            device=device,
+            progress=progress,
+            desc=f"recipe features ({alignment.value})",
+        )
+        return cache.extractor, cache.pre, features[0].cpu()
+
+    return choose_recipe(
+        features_for,
+        [r.path for r in choice_records],
+        image_size=model_config.image_size,
+        score_sigma=model_config.score_sigma,
     )
 
 

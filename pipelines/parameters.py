@@ -89,6 +89,17 @@ class PipelineParameters:
         choices=[r.value for r in ReferenceMode],
     )
     reference_k: int = parameter(ModelConfig().reference_k, "normals per nearest reference")
+    retrieval_window: int = parameter(
+        ModelConfig().retrieval_window,
+        "not the method: add the retrieval distance within w x w positions as a further "
+        "branch of the score (odd w; 0: none); needs level_weights synthetic",
+    )
+    auto_recipe: bool = parameter(
+        False,
+        "choose alignment, reference, K, retrieval window and planting per product before "
+        "training, on planted anomalies (`fod train --preset auto`; overrides those five); "
+        "needs level_weights synthetic",
+    )
     epochs: int = parameter(_TRAIN.epochs, "training epochs")
     batch_size: int = parameter(_TRAIN.batch_size, "training batch size")
     learning_rate: float = parameter(_TRAIN.lr, "Adam learning rate", flag="--lr")
@@ -183,6 +194,14 @@ def checked(arguments: dict) -> dict:
             types[name] in ("int", "float") and isinstance(value, bool)
         ):
             raise ValueError(f"pipeline parameter {name}={value!r} must be of type {types[name]}")
+    merged = defaults() | arguments
+    if (merged["auto_recipe"] or merged["retrieval_window"]) and merged[
+        "level_weights"
+    ] == LevelWeighting.EQUAL.value:
+        raise ValueError(
+            "auto_recipe and retrieval_window need level_weights synthetic: the retrieval "
+            "distance and FOD's scores are put on one scale and weighted on planted anomalies"
+        )
     return arguments
 
 

@@ -34,7 +34,7 @@ def test_the_gpu_check_dry_run_collects_the_cuda_tests(tmp_path) -> None:
     collected = report["cuda_tests_collected"]
     assert collected["returncode"] == 0 and "2 tests collected" in collected["summary"]
     hard = report["hard_recipe_command"]  # the hard-products recipe on CUDA, longer schedule
-    assert "--preset hard" in hard and "--device cuda --epochs 30" in hard
+    assert "--preset auto" in hard and "--device cuda --epochs 30" in hard
     assert "--product screw=" in hard and "--product bottle=" in hard
 
 

@@ -385,7 +385,7 @@ def test_level_weights_chosen_on_planted_anomalies(trained, tmp_path):
     for name in ("model.pt", "backbone.pt"):
         shutil.copy(model_dir / name, tmp_path / "broken" / name)
     (tmp_path / "broken" / "fod.json").write_text(json.dumps(broken))
-    with pytest.raises(ArtifactError, match="do not fit a model of 2 levels"):
+    with pytest.raises(ArtifactError, match="do not fit a model of 2 branches"):
         load_detector(tmp_path / "broken")
     broken["postprocessing"]["level_weights"] = [0.0, 0.0]  # would score no level at all
     (tmp_path / "broken" / "fod.json").write_text(json.dumps(broken))

@@ -66,3 +66,10 @@ def test_arguments_are_checked_by_name_and_type() -> None:
         checked({"epochs": 2.5})
     with pytest.raises(ValueError, match="learning_rate=True"):
         checked({"learning_rate": True})
+
+
+def test_an_auto_recipe_needs_weights_chosen_on_planted_anomalies() -> None:
+    for setting in ({"auto_recipe": True}, {"retrieval_window": 3}):
+        with pytest.raises(ValueError, match="level_weights synthetic"):
+            checked(setting)
+        assert checked({**setting, "level_weights": "synthetic"})

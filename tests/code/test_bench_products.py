@@ -1,0 +1,66 @@
+"""The benchmark-only side of issue 28: the ELPV products laid out from the PyPI package and
+anomalib's peers run on our split. Both need the ``peers`` extra and skip without it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from bench_preset import parse_product  # noqa: E402
+
+
+def test_a_product_names_its_root_and_layout() -> None:
+    assert parse_product("screw=../shared/data/screw_512") == (
+        "screw",
+        "../shared/data/screw_512",
+        "mvtec",
+    )
+    assert parse_product("elpv_mono=runs/data/elpv:folder") == (
+        "elpv_mono",
+        "runs/data/elpv",
+        "folder",
+    )
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("elpv_dataset") is None,
+    reason="the ELPV images come with the benchmark extra: pip install -e '.[peers]'",
+)
+def test_elpv_lays_out_as_two_folder_products(tmp_path) -> None:
+    from elpv_products import lay_out
+
+    from fod_core.data import load_category
+
+    counts = lay_out(tmp_path)
+    # the package's labels: mono 588 good, 313 defective, 173 uncertain; poly 920, 402, 228
+    assert counts["elpv_mono/good"] == 588 and counts["elpv_mono/defects/defective"] == 313
+    assert counts["uncertain/elpv_mono/p033"] + counts["uncertain/elpv_mono/p067"] == 173
+    assert counts["elpv_poly/good"] == 920 and counts["elpv_poly/defects/defective"] == 402
+    data = load_category(tmp_path, "elpv_mono", "folder")
+    assert sum(r.label for r in data.test) == 313  # the uncertain ones are not test defects
+    assert all(r.mask_path is None for r in data.test)  # image labels only
+    assert lay_out(tmp_path) == counts  # links again, nothing doubled
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("anomalib") is None,
+    reason="anomalib's PatchCore comes with the benchmark extra: pip install -e '.[peers]'",
+)
+def test_a_peer_runs_on_our_split_with_our_backbone(synthetic_root, tmp_path) -> None:
+    out = tmp_path / "patchcore.json"
+    command = [sys.executable, str(BENCHMARKS / "bench_products.py"), "--peer-worker"]
+    command += ["patchcore", "--data", str(synthetic_root), "--category", "widget"]
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["image_auroc"] > 0.9  # planted defects on generated parts
+    assert result["pixel_auroc"] is not None and result["aupro"] is not None  # masks exist
+    assert set(result["catch_rate_at_test_far"]) == {"1%", "5%"}
+    assert result["fit_s"] > 0 and result["ms_per_image_batch1"] > 0

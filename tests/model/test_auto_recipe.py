@@ -1,0 +1,252 @@
+"""``--preset auto``: the retrieval branch beside FOD's levels (its distance, its place in
+the map, its scale), the recipe chosen on planted anomalies without labels, and the
+artefact that carries both through reloading, evaluation and export."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from fod_core.artifact import ArtifactError, load_detector, read_manifest, update_manifest
+from fod_core.cache import LocalStore
+from fod_core.calibration import typical_maxima
+from fod_core.cli import _configs, build_parser
+from fod_core.config import (
+    AUTO_TRAIN_IMAGES,
+    LevelConfig,
+    ModelConfig,
+    ReferenceMode,
+    TrainConfig,
+    budget_epochs,
+)
+from fod_core.model import create_fod_model
+from fod_core.processing import PostProcessing
+from fod_core.recipe import CLASS_REFERENCE, candidate_scores, choose_planting
+from fod_core.retrieval import window_min_distance
+from fod_core.synthetic import make_good_only_folder
+from fod_core.train import train_model
+
+TINY = ModelConfig(
+    image_size=64,
+    levels=(
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+        LevelConfig(d_model=32, n_heads=4, n_layers=1),
+    ),
+)
+CHANNELS, STRIDES = (12, 20), (8, 16)
+
+
+def features(batch: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(batch, c, 64 // s, 64 // s, generator=generator)
+        for c, s in zip(CHANNELS, STRIDES, strict=True)
+    ]
+
+
+# --- the retrieval distance ------------------------------------------------------------
+
+
+def test_window_one_is_the_distance_to_the_nearest_row_position_by_position() -> None:
+    x = torch.randn(2, 5, 6, 7)
+    rows = torch.randn(2, 3, 5, 6, 7)
+    expected = ((x[:, None] - rows) ** 2).sum(2).min(1).values
+    torch.testing.assert_close(window_min_distance(x, rows, 1), expected)
+
+
+def test_a_window_forgives_a_shift_of_one_position_not_a_defect() -> None:
+    reference = torch.randn(1, 4, 8, 8)
+    shifted = torch.roll(reference, shifts=1, dims=-1)  # the part one position to the right
+    rows = reference[:, None]
+    inner = (slice(None), slice(1, -1), slice(2, -1))  # away from the wrapped column
+    assert window_min_distance(shifted, rows, 1)[inner].mean() > 1.0
+    assert window_min_distance(shifted, rows, 3)[inner].abs().max() < 1e-6
+    defect = shifted.clone()
+    defect[0, :, 4, 4] += 5.0  # matches nothing nearby
+    assert window_min_distance(defect, rows, 3)[0, 4, 4] > 10.0
+    with pytest.raises(ValueError, match="odd"):
+        window_min_distance(shifted, rows, 2)
+
+
+@pytest.mark.parametrize("reference", [ReferenceMode.CLASS, ReferenceMode.NEAREST])
+def test_the_model_scores_the_retrieval_branch_after_its_levels(reference) -> None:
+    config = replace(TINY, reference=reference, reference_k=3, retrieval_window=3)
+    model = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
+    bank = features(9)
+    model.fit_references(bank)
+    batch = features(4, seed=1)
+    assert model.n_branches == 3
+    maps = model.score_maps(batch)
+    assert [tuple(m.shape) for m in maps] == [(4, 8, 8), (4, 4, 4), (4, 8, 8)]
+    if reference is ReferenceMode.NEAREST:
+        rows = bank[0][model.neighbours(batch)]  # (N, K, C, H, W)
+    else:
+        rows = bank[0].mean(0)[None, None]
+    torch.testing.assert_close(maps[2], window_min_distance(batch[0], rows, 3))
+    # a branch weighted 0 is not computed; the others are as before
+    only = model.score_maps(batch, levels=[False, False, True])
+    assert only[0] is None and only[1] is None
+    torch.testing.assert_close(only[2], maps[2])
+    with pytest.raises(ValueError, match="branches"):
+        model.score_maps(batch, levels=[True, True])
+
+
+def test_branches_are_put_on_their_own_scale_before_weighting() -> None:
+    post = PostProcessing(4, level_weights=(0.5, 0.0, 0.5), branch_scales=(2.0, 1.0, 10.0))
+    maps = [torch.full((1, 4, 4), 4.0), None, torch.full((1, 4, 4), 30.0)]
+    combined = post.combine(maps)
+    torch.testing.assert_close(combined, torch.full((1, 4, 4), 0.5 * 2.0 + 0.5 * 3.0))
+    assert PostProcessing.from_dict(post.to_dict()) == post
+    assert "branch_scales" not in PostProcessing(4).to_dict()  # what older readers know
+    normal = np.array([True, True, False])
+    maps = [np.stack([np.full((2, 2), v) for v in (1.0, 3.0, 100.0)])]
+    assert typical_maxima(maps, normal) == (2.0,)  # the anomalous image is left out
+
+
+# --- the recipe, chosen without labels ---------------------------------------------------
+
+
+def test_candidate_scores_rank_a_planted_defect_above_normals() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(12, 6, 8, 8, generator=generator)
+    normals = bank[:4] + 0.05 * torch.randn(4, 6, 8, 8, generator=generator)
+    defects = normals.clone()
+    defects[:, :, 3, 3] += 4.0
+    post = PostProcessing(32, 1.0)
+    queries = torch.cat([normals, defects])
+    scores = candidate_scores(bank, queries, [CLASS_REFERENCE, 1], [1, 3], post)
+    assert set(scores) == {(0, 1), (0, 3), (1, 1), (1, 3)}
+    for key in [(1, 1), (1, 3)]:  # the nearest normal is the image itself, nearly
+        assert scores[key][4:].min() > scores[key][:4].max(), key
+
+
+def test_planting_follows_the_part_size(tmp_path) -> None:
+    from PIL import Image
+
+    small, full = tmp_path / "small", tmp_path / "full"
+    small.mkdir(), full.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        screw = np.full((64, 64, 3), 200, np.uint8)
+        screw[30:34, 10:40] = 40  # a thin dark part, 3% of the photo
+        Image.fromarray(screw).save(small / f"{i}.png")
+        cell = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # fills the photo
+        Image.fromarray(cell).save(full / f"{i}.png")
+    planting, evidence = choose_planting(sorted(small.glob("*.png")))
+    assert planting.value == "part" and evidence["small_part_images"] == 3
+    assert choose_planting(sorted(full.glob("*.png")))[0].value == "anywhere"
+
+
+def test_the_epoch_budget_is_images_seen() -> None:
+    assert budget_epochs(AUTO_TRAIN_IMAGES // 5) == 5
+    assert budget_epochs(10) == 10  # at most 10
+    assert budget_epochs(10 * AUTO_TRAIN_IMAGES) == 1  # at least 1
+
+
+def test_auto_refuses_the_flags_it_chooses_itself() -> None:
+    parser = build_parser()
+    base = ["train", "--data", "d", "--category", "c", "--out", "o", "--preset", "auto"]
+    _, train_config = _configs(parser.parse_args(base))
+    assert train_config.epochs == 0 and train_config.lr == 3e-4
+    with pytest.raises(SystemExit, match="--alignment"):
+        _configs(parser.parse_args([*base, "--alignment", "principal_axis"]))
+    _, train_config = _configs(parser.parse_args([*base, "--epochs", "2"]))  # not a choice
+    assert train_config.epochs == 2
+
+
+# --- the whole recipe on a good-only folder ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auto_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("auto") / "data"
+    make_good_only_folder(root, "part", n_good=30, size=72, seed=3)
+    model = tmp_path_factory.mktemp("auto") / "model"
+    outcome = train_model(
+        root,
+        "part",
+        model,
+        model_config=TINY,
+        format="folder",
+        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.3),
+        cache_store=LocalStore(model.parent / "cache"),
+        progress=False,
+        level_weighting="synthetic",
+        auto_recipe=True,
+    )
+    return model, root, outcome
+
+
+def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
+    model, root, outcome = auto_model
+    manifest = read_manifest(model)
+    recipe = manifest["recipe"]["auto"]
+    assert outcome.recipe is not None and recipe["rule"].startswith("best planted image AUROC")
+    # every candidate was scored, both alignments, class and nearest, both windows
+    candidates = recipe["candidates"]
+    assert {(c["alignment"], c["reference"], c["window"]) for c in candidates} >= {
+        ("none", "class", 1),
+        ("principal_axis", "nearest", 3),
+    }
+    best = max(c["planted_image_auroc"] for c in candidates)
+    key = ("alignment", "reference", "reference_k", "retrieval_window")
+    picked = tuple(recipe[k] for k in key)
+    chosen = [
+        c for c in candidates if (c["alignment"], c["reference"], c["k"], c["window"]) == picked
+    ]
+    assert chosen and chosen[0]["planted_image_auroc"] == best
+    assert recipe["n_choice_images"] == manifest["data"]["splits"]["validation_choice"]
+    # the model is the one chosen, with the branch on, weighted and scaled
+    assert manifest["format_version"] == 5
+    assert manifest["model"]["retrieval_window"] == recipe["retrieval_window"]
+    assert manifest["planting"] == recipe["planting"]
+    post = manifest["postprocessing"]
+    assert len(post["level_weights"]) == len(post["branch_scales"]) == 3
+    assert sum(post["level_weights"]) == pytest.approx(1.0)
+    # reloaded, it scores the calibration images as it did in training
+    names = manifest["data"]["calibration_images"]
+    reloaded = [p.score for p in load_detector(model).predict([root / "part" / n for n in names])]
+    recorded = manifest["calibration"]["validation_scores"]
+    assert sorted(reloaded) == pytest.approx(sorted(recorded), rel=1e-5)
+
+
+def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -> None:
+    from fod_core.evaluate import evaluate_model
+    from fod_core.export import export_model
+
+    model, root, _ = auto_model
+    metrics = evaluate_model(model, root, "part", tmp_path / "eval", format="folder")
+    assert metrics["n_normal"] > 0 and metrics["n_planted"] > 0
+    records = export_model(model, ["onnx"])
+    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+
+
+def test_scales_that_do_not_fit_the_branches_are_refused(auto_model, tmp_path) -> None:
+    import shutil
+
+    model, _, _ = auto_model
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    manifest = read_manifest(broken)
+    update_manifest(broken, postprocessing={**manifest["postprocessing"], "branch_scales": [1.0]})
+    with pytest.raises(ArtifactError, match="branch scales"):
+        load_detector(broken)
+
+
+def test_a_retrieval_branch_needs_weights_chosen_on_planted_anomalies(tmp_path) -> None:
+    root = tmp_path / "data"
+    make_good_only_folder(root, "part", n_good=12, size=72, seed=3)
+    with pytest.raises(ValueError, match="--level-weights synthetic"):
+        train_model(
+            root,
+            "part",
+            tmp_path / "m",
+            model_config=replace(TINY, retrieval_window=3),
+            format="folder",
+            train_config=TrainConfig(epochs=1, batch_size=4, val_fraction=0.3),
+            cache_store=LocalStore(tmp_path / "cache"),
+            progress=False,
+        )
