@@ -65,7 +65,8 @@ def _finer_level(extractor, pre, images: Sequence, batch_size: int = 8) -> torch
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         batch = torch.stack([pre(read_image(i) if isinstance(i, str | Path) else i) for i in chunk])
-        parts.append(extractor(batch)[0].float().cpu())
+        device = next(extractor.parameters()).device  # the cache may have moved it
+        parts.append(extractor(batch.to(device))[0].float().cpu())
     return torch.cat(parts)
 
 

@@ -132,7 +132,11 @@ def train_model(
         log.info("%d epochs: about %d images seen", train_config.epochs, AUTO_TRAIN_IMAGES)
     choice_records, calibration_records = split_roles(val_records, train_config.choice_fraction)
     require_validation_images(level_weighting, len(choice_records))
-    auto_k = model_config.reference is ReferenceMode.NEAREST and model_config.reference_k == AUTO
+    auto_k = (
+        model_config.reference is ReferenceMode.NEAREST
+        and model_config.reference_k == AUTO
+        and not auto_recipe  # the recipe chooses K itself
+    )
     if auto_k or auto_recipe:
         require_choice_images(len(choice_records))
     if calibrate:
