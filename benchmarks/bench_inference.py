@@ -101,7 +101,7 @@ def main() -> None:
     rates = measure_rates(where)
     if args.all_levels and detector.post.level_weights is not None:
         detector.post = replace(detector.post, level_weights=None)  # the method: every level
-    levels = detector.post.used_levels(len(detector.model.levels))
+    levels = detector.post.used_levels(detector.model.n_branches)  # a retrieval branch too
     flops = fod_flops(detector.model, detector.extractor, levels=levels)
     print(roofline_header(where, rates, flops), flush=True)  # first: every figure is read by it
     full_forward = FODLevel.forward

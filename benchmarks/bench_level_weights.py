@@ -38,7 +38,12 @@ def main() -> None:
         + " ".join(f"--{k} {v}" for k, v in vars(args).items()),
         "model_training": read_manifest(args.model).get("training", {}).get("config"),
     }
+    retrieval = bool(read_manifest(args.model).get("model", {}).get("retrieval_window"))
+    if retrieval:  # its distance and FOD's scores have no meaningful plain average
+        report["equal"] = "not applicable: the model has a retrieval branch"
     for weighting in LevelWeighting:
+        if retrieval and weighting is LevelWeighting.EQUAL:
+            continue
         model_dir = args.out / f"model_{weighting.value}"
         shutil.rmtree(model_dir, ignore_errors=True)
         shutil.copytree(args.model, model_dir)

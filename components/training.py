@@ -158,9 +158,11 @@ def _track(
             mlflow.set_tag("warm_start_from", manifest["warm_start_from"])
         if reused:
             mlflow.set_tag("kept_model", f"trained {reused['kept_at']}, reused: an upload failed")
+        # what was trained, from the artefact: the recipe's choices (auto_recipe) and the
+        # epochs of a budget (epochs 0) are resolved there, not in the configs asked for
         mlflow.log_params(
-            _flatten("model", model_config.to_dict())
-            | _flatten("train", train_config.to_dict())
+            _flatten("model", manifest.get("model") or model_config.to_dict())
+            | _flatten("train", training.get("config") or train_config.to_dict())
             | {"data.format": data_format, "data.version": data_version}
         )
         for record in training["history"]:

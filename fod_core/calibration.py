@@ -419,8 +419,10 @@ def require_weighted_branches(weighting: LevelWeighting | str, retrieval_branch:
     """A retrieval branch is a squared feature distance, FOD's levels are scores of another
     kind: their plain average means nothing; the weights and scales come from planted
     anomalies."""
+    from fod_core.config import SettingsError
+
     if retrieval_branch and LevelWeighting(weighting) is LevelWeighting.EQUAL:
-        raise ValueError(
+        raise SettingsError(
             "a retrieval branch (--retrieval-window) needs --level-weights synthetic: its "
             "distance and FOD's scores are put on one scale and weighted on planted anomalies"
         )
@@ -537,6 +539,15 @@ def calibrate_model(
     calibration_records = split.calibration or train_records
     detector = load_detector(model_dir)
     planting = Planting(planting or manifest.get("planting", Planting.ANYWHERE.value))
+    unweighted_retrieval = (
+        detector.model.n_branches > len(detector.model.levels)
+        and detector.post.branch_scales is None
+    )
+    if level_weighting is None and unweighted_retrieval:
+        # trained with calibrate=False (the pipeline's training step): its branches were
+        # never put on one scale, and equal weights over them would mean nothing
+        level_weighting = LevelWeighting.SYNTHETIC
+        log.info("a retrieval branch with no weights yet: weighting on planted anomalies")
     extra = {}
     if level_weighting is not None:
         extra["planting"] = planting.value  # what the weights were chosen on

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
@@ -23,6 +24,7 @@ from fod_core.config import (
     Precision,
     Preset,
     ReferenceMode,
+    SettingsError,
     TrainConfig,
     model_config_for,
 )
@@ -33,6 +35,9 @@ from fod_core.promise import DEFAULT_DELTA
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.synthetic import Planting
 from fod_core.trainer import CheckpointMismatchError
+
+if TYPE_CHECKING:
+    from fod_core.recipe import RecipeSpace
 
 log = logging.getLogger("fod")
 
@@ -122,15 +127,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     defaults_model, defaults_train = ModelConfig(), TrainConfig()
     parser.add_argument(
         "--preset",
-        default=Preset.METHOD.value,
+        default=Preset.AUTO.value,
         choices=[p.value for p in Preset],
-        help="method: the published method (default); hard: parts at any angle with small "
-        "defects (screws): "
+        help="auto (default): alignment, reference, K, retrieval window and planting chosen "
+        "for the product before training on planted anomalies (no labels), the branches "
+        "weighted on them, epochs for about 1,500 images seen; method: the published "
+        "method; hard: parts at any angle with small defects (screws): "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS[Preset.HARD].items())
-        + "; auto: alignment, reference, K, retrieval window and planting chosen for the "
-        "product before training on planted anomalies (no labels), the branches weighted "
-        "on them, epochs for about 1,500 images seen. A flag given as well wins over the "
-        "preset (auto's own choices are refused as flags)",
+        + ". A flag given as well wins over the preset (with auto, a part fixed by its flag "
+        "is not chosen; the rest still is)",
     )
     parser.add_argument(
         "--backbone",
@@ -242,6 +247,16 @@ def _add_confidence_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
+    """The flags as configs; settings that cannot go together are a user's error."""
+    try:
+        return _build_configs(args)
+    except SettingsError:
+        raise
+    except ValueError as err:  # a config's own check (an even window, K < 0, ...)
+        raise SettingsError(str(err)) from err
+
+
+def _build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
     backbone = BackboneSpec(
         name=args.backbone,
         out_indices=tuple(int(i) for i in args.out_indices.split(",")),
@@ -256,17 +271,6 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         reference_k=int(_setting(args, "reference_k")),
         retrieval_window=int(_setting(args, "retrieval_window")),
     )
-    if _setting(args, "auto_recipe"):
-        given = [
-            f"--{name.replace('_', '-')}"
-            for name in ("alignment", "reference", "reference_k", "retrieval_window", "planting")
-            if getattr(args, name, None) is not None
-        ]
-        if given:
-            raise SystemExit(
-                f"error: --preset auto chooses {', '.join(given)} itself, on planted anomalies; "
-                "give them with --preset method or --preset hard instead"
-            )
     train_config = TrainConfig(
         epochs=int(_setting(args, "epochs")),
         batch_size=args.batch_size,
@@ -280,6 +284,16 @@ def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         micro_batch_size=args.micro_batch_size,
     )
     return model_config, train_config
+
+
+def _recipe_space(args: argparse.Namespace) -> RecipeSpace | None:
+    """With ``--preset auto``, the parts of the recipe the user fixed with their flags."""
+    from fod_core.recipe import RecipeSpace
+
+    if not _setting(args, "auto_recipe"):
+        return None
+    names = ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+    return RecipeSpace.from_flags(**{name: getattr(args, name, None) for name in names})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -303,6 +317,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         planting=_setting(args, "planting"),
         progress=not args.quiet,
         auto_recipe=bool(_setting(args, "auto_recipe")),
+        recipe_space=_recipe_space(args),
     )
     print(
         json.dumps(
@@ -585,6 +600,7 @@ def main(
         ArtifactError,
         CheckpointMismatchError,
         ExportError,
+        SettingsError,
         FileNotFoundError,
         *user_errors,
     ) as err:

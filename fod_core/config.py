@@ -13,6 +13,10 @@ from fod_core.backbone import BackboneSpec
 from fod_core.processing import Alignment
 
 
+class SettingsError(ValueError):
+    """Settings that do not go together (a user's flags or pipeline parameters)."""
+
+
 class Device(str, Enum):
     AUTO = "auto"
     CPU = "cpu"

@@ -129,6 +129,53 @@ SMALL_PART = 0.25
 
 
 @dataclass(frozen=True)
+class RecipeSpace:
+    """The candidates ``choose_recipe`` tries. A part a user fixes with its own flag
+    (``fod train --alignment``, ``--reference``, ``--reference-k``, ``--retrieval-window``,
+    ``--planting``) is tried alone; the rest is still chosen."""
+
+    alignments: tuple[Alignment, ...] = tuple(Alignment)
+    ks: tuple[int, ...] = (CLASS_REFERENCE, *K_CANDIDATES)
+    windows: tuple[int, ...] = WINDOWS
+    planting: Planting | None = None  # None: chosen by the part's size
+
+    @classmethod
+    def from_flags(
+        cls,
+        *,
+        alignment: str | None = None,
+        reference: str | None = None,
+        reference_k: int | None = None,
+        retrieval_window: int | None = None,
+        planting: str | None = None,
+    ) -> RecipeSpace:
+        ks = cls.ks
+        if reference == "class":
+            ks = (CLASS_REFERENCE,)
+        elif reference == "nearest" or (reference_k not in (None, AUTO)):
+            ks = K_CANDIDATES
+        if reference != "class" and reference_k not in (None, AUTO):
+            ks = (int(reference_k),)
+        return cls(
+            alignments=(Alignment(alignment),) if alignment else cls.alignments,
+            ks=ks,
+            windows=(int(retrieval_window),) if retrieval_window else cls.windows,
+            planting=Planting(planting) if planting else None,
+        )
+
+    def fixed(self) -> dict:
+        """The parts fixed by flags, as recorded beside the choice."""
+        whole = RecipeSpace()
+        return {
+            name: [getattr(v, "value", v) for v in value]
+            if isinstance(value, tuple)
+            else getattr(value, "value", value)
+            for name, value in asdict(self).items()
+            if value != asdict(whole)[name]
+        }
+
+
+@dataclass(frozen=True)
 class RecipeChoice:
     """What ``--preset auto`` chose before training, and on what evidence (no labels)."""
 
@@ -142,6 +189,7 @@ class RecipeChoice:
     n_planted: int
     planting_evidence: dict = field(default_factory=dict)
     candidates: list[dict] = field(default_factory=list)
+    fixed_by_flags: dict = field(default_factory=dict)  # RecipeSpace.fixed(): not chosen
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,20 +258,21 @@ def choose_recipe(
     *,
     image_size: int,
     score_sigma: float,
-    alignments: Sequence[Alignment | str] = tuple(Alignment),
-    ks: Sequence[int] = (CLASS_REFERENCE, *K_CANDIDATES),
-    windows: Sequence[int] = WINDOWS,
+    space: RecipeSpace | None = None,
     per_image: int = 3,
 ) -> RecipeChoice:
     """The recipe with the best planted image AUROC of its training-free score, on the
-    choice images only. ``features_for(alignment)`` -> (extractor, pre, training images'
-    finer level (M, C, H, W)), from the feature cache (the chosen one is reused by
-    training). Ties go to the simpler: no alignment, the class reference, the smaller
-    window, the smaller K."""
+    choice images only, among ``space``'s candidates (all by default).
+    ``features_for(alignment)`` -> (extractor, pre, training images' finer level
+    (M, C, H, W)), from the feature cache (the chosen one is reused by training). Ties go
+    to the simpler: no alignment, the class reference, the smaller window, the smaller K."""
     from fod_core.processing import PostProcessing
 
+    space = space or RecipeSpace()
     require_choice_images(len(choice_images))
     planting, evidence = choose_planting(choice_images)
+    if space.planting is not None:
+        planting, evidence = space.planting, evidence | {"fixed_by_flag": True}
     normals, draws = planted_copies(
         list(choice_images), per_image=per_image, seed=PLANTED_SEED, planting=planting
     )
@@ -231,11 +280,11 @@ def choose_recipe(
     labels = np.r_[np.zeros(len(normals)), np.ones(len(planted))]
     post = PostProcessing(image_size, score_sigma)
     rows = []
-    for alignment in (Alignment(a) for a in alignments):
+    for alignment in space.alignments:
         extractor, pre, bank = features_for(alignment)
-        usable = [k for k in ks if k <= bank.shape[0]]
+        usable = [k for k in space.ks if k <= bank.shape[0]] or [min(space.ks)]
         queries = _finer_level(extractor, pre, list(normals) + planted)
-        scores = candidate_scores(bank.float(), queries, usable, windows, post)
+        scores = candidate_scores(bank.float(), queries, usable, space.windows, post)
         for (k, window), values in scores.items():
             rows.append(
                 {
@@ -264,6 +313,7 @@ def choose_recipe(
         n_planted=len(planted),
         planting_evidence=evidence,
         candidates=rows,
+        fixed_by_flags=space.fixed(),
     )
     log.info("recipe chosen on %d choice images: %s", len(normals), choice.describe())
     return choice

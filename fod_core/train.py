@@ -48,6 +48,7 @@ from fod_core.promise import DEFAULT_DELTA
 from fod_core.recipe import (
     AUTO,
     RecipeChoice,
+    RecipeSpace,
     choose_recipe,
     choose_reference_k,
     require_choice_images,
@@ -101,6 +102,7 @@ def train_model(
     calibrate: bool = True,
     planting: Planting | str = Planting.ANYWHERE,
     auto_recipe: bool = False,
+    recipe_space: RecipeSpace | None = None,
 ) -> TrainOutcome:
     """Train one category and write a calibrated model artefact to ``out_dir``.
 
@@ -118,13 +120,16 @@ def train_model(
     its calibration part: ``delta`` is the chance its false-alarm promise may fail.
     ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window and
     planting are chosen before training on the choice part with planted anomalies
-    (``fod_core.recipe.choose_recipe``), overriding ``model_config``'s and ``planting``."""
+    (``fod_core.recipe.choose_recipe``) among ``recipe_space``'s candidates (all by
+    default), overriding ``model_config``'s and ``planting``."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     timings: dict[str, float] = {}
+    if calibrate:  # settings first: they need no data
+        require_weighted_branches(level_weighting, auto_recipe or model_config.retrieval_window > 0)
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     if train_config.epochs == 0:
@@ -140,7 +145,6 @@ def train_model(
     if auto_k or auto_recipe:
         require_choice_images(len(choice_records))
     if calibrate:
-        require_weighted_branches(level_weighting, auto_recipe or model_config.retrieval_window > 0)
         require_calibration_images(len(val_records), len(calibration_records))
         require_held_out_normals(
             auto_recipe or model_config.reference is ReferenceMode.NEAREST,
@@ -167,7 +171,7 @@ def train_model(
         started = time.perf_counter()
         with meter.phase("recipe"):
             recipe = auto_recipe_choice(
-                store, model_config, train_records, choice_records, device, progress
+                store, model_config, train_records, choice_records, device, progress, recipe_space
             )
         model_config = replace(
             model_config,
@@ -332,6 +336,7 @@ def auto_recipe_choice(
     choice_records: list,
     device: torch.device,
     progress: bool,
+    space: RecipeSpace | None = None,
 ) -> RecipeChoice:
     """``choose_recipe`` on the training features of each alignment, through the feature
     cache (the chosen alignment's features are then a cache hit for training)."""
@@ -353,6 +358,7 @@ def auto_recipe_choice(
         [r.path for r in choice_records],
         image_size=model_config.image_size,
         score_sigma=model_config.score_sigma,
+        space=space,
     )
 
 

@@ -9,43 +9,24 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tiny_model import CHANNELS, STRIDES, TINY, features
 
 from fod_core.artifact import ArtifactError, load_detector, read_manifest, update_manifest
 from fod_core.cache import LocalStore
 from fod_core.calibration import typical_maxima
-from fod_core.cli import _configs, build_parser
+from fod_core.cli import _configs, _recipe_space, build_parser
 from fod_core.config import (
     AUTO_TRAIN_IMAGES,
-    LevelConfig,
-    ModelConfig,
     ReferenceMode,
     TrainConfig,
     budget_epochs,
 )
 from fod_core.model import create_fod_model
-from fod_core.processing import PostProcessing
-from fod_core.recipe import CLASS_REFERENCE, candidate_scores, choose_planting
+from fod_core.processing import Alignment, PostProcessing, read_image
+from fod_core.recipe import CLASS_REFERENCE, RecipeSpace, candidate_scores, choose_planting
 from fod_core.retrieval import window_min_distance
-from fod_core.synthetic import make_good_only_folder
+from fod_core.synthetic import Planting, make_good_only_folder
 from fod_core.train import train_model
-
-TINY = ModelConfig(
-    image_size=64,
-    levels=(
-        LevelConfig(d_model=32, n_heads=4, n_layers=1),
-        LevelConfig(d_model=32, n_heads=4, n_layers=1),
-    ),
-)
-CHANNELS, STRIDES = (12, 20), (8, 16)
-
-
-def features(batch: int, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, c, 64 // s, 64 // s, generator=generator)
-        for c, s in zip(CHANNELS, STRIDES, strict=True)
-    ]
-
 
 # --- the retrieval distance ------------------------------------------------------------
 
@@ -146,15 +127,69 @@ def test_the_epoch_budget_is_images_seen() -> None:
     assert budget_epochs(10 * AUTO_TRAIN_IMAGES) == 1  # at least 1
 
 
-def test_auto_refuses_the_flags_it_chooses_itself() -> None:
+def test_auto_is_the_default_and_a_flag_fixes_its_part_of_the_recipe() -> None:
     parser = build_parser()
-    base = ["train", "--data", "d", "--category", "c", "--out", "o", "--preset", "auto"]
-    _, train_config = _configs(parser.parse_args(base))
+    base = ["train", "--data", "d", "--category", "c", "--out", "o"]
+    args = parser.parse_args(base)  # no --preset: auto
+    _, train_config = _configs(args)
     assert train_config.epochs == 0 and train_config.lr == 3e-4
-    with pytest.raises(SystemExit, match="--alignment"):
-        _configs(parser.parse_args([*base, "--alignment", "principal_axis"]))
+    assert _recipe_space(args) == RecipeSpace()  # everything chosen
+    args = parser.parse_args([*base, "--alignment", "principal_axis", "--retrieval-window", "3"])
+    space = _recipe_space(args)
+    assert space.alignments == (Alignment.PRINCIPAL_AXIS,) and space.windows == (3,)
+    assert space.ks == RecipeSpace().ks and space.planting is None  # still chosen
+    assert space.fixed() == {"alignments": ["principal_axis"], "windows": [3]}
+    assert _recipe_space(parser.parse_args([*base, "--reference", "class"])).ks == (0,)
+    nearest = _recipe_space(parser.parse_args([*base, "--reference", "nearest"]))
+    assert CLASS_REFERENCE not in nearest.ks
+    assert _recipe_space(parser.parse_args([*base, "--reference-k", "5"])).ks == (5,)
+    planted = _recipe_space(parser.parse_args([*base, "--planting", "part"]))
+    assert planted.planting is Planting.PART
+    assert _recipe_space(parser.parse_args([*base, "--preset", "method"])) is None
     _, train_config = _configs(parser.parse_args([*base, "--epochs", "2"]))  # not a choice
     assert train_config.epochs == 2
+
+
+class _PooledPixels(torch.nn.Module):
+    """A fixed stand-in backbone for the recipe's candidates: the finer level is the image
+    averaged over 8 x 8 cells (what is far from its neighbours stays far)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = torch.nn.AvgPool2d(8)
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # its device
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.pool(x)]
+
+
+def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
+    from fod_core.processing import PreProcessing
+    from fod_core.recipe import choose_recipe
+
+    root = tmp_path / "data"
+    make_good_only_folder(root, "part", n_good=10, size=64, seed=1)
+    images = sorted((root / "part").rglob("*.png"))
+    extractor = _PooledPixels()
+    pre = PreProcessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    bank = torch.cat([extractor(pre(read_image(p))[None])[0] for p in images[:6]])
+    seen = []
+
+    def features_for(alignment):
+        seen.append(alignment)
+        return extractor, pre, bank
+
+    space = RecipeSpace(alignments=(Alignment.NONE,), ks=(3,), windows=(3,), planting=Planting.PART)
+    choice = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=space)
+    assert seen == [Alignment.NONE]
+    assert [(c["alignment"], c["k"], c["window"]) for c in choice.candidates] == [("none", 3, 3)]
+    assert (choice.reference, choice.reference_k, choice.retrieval_window) == ("nearest", 3, 3)
+    assert choice.planting == "part" and choice.planting_evidence["fixed_by_flag"]
+    assert set(choice.fixed_by_flags) == {"alignments", "ks", "windows", "planting"}
+    whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
+    # every alignment, class and K 1/3/5 (10 is more than the 6 bank rows), both windows
+    assert len(whole.candidates) == len(Alignment) * 4 * 2
+    assert whole.fixed_by_flags == {}
 
 
 # --- the whole recipe on a good-only folder ----------------------------------------------
@@ -214,14 +249,22 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
 
 
 def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -> None:
+    import shutil
+
     from fod_core.evaluate import evaluate_model
     from fod_core.export import export_model
 
     model, root, _ = auto_model
     metrics = evaluate_model(model, root, "part", tmp_path / "eval", format="folder")
     assert metrics["n_normal"] > 0 and metrics["n_planted"] > 0
-    records = export_model(model, ["onnx"])
-    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+    # every branch weighted, so that each one is in the exported graphs
+    every = tmp_path / "every"
+    shutil.copytree(model, every, ignore=shutil.ignore_patterns("export"))
+    post = read_manifest(every)["postprocessing"]
+    update_manifest(every, postprocessing={**post, "level_weights": [0.4, 0.2, 0.4]})
+    records = export_model(every, ["onnx", "openvino"])
+    for runtime in ("onnx", "openvino"):
+        assert records[runtime]["parity"]["passed"], records[runtime]["parity"]
 
 
 def test_scales_that_do_not_fit_the_branches_are_refused(auto_model, tmp_path) -> None:
@@ -250,3 +293,36 @@ def test_a_retrieval_branch_needs_weights_chosen_on_planted_anomalies(tmp_path) 
             cache_store=LocalStore(tmp_path / "cache"),
             progress=False,
         )
+
+
+def test_calibrating_an_unweighted_retrieval_model_weights_its_branches(
+    auto_model, tmp_path
+) -> None:
+    """A model from the pipeline's training step (calibrate=False) has a retrieval branch
+    but no weights or scales yet: `fod calibrate` must not average them as they are."""
+    import shutil
+
+    from fod_core.calibration import calibrate_model
+
+    model, root, _ = auto_model
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    post = dict(read_manifest(bare)["postprocessing"])
+    post.pop("branch_scales"), post.pop("level_weights")
+    update_manifest(bare, postprocessing=post)
+    assert load_detector(bare).post.branch_scales is None
+    calibrate_model(bare, root, "part", format="folder")
+    post = read_manifest(bare)["postprocessing"]
+    assert len(post["level_weights"]) == len(post["branch_scales"]) == 3
+    with pytest.raises(ValueError, match="--level-weights synthetic"):
+        calibrate_model(bare, root, "part", format="folder", level_weighting="equal")
+
+
+def test_settings_that_cannot_go_together_are_a_readable_error(capsys) -> None:
+    from fod_core.cli import main
+
+    argv = ["train", "--data", "d", "--category", "c", "--out", "o", "--preset", "method"]
+    assert main([*argv, "--retrieval-window", "2"]) == 2
+    assert "fod train: error:" in capsys.readouterr().err
+    assert main([*argv, "--retrieval-window", "3"]) == 2  # needs synthetic weights
+    assert "--level-weights synthetic" in capsys.readouterr().err

@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from tiny_model import CHANNELS, STRIDES, TINY, features
 
 from fod_core import model as model_module
 from fod_core import train as train_module
 from fod_core.artifact import load_detector, read_manifest
 from fod_core.cache import LocalStore
 from fod_core.cli import _configs, _setting, build_parser
-from fod_core.config import LevelConfig, ModelConfig, ReferenceMode, TrainConfig
+from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
 from fod_core.export import export_model, load_runtime
 from fod_core.model import create_fod_model
 from fod_core.processing import Alignment
@@ -22,23 +23,7 @@ from fod_core.synthetic import make_good_only_folder
 from fod_core.train import train_model
 from fod_core.trainer import FODTrainer
 
-TINY = ModelConfig(
-    image_size=64,
-    levels=(
-        LevelConfig(d_model=32, n_heads=4, n_layers=1),
-        LevelConfig(d_model=32, n_heads=4, n_layers=1),
-    ),
-)
 NEAREST = replace(TINY, reference=ReferenceMode.NEAREST, reference_k=3)
-CHANNELS, STRIDES = (12, 20), (8, 16)
-
-
-def features(batch: int, seed: int = 0) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        torch.randn(batch, c, 64 // s, 64 // s, generator=generator)
-        for c, s in zip(CHANNELS, STRIDES, strict=True)
-    ]
 
 
 def brute_force_nearest(
@@ -266,8 +251,9 @@ def test_the_hard_preset_gives_its_recipe_and_a_flag_wins() -> None:
     assert train_config.epochs == 3
     assert _setting(args, "level_weights") == "synthetic"
     assert _setting(args, "planting") == "part"
-    model_config, train_config = _configs(parser.parse_args(base))  # the method
+    method = [*base, "--preset", "method"]
+    model_config, train_config = _configs(parser.parse_args(method))
     assert model_config == replace(model_config, reference=ReferenceMode.CLASS)
     assert model_config.alignment is Alignment.NONE
     assert (train_config.lr, train_config.epochs) == (TrainConfig().lr, TrainConfig().epochs)
-    assert _setting(parser.parse_args(base), "level_weights") == "equal"
+    assert _setting(parser.parse_args(method), "level_weights") == "equal"
