@@ -61,6 +61,17 @@ def shipped(metrics: dict, calibration: dict) -> dict:
     }
 
 
+def new_report(script: str, **extra) -> dict:
+    """A results file's head: the exact command and the machine (CPU, ISA, cores)."""
+    where = machine()
+    return {
+        "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:]),
+        "machine": {"name": where.name, "isa": list(where.isa), "cpus": os.cpu_count()},
+        **extra,
+        "products": {},
+    }
+
+
 def parse_product(spec: str) -> tuple[str, str, str]:
     """``name=root`` or ``name=root:format`` (``folder`` for a good/defects layout)."""
     name, _, rest = spec.partition("=")
@@ -144,13 +155,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    where = machine()
-    report = {
-        "command": "python benchmarks/bench_preset.py " + shlex.join(sys.argv[1:]),
-        "machine": {"name": where.name, "isa": list(where.isa), "cpus": os.cpu_count()},
-        "preset": args.preset,
-        "products": {},
-    }
+    report = new_report("bench_preset.py", preset=args.preset)
     for product in args.product:
         name, root, fmt = parse_product(product)
         result = train_and_evaluate(

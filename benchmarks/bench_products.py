@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_preset import parse_product, run, train_and_evaluate
+from bench_preset import new_report, parse_product, run, train_and_evaluate
 
 PEERS = ("patchcore", "padim")
 LAYERS = [2, 3]  # efficientnet_lite0's stages, as FOD's --out-indices 2,3
@@ -92,8 +91,8 @@ def peer_worker(args: argparse.Namespace) -> None:
     # fragments to 24 GB by step 170 on bottle. The peers run with the allocator's defaults.
     torch.manual_seed(0)
     data = load_category(args.data, args.category, args.format)
-    train, validation = split_validation(data.train, 0.1)  # TrainConfig's defaults
-    _, calibration = split_roles(validation, 0.3)
+    train, validation = split_validation(data.train, args.val_fraction)  # FOD's split
+    _, calibration = split_roles(validation, args.choice_fraction)
     extractor = FeatureExtractor(spec=BackboneSpec()).eval()
     pre = PreProcessing(256, extractor.mean, extractor.std)
     model = build_peer(args.peer_worker, extractor)
@@ -147,6 +146,7 @@ def peer_worker(args: argparse.Namespace) -> None:
         "n_normal": int((labels == 0).sum()),
         "n_anomalous": int(labels.sum()),
         "promise": threshold.describe(),
+        "promised_false_alarm_rate": threshold.guaranteed_false_alarm_rate,
         "catch_rate_at_test_far": {
             f"{rate:.0%}": catch_rate_at_false_alarm_rate(labels, test_scores, rate)
             for rate in RATES
@@ -188,6 +188,114 @@ def fod_uncertain(model_dir: str, root: str, name: str) -> dict[str, float]:
     }
 
 
+def fod_split(fod: dict | None) -> tuple[float, float]:
+    """FOD's validation and choice fractions (its artefact's), for the peers' split."""
+    if not fod:
+        return 0.1, 0.3  # TrainConfig's defaults
+    config = json.loads((Path(fod["model_dir"]) / "fod.json").read_text())["training"]["config"]
+    return config["val_fraction"], config["choice_fraction"]
+
+
+def fod_ms_per_image(model_dir: str, root: str, name: str, fmt: str) -> float:
+    """Milliseconds per image at batch 1 (a line scores one part at a time), as the peers'
+    are timed: 16 test images after one warm-up, decoding included for both."""
+    from fod_core.artifact import load_detector
+    from fod_core.data import load_category
+
+    detector = load_detector(model_dir)
+    paths = [r.path for r in load_category(root, name, fmt).test[:16]]
+    detector.predict(paths[:1])
+    started = time.perf_counter()
+    for path in paths:
+        detector.predict([path])
+    return round((time.perf_counter() - started) / len(paths) * 1000, 1)
+
+
+def _f1(caught: int, n_anomalous: int, false_alarms: int) -> float:
+    return 2 * caught / max(2 * caught + (n_anomalous - caught) + false_alarms, 1)
+
+
+def markdown_table(report: dict) -> str:
+    """One row per product and model: what the issue asks to see side by side."""
+    head = (
+        "| product | model | image AUROC | pixel AUROC | AUPRO | F1 at own threshold | "
+        "caught at shipped threshold | false alarms | promise | caught at test FAR 1% / 5% "
+        "| train (s) | ms/image (batch 1) | peak RSS (GB) |"
+    )
+    rows = [head, "|" + "---|" * 13]
+    for name, entry in report["products"].items():
+        for model in ("fod", *PEERS):
+            if model not in entry:
+                continue
+            r = entry[model]
+            if model == "fod":
+                test, at = r["test"], r["at_shipped_threshold"]
+                far = r.get("catch_rate_at_test_far") or {}
+                caught, n_anom, fa, n_norm = (
+                    at["defects_caught"],
+                    at["n_anomalous"],
+                    at["false_alarms"],
+                    at["n_normal"],
+                )
+                cells = [
+                    test["image_auroc"],
+                    test.get("pixel_auroc"),
+                    test.get("aupro"),
+                    _f1(caught, n_anom, fa),
+                    f"{caught}/{n_anom}",
+                    f"{fa}/{n_norm}",
+                    f"≤{at['promised_false_alarm_rate']:.1%}",
+                    f"{far.get('0.01', 0):.1%} / {far.get('0.05', 0):.1%}",
+                    r["train_wall_s"],
+                    r.get("ms_per_image_batch1"),
+                    r["train_peak_rss_gb"],
+                ]
+                label = "FOD `--preset auto`"
+            else:
+                far = r["catch_rate_at_test_far"]
+                caught = round(r["catch_rate_at_own_threshold"] * r["n_anomalous"])
+                cells = [
+                    r["image_auroc"],
+                    r.get("pixel_auroc"),
+                    r.get("aupro"),
+                    r["f1_at_own_threshold"],
+                    f"{caught}/{r['n_anomalous']}",
+                    f"{r['false_alarms']}/{r['n_normal']}",
+                    (
+                        f"≤{r['promised_false_alarm_rate']:.1%}"
+                        if r.get("promised_false_alarm_rate") is not None
+                        else "-"
+                    ),
+                    f"{far['1%']:.1%} / {far['5%']:.1%}",
+                    r["fit_s"],  # features + fit; FOD's is the whole `fod train`
+                    r["ms_per_image_batch1"],
+                    r["peak_rss_gb"],
+                ]
+                label = {"patchcore": "PatchCore (1% coreset)", "padim": "PaDiM"}[model]
+            shown = [
+                f"{c:.3f}" if isinstance(c, float) and c <= 1 else ("-" if c is None else str(c))
+                for c in cells
+            ]
+            rows.append(f"| {name} | {label} | " + " | ".join(shown) + " |")
+    return "\n".join(rows + uncertain_rows(report))
+
+
+def uncertain_rows(report: dict) -> list[str]:
+    """The cells labelled neither good nor defective (ELPV's 1/3 and 2/3): the share each
+    model flags at its own threshold, apart from the table's metrics."""
+    rows = []
+    for name, entry in report["products"].items():
+        for model in ("fod", *PEERS):
+            flagged = entry.get(model, {}).get("uncertain_flagged")
+            if flagged:
+                shares = ", ".join(f"{group}: {share:.1%}" for group, share in flagged.items())
+                rows.append(f"| {name} | {model} | {shares} |")
+    if not rows:
+        return []
+    head = "| product | model | uncertain cells flagged at its own threshold |"
+    return ["", head, "|---|---|---|", *rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -213,19 +321,20 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--category", help=argparse.SUPPRESS)
     parser.add_argument("--format", default="mvtec", help=argparse.SUPPRESS)
+    parser.add_argument("--val-fraction", type=float, default=0.1, help=argparse.SUPPRESS)
+    parser.add_argument("--choice-fraction", type=float, default=0.3, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--table", action="store_true", help="print --out's results as a Markdown table only"
+    )
     args = parser.parse_args()
     if args.peer_worker:
         peer_worker(args)
         return
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return
 
-    from fod_core.roofline import machine
-
-    where = machine()
-    report = {
-        "command": "python benchmarks/bench_products.py " + shlex.join(sys.argv[1:]),
-        "machine": {"name": where.name, "isa": list(where.isa), "cpus": os.cpu_count()},
-        "products": {},
-    }
+    report = new_report("bench_products.py")
     if args.out.is_file():  # products measured earlier stay (one product per call is fine)
         report["products"] = json.loads(args.out.read_text()).get("products", {})
     for product in args.product or []:
@@ -242,18 +351,23 @@ def main() -> None:
                 reuse=args.reuse,
             )
             fod["uncertain_flagged"] = fod_uncertain(fod["model_dir"], root, name)
+            fod["ms_per_image_batch1"] = fod_ms_per_image(fod["model_dir"], root, name, fmt)
             entry["fod"] = fod
+        split = fod_split(entry.get("fod"))
         for peer in args.peers:
             out = args.work / "peers" / name / f"{peer}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             command = [args.peers_python, __file__, "--peer-worker", peer, "--data", root]
             command += ["--category", name, "--format", fmt, "--out", str(out)]
+            command += ["--val-fraction", str(split[0]), "--choice-fraction", str(split[1])]
             print(f"{name}: {peer}", flush=True)
             wall_s, peak_gb = run(command, out.with_suffix(".log"))
             entry[peer] = json.loads(out.read_text()) | {
                 "wall_s": round(wall_s, 1),
                 "peak_rss_gb": round(peak_gb, 2),
             }
+            if "fod" in entry and entry[peer]["train_images"] != entry["fod"]["train_images"]:
+                raise RuntimeError(f"{name}: {peer} trained on another split than FOD")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         shown = {k: v.get("test", v.get("image_auroc")) for k, v in entry.items()}

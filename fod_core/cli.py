@@ -131,7 +131,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
         choices=[p.value for p in Preset],
         help="auto (default): alignment, reference, K, retrieval window and planting chosen "
         "for the product before training on planted anomalies (no labels), the branches "
-        "weighted on them, epochs for about 1,500 images seen; method: the published "
+        "weighted on them, as many whole epochs as fit in 1,500 images seen; method: the published "
         "method; hard: parts at any angle with small defects (screws): "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS[Preset.HARD].items())
         + ". A flag given as well wins over the preset (with auto, a part fixed by its flag "
@@ -186,8 +186,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--epochs",
         type=int,
-        help=f"training epochs (default: {defaults_train.epochs}; 0: enough for about "
-        "1,500 images seen)",
+        help=f"training epochs (default: {defaults_train.epochs}; 0: as many whole epochs as "
+        "fit in 1,500 images seen)",
     )
     parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
     parser.add_argument("--lr", type=float, help=f"Adam's rate (default: {defaults_train.lr})")

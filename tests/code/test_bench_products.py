@@ -64,3 +64,43 @@ def test_a_peer_runs_on_our_split_with_our_backbone(synthetic_root, tmp_path) ->
     assert result["pixel_auroc"] is not None and result["aupro"] is not None  # masks exist
     assert set(result["catch_rate_at_test_far"]) == {"1%", "5%"}
     assert result["fit_s"] > 0 and result["ms_per_image_batch1"] > 0
+
+
+def test_the_table_puts_fod_and_a_peer_side_by_side() -> None:
+    from bench_products import markdown_table
+
+    fod = {
+        "test": {"image_auroc": 0.95},
+        "at_shipped_threshold": {
+            "defects_caught": 8,
+            "n_anomalous": 10,
+            "false_alarms": 2,
+            "n_normal": 20,
+            "promised_false_alarm_rate": 0.085,
+        },
+        "catch_rate_at_test_far": {"0.01": 0.5, "0.05": 0.7},
+        "train_wall_s": 1200.0,
+        "ms_per_image_batch1": 90.0,
+        "train_peak_rss_gb": 3.3,
+    }
+    peer = {
+        "image_auroc": 0.9,
+        "f1_at_own_threshold": 0.5,
+        "catch_rate_at_own_threshold": 0.4,
+        "n_anomalous": 10,
+        "false_alarms": 0,
+        "n_normal": 20,
+        "catch_rate_at_test_far": {"1%": 0.3, "5%": 0.6},
+        "fit_s": 60.0,
+        "ms_per_image_batch1": 50.0,
+        "peak_rss_gb": 1.2,
+    }
+    table = markdown_table({"products": {"widget": {"fod": fod, "patchcore": peer}}})
+    header, rule, fod_row, peer_row = table.splitlines()
+    assert header.count("|") == rule.count("|") == fod_row.count("|") == peer_row.count("|")
+    # F1 from the counts: 2 * 8 / (2 * 8 + 2 missed + 2 false alarms) = 0.8
+    assert "| widget | FOD `--preset auto` | 0.950 | - | - | 0.800 | 8/10 | 2/20 | ≤8.5% |" in (
+        fod_row
+    )
+    assert "50.0% / 70.0%" in fod_row and "| 1200.0 | 90.0 | 3.3 |" in fod_row
+    assert "| PatchCore (1% coreset) | 0.900 | - | - | 0.500 | 4/10 | 0/20 | - |" in peer_row

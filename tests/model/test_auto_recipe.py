@@ -123,6 +123,7 @@ def test_planting_follows_the_part_size(tmp_path) -> None:
 
 def test_the_epoch_budget_is_images_seen() -> None:
     assert budget_epochs(AUTO_TRAIN_IMAGES // 5) == 5
+    assert budget_epochs(424) == 3  # whole epochs within the budget: 1,272 images, not 1,696
     assert budget_epochs(10) == 10  # at most 10
     assert budget_epochs(10 * AUTO_TRAIN_IMAGES) == 1  # at least 1
 
