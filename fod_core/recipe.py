@@ -149,6 +149,13 @@ class RecipeSpace:
         retrieval_window: int | None = None,
         planting: str | None = None,
     ) -> RecipeSpace:
+        if retrieval_window == 0:
+            from fod_core.config import SettingsError
+
+            raise SettingsError(
+                "--preset auto always scores the retrieval branch beside FOD's levels (its "
+                "window is chosen, 1 or 3): for none, train with --preset method or hard"
+            )
         ks = cls.ks
         if reference == "class":
             ks = (CLASS_REFERENCE,)

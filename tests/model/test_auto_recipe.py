@@ -147,6 +147,8 @@ def test_auto_is_the_default_and_a_flag_fixes_its_part_of_the_recipe() -> None:
     planted = _recipe_space(parser.parse_args([*base, "--planting", "part"]))
     assert planted.planting is Planting.PART
     assert _recipe_space(parser.parse_args([*base, "--preset", "method"])) is None
+    with pytest.raises(ValueError, match="--preset method or hard"):
+        _recipe_space(parser.parse_args([*base, "--retrieval-window", "0"]))
     _, train_config = _configs(parser.parse_args([*base, "--epochs", "2"]))  # not a choice
     assert train_config.epochs == 2
 
