@@ -120,7 +120,11 @@ def choose_reference_k(
 
 # --- the whole recipe (``--preset auto``) -------------------------------------------------
 
-WINDOWS = (1, 3)  # retrieval windows tried: position to position, and a position away
+# retrieval windows tried: position to position, one and two positions away
+WINDOWS = (1, 3, 5)
+# The recipe's K candidates: the reference-K rule's and 20, the flattest reference (ELPV
+# mono's choice images preferred it, and screw's and bottle's choices did not move).
+RECIPE_KS = (*K_CANDIDATES, 20)
 CLASS_REFERENCE = 0  # a candidate's K 0: the class reference (the mean of every normal)
 # Planted small and on the part where a part stands out from a plain background and fills
 # under a quarter of the photo (a screw: 12-15 % by ``part_pixels``); a product that fills
@@ -135,7 +139,7 @@ class RecipeSpace:
     ``--planting``) is tried alone; the rest is still chosen."""
 
     alignments: tuple[Alignment, ...] = tuple(Alignment)
-    ks: tuple[int, ...] = (CLASS_REFERENCE, *K_CANDIDATES)
+    ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)
     windows: tuple[int, ...] = WINDOWS
     planting: Planting | None = None  # None: chosen by the part's size
 
@@ -154,13 +158,13 @@ class RecipeSpace:
 
             raise SettingsError(
                 "--preset auto always scores the retrieval branch beside FOD's levels (its "
-                "window is chosen, 1 or 3): for none, train with --preset method or hard"
+                "window is chosen, 1, 3 or 5): for none, train with --preset method or hard"
             )
         ks = cls.ks
         if reference == "class":
             ks = (CLASS_REFERENCE,)
         elif reference == "nearest" or (reference_k not in (None, AUTO)):
-            ks = K_CANDIDATES
+            ks = RECIPE_KS
         if reference != "class" and reference_k not in (None, AUTO):
             ks = (int(reference_k),)
         return cls(

@@ -23,7 +23,13 @@ from fod_core.config import (
 )
 from fod_core.model import create_fod_model
 from fod_core.processing import Alignment, PostProcessing, read_image
-from fod_core.recipe import CLASS_REFERENCE, RecipeSpace, candidate_scores, choose_planting
+from fod_core.recipe import (
+    CLASS_REFERENCE,
+    WINDOWS,
+    RecipeSpace,
+    candidate_scores,
+    choose_planting,
+)
 from fod_core.retrieval import window_min_distance
 from fod_core.synthetic import Planting, make_good_only_folder
 from fod_core.train import train_model
@@ -190,8 +196,9 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
     assert choice.planting == "part" and choice.planting_evidence["fixed_by_flag"]
     assert set(choice.fixed_by_flags) == {"alignments", "ks", "windows", "planting"}
     whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
-    # every alignment, class and K 1/3/5 (10 is more than the 6 bank rows), both windows
-    assert len(whole.candidates) == len(Alignment) * 4 * 2
+    # every alignment, class and K 1/3/5 (10 and 20 are more than the 6 bank rows), every
+    # window
+    assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS)
     assert whole.fixed_by_flags == {}
 
 
