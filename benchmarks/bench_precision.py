@@ -26,9 +26,10 @@ import torch
 from fod_core.artifact import load_detector, read_manifest
 from fod_core.data import load_category
 from fod_core.evaluate import evaluate_detector
-from fod_core.export import check_set, planted_accuracy
+from fod_core.export import check_set
 from fod_core.inference import ScoringGraph
 from fod_core.model import FODLevel
+from fod_core.precision_check import planted_accuracy
 from fod_core.roofline import machine
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")

@@ -270,7 +270,8 @@ def export_model(
     import json
     import shutil
 
-    from fod_core.export import check_precision, export_model
+    from fod_core.export import export_model
+    from fod_core.precision_check import check_precision
 
     shutil.copytree(calibrated_model.path, model.path, dirs_exist_ok=True)
     formats = [f.strip() for f in export_formats.split(",") if f.strip()]

@@ -408,7 +408,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fod_core.artifact import read_manifest
-    from fod_core.export import EXPORT_FORMATS, check_exports, check_precision, export_model
+    from fod_core.export import EXPORT_FORMATS, check_exports, export_model
+    from fod_core.precision_check import check_precision
     from fod_core.roofline import machine
 
     data = dict(data_root=args.data, category=args.category, format=args.data_format)

@@ -90,7 +90,7 @@ def test_the_result_reports_no_warm_up_when_compilation_is_off(precision) -> Non
 def test_decision_flips_gate_only_beyond_the_near_tie_band():
     """The bf16 check gates decisions that change at the calibrated threshold: a flip of
     an image 0.5% from it is a near tie (counted), one 5% from it fails the check."""
-    from fod_core.export import PRECISION_DECISION_BAND, decision_flips
+    from fod_core.precision_check import PRECISION_DECISION_BAND, decision_flips
 
     assert PRECISION_DECISION_BAND == 0.01
     fp32 = [1.0, 0.995, 0.95, 1.2]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fod_core import export as export_module
+from fod_core import precision_check as precision_module
 from fod_core import roofline
 from fod_core.artifact import load_detector, precision_problem, read_manifest, update_manifest
 from fod_core.cache import LocalStore
@@ -23,12 +23,12 @@ from fod_core.export import (
     ExportError,
     Runtime,
     check_exports,
-    check_precision,
     export_failures,
     export_file,
     export_model,
     load_runtime,
 )
+from fod_core.precision_check import check_precision
 from fod_core.synthetic import make_good_only_folder
 from fod_core.train import train_model
 
@@ -203,7 +203,7 @@ def test_bf16_check_is_recorded_and_auto_follows_it(exported, tmp_path, monkeypa
     check passes everywhere; test_a_failed_bf16_check_keeps_auto_at_fp32 is the other way."""
     model, _ = exported
     copy = shutil.copytree(model, tmp_path / "model")
-    monkeypatch.setattr(export_module, "PRECISION_METRIC_TOL", 1.0)
+    monkeypatch.setattr(precision_module, "PRECISION_METRIC_TOL", 1.0)
     _cpu(monkeypatch, bf16=False)
     assert load_detector(copy, precision="auto").precision is Precision.FP32  # never checked
     assert fod_main(["-q", "export", "--model", str(copy), "--format", "bf16"]) == 0
@@ -233,7 +233,7 @@ def test_bf16_check_is_recorded_and_auto_follows_it(exported, tmp_path, monkeypa
 def test_a_failed_bf16_check_keeps_auto_at_fp32(exported, tmp_path, monkeypatch, caplog, capsys):
     model, _ = exported
     copy = shutil.copytree(model, tmp_path / "model")
-    monkeypatch.setattr(export_module, "PRECISION_METRIC_TOL", -1.0)  # provoke the failure
+    monkeypatch.setattr(precision_module, "PRECISION_METRIC_TOL", -1.0)  # provoke the failure
     report = check_precision(copy)
     assert not report.passed and "moves by" in report.failure
     _cpu(monkeypatch, bf16=True)
