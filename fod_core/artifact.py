@@ -243,6 +243,8 @@ def scoring_fingerprint(model_dir: Path, post: dict) -> dict:
     baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
     if post.get("branch_scales") is not None:
         baked["branch_scales"] = post["branch_scales"]
+    if post.get("score_region", "whole") != "whole":  # decides what a precision check flips
+        baked["score_region"] = post["score_region"]
     weights = files_digest([model_dir / "model.pt", model_dir / "backbone.pt"])
     return {"weights_digest": weights, "postprocessing": baked}
 

@@ -30,7 +30,7 @@ from fod_core.config import (
 )
 from fod_core.data import DatasetError, DatasetFormat, list_images
 from fod_core.export import ExportError, Runtime
-from fod_core.processing import Alignment, ImageDecodeError
+from fod_core.processing import Alignment, ImageDecodeError, ScoreRegion
 from fod_core.promise import DEFAULT_DELTA
 from fod_core.runtime import configure_cpu_numerics
 from fod_core.synthetic import Planting
@@ -84,6 +84,8 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "reference": ModelConfig().reference.value,
     "reference_k": ModelConfig().reference_k,
     "retrieval_window": ModelConfig().retrieval_window,
+    "score_region": ModelConfig().score_region.value,
+    "val_fraction": TrainConfig().val_fraction,
     "auto_recipe": False,
     "epochs": TrainConfig().epochs,
     "lr": TrainConfig().lr,
@@ -194,9 +196,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults_train.seed)
     parser.add_argument(
         "--val-fraction",
-        type=float,
-        default=defaults_train.val_fraction,
-        help="share of the normal images held out from training (0: no false-alarm guarantee)",
+        type=_fraction_or_auto,
+        help="share of the normal images held out from training (0: no false-alarm "
+        "guarantee), or auto: enough for the calibration part to promise --target-far, or 5%% "
+        "where that needs more than a third of the normals (default: "
+        f"{defaults_train.val_fraction}; auto with --preset auto)",
+    )
+    parser.add_argument(
+        "--score-region",
+        choices=[r.value for r in ScoreRegion],
+        help="not the method: where the image score looks, whole (the method's) or part (the "
+        "part alone, grown a few pixels: for a part on a plain background whose specks and "
+        "fill would raise normals' scores; nothing beside the part is scored). Default: "
+        "whole; chosen with --preset auto",
     )
     parser.add_argument(
         "--choice-fraction",
@@ -236,6 +248,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-checkpoints", action="store_true")
 
 
+def _fraction_or_auto(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fraction or auto, not {text!r}") from None
+
+
 def _add_confidence_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--confidence",
@@ -270,13 +291,15 @@ def _build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         reference=ReferenceMode(_setting(args, "reference")),
         reference_k=int(_setting(args, "reference_k")),
         retrieval_window=int(_setting(args, "retrieval_window")),
+        score_region=ScoreRegion(_setting(args, "score_region")),
     )
+    val_fraction = _setting(args, "val_fraction")
     train_config = TrainConfig(
         epochs=int(_setting(args, "epochs")),
         batch_size=args.batch_size,
         lr=float(_setting(args, "lr")),
         seed=args.seed,
-        val_fraction=args.val_fraction,
+        val_fraction=None if val_fraction == "auto" else float(val_fraction),
         choice_fraction=args.choice_fraction,
         device=Device(args.device),
         precision=Precision(args.precision),
@@ -292,7 +315,14 @@ def _recipe_space(args: argparse.Namespace) -> RecipeSpace | None:
 
     if not _setting(args, "auto_recipe"):
         return None
-    names = ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+    names = (
+        "alignment",
+        "reference",
+        "reference_k",
+        "retrieval_window",
+        "planting",
+        "score_region",
+    )
     return RecipeSpace.from_flags(**{name: getattr(args, name, None) for name in names})
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 
 from fod_core.backbone import BackboneSpec
-from fod_core.processing import Alignment
+from fod_core.processing import Alignment, ScoreRegion
 
 
 class SettingsError(ValueError):
@@ -73,6 +73,9 @@ class ModelConfig:
     lambda2: float = 0.5  # weight of the entropy terms
     log_eps: float = 1e-4  # inside log() of KL and entropy
     score_sigma: float = 4.0  # Gaussian smoothing of the map before the image-score max
+    # Not part of the method: where the image score looks (ScoreRegion: the whole map, the
+    # method's, or the part alone); ``--preset auto`` chooses it.
+    score_region: ScoreRegion = ScoreRegion.WHOLE
     # Not part of the method: pose normalisation of parts that lie at any angle (screws).
     alignment: Alignment = Alignment.NONE
     # Not part of the method: a reference per image from its nearest normals (ReferenceMode).
@@ -89,6 +92,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "alignment", Alignment(self.alignment))
         object.__setattr__(self, "reference", ReferenceMode(self.reference))
+        object.__setattr__(self, "score_region", ScoreRegion(self.score_region))
         if self.reference_k < 0:
             raise ValueError(f"reference_k must be 0 (auto) or at least 1, got {self.reference_k}")
         if self.retrieval_window < 0 or (self.retrieval_window and self.retrieval_window % 2 == 0):
@@ -113,6 +117,9 @@ class ModelConfig:
             del data["reference"], data["reference_k"]  # likewise
         if not self.retrieval_window:
             del data["retrieval_window"]
+        data["score_region"] = self.score_region.value
+        if self.score_region is ScoreRegion.WHOLE:
+            del data["score_region"]
         return data
 
     @classmethod
@@ -154,6 +161,7 @@ def model_config_for(
     reference: ReferenceMode | str = ReferenceMode.CLASS,
     reference_k: int = 0,
     retrieval_window: int = 0,
+    score_region: ScoreRegion | str = ScoreRegion.WHOLE,
 ) -> ModelConfig:
     config = ModelConfig(
         image_size=image_size,
@@ -162,6 +170,7 @@ def model_config_for(
         reference=ReferenceMode(reference),
         reference_k=reference_k,
         retrieval_window=retrieval_window,
+        score_region=ScoreRegion(score_region),
     )
     if backbone:
         config = config.with_backbone(BackboneSpec(name=backbone))
@@ -176,7 +185,10 @@ class TrainConfig:
     batch_size: int = 8
     lr: float = 1e-4
     seed: int = 3407
-    val_fraction: float = 0.1  # of the normal training images, held out from training
+    # of the normal training images, held out from training; None (``--val-fraction
+    # auto``): enough for the calibration part to promise the target, resolved by
+    # ``fod_core.train.auto_val_fraction`` before any split (the artefact records the number)
+    val_fraction: float | None = 0.1
     # of the validation normals, the part that makes choices (epoch, level weights, recipe);
     # the rest sets the threshold alone, so its promise survives the choices
     choice_fraction: float = 0.3
@@ -250,5 +262,6 @@ PRESETS: dict[Preset, dict[str, object]] = {
         "lr": 3e-4,
         "epochs": 0,  # a budget of images seen (AUTO_TRAIN_IMAGES), not of epochs
         "level_weights": "synthetic",  # the branches weighted on planted anomalies
+        "val_fraction": "auto",  # calibration normals enough for a 5% promise (at most 1/3)
     },
 }

@@ -308,6 +308,35 @@ def split_roles(
     return choice, calibration
 
 
+# ``--val-fraction auto``: at least the method's share, at most a third of the normals
+AUTO_VAL_FRACTION_RANGE = (0.1, 1 / 3)
+
+
+def validation_fraction_for(
+    records: list[ImageRecord],
+    calibration_normals: int,
+    choice_fraction: float = DEFAULT_CHOICE_FRACTION,
+    *,
+    bounds: tuple[float, float] = AUTO_VAL_FRACTION_RANGE,
+) -> float:
+    """The smallest validation fraction (in hundredths, within ``bounds``) whose
+    calibration part holds ``calibration_normals`` of ``records``: the splits are by
+    identity, so a larger fraction only moves images from training to validation. Counts
+    alone decide it, no score."""
+    low, high = bounds
+    units = sorted(
+        split_unit(r.identity, "validation")
+        for r in records
+        if split_unit(r.identity, "choice") >= choice_fraction  # would calibrate
+    )
+    if calibration_normals <= 0:
+        return low
+    if len(units) < calibration_normals:
+        return high
+    needed = math.floor(units[calibration_normals - 1] * 100) / 100 + 0.01
+    return round(min(high, max(low, needed)), 4)
+
+
 def describe_splits(
     data: CategoryData,
     val_fraction: float,

@@ -88,6 +88,8 @@ class Detector:
             chunk = sources[start : start + batch_size]
             batch, poses = self.preprocess(self._decode(chunk))
             maps, scores = self.score_batch(batch)  # the score: on the aligned map
+            if self.post.needs_regions():  # the graph scores the whole map; the part alone
+                scores = self.post.image_score(maps, self.pre.part_regions(batch))
             maps = self.post.to_input_frame(maps, poses)  # the map: on the photo
             decisions = (
                 self.post.is_anomalous(scores.numpy())

@@ -117,6 +117,31 @@ def part_pixels(gray: torch.Tensor) -> torch.Tensor | None:
     return part if 0.005 <= float(part.float().mean()) <= 0.6 else None
 
 
+class ScoreRegion(str, Enum):
+    """Where the image score looks. WHOLE is the method's: the smoothed map's largest value
+    anywhere. PART: its largest value on the part alone (``part_region``), for a part on a
+    plain background whose normals' peaks lie off the part (specks on screw's table, the
+    corners an alignment turn fills). Anything beside the part is then not scored: a
+    product whose defects can lie off the part (debris on a tray) keeps WHOLE."""
+
+    WHOLE = "whole"
+    PART = "part"
+
+
+def part_region(image: torch.Tensor) -> torch.Tensor:
+    """(3, S, S) image in [0, 1] -> boolean (S, S): the part (``part_pixels``), specks under
+    5 px opened away, grown by S/64 px (4 at 256) so that a defect on its edge is kept.
+    The whole picture where no part stands out (``part_pixels`` None)."""
+    part = part_pixels(image.float().mean(0))
+    if part is None:
+        return torch.ones(image.shape[-2:], dtype=torch.bool, device=image.device)
+    grow = max(1, image.shape[-1] // 64)
+    mask = part.float()[None, None]
+    opened = F.max_pool2d(-F.max_pool2d(-mask, 5, 1, 2), 5, 1, 2)  # erode, dilate back
+    grown = F.max_pool2d(opened, 2 * grow + 1, 1, grow)[0, 0] > 0
+    return grown if bool(grown.any()) else torch.ones_like(grown)
+
+
 def principal_axis_pose(image: torch.Tensor) -> torch.Tensor | None:
     """(3, S, S) image in [0, 1] -> the 2x3 affine (``F.affine_grid``'s theta, normalised
     coordinates) that samples the aligned image from it; None when there is no clear axis
@@ -223,6 +248,16 @@ class PreProcessing:
         std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
         return (tensor - mean) / std
 
+    def denormalize(self, tensor: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        return tensor * std + mean
+
+    def part_regions(self, batch: torch.Tensor) -> torch.Tensor:
+        """Model inputs (N, 3, S, S), aligned and normalised -> (N, S, S) boolean: where
+        ``ScoreRegion.PART`` scores each, in the frame of its anomaly map."""
+        return torch.stack([part_region(self.denormalize(image.cpu())) for image in batch])
+
     def transform(
         self, source: str | Path | bytes | Image.Image
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -279,13 +314,20 @@ class PostProcessing:
     # FOD's scores, and the weights compare like with like only on one scale (each
     # branch's typical maximum on normal validation images, fod_core.calibration).
     branch_scales: tuple[float, ...] | None = None
+    # where the image score looks (ScoreRegion): the whole map, or the part alone
+    score_region: ScoreRegion = ScoreRegion.WHOLE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "score_region", ScoreRegion(self.score_region))
 
     def to_dict(self) -> dict:
-        data = asdict(self)
+        data = asdict(self) | {"score_region": self.score_region.value}
         if self.level_weights is None:
             del data["level_weights"]  # what format-1 readers know
         if self.branch_scales is None:
             del data["branch_scales"]  # what format-4 readers know
+        if self.score_region is ScoreRegion.WHOLE:
+            del data["score_region"]  # what earlier readers know
         return data
 
     @classmethod
@@ -345,9 +387,20 @@ class PostProcessing:
         """Level grids -> (N, S, S) anomaly map at the input size."""
         return self.combine(self.upsample(level_maps))
 
-    def image_score(self, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Max of the Gaussian-smoothed map; (N,)."""
-        return gaussian_blur(anomaly_map, self.score_sigma).flatten(1).max(dim=1).values
+    def image_score(
+        self, anomaly_map: torch.Tensor, regions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Max of the Gaussian-smoothed map; (N,). ``regions`` (N, S, S) boolean, in the
+        map's frame: the max within each alone (``ScoreRegion.PART``)."""
+        smoothed = gaussian_blur(anomaly_map, self.score_sigma)
+        if regions is not None:
+            regions = regions.to(smoothed.device, torch.bool)
+            smoothed = smoothed.masked_fill(~regions, float("-inf"))
+        return smoothed.flatten(1).max(dim=1).values
+
+    def needs_regions(self) -> bool:
+        """Whether the image score needs ``PreProcessing.part_regions`` of its inputs."""
+        return self.score_region is ScoreRegion.PART
 
     @staticmethod
     def grid(anomaly_map: np.ndarray | torch.Tensor, size: int) -> np.ndarray:

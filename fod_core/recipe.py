@@ -9,10 +9,10 @@ found as ``FODModel.neighbours`` finds them). The K with the best image AUROC of
 against clean wins; ties go to the smaller K (cheaper, closer to the image itself).
 
 The whole recipe (``--preset auto``, ``choose_recipe``): planting by the part's size, then
-every alignment x reference (class, or nearest K) x retrieval window, each judged the same
-way by its retrieval distance (``fod_core.retrieval``) through the model's own
-post-processing. The calibration images take no part in either, so the threshold's
-promise holds.
+every alignment x reference (class, or nearest K) x retrieval window x score region (the
+whole picture, or the part alone: ``ScoreRegion``), each judged the same way by its
+retrieval distance (``fod_core.retrieval``) through the model's own post-processing.
+The calibration images take no part in either, so the threshold's promise holds.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from fod_core.metrics import image_auroc
-from fod_core.processing import Alignment, read_image
+from fod_core.processing import Alignment, ScoreRegion, read_image
 from fod_core.synthetic import PLANTED_SEED, Planting, planted_copies
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,24 @@ def require_choice_images(n_choice: int) -> None:
 
 @torch.no_grad()
 def _finer_level(extractor, pre, images: Sequence, batch_size: int = 8) -> torch.Tensor:
-    parts = []
+    return _finer_level_and_regions(extractor, pre, images, batch_size, regions=False)[0]
+
+
+@torch.no_grad()
+def _finer_level_and_regions(
+    extractor, pre, images: Sequence, batch_size: int = 8, *, regions: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The images' finer-level features and, with ``regions``, their part regions
+    (``PreProcessing.part_regions``, what ``ScoreRegion.PART`` scores)."""
+    parts, masks = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         batch = torch.stack([pre(read_image(i) if isinstance(i, str | Path) else i) for i in chunk])
         device = next(extractor.parameters()).device  # the cache may have moved it
         parts.append(extractor(batch.to(device))[0].float().cpu())
-    return torch.cat(parts)
+        if regions:
+            masks.append(pre.part_regions(batch))
+    return torch.cat(parts), torch.cat(masks) if regions else None
 
 
 def retrieval_scores(bank: torch.Tensor, queries: torch.Tensor, ks: Sequence[int]) -> dict:
@@ -142,6 +153,7 @@ class RecipeSpace:
     ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)
     windows: tuple[int, ...] = WINDOWS
     planting: Planting | None = None  # None: chosen by the part's size
+    regions: tuple[ScoreRegion, ...] = tuple(ScoreRegion)
 
     @classmethod
     def from_flags(
@@ -152,6 +164,7 @@ class RecipeSpace:
         reference_k: int | None = None,
         retrieval_window: int | None = None,
         planting: str | None = None,
+        score_region: str | None = None,
     ) -> RecipeSpace:
         if retrieval_window == 0:
             from fod_core.config import SettingsError
@@ -172,6 +185,7 @@ class RecipeSpace:
             ks=ks,
             windows=(int(retrieval_window),) if retrieval_window else cls.windows,
             planting=Planting(planting) if planting else None,
+            regions=(ScoreRegion(score_region),) if score_region else cls.regions,
         )
 
     def fixed(self) -> dict:
@@ -201,6 +215,7 @@ class RecipeChoice:
     planting_evidence: dict = field(default_factory=dict)
     candidates: list[dict] = field(default_factory=list)
     fixed_by_flags: dict = field(default_factory=dict)  # RecipeSpace.fixed(): not chosen
+    score_region: str = ScoreRegion.WHOLE.value  # where the image score looks
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +224,8 @@ class RecipeChoice:
         reference = "class" if self.reference == "class" else f"nearest {self.reference_k}"
         return (
             f"alignment {self.alignment}, reference {reference}, retrieval window "
-            f"{self.retrieval_window}, planting {self.planting}"
+            f"{self.retrieval_window}, planting {self.planting}, score over the "
+            f"{'part' if self.score_region == ScoreRegion.PART.value else 'whole picture'}"
         )
 
 
@@ -243,24 +259,47 @@ def candidate_scores(
     ks: Sequence[int],
     windows: Sequence[int],
     post,
-) -> dict[tuple[int, int], np.ndarray]:
-    """Per (K, window), each query's image score of the retrieval distance alone (its map
-    through ``post``, the model's own upsampling, smoothing and max). K 0: the class
-    reference. bank (M, C, H, W), queries (Q, C, H, W) of the finer level."""
+    regions: torch.Tensor | None = None,
+) -> dict[tuple, np.ndarray]:
+    """Per (K, window, score region), each query's image score of the retrieval distance
+    alone (its map through ``post``, the model's own upsampling, smoothing and max, over
+    the whole map and, given the queries' ``regions`` (Q, S, S), over the part). K 0: the
+    class reference. bank (M, C, H, W), queries (Q, C, H, W) of the finer level."""
     from fod_core.retrieval import window_min_distance
 
     flat = bank.flatten(1)
     class_rows = bank.mean(0)[None, None]
-    scores: dict[tuple[int, int], list[float]] = {(k, w): [] for k in ks for w in windows}
-    for query in queries:
+    kinds = [ScoreRegion.WHOLE] + ([ScoreRegion.PART] if regions is not None else [])
+    scores: dict[tuple, list[float]] = {(k, w, r): [] for k in ks for w in windows for r in kinds}
+    for index, query in enumerate(queries):
         order = ((flat - query.flatten()[None]) ** 2).sum(1).argsort()
         for k in ks:
             rows = class_rows if k == CLASS_REFERENCE else bank[order[:k]][None]
             for window in windows:
-                grid = window_min_distance(query[None], rows, window)
-                score = post.image_score(post.anomaly_map([grid]))
-                scores[(k, window)].append(float(score[0]))
+                anomaly_map = post.anomaly_map([window_min_distance(query[None], rows, window)])
+                scores[(k, window, ScoreRegion.WHOLE)].append(float(post.image_score(anomaly_map)))
+                if regions is not None:
+                    part = post.image_score(anomaly_map, regions[index : index + 1])
+                    scores[(k, window, ScoreRegion.PART)].append(float(part))
     return {key: np.asarray(v) for key, v in scores.items()}
+
+
+def score_region_for(planting: Planting, space: RecipeSpace) -> ScoreRegion:
+    """The part alone where anomalies are planted on the part (``choose_planting`` found a
+    small part on a plain background in most choice images): the same assumption, that
+    defects lie on the part, scores and plants. Planted copies cannot choose it: they stand
+    far above the normals either way (screw: 98.7% above the choice normals' maximum,
+    whole or part), while the normals' tail that sets the threshold lies off the part,
+    on background specks and filled corners (BENCHMARKS.md, bench_part_region.py)."""
+    if len(space.regions) == 1:
+        return space.regions[0]
+    return ScoreRegion.PART if planting is Planting.PART else ScoreRegion.WHOLE
+
+
+def caught_above_normals(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The share of planted copies scored above every clean choice image: what a threshold
+    at the normals' maximum (calibration's, with few normals) would catch."""
+    return float((scores[labels == 1] > scores[labels == 0].max()).mean())
 
 
 def choose_recipe(
@@ -276,7 +315,8 @@ def choose_recipe(
     choice images only, among ``space``'s candidates (all by default).
     ``features_for(alignment)`` -> (extractor, pre, training images' finer level
     (M, C, H, W)), from the feature cache (the chosen one is reused by training). Ties go
-    to the simpler: no alignment, the class reference, the smaller window, the smaller K."""
+    to the simpler: no alignment, the class reference, the smaller window, the smaller K.
+    The score region is ``score_region_for`` the planting."""
     from fod_core.processing import PostProcessing
 
     space = space or RecipeSpace()
@@ -294,21 +334,28 @@ def choose_recipe(
     for alignment in space.alignments:
         extractor, pre, bank = features_for(alignment)
         usable = [k for k in space.ks if k <= bank.shape[0]] or [min(space.ks)]
-        queries = _finer_level(extractor, pre, list(normals) + planted)
-        scores = candidate_scores(bank.float(), queries, usable, space.windows, post)
-        for (k, window), values in scores.items():
+        queries, regions = _finer_level_and_regions(
+            extractor, pre, list(normals) + planted, regions=ScoreRegion.PART in space.regions
+        )
+        scores = candidate_scores(bank.float(), queries, usable, space.windows, post, regions)
+        for (k, window, region), values in scores.items():
+            if region not in space.regions:
+                continue
             rows.append(
                 {
                     "alignment": alignment.value,
                     "reference": "class" if k == CLASS_REFERENCE else "nearest",
                     "k": k,
                     "window": window,
+                    "score_region": region.value,
                     "planted_image_auroc": round(image_auroc(labels, values), 4),
+                    "planted_caught_above_normals": round(caught_above_normals(labels, values), 4),
                 }
             )
+    region = score_region_for(planting, space)
     order = {a.value: i for i, a in enumerate(Alignment)}
     best = max(
-        rows,
+        (r for r in rows if r["score_region"] == region.value),
         key=lambda r: (r["planted_image_auroc"], -order[r["alignment"]], -r["window"], -r["k"]),
     )
     choice = RecipeChoice(
@@ -317,7 +364,9 @@ def choose_recipe(
         reference_k=best["k"],
         retrieval_window=best["window"],
         planting=planting.value,
-        rule="best planted image AUROC of the training-free retrieval distance on the "
+        score_region=best["score_region"],
+        rule="score over the part where planting is on the part, else the whole picture; "
+        "then the best planted image AUROC of the training-free retrieval distance on the "
         "choice images; ties to no alignment, the class reference, the smaller window, the "
         "smaller K",
         n_choice_images=len(normals),

@@ -39,12 +39,13 @@ from fod_core.data import (
     split_roles,
     split_sizes,
     split_validation,
+    validation_fraction_for,
 )
 from fod_core.inference import AnomalyDetector
 from fod_core.memory import PhaseMeter
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing
-from fod_core.promise import DEFAULT_DELTA
+from fod_core.promise import DEFAULT_DELTA, normals_needed, percent
 from fod_core.recipe import (
     AUTO,
     RecipeChoice,
@@ -131,6 +132,13 @@ def train_model(
     if calibrate:  # settings first: they need no data
         require_weighted_branches(level_weighting, auto_recipe or model_config.retrieval_window > 0)
     data = load_category(data_root, category, format)  # lists the test set, never reads it
+    if train_config.val_fraction is None:  # auto: enough calibration normals for a promise
+        train_config = replace(
+            train_config,
+            val_fraction=auto_val_fraction(
+                data.train, train_config, target_false_alarm_rate, delta
+            ),
+        )
     train_records, val_records = split_validation(data.train, train_config.val_fraction)
     if train_config.epochs == 0:
         train_config = replace(train_config, epochs=budget_epochs(len(train_records)))
@@ -179,6 +187,7 @@ def train_model(
             reference=recipe.reference,
             reference_k=recipe.reference_k,
             retrieval_window=recipe.retrieval_window,
+            score_region=recipe.score_region,
         )
         planting = recipe.planting
         timings["recipe_s"] = time.perf_counter() - started
@@ -238,7 +247,11 @@ def train_model(
         extractor=extractor,
         model=model,
         pre=pre,
-        post=PostProcessing(model_config.image_size, model_config.score_sigma),
+        post=PostProcessing(
+            model_config.image_size,
+            model_config.score_sigma,
+            score_region=model_config.score_region,
+        ),
         device=device,
     )
     level_weights, threshold, calibration = None, None, {"pending": "a calibration step"}
@@ -327,6 +340,28 @@ def train_model(
         meter.to_dict(),
         recipe,
     )
+
+
+# ``--val-fraction auto`` sizes the calibration part for the target, or for this rate
+# where the target asks more normals than a third of them hold (a 1% promise needs 229)
+AUTO_PROMISE = 0.05
+
+
+def auto_val_fraction(
+    normals: list, train_config: TrainConfig, target: float, delta: float
+) -> float:
+    """The validation fraction whose calibration part holds the normals that promise
+    ``target`` (or ``AUTO_PROMISE``, the smaller need) at confidence 1 - ``delta``."""
+    needed = min(normals_needed(target, delta), normals_needed(AUTO_PROMISE, delta))
+    fraction = validation_fraction_for(normals, needed, train_config.choice_fraction)
+    log.info(
+        "validation fraction %g: %d calibration normals wanted (a %s promise at %g%%)",
+        fraction,
+        needed,
+        percent(max(target, AUTO_PROMISE)),
+        100 * (1 - delta),
+    )
+    return fraction
 
 
 def auto_recipe_choice(

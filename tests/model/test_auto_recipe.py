@@ -22,7 +22,7 @@ from fod_core.config import (
     budget_epochs,
 )
 from fod_core.model import create_fod_model
-from fod_core.processing import Alignment, PostProcessing, read_image
+from fod_core.processing import Alignment, PostProcessing, ScoreRegion, read_image
 from fod_core.recipe import (
     CLASS_REFERENCE,
     WINDOWS,
@@ -105,9 +105,26 @@ def test_candidate_scores_rank_a_planted_defect_above_normals() -> None:
     post = PostProcessing(32, 1.0)
     queries = torch.cat([normals, defects])
     scores = candidate_scores(bank, queries, [CLASS_REFERENCE, 1], [1, 3], post)
-    assert set(scores) == {(0, 1), (0, 3), (1, 1), (1, 3)}
-    for key in [(1, 1), (1, 3)]:  # the nearest normal is the image itself, nearly
+    whole = ScoreRegion.WHOLE
+    assert set(scores) == {(0, 1, whole), (0, 3, whole), (1, 1, whole), (1, 3, whole)}
+    for key in [(1, 1, whole), (1, 3, whole)]:  # the nearest normal is the image itself
         assert scores[key][4:].min() > scores[key][:4].max(), key
+
+
+def test_candidate_scores_over_the_part_ignore_what_lies_beside_it() -> None:
+    """A normal with a speck off the part outscores a defect on the part over the whole
+    picture; over the part alone the defect is above it."""
+    generator = torch.Generator().manual_seed(0)
+    bank = torch.randn(12, 6, 8, 8, generator=generator) * 0.01
+    speck, defect = bank[0].clone(), bank[1].clone()
+    speck[:, 0, 0] += 6.0  # beside the part
+    defect[:, 4, 4] += 3.0  # on it
+    regions = torch.zeros(2, 32, 32, dtype=torch.bool)
+    regions[:, 12:24, 12:24] = True  # the part
+    post = PostProcessing(32, 1.0)
+    scores = candidate_scores(bank, torch.stack([speck, defect]), [1], [1], post, regions)
+    assert scores[(1, 1, ScoreRegion.WHOLE)][0] > scores[(1, 1, ScoreRegion.WHOLE)][1]
+    assert scores[(1, 1, ScoreRegion.PART)][1] > scores[(1, 1, ScoreRegion.PART)][0]
 
 
 def test_planting_follows_the_part_size(tmp_path) -> None:
@@ -191,15 +208,25 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
     space = RecipeSpace(alignments=(Alignment.NONE,), ks=(3,), windows=(3,), planting=Planting.PART)
     choice = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=space)
     assert seen == [Alignment.NONE]
-    assert [(c["alignment"], c["k"], c["window"]) for c in choice.candidates] == [("none", 3, 3)]
+    assert [
+        (c["alignment"], c["k"], c["window"], c["score_region"]) for c in choice.candidates
+    ] == [("none", 3, 3, "whole"), ("none", 3, 3, "part")]
     assert (choice.reference, choice.reference_k, choice.retrieval_window) == ("nearest", 3, 3)
     assert choice.planting == "part" and choice.planting_evidence["fixed_by_flag"]
+    assert choice.score_region == "part"  # planted on the part: scored on the part
     assert set(choice.fixed_by_flags) == {"alignments", "ks", "windows", "planting"}
+    fixed = RecipeSpace.from_flags(planting="part", score_region="whole")
+    assert fixed.regions == (ScoreRegion.WHOLE,)
+    kept = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=fixed)
+    assert kept.score_region == "whole" and {c["score_region"] for c in kept.candidates} == {
+        "whole"
+    }
     whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
     # every alignment, class and K 1/3/5 (10 and 20 are more than the 6 bank rows), every
-    # window
-    assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS)
+    # window, both score regions
+    assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS) * len(ScoreRegion)
     assert whole.fixed_by_flags == {}
+    assert whole.score_region == ("part" if whole.planting == "part" else "whole")
 
 
 # --- the whole recipe on a good-only folder ----------------------------------------------
@@ -229,18 +256,22 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     model, root, outcome = auto_model
     manifest = read_manifest(model)
     recipe = manifest["recipe"]["auto"]
-    assert outcome.recipe is not None and recipe["rule"].startswith("best planted image AUROC")
+    assert outcome.recipe is not None and "best planted image AUROC" in recipe["rule"]
     # every candidate was scored, both alignments, class and nearest, both windows
     candidates = recipe["candidates"]
     assert {(c["alignment"], c["reference"], c["window"]) for c in candidates} >= {
         ("none", "class", 1),
         ("principal_axis", "nearest", 3),
     }
-    best = max(c["planted_image_auroc"] for c in candidates)
-    key = ("alignment", "reference", "reference_k", "retrieval_window")
+    region = recipe["score_region"]
+    assert region == ("part" if recipe["planting"] == "part" else "whole")
+    best = max(c["planted_image_auroc"] for c in candidates if c["score_region"] == region)
+    key = ("alignment", "reference", "reference_k", "retrieval_window", "score_region")
     picked = tuple(recipe[k] for k in key)
     chosen = [
-        c for c in candidates if (c["alignment"], c["reference"], c["k"], c["window"]) == picked
+        c
+        for c in candidates
+        if (c["alignment"], c["reference"], c["k"], c["window"], c["score_region"]) == picked
     ]
     assert chosen and chosen[0]["planted_image_auroc"] == best
     assert recipe["n_choice_images"] == manifest["data"]["splits"]["validation_choice"]
@@ -249,6 +280,7 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     assert manifest["model"]["retrieval_window"] == recipe["retrieval_window"]
     assert manifest["planting"] == recipe["planting"]
     post = manifest["postprocessing"]
+    assert post.get("score_region", "whole") == region  # the image score looks there
     assert len(post["level_weights"]) == len(post["branch_scales"]) == 3
     assert sum(post["level_weights"]) == pytest.approx(1.0)
     # reloaded, it scores the calibration images as it did in training
@@ -262,7 +294,7 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     import shutil
 
     from fod_core.evaluate import evaluate_model
-    from fod_core.export import export_model
+    from fod_core.export import export_model, load_exported
 
     model, root, _ = auto_model
     metrics = evaluate_model(model, root, "part", tmp_path / "eval", format="folder")
@@ -275,6 +307,14 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     records = export_model(every, ["onnx", "openvino"])
     for runtime in ("onnx", "openvino"):
         assert records[runtime]["parity"]["passed"], records[runtime]["parity"]
+    # the graphs return the map; the score over the part is taken from it as PyTorch takes it
+    manifest = read_manifest(every)
+    assert manifest["postprocessing"].get("score_region") == "part"
+    images = [root / "part" / n for n in manifest["data"]["calibration_images"]]
+    expected = [p.score for p in load_detector(every).predict(images)]
+    for runtime in ("onnx", "openvino"):
+        scores = [p.score for p in load_exported(every, runtime).predict(images)]
+        assert scores == pytest.approx(expected, rel=1e-4), runtime
 
 
 def test_scales_that_do_not_fit_the_branches_are_refused(auto_model, tmp_path) -> None:
