@@ -1,6 +1,6 @@
 """Where the normals' tail comes from: the image score over the whole picture against the
-score over the part alone (issue 31, a finding for the next change; nothing in the product
-uses it yet).
+score over the part alone (issue 31; the finding behind ``ScoreRegion.PART``, which is this
+script's grow 4 at 256 px: ``fod_core.processing.part_region``).
 
     python benchmarks/bench_part_region.py --data ../shared/data/screw_512 --category screw \
         --alignment principal_axis --k 10 --window 5 --val-fractions 0.1,0.2 \

@@ -128,6 +128,7 @@ def train_fod(
     reference: str,
     reference_k: int,
     retrieval_window: int,
+    score_region: str,
     auto_recipe: bool,
     epochs: int,
     batch_size: int,
@@ -157,6 +158,7 @@ def train_fod(
         reference=reference,
         reference_k=reference_k,
         retrieval_window=retrieval_window,
+        score_region=score_region,
     )
     train_config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction

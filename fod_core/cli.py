@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
 from fod_core.calibration import LevelWeighting, ThresholdMode
+from fod_core.cli_data import fraction_or_auto
 from fod_core.config import (
     PRESETS,
     Device,
@@ -196,7 +197,7 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=defaults_train.seed)
     parser.add_argument(
         "--val-fraction",
-        type=_fraction_or_auto,
+        type=fraction_or_auto,
         help="share of the normal images held out from training (0: no false-alarm "
         "guarantee), or auto: enough for the calibration part to promise --target-far, or 5%% "
         "where that needs more than a third of the normals (default: "
@@ -246,15 +247,6 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     parser.add_argument("--keep-checkpoints", action="store_true")
-
-
-def _fraction_or_auto(text: str) -> float | str:
-    if text == "auto":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a fraction or auto, not {text!r}") from None
 
 
 def _add_confidence_arg(parser: argparse.ArgumentParser) -> None:

@@ -12,8 +12,24 @@ from fod_core.config import TrainConfig
 from fod_core.data import DatasetFormat, describe_splits, load_category
 
 
+def fraction_or_auto(text: str) -> float | str:
+    """``--val-fraction``'s value: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a fraction or auto, not {text!r}") from None
+
+
 def cmd_splits(args: argparse.Namespace) -> int:
     data = load_category(args.data, args.category, args.format)
+    if args.val_fraction == "auto":  # as `fod train --val-fraction auto` resolves it
+        from fod_core.promise import DEFAULT_DELTA
+        from fod_core.train import auto_val_fraction
+
+        config = TrainConfig(val_fraction=None, choice_fraction=args.choice_fraction)
+        args.val_fraction = auto_val_fraction(data.train, config, args.target_far, DEFAULT_DELTA)
     splits = describe_splits(data, args.val_fraction, args.choice_fraction)
     if args.json:
         print(json.dumps(splits, indent=2))
@@ -52,7 +68,13 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     splits.add_argument("--data", required=True, help="dataset root, the folder of <category>/")
     splits.add_argument("--category", required=True)
     splits.add_argument("--format", default="mvtec", choices=[f.value for f in DatasetFormat])
-    splits.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
+    splits.add_argument(
+        "--val-fraction",
+        type=fraction_or_auto,
+        default=defaults.val_fraction,
+        help="a fraction, or auto as `fod train --val-fraction auto` (for --target-far)",
+    )
+    splits.add_argument("--target-far", type=float, default=0.01, help="with auto")
     splits.add_argument("--choice-fraction", type=float, default=defaults.choice_fraction)
     splits.add_argument("--json", action="store_true", help="every image's relative path")
     splits.set_defaults(func=cmd_splits)

@@ -334,13 +334,19 @@ def recipe_summary(recipe: dict) -> dict:
     """The auto recipe's choice and its label-free evidence, short (the candidates stay in
     the artefact): for the report, MLflow and the registry."""
     candidates = recipe.get("candidates", [])
+    region = recipe.get("score_region", "whole")  # earlier artefacts scored the whole picture
+    names = ("alignment", "reference", "reference_k", "retrieval_window", "planting")
     return {
-        "chosen": {
-            k: recipe.get(k)
-            for k in ("alignment", "reference", "reference_k", "retrieval_window", "planting")
-        },
+        "chosen": {k: recipe.get(k) for k in names} | {"score_region": region},
         "rule": recipe.get("rule"),
-        "planted_image_auroc": max((c["planted_image_auroc"] for c in candidates), default=None),
+        "planted_image_auroc": max(
+            (
+                c["planted_image_auroc"]
+                for c in candidates
+                if c.get("score_region", "whole") == region
+            ),
+            default=None,
+        ),
         "candidates": len(candidates),
         "choice_images": recipe.get("n_choice_images"),
         "planted_images": recipe.get("n_planted"),

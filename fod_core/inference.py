@@ -104,7 +104,10 @@ class Detector:
 class ScoringGraph(nn.Module):
     """The whole scoring path after pre-processing, as one module: normalised images ->
     (anomaly maps (N, S, S), image scores (N,)). What PyTorch runs and what is exported
-    (``fod_core.export``), so both compute the same thing."""
+    (``fod_core.export``), so both compute the same thing. Its scores are over the whole
+    map; a model scored over the part (``ScoreRegion.PART``) takes them from the map in
+    ``Detector.predict``, with the part found by the same pre-processing, for every
+    runtime alike."""
 
     def __init__(
         self,

@@ -212,6 +212,7 @@ class RecipeChoice:
     rule: str
     n_choice_images: int
     n_planted: int
+    n_tail_normals: int = 0  # training normals scored leave-one-out beside the choice images
     planting_evidence: dict = field(default_factory=dict)
     candidates: list[dict] = field(default_factory=list)
     fixed_by_flags: dict = field(default_factory=dict)  # RecipeSpace.fixed(): not chosen
@@ -296,8 +297,51 @@ def score_region_for(planting: Planting, space: RecipeSpace) -> ScoreRegion:
     return ScoreRegion.PART if planting is Planting.PART else ScoreRegion.WHOLE
 
 
+# Normals whose tail a threshold at their maximum meets: beside the clean choice images, up
+# to this many training normals (evenly spaced in the bank), each scored against the bank
+# without itself. The choice images alone are too few to hold the tail: on screw, the
+# normals that set the threshold peak on background specks one image in twenty.
+TAIL_NORMALS = 50
+
+
+def _tail_index(n_bank: int, training_images: Sequence) -> np.ndarray:
+    if len(training_images) != n_bank or n_bank < 2:
+        return np.zeros(0, dtype=int)
+    return np.unique(np.linspace(0, n_bank - 1, min(TAIL_NORMALS, n_bank)).round().astype(int))
+
+
+def _part_regions(pre, images: Sequence, batch_size: int = 8) -> torch.Tensor:
+    return torch.cat(
+        [
+            pre.part_regions(torch.stack([pre(read_image(i)) for i in images[s : s + batch_size]]))
+            for s in range(0, len(images), batch_size)
+        ]
+    )
+
+
+def leave_one_out_scores(
+    bank: torch.Tensor,
+    index: Sequence[int],
+    ks: Sequence[int],
+    windows: Sequence[int],
+    post,
+    regions: torch.Tensor | None = None,
+) -> dict[tuple, np.ndarray]:
+    """``candidate_scores`` of the bank's own rows ``index``, each against the bank without
+    itself: training normals scored as a new normal would be."""
+    scores: dict[tuple, list[float]] = {}
+    for j, i in enumerate(index):
+        keep = torch.ones(len(bank), dtype=torch.bool)
+        keep[int(i)] = False
+        one = None if regions is None else regions[j : j + 1]
+        row = bank[int(i) : int(i) + 1]
+        for key, value in candidate_scores(bank[keep], row, ks, windows, post, one).items():
+            scores.setdefault(key, []).append(float(value[0]))
+    return {key: np.asarray(v) for key, v in scores.items()}
+
+
 def caught_above_normals(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The share of planted copies scored above every clean choice image: what a threshold
+    """The share of planted copies scored above every normal: what a threshold
     at the normals' maximum (calibration's, with few normals) would catch."""
     return float((scores[labels == 1] > scores[labels == 0].max()).mean())
 
@@ -310,9 +354,12 @@ def choose_recipe(
     score_sigma: float,
     space: RecipeSpace | None = None,
     per_image: int = 3,
+    training_images: Sequence[str | Path] = (),
 ) -> RecipeChoice:
-    """The recipe with the best planted image AUROC of its training-free score, on the
-    choice images only, among ``space``'s candidates (all by default).
+    """The recipe whose training-free score puts the most planted copies of the choice
+    images above every normal (the clean choice images, and ``training_images``, the bank's
+    images in its order, ``TAIL_NORMALS`` of them scored leave-one-out), then the best
+    planted image AUROC against them, among ``space``'s candidates (all by default).
     ``features_for(alignment)`` -> (extractor, pre, training images' finer level
     (M, C, H, W)), from the feature cache (the chosen one is reused by training). Ties go
     to the simpler: no alignment, the class reference, the smaller window, the smaller K.
@@ -328,19 +375,31 @@ def choose_recipe(
         list(choice_images), per_image=per_image, seed=PLANTED_SEED, planting=planting
     )
     planted = [image for image, _ in draws]
-    labels = np.r_[np.zeros(len(normals)), np.ones(len(planted))]
     post = PostProcessing(image_size, score_sigma)
-    rows = []
+    with_regions = ScoreRegion.PART in space.regions
+    rows, n_tail = [], 0
     for alignment in space.alignments:
         extractor, pre, bank = features_for(alignment)
-        usable = [k for k in space.ks if k <= bank.shape[0]] or [min(space.ks)]
+        bank = bank.float()
+        tail_index = _tail_index(len(bank), training_images)
+        rows_left = bank.shape[0] - (1 if len(tail_index) else 0)  # a leave-one-out bank
+        usable = [k for k in space.ks if k <= rows_left] or [min(space.ks)]
         queries, regions = _finer_level_and_regions(
-            extractor, pre, list(normals) + planted, regions=ScoreRegion.PART in space.regions
+            extractor, pre, list(normals) + planted, regions=with_regions
         )
-        scores = candidate_scores(bank.float(), queries, usable, space.windows, post, regions)
+        scores = candidate_scores(bank, queries, usable, space.windows, post, regions)
+        tail = {}
+        if len(tail_index):
+            tail_images = [training_images[i] for i in tail_index]
+            tail_regions = _part_regions(pre, tail_images) if with_regions else None
+            tail = leave_one_out_scores(bank, tail_index, usable, space.windows, post, tail_regions)
+            n_tail = len(tail_index)
         for (k, window, region), values in scores.items():
             if region not in space.regions:
                 continue
+            clean = np.r_[values[: len(normals)], tail.get((k, window, region), [])]
+            labels = np.r_[np.zeros(len(clean)), np.ones(len(planted))]
+            ranked = np.r_[clean, values[len(normals) :]]
             rows.append(
                 {
                     "alignment": alignment.value,
@@ -348,15 +407,21 @@ def choose_recipe(
                     "k": k,
                     "window": window,
                     "score_region": region.value,
-                    "planted_image_auroc": round(image_auroc(labels, values), 4),
-                    "planted_caught_above_normals": round(caught_above_normals(labels, values), 4),
+                    "planted_caught_above_normals": round(caught_above_normals(labels, ranked), 4),
+                    "planted_image_auroc": round(image_auroc(labels, ranked), 4),
                 }
             )
     region = score_region_for(planting, space)
     order = {a.value: i for i, a in enumerate(Alignment)}
     best = max(
         (r for r in rows if r["score_region"] == region.value),
-        key=lambda r: (r["planted_image_auroc"], -order[r["alignment"]], -r["window"], -r["k"]),
+        key=lambda r: (
+            r["planted_caught_above_normals"],
+            r["planted_image_auroc"],
+            -order[r["alignment"]],
+            -r["window"],
+            -r["k"],
+        ),
     )
     choice = RecipeChoice(
         alignment=best["alignment"],
@@ -366,10 +431,12 @@ def choose_recipe(
         planting=planting.value,
         score_region=best["score_region"],
         rule="score over the part where planting is on the part, else the whole picture; "
-        "then the best planted image AUROC of the training-free retrieval distance on the "
-        "choice images; ties to no alignment, the class reference, the smaller window, the "
-        "smaller K",
+        "then, by the training-free retrieval distance, the most planted copies of the "
+        "choice images above every normal (the clean choice images and training normals "
+        "left out of the bank in turn), then the best planted image AUROC against them; "
+        "ties to no alignment, the class reference, the smaller window, the smaller K",
         n_choice_images=len(normals),
+        n_tail_normals=n_tail,
         n_planted=len(planted),
         planting_evidence=evidence,
         candidates=rows,

@@ -394,6 +394,7 @@ def auto_recipe_choice(
         image_size=model_config.image_size,
         score_sigma=model_config.score_sigma,
         space=space,
+        training_images=[r.path for r in train_records],
     )
 
 

@@ -19,7 +19,7 @@ from components.validation import ValidationRules
 from fod_core.calibration import LevelWeighting
 from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
-from fod_core.processing import Alignment
+from fod_core.processing import Alignment, ScoreRegion
 from fod_core.synthetic import Planting
 
 DEPLOY_TARGETS = ("local", "kserve", "none")
@@ -94,10 +94,18 @@ class PipelineParameters:
         "not the method: add the retrieval distance within w x w positions as a further "
         "branch of the score (odd w; 0: none); needs level_weights synthetic",
     )
+    score_region: str = parameter(
+        ModelConfig().score_region.value,
+        "not the method: where the image score looks, whole (the method's) or part (the part "
+        "alone, for a part on a plain background; nothing beside it is scored); auto_recipe "
+        "chooses it",
+        choices=[r.value for r in ScoreRegion],
+    )
     auto_recipe: bool = parameter(
         False,
-        "choose alignment, reference, K, retrieval window and planting per product before "
-        "training, on planted anomalies (`fod train --preset auto`; overrides those five); "
+        "choose alignment, reference, K, retrieval window, planting and score region per "
+        "product before training, on planted anomalies (`fod train --preset auto`; overrides "
+        "those six); "
         "needs level_weights synthetic",
     )
     epochs: int = parameter(_TRAIN.epochs, "training epochs")

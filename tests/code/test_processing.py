@@ -169,3 +169,43 @@ def test_alignment_is_stored_and_earlier_manifests_read_as_none():
     plain = PreProcessing(64, (0.1, 0.2, 0.3), (1.0, 1.0, 1.0))
     assert "alignment" not in plain.to_dict()  # feature cache keys of earlier runs still hit
     assert PreProcessing.from_dict(plain.to_dict()).alignment is Alignment.NONE
+
+
+def _part_on_a_plain_table(speck: bool) -> torch.Tensor:
+    """(3, 64, 64) in [0, 1]: a dark bar (the part) on a light table, maybe with a speck."""
+    image = torch.full((3, 64, 64), 0.8)
+    image[:, 28:36, 10:54] = 0.2
+    if speck:
+        image[:, 4:6, 4:6] = 0.2  # 2x2 px, away from the part
+    return image
+
+
+def test_the_part_region_is_the_part_grown_without_specks():
+    from fod_core.processing import part_region
+
+    region = part_region(_part_on_a_plain_table(speck=True))
+    assert region[32, 30] and region[27, 30]  # on the part, and 1 px beside it (grown)
+    assert not region[4, 4]  # the speck is opened away
+    assert not region[60, 60] and not region[10, 30]  # the table
+    plain = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    assert part_region(plain).all()  # no plain background: the whole picture
+
+
+def test_the_score_over_the_part_ignores_a_peak_beside_it():
+    from fod_core.processing import ScoreRegion
+
+    pre = PreProcessing(64, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    batch = torch.stack([pre.normalize(_part_on_a_plain_table(speck=True))])
+    regions = pre.part_regions(batch)
+    maps = torch.zeros(1, 64, 64)
+    maps[0, 4:6, 4:6] = 10.0  # the normal's speck
+    maps[0, 31, 30] = 3.0  # a small defect on the part
+    post = PostProcessing(64, 1.0, score_region=ScoreRegion.PART)
+    whole, part = float(post.image_score(maps)), float(post.image_score(maps, regions))
+    assert whole > part > 0
+    assert part == pytest.approx(float(gaussian_blur(maps, 1.0)[0, 31, 30]), rel=1e-5)
+    assert post.needs_regions() and not PostProcessing(64).needs_regions()
+    # stored by name, and absent (the method's whole picture) for earlier readers
+    assert PostProcessing.from_dict(post.to_dict()).score_region is ScoreRegion.PART
+    assert "score_region" not in PostProcessing(64).to_dict()
+    assert PostProcessing.from_dict(PostProcessing(64).to_dict()).score_region is ScoreRegion.WHOLE

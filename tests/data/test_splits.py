@@ -179,3 +179,27 @@ def test_fod_data_splits_prints_every_image_once(tmp_path, capsys):
     assert splits["test_anomalous"] == [f"defects/dent/d{i:03d}.png" for i in range(6)]
     assert main(argv) == 0
     assert "validation/calibration" in capsys.readouterr().out
+    # auto, as `fod train --val-fraction auto`: a third at most (40 normals hold no 45)
+    assert main([*argv, "--val-fraction", "auto", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["val_fraction"] == pytest.approx(1 / 3, abs=1e-4)
+    with pytest.raises(SystemExit):
+        main([*argv, "--val-fraction", "most"])
+
+
+@pytest.mark.parametrize("wanted", [5, 12, 20])
+def test_the_auto_validation_fraction_holds_the_calibration_normals_asked(tmp_path, wanted):
+    from fod_core.data import validation_fraction_for
+
+    root = make_layout(tmp_path, "folder", defects=False, n_good=120)
+    data = load_category(root, "part", "folder")
+    fraction = validation_fraction_for(data.train, wanted, bounds=(0.05, 0.9))
+    _, val = split_validation(data.train, fraction)
+    _, calibration = split_roles(val)
+    assert len(calibration) >= wanted
+    smaller = round(fraction - 0.01, 4)  # a hundredth less no longer holds them
+    if smaller >= 0.05:
+        _, fewer = split_roles(split_validation(data.train, smaller)[1])
+        assert len(fewer) < wanted
+    # within its bounds: at least the floor, at most the cap (even when that holds fewer)
+    assert validation_fraction_for(data.train, 1, bounds=(0.1, 0.3)) == 0.1
+    assert validation_fraction_for(data.train, 10_000, bounds=(0.1, 0.3)) == 0.3

@@ -265,7 +265,11 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     }
     region = recipe["score_region"]
     assert region == ("part" if recipe["planting"] == "part" else "whole")
-    best = max(c["planted_image_auroc"] for c in candidates if c["score_region"] == region)
+    best = max(
+        (c["planted_caught_above_normals"], c["planted_image_auroc"])
+        for c in candidates
+        if c["score_region"] == region
+    )
     key = ("alignment", "reference", "reference_k", "retrieval_window", "score_region")
     picked = tuple(recipe[k] for k in key)
     chosen = [
@@ -273,7 +277,10 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
         for c in candidates
         if (c["alignment"], c["reference"], c["k"], c["window"], c["score_region"]) == picked
     ]
-    assert chosen and chosen[0]["planted_image_auroc"] == best
+    assert chosen
+    assert (chosen[0]["planted_caught_above_normals"], chosen[0]["planted_image_auroc"]) == best
+    # the normals' tail: training normals scored leave-one-out beside the choice images
+    assert 0 < recipe["n_tail_normals"] <= manifest["data"]["splits"]["train"]
     assert recipe["n_choice_images"] == manifest["data"]["splits"]["validation_choice"]
     # the model is the one chosen, with the branch on, weighted and scaled
     assert manifest["format_version"] == 5
@@ -288,6 +295,26 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     reloaded = [p.score for p in load_detector(model).predict([root / "part" / n for n in names])]
     recorded = manifest["calibration"]["validation_scores"]
     assert sorted(reloaded) == pytest.approx(sorted(recorded), rel=1e-5)
+
+
+def test_a_part_scored_model_takes_its_score_over_the_part_alone(auto_model) -> None:
+    from dataclasses import replace as replace_post
+
+    from fod_core.processing import read_image
+
+    model, root, _ = auto_model
+    detector = load_detector(model)
+    assert detector.post.score_region is ScoreRegion.PART
+    images = sorted((root / "part").rglob("*.png"))[:6]
+    part = np.array([p.score for p in detector.predict(images)])
+    batch, _ = detector.preprocess([read_image(i) for i in images])
+    maps, whole_graph = detector.score_batch(batch)
+    expected = detector.post.image_score(maps, detector.pre.part_regions(batch)).numpy()
+    np.testing.assert_allclose(part, expected, rtol=1e-6)
+    detector.post = replace_post(detector.post, score_region=ScoreRegion.WHOLE)
+    whole = np.array([p.score for p in detector.predict(images)])
+    np.testing.assert_allclose(whole, whole_graph.numpy(), rtol=1e-6)
+    assert (part <= whole + 1e-6).all()  # the largest value over a part of the map
 
 
 def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -> None:

@@ -14,11 +14,11 @@ from fod_core import model as model_module
 from fod_core import train as train_module
 from fod_core.artifact import load_detector, read_manifest
 from fod_core.cache import LocalStore
-from fod_core.cli import _configs, _setting, build_parser
+from fod_core.cli import _configs, _recipe_space, _setting, build_parser
 from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
 from fod_core.export import export_model, load_runtime
 from fod_core.model import create_fod_model
-from fod_core.processing import Alignment
+from fod_core.processing import Alignment, ScoreRegion
 from fod_core.synthetic import make_good_only_folder
 from fod_core.train import train_model
 from fod_core.trainer import FODTrainer
@@ -257,3 +257,12 @@ def test_the_hard_preset_gives_its_recipe_and_a_flag_wins() -> None:
     assert model_config.alignment is Alignment.NONE
     assert (train_config.lr, train_config.epochs) == (TrainConfig().lr, TrainConfig().epochs)
     assert _setting(parser.parse_args(method), "level_weights") == "equal"
+    assert train_config.val_fraction == TrainConfig().val_fraction
+    # auto: the validation fraction resolved at training time, the score region chosen
+    model_config, train_config = _configs(parser.parse_args([*base, "--preset", "auto"]))
+    assert train_config.val_fraction is None
+    assert model_config.score_region is ScoreRegion.WHOLE  # until the recipe chooses
+    args = [*base, "--preset", "auto", "--val-fraction", "0.2", "--score-region", "part"]
+    model_config, train_config = _configs(parser.parse_args(args))
+    assert train_config.val_fraction == 0.2 and model_config.score_region is ScoreRegion.PART
+    assert _recipe_space(parser.parse_args(args)).regions == (ScoreRegion.PART,)
