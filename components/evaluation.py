@@ -175,9 +175,11 @@ def recipe_section(recipe: dict | None) -> str:
         return ""
     chosen = ", ".join(f"{k} {v}" for k, v in recipe["chosen"].items())
     return (
-        f"<h2>Recipe chosen without labels</h2><p>{html.escape(chosen)}: planted image "
-        f"AUROC {recipe.get('planted_image_auroc')} on {recipe.get('choice_images')} choice "
-        f"images and {recipe.get('planted_images')} planted copies, best of "
+        f"<h2>Recipe chosen without labels</h2><p>{html.escape(chosen)}: "
+        f"{recipe.get('planted_caught_above_normals')} of {recipe.get('planted_images')} "
+        f"planted copies above every normal, planted image AUROC "
+        f"{recipe.get('planted_image_auroc')}, on {recipe.get('choice_images')} choice images "
+        f"and {recipe.get('tail_normals', 0)} training normals left out in turn; best of "
         f"{recipe.get('candidates')} candidates ({html.escape(str(recipe.get('rule')))}).</p>"
     )
 

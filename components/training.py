@@ -193,7 +193,9 @@ def _track(
 
             chosen = recipe_summary(auto)
             mlflow.set_tag("recipe.auto", json.dumps(chosen)[:5000])
-            summary["recipe_planted_image_auroc"] = float(chosen["planted_image_auroc"])
+            for key in ("planted_image_auroc", "planted_caught_above_normals"):
+                if chosen.get(key) is not None:
+                    summary[f"recipe_{key}"] = float(chosen[key])
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(out_dir / MANIFEST), artifact_path="training")
         if (out_dir / "training_curves.png").is_file():

@@ -336,19 +336,26 @@ def recipe_summary(recipe: dict) -> dict:
     candidates = recipe.get("candidates", [])
     region = recipe.get("score_region", "whole")  # earlier artefacts scored the whole picture
     names = ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+    chosen = [
+        c
+        for c in candidates
+        if (c["alignment"], c["k"], c["window"], c.get("score_region", "whole"))
+        == (
+            recipe.get("alignment"),
+            recipe.get("reference_k"),
+            recipe.get("retrieval_window"),
+            region,
+        )
+    ]
+    evidence = chosen[0] if chosen else {}
     return {
         "chosen": {k: recipe.get(k) for k in names} | {"score_region": region},
         "rule": recipe.get("rule"),
-        "planted_image_auroc": max(
-            (
-                c["planted_image_auroc"]
-                for c in candidates
-                if c.get("score_region", "whole") == region
-            ),
-            default=None,
-        ),
+        "planted_image_auroc": evidence.get("planted_image_auroc"),
+        "planted_caught_above_normals": evidence.get("planted_caught_above_normals"),
         "candidates": len(candidates),
         "choice_images": recipe.get("n_choice_images"),
+        "tail_normals": recipe.get("n_tail_normals", 0),
         "planted_images": recipe.get("n_planted"),
     }
 

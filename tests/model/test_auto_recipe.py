@@ -326,6 +326,23 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     model, root, _ = auto_model
     metrics = evaluate_model(model, root, "part", tmp_path / "eval", format="folder")
     assert metrics["n_normal"] > 0 and metrics["n_planted"] > 0
+    # the report's recipe: the chosen candidate's own evidence, its score region named
+    recipe, summary = read_manifest(model)["recipe"]["auto"], metrics["recipe"]
+    assert summary["chosen"]["score_region"] == recipe["score_region"]
+    chosen = [
+        c
+        for c in recipe["candidates"]
+        if (c["k"], c["window"], c["alignment"], c["score_region"])
+        == (
+            recipe["reference_k"],
+            recipe["retrieval_window"],
+            recipe["alignment"],
+            recipe["score_region"],
+        )
+    ]
+    assert summary["planted_caught_above_normals"] == chosen[0]["planted_caught_above_normals"]
+    assert summary["planted_image_auroc"] == chosen[0]["planted_image_auroc"]
+    assert summary["tail_normals"] == recipe["n_tail_normals"] > 0
     # every branch weighted, so that each one is in the exported graphs
     every = tmp_path / "every"
     shutil.copytree(model, every, ignore=shutil.ignore_patterns("export"))
