@@ -288,10 +288,10 @@ def candidate_scores(
 def score_region_for(planting: Planting, space: RecipeSpace) -> ScoreRegion:
     """The part alone where anomalies are planted on the part (``choose_planting`` found a
     small part on a plain background in most choice images): the same assumption, that
-    defects lie on the part, scores and plants. Planted copies cannot choose it: they stand
-    far above the normals either way (screw: 98.7% above the choice normals' maximum,
-    whole or part), while the normals' tail that sets the threshold lies off the part,
-    on background specks and filled corners (BENCHMARKS.md, bench_part_region.py)."""
+    defects lie on the part, scores and plants. The choice images alone could not choose
+    it (on screw, 98.7% of planted copies stood above their maximum whole or part), while
+    the normals' tail that sets the threshold lies off the part, on background specks and
+    filled corners (BENCHMARKS.md, bench_part_region.py). Both regions' evidence is kept."""
     if len(space.regions) == 1:
         return space.regions[0]
     return ScoreRegion.PART if planting is Planting.PART else ScoreRegion.WHOLE
