@@ -243,14 +243,18 @@ class PreProcessing:
         edges = torch.cat([tensor[:, 0], tensor[:, -1], tensor[:, :, 0], tensor[:, :, -1]], 1)
         return warp(tensor, theta, fill=edges.median(dim=1).values), theta
 
+    def _channel_stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def as_tensor(values):
+            return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None, None]
+
+        return as_tensor(self.mean), as_tensor(self.std)
+
     def normalize(self, tensor: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        mean, std = self._channel_stats(tensor)
         return (tensor - mean) / std
 
     def denormalize(self, tensor: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device)[:, None, None]
-        std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device)[:, None, None]
+        mean, std = self._channel_stats(tensor)
         return tensor * std + mean
 
     def part_regions(self, batch: torch.Tensor) -> torch.Tensor:

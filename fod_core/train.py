@@ -343,7 +343,7 @@ def train_model(
 
 
 # ``--val-fraction auto`` sizes the calibration part for the target, or for this rate
-# where the target asks more normals than a third of them hold (a 1% promise needs 229)
+# where the target asks more normals than a third of them hold (a 1% promise needs 230)
 AUTO_PROMISE = 0.05
 
 
