@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from fod_core.cache import FeatureCache, LocalStore
-from fod_core.calibration import LevelWeighting
 from fod_core.config import Device, LevelConfig, ModelConfig, Precision, TrainConfig
 from fod_core.data import load_category, split_validation
 from fod_core.evaluate import evaluate_detector, ground_truth_masks
 from fod_core.inference import AnomalyDetector
+from fod_core.level_weights import LevelWeighting
 from fod_core.losses import reference_objective
 from fod_core.metrics import image_auroc, pixel_auroc
 from fod_core.model import FODLevel, class_references, create_fod_model

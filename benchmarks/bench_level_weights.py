@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from fod_core.artifact import read_manifest
-from fod_core.calibration import LevelWeighting, calibrate_model
+from fod_core.calibration import calibrate_model
 from fod_core.evaluate import evaluate_model
+from fod_core.level_weights import LevelWeighting
 
 KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "per_defect_type")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fod_core.artifact import ArtifactError
 from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
-from fod_core.calibration import LevelWeighting, ThresholdMode
+from fod_core.calibration import ThresholdMode
 from fod_core.cli_data import fraction_or_auto
 from fod_core.config import (
     PRESETS,
@@ -31,6 +31,7 @@ from fod_core.config import (
 )
 from fod_core.data import DatasetError, DatasetFormat, list_images
 from fod_core.export import ExportError, Runtime
+from fod_core.level_weights import LevelWeighting
 from fod_core.processing import Alignment, ImageDecodeError, ScoreRegion
 from fod_core.promise import DEFAULT_DELTA
 from fod_core.runtime import configure_cpu_numerics

@@ -311,12 +311,12 @@ class PostProcessing:
     threshold: float | None = None
     threshold_mode: str | None = None
     # None: the method's plain average of the levels; else one weight per level (summing
-    # to 1), chosen on validation data (see fod_core.calibration.LevelWeighting).
+    # to 1), chosen on validation data (see fod_core.level_weights.LevelWeighting).
     level_weights: tuple[float, ...] | None = None
     # None: the maps as they are. Else one scale per branch, each map divided by its own
     # before weighting: a model with a retrieval branch adds a squared feature distance to
     # FOD's scores, and the weights compare like with like only on one scale (each
-    # branch's typical maximum on normal validation images, fod_core.calibration).
+    # branch's typical maximum on normal validation images, fod_core.level_weights).
     branch_scales: tuple[float, ...] | None = None
     # where the image score looks (ScoreRegion): the whole map, or the part alone
     score_region: ScoreRegion = ScoreRegion.WHOLE

@@ -6,7 +6,7 @@ to the image (``ReferenceMode.NEAREST``), or the class reference. The branch's m
 smallest squared distance found. Small shifts of a part (a screw's thread phase, a turn
 that alignment left) find their match a position away instead of raising an alarm; a
 defect matches nothing nearby. It needs no training: what FOD's transformers learn is
-added to it, weighted on planted anomalies (``fod_core.calibration``), and the recipe
+added to it, weighted on planted anomalies (``fod_core.level_weights``), and the recipe
 that uses it is chosen without labels (``fod_core.recipe``).
 """
 

@@ -16,15 +16,10 @@ from fod_core.backbone import FeatureExtractor
 from fod_core.cache import BlobStore, CacheStats, FeatureCache, LocalStore
 from fod_core.calibration import (
     CALIBRATION_PART,
-    LevelWeightChoice,
-    LevelWeighting,
     Threshold,
-    apply_level_weighting,
     calibrate_threshold,
     require_calibration_images,
     require_held_out_normals,
-    require_validation_images,
-    require_weighted_branches,
 )
 from fod_core.config import (
     AUTO_TRAIN_IMAGES,
@@ -42,6 +37,13 @@ from fod_core.data import (
     validation_fraction_for,
 )
 from fod_core.inference import AnomalyDetector
+from fod_core.level_weights import (
+    LevelWeightChoice,
+    LevelWeighting,
+    apply_level_weighting,
+    require_validation_images,
+    require_weighted_branches,
+)
 from fod_core.memory import PhaseMeter
 from fod_core.model import FODModel, create_fod_model
 from fod_core.processing import Alignment, PostProcessing

@@ -16,9 +16,9 @@ from components.deploy import DEFAULT_NAMESPACE
 from components.features import DEFAULT_CACHE_PREFIX
 from components.registry import PromotionGates
 from components.validation import ValidationRules
-from fod_core.calibration import LevelWeighting
 from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
+from fod_core.level_weights import LevelWeighting
 from fod_core.processing import Alignment, ScoreRegion
 from fod_core.synthetic import Planting
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from fod_core.calibration import choose_level_weights, weight_grid
+from fod_core.level_weights import choose_level_weights, weight_grid
 from fod_core.synthetic import plant_anomaly
 
 

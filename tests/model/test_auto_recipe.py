@@ -13,7 +13,6 @@ from tiny_model import CHANNELS, STRIDES, TINY, features
 
 from fod_core.artifact import ArtifactError, load_detector, read_manifest, update_manifest
 from fod_core.cache import LocalStore
-from fod_core.calibration import typical_maxima
 from fod_core.cli import _configs, _recipe_space, build_parser
 from fod_core.config import (
     AUTO_TRAIN_IMAGES,
@@ -21,6 +20,7 @@ from fod_core.config import (
     TrainConfig,
     budget_epochs,
 )
+from fod_core.level_weights import typical_maxima
 from fod_core.model import create_fod_model
 from fod_core.processing import Alignment, PostProcessing, ScoreRegion, read_image
 from fod_core.recipe import (
