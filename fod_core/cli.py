@@ -11,35 +11,31 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from fod_core.artifact import ArtifactError
-from fod_core.backbone import BackboneSpec, BackboneWeightsError, WeightsSource
+from fod_core.backbone import BackboneWeightsError
 from fod_core.calibration import ThresholdMode
-from fod_core.cli_data import fraction_or_auto
+from fod_core.cli_train import (
+    add_confidence_arg,
+    add_level_weights_arg,
+    add_planting_arg,
+    add_train_args,
+    configs_from_args,
+    recipe_space_from_args,
+    train_setting,
+)
 from fod_core.config import (
-    PRESETS,
-    Device,
-    ModelConfig,
     ModelSize,
     Precision,
-    Preset,
-    ReferenceMode,
     SettingsError,
     TrainConfig,
     model_config_for,
 )
 from fod_core.data import DatasetError, DatasetFormat, list_images
 from fod_core.export import ExportError, Runtime
-from fod_core.level_weights import LevelWeighting
-from fod_core.processing import Alignment, ImageDecodeError, ScoreRegion
-from fod_core.promise import DEFAULT_DELTA
+from fod_core.processing import ImageDecodeError
 from fod_core.runtime import configure_cpu_numerics
-from fod_core.synthetic import Planting
 from fod_core.trainer import CheckpointMismatchError
-
-if TYPE_CHECKING:
-    from fod_core.recipe import RecipeSpace
 
 log = logging.getLogger("fod")
 
@@ -55,53 +51,6 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         choices=[f.value for f in DatasetFormat],
         help="dataset layout (default: mvtec)",
     )
-
-
-def _add_planting_arg(parser: argparse.ArgumentParser, default_help: str) -> None:
-    parser.add_argument(
-        "--planting",
-        choices=[p.value for p in Planting],
-        help="anomalies planted for level weights and planted metrics: anywhere (0.3-3%% of "
-        "the image) or part (0.05-0.5%%, on the part: small defects on a small part); "
-        f"default: {default_help}",
-    )
-
-
-def _add_level_weights_arg(
-    parser: argparse.ArgumentParser, default: str | None, *, train_default: str | None = None
-) -> None:
-    parser.add_argument(
-        "--level-weights",
-        default=default,
-        choices=[w.value for w in LevelWeighting],
-        help="equal: average the levels' maps (the method); synthetic: weights with the best "
-        "AUPRO on anomalies planted into validation images (no labels needed)"
-        + (f"; default: {train_default}" if train_default else "")
-        + ("" if default or train_default else "; default: keep the model's"),
-    )
-
-
-TRAIN_DEFAULTS: dict[str, object] = {
-    "alignment": ModelConfig().alignment.value,
-    "reference": ModelConfig().reference.value,
-    "reference_k": ModelConfig().reference_k,
-    "retrieval_window": ModelConfig().retrieval_window,
-    "score_region": ModelConfig().score_region.value,
-    "val_fraction": TrainConfig().val_fraction,
-    "auto_recipe": False,
-    "epochs": TrainConfig().epochs,
-    "lr": TrainConfig().lr,
-    "level_weights": LevelWeighting.EQUAL.value,
-    "planting": Planting.ANYWHERE.value,
-}
-
-
-def _setting(args: argparse.Namespace, name: str):
-    """A training setting: its flag if given, else the preset's value, else the default."""
-    given = getattr(args, name, None)
-    if given is not None:
-        return given
-    return PRESETS[Preset(args.preset)].get(name, TRAIN_DEFAULTS[name])
 
 
 def _add_runtime_arg(parser: argparse.ArgumentParser) -> None:
@@ -125,205 +74,11 @@ def add_scoring_precision_arg(parser: argparse.ArgumentParser, default: str) -> 
     )
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    """Settings a preset may change default to None here and are resolved by ``_setting``:
-    the flag if given, else the preset's value, else the method's default."""
-    defaults_model, defaults_train = ModelConfig(), TrainConfig()
-    parser.add_argument(
-        "--preset",
-        default=Preset.AUTO.value,
-        choices=[p.value for p in Preset],
-        help="auto (default): alignment, reference, K, retrieval window and planting chosen "
-        "for the product before training on planted anomalies (no labels), the branches "
-        "weighted on them, as many whole epochs as fit in 1,500 images seen; method: the published "
-        "method; hard: parts at any angle with small defects (screws): "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PRESETS[Preset.HARD].items())
-        + ". A flag given as well wins over the preset (with auto, a part fixed by its flag "
-        "is not chosen; the rest still is)",
-    )
-    parser.add_argument(
-        "--backbone",
-        default=defaults_model.backbone.name,
-        help="any timm CNN with features_only (default: efficientnet_lite0)",
-    )
-    parser.add_argument(
-        "--model-size",
-        default=ModelSize.METHOD.value,
-        choices=[m.value for m in ModelSize],
-        help="method: the paper's widths (default); compact: half widths, 2 layers",
-    )
-    parser.add_argument(
-        "--weights",
-        default="auto",
-        choices=[w.value for w in WeightsSource],
-        help="backbone weights: auto = installed package, else hub",
-    )
-    parser.add_argument("--weights-file", help="local backbone weights (.pth/.pt)")
-    parser.add_argument("--out-indices", default="2,3", help="backbone stages (default: 2,3)")
-    parser.add_argument("--image-size", type=int, default=defaults_model.image_size)
-    parser.add_argument(
-        "--alignment",
-        choices=[a.value for a in Alignment],
-        help="none: the photos as they are (the method; default); principal_axis: turn an "
-        "elongated part lying at any angle (a screw) onto one axis before the model",
-    )
-    parser.add_argument(
-        "--reference",
-        choices=[r.value for r in ReferenceMode],
-        help="class: one reference pattern, the mean of all training normals (the method; "
-        "default); nearest: per image, the mean of its --reference-k nearest training "
-        "normals (kept in the model; for parts that are not aligned)",
-    )
-    parser.add_argument(
-        "--reference-k",
-        type=int,
-        help="normals per nearest reference (default 0: chosen at training time on the "
-        "validation's choice part, with planted anomalies; no labels)",
-    )
-    parser.add_argument(
-        "--retrieval-window",
-        type=int,
-        help="not the method: add the retrieval distance (the finer level's distance to the "
-        "reference within w x w positions) as a further branch of the score; odd w, 0 for "
-        "none (default); needs --level-weights synthetic",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        help=f"training epochs (default: {defaults_train.epochs}; 0: as many whole epochs as "
-        "fit in 1,500 images seen)",
-    )
-    parser.add_argument("--batch-size", type=int, default=defaults_train.batch_size)
-    parser.add_argument("--lr", type=float, help=f"Adam's rate (default: {defaults_train.lr})")
-    parser.add_argument("--seed", type=int, default=defaults_train.seed)
-    parser.add_argument(
-        "--val-fraction",
-        type=fraction_or_auto,
-        help="share of the normal images held out from training (0: no false-alarm "
-        "guarantee), or auto: enough for the calibration part to promise --target-far, or 5%% "
-        "where that needs more than a third of the normals (default: "
-        f"{defaults_train.val_fraction}; auto with --preset auto)",
-    )
-    parser.add_argument(
-        "--score-region",
-        choices=[r.value for r in ScoreRegion],
-        help="not the method: where the image score looks, whole (the method's) or part (the "
-        "part alone, grown a few pixels: for a part on a plain background whose specks and "
-        "fill would raise normals' scores; nothing beside the part is scored). Default: "
-        "whole; chosen with --preset auto",
-    )
-    parser.add_argument(
-        "--choice-fraction",
-        type=float,
-        default=defaults_train.choice_fraction,
-        help="share of the validation images that make choices (epoch, level weights); "
-        "the rest set the threshold alone",
-    )
-    parser.add_argument("--device", default="auto", choices=[d.value for d in Device])
-    parser.add_argument("--precision", default="auto", choices=[p.value for p in Precision])
-    parser.add_argument(
-        "--lean-attention",
-        action=argparse.BooleanOptionalAction,
-        default=defaults_train.lean_attention,
-        help="hold each attention map one block of query rows at a time (fp32): the same "
-        "training in a quarter of the memory, about a fifth slower (default: on)",
-    )
-    parser.add_argument(
-        "--micro-batch-size",
-        type=int,
-        default=defaults_train.micro_batch_size,
-        help="images per forward/backward pass, their gradients summed into the batch's "
-        "step (the same training in less memory; default 0: 4 on a CPU, the whole batch "
-        "on a GPU)",
-    )
-    parser.add_argument(
-        "--target-far",
-        type=float,
-        default=0.01,
-        help="false-alarm rate the threshold is calibrated for",
-    )
-    _add_confidence_arg(parser)
-    _add_level_weights_arg(parser, None, train_default=LevelWeighting.EQUAL.value)
-    _add_planting_arg(parser, Planting.ANYWHERE.value)
-    parser.add_argument("--cache-dir", type=Path, help="feature cache (default ~/.cache/fod)")
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    parser.add_argument("--keep-checkpoints", action="store_true")
-
-
-def _add_confidence_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--confidence",
-        type=float,
-        default=1 - DEFAULT_DELTA,
-        help="how sure the false-alarm promise is: P(this model's rate <= target) "
-        f"(default {1 - DEFAULT_DELTA:g})",
-    )
-
-
-def _configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    """The flags as configs; settings that cannot go together are a user's error."""
-    try:
-        return _build_configs(args)
-    except SettingsError:
-        raise
-    except ValueError as err:  # a config's own check (an even window, K < 0, ...)
-        raise SettingsError(str(err)) from err
-
-
-def _build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    backbone = BackboneSpec(
-        name=args.backbone,
-        out_indices=tuple(int(i) for i in args.out_indices.split(",")),
-        weights=WeightsSource(args.weights),
-        weights_file=args.weights_file,
-    )
-    model_config = replace(
-        model_config_for(args.model_size, image_size=args.image_size),
-        backbone=backbone,
-        alignment=Alignment(_setting(args, "alignment")),
-        reference=ReferenceMode(_setting(args, "reference")),
-        reference_k=int(_setting(args, "reference_k")),
-        retrieval_window=int(_setting(args, "retrieval_window")),
-        score_region=ScoreRegion(_setting(args, "score_region")),
-    )
-    val_fraction = _setting(args, "val_fraction")
-    train_config = TrainConfig(
-        epochs=int(_setting(args, "epochs")),
-        batch_size=args.batch_size,
-        lr=float(_setting(args, "lr")),
-        seed=args.seed,
-        val_fraction=None if val_fraction == "auto" else float(val_fraction),
-        choice_fraction=args.choice_fraction,
-        device=Device(args.device),
-        precision=Precision(args.precision),
-        lean_attention=args.lean_attention,
-        micro_batch_size=args.micro_batch_size,
-    )
-    return model_config, train_config
-
-
-def _recipe_space(args: argparse.Namespace) -> RecipeSpace | None:
-    """With ``--preset auto``, the parts of the recipe the user fixed with their flags."""
-    from fod_core.recipe import RecipeSpace
-
-    if not _setting(args, "auto_recipe"):
-        return None
-    names = (
-        "alignment",
-        "reference",
-        "reference_k",
-        "retrieval_window",
-        "planting",
-        "score_region",
-    )
-    return RecipeSpace.from_flags(**{name: getattr(args, name, None) for name in names})
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from fod_core.cache import LocalStore
     from fod_core.train import train_model
 
-    model_config, train_config = _configs(args)
+    model_config, train_config = configs_from_args(args)
     outcome = train_model(
         args.data,
         args.category,
@@ -336,11 +91,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         keep_checkpoints=args.keep_checkpoints,
         target_false_alarm_rate=args.target_far,
         delta=1 - args.confidence,
-        level_weighting=_setting(args, "level_weights"),
-        planting=_setting(args, "planting"),
+        level_weighting=train_setting(args, "level_weights"),
+        planting=train_setting(args, "planting"),
         progress=not args.quiet,
-        auto_recipe=bool(_setting(args, "auto_recipe")),
-        recipe_space=_recipe_space(args),
+        auto_recipe=bool(train_setting(args, "auto_recipe")),
+        recipe_space=recipe_space_from_args(args),
     )
     print(
         json.dumps(
@@ -511,7 +266,7 @@ def build_parser(
     train = sub.add_parser("train", help="train one category into a model directory")
     _add_data_args(train)
     train.add_argument("--out", required=True, type=Path, help="model directory to write")
-    _add_train_args(train)
+    add_train_args(train)
     train.set_defaults(func=cmd_train)
 
     calibrate = sub.add_parser(
@@ -525,7 +280,7 @@ def build_parser(
         help="default: F1-optimal with --anomalies, else the false-alarm quantile",
     )
     calibrate.add_argument("--target-far", type=float, default=0.01)
-    _add_confidence_arg(calibrate)
+    add_confidence_arg(calibrate)
     calibrate.add_argument(
         "--normals",
         type=Path,
@@ -535,8 +290,8 @@ def build_parser(
     calibrate.add_argument(
         "--anomalies", nargs="*", type=Path, default=[], help="labelled validation anomalies"
     )
-    _add_level_weights_arg(calibrate, None)
-    _add_planting_arg(calibrate, "the model's")
+    add_level_weights_arg(calibrate, None)
+    add_planting_arg(calibrate, "the model's")
     calibrate.set_defaults(func=cmd_calibrate)
 
     evaluate = sub.add_parser("evaluate", help="test metrics, plots and heatmaps of a model")

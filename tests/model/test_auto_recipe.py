@@ -13,7 +13,8 @@ from tiny_model import CHANNELS, STRIDES, TINY, features
 
 from fod_core.artifact import ArtifactError, load_detector, read_manifest, update_manifest
 from fod_core.cache import LocalStore
-from fod_core.cli import _configs, _recipe_space, build_parser
+from fod_core.cli import build_parser
+from fod_core.cli_train import configs_from_args, recipe_space_from_args
 from fod_core.config import (
     AUTO_TRAIN_IMAGES,
     ReferenceMode,
@@ -155,24 +156,24 @@ def test_auto_is_the_default_and_a_flag_fixes_its_part_of_the_recipe() -> None:
     parser = build_parser()
     base = ["train", "--data", "d", "--category", "c", "--out", "o"]
     args = parser.parse_args(base)  # no --preset: auto
-    _, train_config = _configs(args)
+    _, train_config = configs_from_args(args)
     assert train_config.epochs == 0 and train_config.lr == 3e-4
-    assert _recipe_space(args) == RecipeSpace()  # everything chosen
+    assert recipe_space_from_args(args) == RecipeSpace()  # everything chosen
     args = parser.parse_args([*base, "--alignment", "principal_axis", "--retrieval-window", "3"])
-    space = _recipe_space(args)
+    space = recipe_space_from_args(args)
     assert space.alignments == (Alignment.PRINCIPAL_AXIS,) and space.windows == (3,)
     assert space.ks == RecipeSpace().ks and space.planting is None  # still chosen
     assert space.fixed() == {"alignments": ["principal_axis"], "windows": [3]}
-    assert _recipe_space(parser.parse_args([*base, "--reference", "class"])).ks == (0,)
-    nearest = _recipe_space(parser.parse_args([*base, "--reference", "nearest"]))
+    assert recipe_space_from_args(parser.parse_args([*base, "--reference", "class"])).ks == (0,)
+    nearest = recipe_space_from_args(parser.parse_args([*base, "--reference", "nearest"]))
     assert CLASS_REFERENCE not in nearest.ks
-    assert _recipe_space(parser.parse_args([*base, "--reference-k", "5"])).ks == (5,)
-    planted = _recipe_space(parser.parse_args([*base, "--planting", "part"]))
+    assert recipe_space_from_args(parser.parse_args([*base, "--reference-k", "5"])).ks == (5,)
+    planted = recipe_space_from_args(parser.parse_args([*base, "--planting", "part"]))
     assert planted.planting is Planting.PART
-    assert _recipe_space(parser.parse_args([*base, "--preset", "method"])) is None
+    assert recipe_space_from_args(parser.parse_args([*base, "--preset", "method"])) is None
     with pytest.raises(ValueError, match="--preset method or hard"):
-        _recipe_space(parser.parse_args([*base, "--retrieval-window", "0"]))
-    _, train_config = _configs(parser.parse_args([*base, "--epochs", "2"]))  # not a choice
+        recipe_space_from_args(parser.parse_args([*base, "--retrieval-window", "0"]))
+    _, train_config = configs_from_args(parser.parse_args([*base, "--epochs", "2"]))  # not a choice
     assert train_config.epochs == 2
 
 

@@ -14,7 +14,8 @@ from fod_core import model as model_module
 from fod_core import train as train_module
 from fod_core.artifact import load_detector, read_manifest
 from fod_core.cache import LocalStore
-from fod_core.cli import _configs, _recipe_space, _setting, build_parser
+from fod_core.cli import build_parser
+from fod_core.cli_train import configs_from_args, recipe_space_from_args, train_setting
 from fod_core.config import ModelConfig, ReferenceMode, TrainConfig
 from fod_core.export import export_model, load_runtime
 from fod_core.model import create_fod_model
@@ -240,29 +241,29 @@ def test_a_class_model_warm_starts_a_nearest_one(nearest_model, tmp_path, monkey
 def test_the_hard_preset_gives_its_recipe_and_a_flag_wins() -> None:
     parser = build_parser()
     base = ["train", "--data", "d", "--category", "c", "--out", "o"]
-    model_config, train_config = _configs(parser.parse_args([*base, "--preset", "hard"]))
+    model_config, train_config = configs_from_args(parser.parse_args([*base, "--preset", "hard"]))
     assert model_config.reference is ReferenceMode.NEAREST
     assert model_config.reference_k == 0  # chosen by the label-free rule at training time
     assert model_config.alignment is Alignment.PRINCIPAL_AXIS
     assert (train_config.lr, train_config.epochs) == (3e-4, 10)
     args = parser.parse_args([*base, "--preset", "hard", "--epochs", "3", "--reference", "class"])
-    model_config, train_config = _configs(args)
+    model_config, train_config = configs_from_args(args)
     assert model_config.reference is ReferenceMode.CLASS
     assert train_config.epochs == 3
-    assert _setting(args, "level_weights") == "synthetic"
-    assert _setting(args, "planting") == "part"
+    assert train_setting(args, "level_weights") == "synthetic"
+    assert train_setting(args, "planting") == "part"
     method = [*base, "--preset", "method"]
-    model_config, train_config = _configs(parser.parse_args(method))
+    model_config, train_config = configs_from_args(parser.parse_args(method))
     assert model_config == replace(model_config, reference=ReferenceMode.CLASS)
     assert model_config.alignment is Alignment.NONE
     assert (train_config.lr, train_config.epochs) == (TrainConfig().lr, TrainConfig().epochs)
-    assert _setting(parser.parse_args(method), "level_weights") == "equal"
+    assert train_setting(parser.parse_args(method), "level_weights") == "equal"
     assert train_config.val_fraction == TrainConfig().val_fraction
     # auto: the validation fraction resolved at training time, the score region chosen
-    model_config, train_config = _configs(parser.parse_args([*base, "--preset", "auto"]))
+    model_config, train_config = configs_from_args(parser.parse_args([*base, "--preset", "auto"]))
     assert train_config.val_fraction is None
     assert model_config.score_region is ScoreRegion.WHOLE  # until the recipe chooses
     args = [*base, "--preset", "auto", "--val-fraction", "0.2", "--score-region", "part"]
-    model_config, train_config = _configs(parser.parse_args(args))
+    model_config, train_config = configs_from_args(parser.parse_args(args))
     assert train_config.val_fraction == 0.2 and model_config.score_region is ScoreRegion.PART
-    assert _recipe_space(parser.parse_args(args)).regions == (ScoreRegion.PART,)
+    assert recipe_space_from_args(parser.parse_args(args)).regions == (ScoreRegion.PART,)
