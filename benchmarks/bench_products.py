@@ -154,6 +154,8 @@ def peer_worker(args: argparse.Namespace) -> None:
         "fit_s": round(fit_s, 1),
         "ms_per_image_batch1": round(ms, 1),
         "train_images": len(train),
+        # per test image, for a paired comparison with FOD's (benchmarks/paired_auroc.py)
+        "test_scores": {r.identity: float(s) for r, s in zip(data.test, test_scores, strict=True)},
     }
     if any(r.mask_path for r in data.test):
         masks = np.stack(

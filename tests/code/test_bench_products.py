@@ -104,3 +104,46 @@ def test_the_table_puts_fod_and_a_peer_side_by_side() -> None:
     )
     assert "50.0% / 70.0%" in fod_row and "| 1200.0 | 90.0 | 3.3 |" in fod_row
     assert "| PatchCore (1% coreset) | 0.900 | - | - | 0.500 | 4/10 | 0/20 | - |" in peer_row
+
+
+def test_the_bootstrap_auroc_is_sklearns_with_ties() -> None:
+    import numpy as np
+    from paired_auroc import auroc
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    normal = rng.normal(size=(3, 40)).round(1)  # rounded: many ties
+    anomalous = (rng.normal(size=(3, 60)) + 1).round(1)
+    expected = [
+        roc_auc_score([0] * 40 + [1] * 60, np.r_[normal[i], anomalous[i]]) for i in range(3)
+    ]
+    assert np.allclose(auroc(normal, anomalous), expected)
+
+
+def test_a_paired_difference_separates_a_real_gap_from_none() -> None:
+    import numpy as np
+    from paired_auroc import paired_difference
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(100), np.ones(300)]
+    scores = np.r_[rng.normal(size=100), rng.normal(size=300) + 1.5]
+    same = paired_difference(labels, scores, scores)
+    assert same.difference == same.low == same.high == 0.0
+    worse_peer = paired_difference(labels, scores, scores + rng.normal(size=400))
+    assert worse_peer.difference > 0 and worse_peer.low > 0  # FOD ahead, and surely
+    better_peer = paired_difference(labels, scores + rng.normal(size=400), scores)
+    assert better_peer.high < 0 and better_peer.share_fod_ahead < 0.05
+    with pytest.raises(ValueError, match="normal and anomalous"):
+        paired_difference(np.ones(4), np.arange(4.0), np.arange(4.0))
+
+
+def test_a_peers_scores_are_matched_to_fods_by_identity() -> None:
+    from paired_auroc import matched
+
+    fod = {"data/screw/test/good/000.png": (0, 0.1), "data/screw/test/bad/000.png": (1, 0.9)}
+    peer = {"test/bad/000.png": 0.7, "test/good/000.png": 0.2}
+    labels, fod_scores, peer_scores = matched(fod, peer)
+    assert labels.tolist() == [0, 1]
+    assert fod_scores.tolist() == [0.1, 0.9] and peer_scores.tolist() == [0.2, 0.7]
+    with pytest.raises(ValueError, match="FOD scored 2 test images, the peer 3"):
+        matched(fod, {**peer, "test/bad/001.png": 0.5})
