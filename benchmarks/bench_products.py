@@ -90,6 +90,10 @@ def peer_worker(args: argparse.Namespace) -> None:
     # returned) suits FOD's fixed-size steps, but under PatchCore's greedy coreset the heap
     # fragments to 24 GB by step 170 on bottle. The peers run with the allocator's defaults.
     torch.manual_seed(0)
+    # PatchCore's coreset projects with sklearn's sample_without_replacement, which draws
+    # from NumPy's global generator: unseeded, two runs on one split differed by up to
+    # 0.06 image AUROC (screw, BENCHMARKS.md, session 17)
+    np.random.seed(0)
     data = load_category(args.data, args.category, args.format)
     train, validation = split_validation(data.train, args.val_fraction)  # FOD's split
     _, calibration = split_roles(validation, args.choice_fraction)
