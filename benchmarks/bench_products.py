@@ -92,7 +92,7 @@ def peer_worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     # PatchCore's coreset projects with sklearn's sample_without_replacement, which draws
     # from NumPy's global generator: unseeded, two runs on one split differed by up to
-    # 0.06 image AUROC (screw, BENCHMARKS.md, session 17)
+    # 0.06 image AUROC (screw, sessions 16 and 17, BENCHMARKS.md)
     np.random.seed(0)
     data = load_category(args.data, args.category, args.format)
     train, validation = split_validation(data.train, args.val_fraction)  # FOD's split

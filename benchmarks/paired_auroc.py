@@ -42,14 +42,14 @@ class PairedDifference:
     difference: float
     low: float  # the 2.5% quantile of the resampled differences
     high: float  # the 97.5% quantile
-    share_fod_ahead: float  # resamples where FOD's AUROC >= the peer's
+    share_fod_not_behind: float  # resamples where FOD's AUROC >= the peer's (ties too)
     n_normal: int
     n_anomalous: int
 
     def describe(self) -> str:
         return (
             f"{self.difference:+.4f} [{self.low:+.4f}, {self.high:+.4f}], "
-            f"FOD >= peer in {self.share_fod_ahead:.0%} of resamples"
+            f"FOD >= peer in {self.share_fod_not_behind:.0%} of resamples"
         )
 
 
@@ -80,7 +80,7 @@ def paired_difference(
         difference=whole_fod - whole_peer,
         low=float(np.quantile(differences, 0.025)),
         high=float(np.quantile(differences, 0.975)),
-        share_fod_ahead=float(np.mean(differences >= 0)),
+        share_fod_not_behind=float(np.mean(differences >= 0)),
         n_normal=len(normal),
         n_anomalous=len(anomalous),
     )
@@ -97,15 +97,18 @@ def fod_test_scores(model_dir: str | Path) -> dict[str, tuple[int, float]]:
 def matched(fod: dict[str, tuple[int, float]], peer: dict[str, float]):
     """Labels and both models' scores for the same images: a peer names an image by its
     identity (its path relative to the category folder), FOD by its path."""
-    labels, fod_scores, peer_scores = [], [], []
+    labels, fod_scores, peer_scores, used = [], [], [], set()
     for path, (label, score) in fod.items():
         keys = [k for k in peer if path == k or path.endswith("/" + k)]
         if len(keys) != 1:
             raise ValueError(f"{path}: {len(keys)} images of the peer's match it")
+        if keys[0] in used:
+            raise ValueError(f"{keys[0]}: the peer's image matches two of FOD's")
+        used.add(keys[0])
         labels.append(label)
         fod_scores.append(score)
         peer_scores.append(peer[keys[0]])
-    if len(labels) != len(peer):
+    if used != set(peer):
         raise ValueError(f"FOD scored {len(labels)} test images, the peer {len(peer)}")
     return np.array(labels), np.array(fod_scores), np.array(peer_scores)
 
@@ -135,7 +138,7 @@ def main() -> None:
     for name, peer, d in compare(json.loads(args.results.read_text()), args.resamples):
         print(
             f"| {name} | {peer} | {d.fod:.4f} | {d.peer:.4f} | {d.difference:+.4f} "
-            f"[{d.low:+.4f}, {d.high:+.4f}] | {d.share_fod_ahead:.0%} of resamples |"
+            f"[{d.low:+.4f}, {d.high:+.4f}] | {d.share_fod_not_behind:.0%} of resamples |"
         )
 
 

@@ -1,6 +1,7 @@
 """The alarm threshold, set after training on the validation's calibration part (never on
-test labels), and the split that says which images a model may calibrate on. The level
-weights, the other choice made after training, are ``fod_core.level_weights``."""
+test labels), the split that says which images a model may calibrate on, and the
+lifecycle stage 'calibrate' (``fod calibrate``: the threshold again, and the level weights
+when asked). How the level weights are chosen is ``fod_core.level_weights``."""
 
 from __future__ import annotations
 

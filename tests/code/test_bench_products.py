@@ -1,5 +1,6 @@
 """The benchmark-only side of issue 28: the ELPV products laid out from the PyPI package and
-anomalib's peers run on our split. Both need the ``peers`` extra and skip without it."""
+anomalib's peers run on our split (both need the ``peers`` extra and skip without it), and
+the paired comparison of FOD's AUROC with a peer's (plain NumPy, always run)."""
 
 from __future__ import annotations
 
@@ -131,8 +132,9 @@ def test_a_paired_difference_separates_a_real_gap_from_none() -> None:
     assert same.difference == same.low == same.high == 0.0
     worse_peer = paired_difference(labels, scores, scores + rng.normal(size=400))
     assert worse_peer.difference > 0 and worse_peer.low > 0  # FOD ahead, and surely
+    assert worse_peer.low < worse_peer.difference < worse_peer.high
     better_peer = paired_difference(labels, scores + rng.normal(size=400), scores)
-    assert better_peer.high < 0 and better_peer.share_fod_ahead < 0.05
+    assert better_peer.high < 0 and better_peer.share_fod_not_behind < 0.05
     with pytest.raises(ValueError, match="normal and anomalous"):
         paired_difference(np.ones(4), np.arange(4.0), np.arange(4.0))
 
@@ -147,3 +149,44 @@ def test_a_peers_scores_are_matched_to_fods_by_identity() -> None:
     assert fod_scores.tolist() == [0.1, 0.9] and peer_scores.tolist() == [0.2, 0.7]
     with pytest.raises(ValueError, match="FOD scored 2 test images, the peer 3"):
         matched(fod, {**peer, "test/bad/001.png": 0.5})
+    with pytest.raises(ValueError, match="matches two of FOD's"):
+        matched({**fod, "other/screw/test/good/000.png": (0, 0.3)}, peer)
+
+
+def test_one_rare_class_member_is_kept_in_every_resample() -> None:
+    """Normals and defects are drawn apart: with one normal, a pooled draw would often
+    have none and no AUROC; drawn apart, every resample has it."""
+    import numpy as np
+    from paired_auroc import paired_difference
+
+    labels = np.r_[0, np.ones(30)]
+    fod = np.r_[0.0, np.linspace(1, 2, 30)]  # the normal below every defect
+    peer = np.r_[1.5, np.linspace(1, 2, 30)]  # the normal in the middle
+    d = paired_difference(labels, fod, peer, resamples=500)
+    assert d.fod == 1.0 and abs(d.peer - 0.5) < 0.05
+    assert d.low > 0 and d.share_fod_not_behind == 1.0
+
+
+def test_compare_reads_fods_predictions_beside_the_peers_scores(tmp_path) -> None:
+    from paired_auroc import compare
+
+    evaluation = tmp_path / "model" / "evaluation"
+    evaluation.mkdir(parents=True)
+    (evaluation / "predictions.csv").write_text(
+        "path,defect_type,label,score,is_anomalous\n"
+        "d/p/test/good/0.png,good,0,0.1,0\nd/p/test/good/1.png,good,0,0.2,0\n"
+        "d/p/test/bad/0.png,bad,1,0.9,1\nd/p/test/bad/1.png,bad,1,0.15,0\n"
+    )
+    peer = {"test/good/0.png": 0.1, "test/good/1.png": 0.2, "test/bad/0.png": 0.9}
+    results = {
+        "products": {
+            "p": {
+                "fod": {"model_dir": str(tmp_path / "model")},
+                "patchcore": {"test_scores": {**peer, "test/bad/1.png": 0.3}},
+                "padim": {"image_auroc": 0.5},  # run before scores were kept: left out
+            }
+        }
+    }
+    [(name, peer_name, d)] = compare(results, resamples=200)
+    assert (name, peer_name) == ("p", "patchcore")
+    assert d.fod == 0.75 and d.peer == 1.0 and d.difference == -0.25
