@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-PEERS = ("patchcore", "padim")
+from bench_products import PEERS
 
 
 def auroc(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
