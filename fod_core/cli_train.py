@@ -137,8 +137,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--retrieval-window",
         type=int,
         help="not the method: add the retrieval distance (the finer level's distance to the "
-        "reference within w x w positions) as a further branch of the score; odd w, 0 for "
-        "none (default); needs --level-weights synthetic",
+        "reference within w x w positions) as a further branch of the score; odd w, -1 for "
+        "any position of the reference, 0 for none (default); needs --level-weights synthetic",
     )
     parser.add_argument(
         "--epochs",

@@ -11,6 +11,7 @@ from enum import Enum
 
 from fod_core.backbone import BackboneSpec
 from fod_core.processing import Alignment, ScoreRegion
+from fod_core.retrieval import ANY_POSITION
 
 
 class SettingsError(ValueError):
@@ -86,7 +87,8 @@ class ModelConfig:
     reference_k: int = 0
     # Not part of the method: 0 scores as the method does; an odd window w adds the
     # retrieval distance (the finer level's distance to the reference within w x w
-    # positions, ``fod_core.retrieval``) as a further branch of the score.
+    # positions, ``fod_core.retrieval``) as a further branch of the score; -1 looks at every
+    # position of the reference (``ANY_POSITION``).
     retrieval_window: int = 0
 
     def __post_init__(self) -> None:
@@ -95,9 +97,12 @@ class ModelConfig:
         object.__setattr__(self, "score_region", ScoreRegion(self.score_region))
         if self.reference_k < 0:
             raise ValueError(f"reference_k must be 0 (auto) or at least 1, got {self.reference_k}")
-        if self.retrieval_window < 0 or (self.retrieval_window and self.retrieval_window % 2 == 0):
+        if self.retrieval_window < ANY_POSITION or (
+            self.retrieval_window > 0 and self.retrieval_window % 2 == 0
+        ):
             raise ValueError(
-                f"retrieval_window must be 0 (none) or an odd number, got {self.retrieval_window}"
+                "retrieval_window must be 0 (none), an odd number or -1 (any position), got "
+                f"{self.retrieval_window}"
             )
         if len(self.levels) != len(self.backbone.out_indices):
             raise ValueError(

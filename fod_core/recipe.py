@@ -27,6 +27,7 @@ import torch
 
 from fod_core.metrics import image_auroc
 from fod_core.processing import Alignment, ScoreRegion, read_image
+from fod_core.retrieval import ANY_POSITION, describe_window, window_reach
 from fod_core.synthetic import PLANTED_SEED, Planting, planted_copies
 
 log = logging.getLogger(__name__)
@@ -131,8 +132,9 @@ def choose_reference_k(
 
 # --- the whole recipe (``--preset auto``) -------------------------------------------------
 
-# retrieval windows tried: position to position, one and two positions away
-WINDOWS = (1, 3, 5)
+# retrieval windows tried: position to position, one and two positions away, and any
+# position of the K nearest normals (location-free, ``fod_core.retrieval.ANY_POSITION``)
+WINDOWS = (1, 3, 5, ANY_POSITION)
 # The recipe's K candidates: the reference-K rule's and 20, the flattest reference (ELPV
 # mono's choice images preferred it, and screw's and bottle's choices did not move).
 RECIPE_KS = (*K_CANDIDATES, 20)
@@ -171,7 +173,8 @@ class RecipeSpace:
 
             raise SettingsError(
                 "--preset auto always scores the retrieval branch beside FOD's levels (its "
-                "window is chosen, 1, 3 or 5): for none, train with --preset method or hard"
+                "window is chosen: 1, 3, 5 or -1, any position): for none, train with "
+                "--preset method or hard"
             )
         ks = cls.ks
         if reference == "class":
@@ -225,7 +228,7 @@ class RecipeChoice:
         reference = "class" if self.reference == "class" else f"nearest {self.reference_k}"
         return (
             f"alignment {self.alignment}, reference {reference}, retrieval window "
-            f"{self.retrieval_window}, planting {self.planting}, score over the "
+            f"{describe_window(self.retrieval_window)}, planting {self.planting}, score over the "
             f"{'part' if self.score_region == ScoreRegion.PART.value else 'whole picture'}"
         )
 
@@ -362,7 +365,8 @@ def choose_recipe(
     planted image AUROC against them, among ``space``'s candidates (all by default).
     ``features_for(alignment)`` -> (extractor, pre, training images' finer level
     (M, C, H, W)), from the feature cache (the chosen one is reused by training). Ties go
-    to the simpler: no alignment, the class reference, the smaller window, the smaller K.
+    to the simpler: no alignment, the class reference, the smaller window (any position
+    the largest), the smaller K.
     The score region is ``score_region_for`` the planting."""
     from fod_core.processing import PostProcessing
 
@@ -419,7 +423,7 @@ def choose_recipe(
             r["planted_caught_above_normals"],
             r["planted_image_auroc"],
             -order[r["alignment"]],
-            -r["window"],
+            -window_reach(r["window"]),
             -r["k"],
         ),
     )
@@ -434,7 +438,8 @@ def choose_recipe(
         "then, by the training-free retrieval distance, the most planted copies of the "
         "choice images above every normal (the clean choice images and training normals "
         "left out of the bank in turn), then the best planted image AUROC against them; "
-        "ties to no alignment, the class reference, the smaller window, the smaller K",
+        "ties to no alignment, the class reference, the smaller window (any position the "
+        "largest), the smaller K",
         n_choice_images=len(normals),
         n_tail_normals=n_tail,
         n_planted=len(planted),

@@ -8,6 +8,11 @@ that alignment left) find their match a position away instead of raising an alar
 defect matches nothing nearby. It needs no training: what FOD's transformers learn is
 added to it, weighted on planted anomalies (``fod_core.level_weights``), and the recipe
 that uses it is chosen without labels (``fod_core.recipe``).
+
+``ANY_POSITION`` drops the neighbourhood: each position is compared with every position of
+the K rows, as SPADE does among an image's nearest normals (Cohen and Hoshen, 2020). A part
+whose patterns recur anywhere (a bottle's rim turned, a cell's grain) finds its match
+wherever it lies, at K x H x W comparisons per position.
 """
 
 from __future__ import annotations
@@ -16,14 +21,47 @@ import torch
 import torch.nn.functional as F
 
 NO_RETRIEVAL = 0  # ``ModelConfig.retrieval_window`` 0: the method's score, no such branch
+ANY_POSITION = -1  # ``ModelConfig.retrieval_window`` -1: every position of the K rows
+
+
+def window_reach(window: int) -> float:
+    """How far a window looks, for ordering candidates: ``ANY_POSITION`` farthest."""
+    return float("inf") if window == ANY_POSITION else float(window)
+
+
+def describe_window(window: int) -> str:
+    return "any position" if window == ANY_POSITION else f"{window}x{window}"
+
+
+def any_position_min_distance(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """features (N, C, H, W), rows (N or 1, K, C, H, W) -> (N, H, W): per position the
+    smallest squared distance to any position of any of the K rows. One row at a time,
+    as |f|^2 + |r|^2 - 2 f.r, so memory stays at (N, H*W, H*W) whatever K is."""
+    height, width = features.shape[-2:]
+    queries = features.float().flatten(2).transpose(1, 2)  # (N, HW, C)
+    keys = rows.float().flatten(3).transpose(2, 3)  # (N or 1, K, HW, C)
+    query_norms = (queries**2).sum(-1, keepdim=True)  # (N, HW, 1)
+    best = None
+    for k in range(keys.shape[1]):
+        key = keys[:, k]
+        distance = query_norms + (key**2).sum(-1)[:, None, :] - 2 * queries @ key.transpose(1, 2)
+        nearest = distance.amin(-1)
+        best = nearest if best is None else torch.minimum(best, nearest)
+    return best.clamp_min(0).view(features.shape[0], height, width)
 
 
 def window_min_distance(features: torch.Tensor, rows: torch.Tensor, window: int) -> torch.Tensor:
     """features (N, C, H, W), rows (N or 1, K, C, H, W) -> (N, H, W): per position the
     smallest squared distance to any of the K rows within ``window`` x ``window``
-    positions (edges repeated). ``window`` 1 compares position with position."""
+    positions (edges repeated). ``window`` 1 compares position with position;
+    ``ANY_POSITION`` with every position (``any_position_min_distance``)."""
+    if window == ANY_POSITION:
+        return any_position_min_distance(features, rows)
     if window < 1 or window % 2 == 0:
-        raise ValueError(f"the retrieval window must be an odd number >= 1, got {window}")
+        raise ValueError(
+            f"the retrieval window must be an odd number >= 1 or {ANY_POSITION} (any "
+            f"position), got {window}"
+        )
     features = features.float()
     rows = rows.float()
     height, width = features.shape[-2:]

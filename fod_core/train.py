@@ -132,7 +132,8 @@ def train_model(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     timings: dict[str, float] = {}
     if calibrate:  # settings first: they need no data
-        require_weighted_branches(level_weighting, auto_recipe or model_config.retrieval_window > 0)
+        retrieval = bool(model_config.retrieval_window)
+        require_weighted_branches(level_weighting, auto_recipe or retrieval)
     data = load_category(data_root, category, format)  # lists the test set, never reads it
     if train_config.val_fraction is None:  # auto: enough calibration normals for a promise
         train_config = replace(

@@ -92,7 +92,7 @@ class PipelineParameters:
     retrieval_window: int = parameter(
         ModelConfig().retrieval_window,
         "not the method: add the retrieval distance within w x w positions as a further "
-        "branch of the score (odd w; 0: none); needs level_weights synthetic",
+        "branch of the score (odd w; -1: any position; 0: none); needs level_weights synthetic",
     )
     score_region: str = parameter(
         ModelConfig().score_region.value,

@@ -31,7 +31,7 @@ from fod_core.recipe import (
     candidate_scores,
     choose_planting,
 )
-from fod_core.retrieval import window_min_distance
+from fod_core.retrieval import ANY_POSITION, window_min_distance, window_reach
 from fod_core.synthetic import Planting, make_good_only_folder
 from fod_core.train import train_model
 
@@ -59,9 +59,29 @@ def test_a_window_forgives_a_shift_of_one_position_not_a_defect() -> None:
         window_min_distance(shifted, rows, 2)
 
 
-@pytest.mark.parametrize("reference", [ReferenceMode.CLASS, ReferenceMode.NEAREST])
-def test_the_model_scores_the_retrieval_branch_after_its_levels(reference) -> None:
-    config = replace(TINY, reference=reference, reference_k=3, retrieval_window=3)
+def test_any_position_is_the_window_that_spans_the_whole_grid() -> None:
+    x = torch.randn(2, 5, 6, 7)
+    rows = torch.randn(2, 3, 5, 6, 7)
+    spanning = window_min_distance(x, rows, 2 * 7 - 1)  # every position within reach
+    torch.testing.assert_close(window_min_distance(x, rows, ANY_POSITION), spanning)
+    # where a pattern lies in the reference does not matter; what it is does
+    scrambled = rows.flatten(3)[..., torch.randperm(42)].view_as(rows)
+    torch.testing.assert_close(
+        window_min_distance(x, scrambled, ANY_POSITION), spanning, rtol=1e-4, atol=1e-4
+    )
+    moved = torch.roll(rows[:1, :1], shifts=(3, 4), dims=(-2, -1))
+    assert window_min_distance(moved[:, 0], rows[:1, :1], ANY_POSITION).abs().max() < 1e-4
+    assert window_reach(ANY_POSITION) > window_reach(5) > window_reach(1)
+    with pytest.raises(ValueError, match="any position"):
+        window_min_distance(x, rows, -3)
+
+
+@pytest.mark.parametrize(
+    "reference, window",
+    [(ReferenceMode.CLASS, 3), (ReferenceMode.NEAREST, 3), (ReferenceMode.NEAREST, ANY_POSITION)],
+)
+def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, window) -> None:
+    config = replace(TINY, reference=reference, reference_k=3, retrieval_window=window)
     model = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
     bank = features(9)
     model.fit_references(bank)
@@ -73,7 +93,7 @@ def test_the_model_scores_the_retrieval_branch_after_its_levels(reference) -> No
         rows = bank[0][model.neighbours(batch)]  # (N, K, C, H, W)
     else:
         rows = bank[0].mean(0)[None, None]
-    torch.testing.assert_close(maps[2], window_min_distance(batch[0], rows, 3))
+    torch.testing.assert_close(maps[2], window_min_distance(batch[0], rows, window))
     # a branch weighted 0 is not computed; the others are as before
     only = model.score_maps(batch, levels=[False, False, True])
     assert only[0] is None and only[1] is None
@@ -360,6 +380,18 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     for runtime in ("onnx", "openvino"):
         scores = [p.score for p in load_exported(every, runtime).predict(images)]
         assert scores == pytest.approx(expected, rel=1e-4), runtime
+    # the location-free retrieval (any position of the K nearest) exports alike
+    anywhere = tmp_path / "anywhere"
+    shutil.copytree(every, anywhere, ignore=shutil.ignore_patterns("export"))
+    model_section = read_manifest(anywhere)["model"]
+    update_manifest(anywhere, model={**model_section, "retrieval_window": ANY_POSITION})
+    records = export_model(anywhere, ["onnx"])
+    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+    detector = load_detector(anywhere)
+    assert detector.model.config.retrieval_window == ANY_POSITION
+    moved = [p.score for p in detector.predict(images)]
+    scores = [p.score for p in load_exported(anywhere, "onnx").predict(images)]
+    assert scores == pytest.approx(moved, rel=1e-4)
 
 
 def test_scales_that_do_not_fit_the_branches_are_refused(auto_model, tmp_path) -> None:
