@@ -226,9 +226,9 @@ def markdown_table(report: dict) -> str:
     head = (
         "| product | model | image AUROC | pixel AUROC | AUPRO | F1 at own threshold | "
         "caught at shipped threshold | false alarms | promise | caught at test FAR 1% / 5% "
-        "| train (s) | ms/image (batch 1) | peak RSS (GB) |"
+        "| train (s) | ms/image (batch 1) | peak RSS (GB) | CPU |"
     )
-    rows = [head, "|" + "---|" * 13]
+    rows = [head, "|" + "---|" * 14]
     for name, entry in report["products"].items():
         for model in ("fod", *PEERS):
             if model not in entry:
@@ -282,8 +282,35 @@ def markdown_table(report: dict) -> str:
                 f"{c:.3f}" if isinstance(c, float) and c <= 1 else ("-" if c is None else str(c))
                 for c in cells
             ]
+            shown.append(cpu_label(r.get("machine")))
             rows.append(f"| {name} | {label} | " + " | ".join(shown) + " |")
     return "\n".join(rows + uncertain_rows(report))
+
+
+def cpu_label(machine: dict | None) -> str:
+    """A result's CPU in a table cell: its name and the widest matrix ISA it has. Results
+    measured in different sessions sit in one file; timings compare within a CPU only."""
+    if not machine:
+        return "-"
+    isa = set(machine.get("isa", ()))
+    widest = next(
+        (
+            label
+            for flag, label in (("amx_bf16", "AMX"), ("avx512f", "AVX-512"), ("avx2", "AVX2"))
+            if flag in isa
+        ),
+        "no AVX2",
+    )
+    return f"{machine.get('name', '?')}, {widest}"
+
+
+def keep_earlier(report: dict, earlier: dict) -> None:
+    """Products measured by an earlier call stay in ``report``, each result stamped with
+    the machine it was measured on (the earlier file's, where it had none of its own)."""
+    report["products"] = earlier.get("products", {})
+    for entry in report["products"].values():
+        for result in entry.values():
+            result.setdefault("machine", earlier.get("machine"))
 
 
 def uncertain_rows(report: dict) -> list[str]:
@@ -342,7 +369,7 @@ def main() -> None:
 
     report = new_report("bench_products.py")
     if args.out.is_file():  # products measured earlier stay (one product per call is fine)
-        report["products"] = json.loads(args.out.read_text()).get("products", {})
+        keep_earlier(report, json.loads(args.out.read_text()))
     for product in args.product or []:
         name, root, fmt = parse_product(product)
         entry = report["products"].setdefault(name, {})
@@ -358,7 +385,7 @@ def main() -> None:
             )
             fod["uncertain_flagged"] = fod_uncertain(fod["model_dir"], root, name)
             fod["ms_per_image_batch1"] = fod_ms_per_image(fod["model_dir"], root, name, fmt)
-            entry["fod"] = fod
+            entry["fod"] = fod | {"machine": report["machine"]}
         split = fod_split(entry.get("fod"))
         for peer in args.peers:
             out = args.work / "peers" / name / f"{peer}.json"
@@ -371,6 +398,7 @@ def main() -> None:
             entry[peer] = json.loads(out.read_text()) | {
                 "wall_s": round(wall_s, 1),
                 "peak_rss_gb": round(peak_gb, 2),
+                "machine": report["machine"],
             }
             if "fod" in entry and entry[peer]["train_images"] != entry["fod"]["train_images"]:
                 raise RuntimeError(f"{name}: {peer} trained on another split than FOD")

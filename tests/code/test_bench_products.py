@@ -105,6 +105,41 @@ def test_the_table_puts_fod_and_a_peer_side_by_side() -> None:
     )
     assert "50.0% / 70.0%" in fod_row and "| 1200.0 | 90.0 | 3.3 |" in fod_row
     assert "| PatchCore (1% coreset) | 0.900 | - | - | 0.500 | 4/10 | 0/20 | - |" in peer_row
+    assert fod_row.endswith("| - |")  # no machine recorded: none is claimed
+
+
+def test_each_result_keeps_the_machine_it_was_measured_on() -> None:
+    from bench_products import cpu_label, keep_earlier, markdown_table
+
+    epyc = {"name": "AMD EPYC", "isa": ["avx2", "fma", "avx512f"], "cpus": 2}
+    xeon = {"name": "Intel Xeon", "isa": ["avx2", "avx512f", "amx_bf16"], "cpus": 2}
+    earlier = {
+        "machine": xeon,  # the last call's machine, not the one bottle's peer ran on
+        "products": {
+            "bottle": {"padim": {"image_auroc": 0.99, "machine": epyc}},
+            "screw": {"padim": {"image_auroc": 0.75}},  # from before results were stamped
+        },
+    }
+    report = {"machine": {"name": "this one"}, "products": {}}
+    keep_earlier(report, earlier)
+    assert report["products"]["bottle"]["padim"]["machine"] == epyc
+    assert report["products"]["screw"]["padim"]["machine"] == xeon
+    assert cpu_label(epyc) == "AMD EPYC, AVX-512" and cpu_label(xeon) == "Intel Xeon, AMX"
+    assert cpu_label({"name": "old", "isa": []}) == "old, no AVX2" and cpu_label(None) == "-"
+    peer = {
+        "image_auroc": 0.9,
+        "f1_at_own_threshold": 0.5,
+        "catch_rate_at_own_threshold": 0.4,
+        "n_anomalous": 10,
+        "false_alarms": 0,
+        "n_normal": 20,
+        "catch_rate_at_test_far": {"1%": 0.3, "5%": 0.6},
+        "fit_s": 60.0,
+        "ms_per_image_batch1": 50.0,
+        "peak_rss_gb": 1.2,
+    }
+    table = markdown_table({"products": {"widget": {"padim": peer | {"machine": epyc}}}})
+    assert table.splitlines()[-1].endswith("| 60.0 | 50.0 | 1.2 | AMD EPYC, AVX-512 |")
 
 
 def test_the_bootstrap_auroc_is_sklearns_with_ties() -> None:
