@@ -67,6 +67,21 @@ def test_a_peer_runs_on_our_split_with_our_backbone(synthetic_root, tmp_path) ->
     assert result["fit_s"] > 0 and result["ms_per_image_batch1"] > 0
 
 
+# a peer's result as the worker writes it: 4 of 10 defects caught at its own threshold
+PEER_RESULT = {
+    "image_auroc": 0.9,
+    "f1_at_own_threshold": 0.5,
+    "catch_rate_at_own_threshold": 0.4,
+    "n_anomalous": 10,
+    "false_alarms": 0,
+    "n_normal": 20,
+    "catch_rate_at_test_far": {"1%": 0.3, "5%": 0.6},
+    "fit_s": 60.0,
+    "ms_per_image_batch1": 50.0,
+    "peak_rss_gb": 1.2,
+}
+
+
 def test_the_table_puts_fod_and_a_peer_side_by_side() -> None:
     from bench_products import markdown_table
 
@@ -84,18 +99,7 @@ def test_the_table_puts_fod_and_a_peer_side_by_side() -> None:
         "ms_per_image_batch1": 90.0,
         "train_peak_rss_gb": 3.3,
     }
-    peer = {
-        "image_auroc": 0.9,
-        "f1_at_own_threshold": 0.5,
-        "catch_rate_at_own_threshold": 0.4,
-        "n_anomalous": 10,
-        "false_alarms": 0,
-        "n_normal": 20,
-        "catch_rate_at_test_far": {"1%": 0.3, "5%": 0.6},
-        "fit_s": 60.0,
-        "ms_per_image_batch1": 50.0,
-        "peak_rss_gb": 1.2,
-    }
+    peer = PEER_RESULT
     table = markdown_table({"products": {"widget": {"fod": fod, "patchcore": peer}}})
     header, rule, fod_row, peer_row = table.splitlines()
     assert header.count("|") == rule.count("|") == fod_row.count("|") == peer_row.count("|")
@@ -126,18 +130,7 @@ def test_each_result_keeps_the_machine_it_was_measured_on() -> None:
     assert report["products"]["screw"]["padim"]["machine"] == xeon
     assert cpu_label(epyc) == "AMD EPYC, AVX-512" and cpu_label(xeon) == "Intel Xeon, AMX"
     assert cpu_label({"name": "old", "isa": []}) == "old, no AVX2" and cpu_label(None) == "-"
-    peer = {
-        "image_auroc": 0.9,
-        "f1_at_own_threshold": 0.5,
-        "catch_rate_at_own_threshold": 0.4,
-        "n_anomalous": 10,
-        "false_alarms": 0,
-        "n_normal": 20,
-        "catch_rate_at_test_far": {"1%": 0.3, "5%": 0.6},
-        "fit_s": 60.0,
-        "ms_per_image_batch1": 50.0,
-        "peak_rss_gb": 1.2,
-    }
+    peer = PEER_RESULT
     table = markdown_table({"products": {"widget": {"padim": peer | {"machine": epyc}}}})
     assert table.splitlines()[-1].endswith("| 60.0 | 50.0 | 1.2 | AMD EPYC, AVX-512 |")
 
