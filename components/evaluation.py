@@ -171,12 +171,19 @@ def more_normals_lines(metrics: dict) -> list[str]:
 
 def recipe_section(recipe: dict | None) -> str:
     """What ``--preset auto`` chose, on what evidence (none for a fixed recipe)."""
+    from fod_core.retrieval import describe_window
+
     if not recipe:
         return ""
-    chosen = ", ".join(f"{k} {v}" for k, v in recipe["chosen"].items())
+    chosen = ", ".join(
+        f"{k} {describe_window(v) if k == 'retrieval_window' else v}"
+        for k, v in recipe["chosen"].items()
+    )
+    above = recipe.get("planted_caught_above_normals")
+    above = "?" if above is None else f"{above:.1%}"
     return (
         f"<h2>Recipe chosen without labels</h2><p>{html.escape(chosen)}: "
-        f"{recipe.get('planted_caught_above_normals')} of {recipe.get('planted_images')} "
+        f"{above} of {recipe.get('planted_images')} "
         f"planted copies above every normal, planted image AUROC "
         f"{recipe.get('planted_image_auroc')}, on {recipe.get('choice_images')} choice images "
         f"and {recipe.get('tail_normals', 0)} training normals left out in turn; best of "

@@ -47,3 +47,22 @@ def test_the_report_says_what_more_good_parts_would_change(tmp_path):
     assert "25 more good parts (45), asking at most 5%" in page
     assert "the catch rate would not rise (today 50%)" in page
     assert "catching about 75% of the test&#x27;s labelled defects (today 50%)" in page
+
+
+def test_the_report_names_the_recipe_and_its_evidence_in_words() -> None:
+    from components.evaluation import recipe_section
+
+    recipe = {
+        "chosen": {"alignment": "none", "reference_k": 5, "retrieval_window": -1},
+        "planted_caught_above_normals": 0.8958,
+        "planted_images": 48,
+        "planted_image_auroc": 0.9935,
+        "choice_images": 16,
+        "tail_normals": 50,
+        "candidates": 80,
+        "rule": "the most planted copies above every normal",
+    }
+    section = recipe_section(recipe)
+    assert "retrieval_window any position" in section and "-1" not in section
+    assert "89.6% of 48 planted copies above every normal" in section
+    assert recipe_section(None) == ""
