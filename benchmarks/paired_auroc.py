@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,10 +114,21 @@ def matched(fod: dict[str, tuple[int, float]], peer: dict[str, float]):
     return np.array(labels), np.array(fod_scores), np.array(peer_scores)
 
 
-def compare(results: dict, resamples: int = 2000) -> list[tuple[str, str, PairedDifference]]:
+def compare(
+    results: dict, resamples: int = 2000, products: Sequence[str] = ()
+) -> list[tuple[str, str, PairedDifference]]:
+    """Every product (or those named) whose FOD predictions are on this machine; a product
+    whose model folder is gone (another machine, a fresh clone) is named and skipped."""
     rows = []
     for name, entry in results["products"].items():
-        if "fod" not in entry:
+        if "fod" not in entry or (products and name not in products):
+            continue
+        predictions = Path(entry["fod"]["model_dir"]) / "evaluation" / "predictions.csv"
+        if not predictions.is_file():
+            print(
+                f"{name}: skipped, FOD's per-image scores are not here ({predictions})",
+                file=sys.stderr,
+            )
             continue
         fod = fod_test_scores(entry["fod"]["model_dir"])
         for peer in PEERS:
@@ -131,10 +144,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results/products.json"))
     parser.add_argument("--resamples", type=int, default=2000)
+    parser.add_argument("--product", action="append", default=[], help="only these (repeatable)")
     args = parser.parse_args()
     print("| product | peer | FOD | peer | FOD - peer [95% interval] | FOD >= peer |")
     print("|---|---|---|---|---|---|")
-    for name, peer, d in compare(json.loads(args.results.read_text()), args.resamples):
+    for name, peer, d in compare(
+        json.loads(args.results.read_text()), args.resamples, args.product
+    ):
         print(
             f"| {name} | {peer} | {d.fod:.4f} | {d.peer:.4f} | {d.difference:+.4f} "
             f"[{d.low:+.4f}, {d.high:+.4f}] | {d.share_fod_not_behind:.0%} of resamples |"

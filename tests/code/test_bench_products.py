@@ -218,3 +218,10 @@ def test_compare_reads_fods_predictions_beside_the_peers_scores(tmp_path) -> Non
     [(name, peer_name, d)] = compare(results, resamples=200)
     assert (name, peer_name) == ("p", "patchcore")
     assert d.fod == 0.75 and d.peer == 1.0 and d.difference == -0.25
+    # a product whose model folder is not on this machine is named and skipped
+    results["products"]["gone"] = {
+        "fod": {"model_dir": str(tmp_path / "elsewhere")},
+        "patchcore": {"test_scores": peer},
+    }
+    assert [row[0] for row in compare(results, resamples=50)] == ["p"]
+    assert compare(results, resamples=50, products=["gone"]) == []
