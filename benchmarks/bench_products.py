@@ -301,7 +301,8 @@ def cpu_label(machine: dict | None) -> str:
         ),
         "no AVX2",
     )
-    return f"{machine.get('name', '?')}, {widest}"
+    name = " ".join(machine.get("name", "?").replace("(R)", "").replace("(TM)", "").split())
+    return f"{name.removesuffix(' Processor')}, {widest}"
 
 
 def keep_earlier(report: dict, earlier: dict) -> None:

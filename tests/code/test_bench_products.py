@@ -116,7 +116,7 @@ def test_each_result_keeps_the_machine_it_was_measured_on() -> None:
     from bench_products import cpu_label, keep_earlier, markdown_table
 
     epyc = {"name": "AMD EPYC", "isa": ["avx2", "fma", "avx512f"], "cpus": 2}
-    xeon = {"name": "Intel Xeon", "isa": ["avx2", "avx512f", "amx_bf16"], "cpus": 2}
+    xeon = {"name": "Intel(R) Xeon(R) Processor", "isa": ["avx2", "amx_bf16"], "cpus": 2}
     earlier = {
         "machine": xeon,  # the last call's machine, not the one bottle's peer ran on
         "products": {
