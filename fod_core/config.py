@@ -11,7 +11,7 @@ from enum import Enum
 
 from fod_core.backbone import BackboneSpec
 from fod_core.processing import Alignment, ScoreRegion
-from fod_core.retrieval import ANY_POSITION
+from fod_core.retrieval import NO_RETRIEVAL, is_window
 
 
 class SettingsError(ValueError):
@@ -97,9 +97,7 @@ class ModelConfig:
         object.__setattr__(self, "score_region", ScoreRegion(self.score_region))
         if self.reference_k < 0:
             raise ValueError(f"reference_k must be 0 (auto) or at least 1, got {self.reference_k}")
-        if self.retrieval_window < ANY_POSITION or (
-            self.retrieval_window > 0 and self.retrieval_window % 2 == 0
-        ):
+        if self.retrieval_window != NO_RETRIEVAL and not is_window(self.retrieval_window):
             raise ValueError(
                 "retrieval_window must be 0 (none), an odd number or -1 (any position), got "
                 f"{self.retrieval_window}"

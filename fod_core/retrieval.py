@@ -24,6 +24,11 @@ NO_RETRIEVAL = 0  # ``ModelConfig.retrieval_window`` 0: the method's score, no s
 ANY_POSITION = -1  # ``ModelConfig.retrieval_window`` -1: every position of the K rows
 
 
+def is_window(window: int) -> bool:
+    """A retrieval window: an odd number of positions, or ``ANY_POSITION``."""
+    return window == ANY_POSITION or (window >= 1 and window % 2 == 1)
+
+
 def window_reach(window: int) -> float:
     """How far a window looks, for ordering candidates: ``ANY_POSITION`` farthest."""
     return float("inf") if window == ANY_POSITION else float(window)
@@ -57,7 +62,7 @@ def window_min_distance(features: torch.Tensor, rows: torch.Tensor, window: int)
     ``ANY_POSITION`` with every position (``any_position_min_distance``)."""
     if window == ANY_POSITION:
         return any_position_min_distance(features, rows)
-    if window < 1 or window % 2 == 0:
+    if not is_window(window):
         raise ValueError(
             f"the retrieval window must be an odd number >= 1 or {ANY_POSITION} (any "
             f"position), got {window}"
