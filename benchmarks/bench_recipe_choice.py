@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> int:
         key=lambda c: (-c["planted_caught_above_normals"], -c["planted_image_auroc"]),
     )
     print(f"{args.category}: {choice.describe()}  ({seconds:.0f} s)")
-    print(f"{'alignment':>15} {'K':>3} {'window':>12}  caught above normals  planted AUROC")
+    print(
+        f"{'alignment':>15} {'features':>8} {'K':>3} {'window':>12}  caught above normals  "
+        "planted AUROC"
+    )
     for c in rows[:12]:
         print(
-            f"{c['alignment']:>15} {c['k']:>3} {describe_window(c['window']):>12}  "
+            f"{c['alignment']:>15} {c['features']:>8} {c['k']:>3} "
+            f"{describe_window(c['window']):>12}  "
             f"{c['planted_caught_above_normals']:>20.4f}  {c['planted_image_auroc']:>13.4f}"
         )
     if out:

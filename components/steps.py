@@ -128,6 +128,7 @@ def train_fod(
     reference: str,
     reference_k: int,
     retrieval_window: int,
+    retrieval_features: str,
     score_region: str,
     auto_recipe: bool,
     epochs: int,
@@ -158,6 +159,7 @@ def train_fod(
         reference=reference,
         reference_k=reference_k,
         retrieval_window=retrieval_window,
+        retrieval_features=retrieval_features,
         score_region=score_region,
     )
     train_config = TrainConfig(

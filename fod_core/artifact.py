@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 ARTIFACT_FORMAT = "fod-model"
 # 2: post-processing may carry level weights; 3: pre-processing a pose; 4: a reference
 # per image from a bank of training normals kept in model.pt; 5: a retrieval branch in the
-# score, the branches on their own scales
-ARTIFACT_VERSION = 5
+# score, the branches on their own scales; 6: retrieval on every level's local features
+ARTIFACT_VERSION = 6
 
 
 def format_version(
@@ -41,6 +41,8 @@ def format_version(
     weights, readers of version 2 no pose normalisation, readers of version 3 no
     nearest-normal reference, so only artefacts that use them are marked 2, 3 or 4 (and
     refused clearly by older readers)."""
+    if (model or {}).get("retrieval_features", "finer") != "finer":
+        return 6
     if (model or {}).get("retrieval_window") or postprocessing.get("branch_scales"):
         return 5
     if (model or {}).get("reference", "class") != "class":

@@ -25,6 +25,7 @@ from fod_core.config import (
 from fod_core.level_weights import LevelWeighting
 from fod_core.processing import Alignment, ScoreRegion
 from fod_core.promise import DEFAULT_DELTA
+from fod_core.retrieval import RetrievalFeatures
 from fod_core.synthetic import Planting
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ TRAIN_DEFAULTS: dict[str, object] = {
     "reference": ModelConfig().reference.value,
     "reference_k": ModelConfig().reference_k,
     "retrieval_window": ModelConfig().retrieval_window,
+    "retrieval_features": ModelConfig().retrieval_features.value,
     "score_region": ModelConfig().score_region.value,
     "val_fraction": TrainConfig().val_fraction,
     "auto_recipe": False,
@@ -139,6 +141,13 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         help="not the method: add the retrieval distance (the finer level's distance to the "
         "reference within w x w positions) as a further branch of the score; odd w, -1 for "
         "any position of the reference, 0 for none (default); needs --level-weights synthetic",
+    )
+    parser.add_argument(
+        "--retrieval-features",
+        choices=[f.value for f in RetrievalFeatures],
+        help="not the method: what the retrieval distance compares; finer: the finer level's "
+        "features (default); local: every level's, each averaged over 3x3 positions, on the "
+        "finer grid (PatchCore's patch features)",
     )
     parser.add_argument(
         "--epochs",
@@ -237,6 +246,7 @@ def _build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
         reference=ReferenceMode(train_setting(args, "reference")),
         reference_k=int(train_setting(args, "reference_k")),
         retrieval_window=int(train_setting(args, "retrieval_window")),
+        retrieval_features=RetrievalFeatures(train_setting(args, "retrieval_features")),
         score_region=ScoreRegion(train_setting(args, "score_region")),
     )
     val_fraction = train_setting(args, "val_fraction")
@@ -266,6 +276,7 @@ def recipe_space_from_args(args: argparse.Namespace) -> RecipeSpace | None:
         "reference",
         "reference_k",
         "retrieval_window",
+        "retrieval_features",
         "planting",
         "score_region",
     )

@@ -11,7 +11,7 @@ from enum import Enum
 
 from fod_core.backbone import BackboneSpec
 from fod_core.processing import Alignment, ScoreRegion
-from fod_core.retrieval import NO_RETRIEVAL, is_window
+from fod_core.retrieval import NO_RETRIEVAL, RetrievalFeatures, is_window
 
 
 class SettingsError(ValueError):
@@ -90,11 +90,15 @@ class ModelConfig:
     # positions, ``fod_core.retrieval``) as a further branch of the score; -1 looks at every
     # position of the reference (``ANY_POSITION``).
     retrieval_window: int = 0
+    # what the retrieval distance compares: the finer level, or every level's features
+    # over 3 x 3 positions (``RetrievalFeatures``); ``--preset auto`` chooses it
+    retrieval_features: RetrievalFeatures = RetrievalFeatures.FINER
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alignment", Alignment(self.alignment))
         object.__setattr__(self, "reference", ReferenceMode(self.reference))
         object.__setattr__(self, "score_region", ScoreRegion(self.score_region))
+        object.__setattr__(self, "retrieval_features", RetrievalFeatures(self.retrieval_features))
         if self.reference_k < 0:
             raise ValueError(f"reference_k must be 0 (auto) or at least 1, got {self.reference_k}")
         if self.retrieval_window != NO_RETRIEVAL and not is_window(self.retrieval_window):
@@ -120,6 +124,9 @@ class ModelConfig:
             del data["reference"], data["reference_k"]  # likewise
         if not self.retrieval_window:
             del data["retrieval_window"]
+        data["retrieval_features"] = self.retrieval_features.value
+        if self.retrieval_features is RetrievalFeatures.FINER:
+            del data["retrieval_features"]  # what earlier readers know
         data["score_region"] = self.score_region.value
         if self.score_region is ScoreRegion.WHOLE:
             del data["score_region"]
@@ -164,6 +171,7 @@ def model_config_for(
     reference: ReferenceMode | str = ReferenceMode.CLASS,
     reference_k: int = 0,
     retrieval_window: int = 0,
+    retrieval_features: RetrievalFeatures | str = RetrievalFeatures.FINER,
     score_region: ScoreRegion | str = ScoreRegion.WHOLE,
 ) -> ModelConfig:
     config = ModelConfig(
@@ -173,6 +181,7 @@ def model_config_for(
         reference=ReferenceMode(reference),
         reference_k=reference_k,
         retrieval_window=retrieval_window,
+        retrieval_features=RetrievalFeatures(retrieval_features),
         score_region=ScoreRegion(score_region),
     )
     if backbone:

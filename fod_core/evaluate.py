@@ -335,7 +335,15 @@ def recipe_summary(recipe: dict) -> dict:
     the artefact): for the report, MLflow and the registry."""
     candidates = recipe.get("candidates", [])
     region = recipe.get("score_region", "whole")  # earlier artefacts scored the whole picture
-    names = ("alignment", "reference", "reference_k", "retrieval_window", "planting")
+    names = (
+        "alignment",
+        "reference",
+        "reference_k",
+        "retrieval_window",
+        "retrieval_features",
+        "planting",
+    )
+    features = recipe.get("retrieval_features", "finer")  # earlier artefacts: the finer level
     chosen = [
         c
         for c in candidates
@@ -346,10 +354,12 @@ def recipe_summary(recipe: dict) -> dict:
             recipe.get("retrieval_window"),
             region,
         )
+        and c.get("features", "finer") == features
     ]
     evidence = chosen[0] if chosen else {}
     return {
-        "chosen": {k: recipe.get(k) for k in names} | {"score_region": region},
+        "chosen": {k: recipe.get(k) for k in names}
+        | {"retrieval_features": features, "score_region": region},
         "rule": recipe.get("rule"),
         "planted_image_auroc": evidence.get("planted_image_auroc"),
         "planted_caught_above_normals": evidence.get("planted_caught_above_normals"),

@@ -17,7 +17,7 @@ from torch import nn
 
 from fod_core.config import LevelConfig, ModelConfig, ReferenceMode
 from fod_core.kernels import attention_divergence, divergence, outer_target
-from fod_core.retrieval import window_min_distance
+from fod_core.retrieval import RetrievalFeatures, retrieval_features, window_min_distance
 
 # Bytes of one layer's inter attention map per scoring pass (see FODLevel.scoring_chunk).
 SCORING_MAP_BUDGET = 64 << 20
@@ -489,19 +489,25 @@ class FODModel(nn.Module):
         self, feature_maps: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(N, H, W) on the finer level's grid: the retrieval distance (``fod_core.retrieval``)
-        to each image's K nearest bank rows, or to the class reference."""
-        level, features = self.levels[0], feature_maps[0]
-        shape = (features.shape[1], *level.grid)  # (C, H, W)
-        if self.nearest:
-            if neighbours is None:
-                neighbours = self.neighbours(feature_maps)
-            rows = level.bank.index_select(0, neighbours.reshape(-1))
-            rows = rows.view(*neighbours.shape, -1, shape[0]).transpose(2, 3)
-        else:
-            rows = level.reference.transpose(0, 1)[None, None]
-        with torch.autocast(features.device.type, enabled=False):
+        to each image's K nearest bank rows, or to the class reference, compared on the
+        ``retrieval_features`` the config names (the finer level, or every level's local)."""
+        kind = self.config.retrieval_features
+        levels = self.levels if kind is RetrievalFeatures.LOCAL else self.levels[:1]
+        if self.nearest and neighbours is None:
+            neighbours = self.neighbours(feature_maps)
+        row_maps = []
+        for level in levels:
+            if self.nearest:
+                tokens = level.bank.index_select(0, neighbours.reshape(-1))  # (N K, L, C)
+            else:
+                tokens = level.reference[None]  # (1, L, C)
+            row_maps.append(tokens.transpose(1, 2).reshape(len(tokens), -1, *level.grid))
+        n_rows = neighbours.shape if self.nearest else (1, 1)
+        with torch.autocast(feature_maps[0].device.type, enabled=False):
+            features = retrieval_features(feature_maps[: len(levels)], kind)
+            rows = retrieval_features(row_maps, kind)
             return window_min_distance(
-                features, rows.reshape(*rows.shape[:2], *shape), self.config.retrieval_window
+                features, rows.view(*n_rows, *rows.shape[1:]), self.config.retrieval_window
             )
 
     def forward(

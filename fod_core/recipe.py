@@ -9,7 +9,8 @@ found as ``FODModel.neighbours`` finds them). The K with the best image AUROC of
 against clean wins; ties go to the smaller K (cheaper, closer to the image itself).
 
 The whole recipe (``--preset auto``, ``choose_recipe``): planting by the part's size, then
-every alignment x reference (class, or nearest K) x retrieval window x score region (the
+every alignment x reference (class, or nearest K) x retrieval window x retrieval features
+(the finer level, or every level's local: ``RetrievalFeatures``) x score region (the
 whole picture, or the part alone: ``ScoreRegion``), each judged the same way by its
 retrieval distance (``fod_core.retrieval``) through the model's own post-processing.
 The calibration images take no part in either, so the threshold's promise holds.
@@ -27,7 +28,13 @@ import torch
 
 from fod_core.metrics import image_auroc
 from fod_core.processing import Alignment, ScoreRegion, read_image
-from fod_core.retrieval import ANY_POSITION, describe_window, window_reach
+from fod_core.retrieval import (
+    ANY_POSITION,
+    RetrievalFeatures,
+    describe_window,
+    retrieval_features,
+    window_reach,
+)
 from fod_core.synthetic import PLANTED_SEED, Planting, planted_copies
 
 log = logging.getLogger(__name__)
@@ -62,24 +69,26 @@ def require_choice_images(n_choice: int) -> None:
 
 @torch.no_grad()
 def _finer_level(extractor, pre, images: Sequence, batch_size: int = 8) -> torch.Tensor:
-    return _finer_level_and_regions(extractor, pre, images, batch_size, regions=False)[0]
+    return _levels_and_regions(extractor, pre, images, batch_size, regions=False)[0][0]
 
 
 @torch.no_grad()
-def _finer_level_and_regions(
+def _levels_and_regions(
     extractor, pre, images: Sequence, batch_size: int = 8, *, regions: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The images' finer-level features and, with ``regions``, their part regions
-    (``PreProcessing.part_regions``, what ``ScoreRegion.PART`` scores)."""
-    parts, masks = [], []
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The images' features per level (finer first) and, with ``regions``, their part
+    regions (``PreProcessing.part_regions``, what ``ScoreRegion.PART`` scores)."""
+    levels, masks = [], []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         batch = torch.stack([pre(read_image(i) if isinstance(i, str | Path) else i) for i in chunk])
         device = next(extractor.parameters()).device  # the cache may have moved it
-        parts.append(extractor(batch.to(device))[0].float().cpu())
+        levels.append([f.float().cpu() for f in extractor(batch.to(device))])
         if regions:
             masks.append(pre.part_regions(batch))
-    return torch.cat(parts), torch.cat(masks) if regions else None
+    return [torch.cat(level) for level in zip(*levels, strict=True)], (
+        torch.cat(masks) if regions else None
+    )
 
 
 def retrieval_scores(bank: torch.Tensor, queries: torch.Tensor, ks: Sequence[int]) -> dict:
@@ -154,6 +163,7 @@ class RecipeSpace:
     alignments: tuple[Alignment, ...] = tuple(Alignment)
     ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)
     windows: tuple[int, ...] = WINDOWS
+    features: tuple[RetrievalFeatures, ...] = tuple(RetrievalFeatures)
     planting: Planting | None = None  # None: chosen by the part's size
     regions: tuple[ScoreRegion, ...] = tuple(ScoreRegion)
 
@@ -165,6 +175,7 @@ class RecipeSpace:
         reference: str | None = None,
         reference_k: int | None = None,
         retrieval_window: int | None = None,
+        retrieval_features: str | None = None,
         planting: str | None = None,
         score_region: str | None = None,
     ) -> RecipeSpace:
@@ -187,6 +198,9 @@ class RecipeSpace:
             alignments=(Alignment(alignment),) if alignment else cls.alignments,
             ks=ks,
             windows=(int(retrieval_window),) if retrieval_window else cls.windows,
+            features=(
+                (RetrievalFeatures(retrieval_features),) if retrieval_features else cls.features
+            ),
             planting=Planting(planting) if planting else None,
             regions=(ScoreRegion(score_region),) if score_region else cls.regions,
         )
@@ -220,6 +234,7 @@ class RecipeChoice:
     candidates: list[dict] = field(default_factory=list)
     fixed_by_flags: dict = field(default_factory=dict)  # RecipeSpace.fixed(): not chosen
     score_region: str = ScoreRegion.WHOLE.value  # where the image score looks
+    retrieval_features: str = RetrievalFeatures.FINER.value  # what the distance compares
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -228,7 +243,8 @@ class RecipeChoice:
         reference = "class" if self.reference == "class" else f"nearest {self.reference_k}"
         return (
             f"alignment {self.alignment}, reference {reference}, retrieval window "
-            f"{describe_window(self.retrieval_window)}, planting {self.planting}, score over the "
+            f"{describe_window(self.retrieval_window)} on {self.retrieval_features} features, "
+            f"planting {self.planting}, score over the "
             f"{'part' if self.score_region == ScoreRegion.PART.value else 'whole picture'}"
         )
 
@@ -264,19 +280,24 @@ def candidate_scores(
     windows: Sequence[int],
     post,
     regions: torch.Tensor | None = None,
+    *,
+    finer: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[tuple, np.ndarray]:
     """Per (K, window, score region), each query's image score of the retrieval distance
     alone (its map through ``post``, the model's own upsampling, smoothing and max, over
     the whole map and, given the queries' ``regions`` (Q, S, S), over the part). K 0: the
-    class reference. bank (M, C, H, W), queries (Q, C, H, W) of the finer level."""
+    class reference. bank (M, C, H, W), queries (Q, C, H, W): the retrieval features
+    compared; ``finer`` (bank, queries): the finer level the neighbours are found on, as
+    the model finds them (default: bank and queries themselves)."""
     from fod_core.retrieval import window_min_distance
 
-    flat = bank.flatten(1)
+    order_bank, order_queries = finer if finer is not None else (bank, queries)
+    flat = order_bank.flatten(1)
     class_rows = bank.mean(0)[None, None]
     kinds = [ScoreRegion.WHOLE] + ([ScoreRegion.PART] if regions is not None else [])
     scores: dict[tuple, list[float]] = {(k, w, r): [] for k in ks for w in windows for r in kinds}
     for index, query in enumerate(queries):
-        order = ((flat - query.flatten()[None]) ** 2).sum(1).argsort()
+        order = ((flat - order_queries[index].flatten()[None]) ** 2).sum(1).argsort()
         for k in ks:
             rows = class_rows if k == CLASS_REFERENCE else bank[order[:k]][None]
             for window in windows:
@@ -329,16 +350,23 @@ def leave_one_out_scores(
     windows: Sequence[int],
     post,
     regions: torch.Tensor | None = None,
+    *,
+    finer: torch.Tensor | None = None,
 ) -> dict[tuple, np.ndarray]:
     """``candidate_scores`` of the bank's own rows ``index``, each against the bank without
-    itself: training normals scored as a new normal would be."""
+    itself: training normals scored as a new normal would be. ``finer``: the bank's finer
+    level, where neighbours are found (default: the bank)."""
+    finer = bank if finer is None else finer
     scores: dict[tuple, list[float]] = {}
     for j, i in enumerate(index):
         keep = torch.ones(len(bank), dtype=torch.bool)
         keep[int(i)] = False
         one = None if regions is None else regions[j : j + 1]
-        row = bank[int(i) : int(i) + 1]
-        for key, value in candidate_scores(bank[keep], row, ks, windows, post, one).items():
+        row = slice(int(i), int(i) + 1)
+        found = candidate_scores(
+            bank[keep], bank[row], ks, windows, post, one, finer=(finer[keep], finer[row])
+        )
+        for key, value in found.items():
             scores.setdefault(key, []).append(float(value[0]))
     return {key: np.asarray(v) for key, v in scores.items()}
 
@@ -363,10 +391,10 @@ def choose_recipe(
     images above every normal (the clean choice images, and ``training_images``, the bank's
     images in its order, ``TAIL_NORMALS`` of them scored leave-one-out), then the best
     planted image AUROC against them, among ``space``'s candidates (all by default).
-    ``features_for(alignment)`` -> (extractor, pre, training images' finer level
-    (M, C, H, W)), from the feature cache (the chosen one is reused by training). Ties go
-    to the simpler: no alignment, the class reference, the smaller window (any position
-    the largest), the smaller K.
+    ``features_for(alignment)`` -> (extractor, pre, training images' features per level
+    [(M, C_l, H_l, W_l)], finer first), from the feature cache (the chosen one is reused by
+    training). Ties go to the simpler: no alignment, the finer level's features, the class
+    reference, the smaller window (any position the largest), the smaller K.
     The score region is ``score_region_for`` the planting."""
     from fod_core.processing import PostProcessing
 
@@ -383,46 +411,59 @@ def choose_recipe(
     with_regions = ScoreRegion.PART in space.regions
     rows, n_tail = [], 0
     for alignment in space.alignments:
-        extractor, pre, bank = features_for(alignment)
-        bank = bank.float()
-        tail_index = _tail_index(len(bank), training_images)
-        rows_left = bank.shape[0] - (1 if len(tail_index) else 0)  # a leave-one-out bank
+        extractor, pre, levels = features_for(alignment)
+        levels = [level.float() for level in levels]
+        finer = levels[0]
+        tail_index = _tail_index(len(finer), training_images)
+        rows_left = finer.shape[0] - (1 if len(tail_index) else 0)  # a leave-one-out bank
         usable = [k for k in space.ks if k <= rows_left] or [min(space.ks)]
-        queries, regions = _finer_level_and_regions(
+        query_levels, regions = _levels_and_regions(
             extractor, pre, list(normals) + planted, regions=with_regions
         )
-        scores = candidate_scores(bank, queries, usable, space.windows, post, regions)
-        tail = {}
-        if len(tail_index):
-            tail_images = [training_images[i] for i in tail_index]
-            tail_regions = _part_regions(pre, tail_images) if with_regions else None
-            tail = leave_one_out_scores(bank, tail_index, usable, space.windows, post, tail_regions)
-            n_tail = len(tail_index)
-        for (k, window, region), values in scores.items():
-            if region not in space.regions:
-                continue
-            clean = np.r_[values[: len(normals)], tail.get((k, window, region), [])]
-            labels = np.r_[np.zeros(len(clean)), np.ones(len(planted))]
-            ranked = np.r_[clean, values[len(normals) :]]
-            rows.append(
-                {
-                    "alignment": alignment.value,
-                    "reference": "class" if k == CLASS_REFERENCE else "nearest",
-                    "k": k,
-                    "window": window,
-                    "score_region": region.value,
-                    "planted_caught_above_normals": round(caught_above_normals(labels, ranked), 4),
-                    "planted_image_auroc": round(image_auroc(labels, ranked), 4),
-                }
+        tail_images = [training_images[i] for i in tail_index]
+        tail_regions = _part_regions(pre, tail_images) if with_regions and len(tail_index) else None
+        n_tail = max(n_tail, len(tail_index))
+        for kind in space.features:
+            bank = retrieval_features(levels, kind)
+            queries = retrieval_features(query_levels, kind)
+            scores = candidate_scores(
+                bank, queries, usable, space.windows, post, regions, finer=(finer, query_levels[0])
             )
+            tail = {}
+            if len(tail_index):
+                tail = leave_one_out_scores(
+                    bank, tail_index, usable, space.windows, post, tail_regions, finer=finer
+                )
+            for (k, window, region), values in scores.items():
+                if region not in space.regions:
+                    continue
+                clean = np.r_[values[: len(normals)], tail.get((k, window, region), [])]
+                labels = np.r_[np.zeros(len(clean)), np.ones(len(planted))]
+                ranked = np.r_[clean, values[len(normals) :]]
+                caught = caught_above_normals(labels, ranked)
+                rows.append(
+                    {
+                        "alignment": alignment.value,
+                        "features": kind.value,
+                        "reference": "class" if k == CLASS_REFERENCE else "nearest",
+                        "k": k,
+                        "window": window,
+                        "score_region": region.value,
+                        "planted_caught_above_normals": round(caught, 4),
+                        "planted_image_auroc": round(image_auroc(labels, ranked), 4),
+                    }
+                )
+            del bank, queries
     region = score_region_for(planting, space)
     order = {a.value: i for i, a in enumerate(Alignment)}
+    simpler = {f.value: i for i, f in enumerate(RetrievalFeatures)}
     best = max(
         (r for r in rows if r["score_region"] == region.value),
         key=lambda r: (
             r["planted_caught_above_normals"],
             r["planted_image_auroc"],
             -order[r["alignment"]],
+            -simpler[r["features"]],
             -window_reach(r["window"]),
             -r["k"],
         ),
@@ -432,14 +473,15 @@ def choose_recipe(
         reference=best["reference"],
         reference_k=best["k"],
         retrieval_window=best["window"],
+        retrieval_features=best["features"],
         planting=planting.value,
         score_region=best["score_region"],
         rule="score over the part where planting is on the part, else the whole picture; "
         "then, by the training-free retrieval distance, the most planted copies of the "
         "choice images above every normal (the clean choice images and training normals "
         "left out of the bank in turn), then the best planted image AUROC against them; "
-        "ties to no alignment, the class reference, the smaller window (any position the "
-        "largest), the smaller K",
+        "ties to no alignment, the finer level's features, the class reference, the "
+        "smaller window (any position the largest), the smaller K",
         n_choice_images=len(normals),
         n_tail_normals=n_tail,
         n_planted=len(planted),

@@ -13,15 +13,51 @@ that uses it is chosen without labels (``fod_core.recipe``).
 the K rows, as SPADE does among an image's nearest normals (Cohen and Hoshen, 2020). A part
 whose patterns recur anywhere (a bottle's rim turned, a cell's grain) finds its match
 wherever it lies, at K x H x W comparisons per position.
+
+``RetrievalFeatures.LOCAL`` compares richer features than the finer level alone: every
+level averaged over its 3 x 3 neighbourhood and brought to the finer grid, concatenated
+(PatchCore's locally aware patch features, Roth et al., 2022). A position then carries its
+surroundings and the coarser level's context; its neighbours are still found as before.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
 NO_RETRIEVAL = 0  # ``ModelConfig.retrieval_window`` 0: the method's score, no such branch
 ANY_POSITION = -1  # ``ModelConfig.retrieval_window`` -1: every position of the K rows
+
+
+class RetrievalFeatures(str, Enum):
+    """What the retrieval distance compares at each position."""
+
+    FINER = "finer"  # the finer level's features as they are
+    LOCAL = "local"  # every level over its 3 x 3 neighbourhood, on the finer grid
+
+
+def local_features(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per level (N, C_l, H_l, W_l), finer first -> (N, sum C_l, H_0, W_0): each level
+    averaged over 3 x 3 positions (zeros beyond the edge, as PatchCore pools), the coarser
+    ones upsampled bilinearly to the finer grid, concatenated."""
+    size = levels[0].shape[-2:]
+    pooled = [F.avg_pool2d(f.float(), 3, stride=1, padding=1) for f in levels]
+    upsampled = [
+        F.interpolate(p, size=size, mode="bilinear", align_corners=False) for p in pooled[1:]
+    ]
+    return torch.cat([pooled[0], *upsampled], 1)
+
+
+def retrieval_features(
+    levels: Sequence[torch.Tensor], kind: RetrievalFeatures | str = RetrievalFeatures.FINER
+) -> torch.Tensor:
+    """The features the retrieval distance compares, from every level's (finer first)."""
+    if RetrievalFeatures(kind) is RetrievalFeatures.LOCAL:
+        return local_features(levels)
+    return levels[0]
 
 
 def is_window(window: int) -> bool:

@@ -190,6 +190,7 @@ def train_model(
             reference=recipe.reference,
             reference_k=recipe.reference_k,
             retrieval_window=recipe.retrieval_window,
+            retrieval_features=recipe.retrieval_features,
             score_region=recipe.score_region,
         )
         planting = recipe.planting
@@ -389,7 +390,7 @@ def auto_recipe_choice(
             progress=progress,
             desc=f"recipe features ({alignment.value})",
         )
-        return cache.extractor, cache.pre, features[0].cpu()
+        return cache.extractor, cache.pre, [level.cpu() for level in features]
 
     return choose_recipe(
         features_for,

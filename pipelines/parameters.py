@@ -20,6 +20,7 @@ from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
 from fod_core.level_weights import LevelWeighting
 from fod_core.processing import Alignment, ScoreRegion
+from fod_core.retrieval import RetrievalFeatures
 from fod_core.synthetic import Planting
 
 DEPLOY_TARGETS = ("local", "kserve", "none")
@@ -94,6 +95,13 @@ class PipelineParameters:
         "not the method: add the retrieval distance within w x w positions as a further "
         "branch of the score (odd w; -1: any position; 0: none); needs level_weights synthetic",
     )
+    retrieval_features: str = parameter(
+        ModelConfig().retrieval_features.value,
+        "not the method: what the retrieval distance compares, finer (the finer level's "
+        "features) or local (every level's over 3x3 positions, PatchCore's patch features); "
+        "auto_recipe chooses it",
+        choices=[f.value for f in RetrievalFeatures],
+    )
     score_region: str = parameter(
         ModelConfig().score_region.value,
         "not the method: where the image score looks, whole (the method's) or part (the part "
@@ -103,9 +111,9 @@ class PipelineParameters:
     )
     auto_recipe: bool = parameter(
         False,
-        "choose alignment, reference, K, retrieval window, planting and score region per "
-        "product before training, on planted anomalies (`fod train --preset auto`; overrides "
-        "those six); "
+        "choose alignment, reference, K, retrieval window and features, planting and score "
+        "region per product before training, on planted anomalies (`fod train --preset "
+        "auto`; overrides those seven); "
         "needs level_weights synthetic",
     )
     epochs: int = parameter(_TRAIN.epochs, "training epochs")

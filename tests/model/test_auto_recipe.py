@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_model import CHANNELS, STRIDES, TINY, features
 
 from fod_core.artifact import ArtifactError, load_detector, read_manifest, update_manifest
@@ -17,6 +18,7 @@ from fod_core.cli import build_parser
 from fod_core.cli_train import configs_from_args, recipe_space_from_args
 from fod_core.config import (
     AUTO_TRAIN_IMAGES,
+    ModelConfig,
     ReferenceMode,
     TrainConfig,
     budget_epochs,
@@ -31,7 +33,14 @@ from fod_core.recipe import (
     candidate_scores,
     choose_planting,
 )
-from fod_core.retrieval import ANY_POSITION, window_min_distance, window_reach
+from fod_core.retrieval import (
+    ANY_POSITION,
+    RetrievalFeatures,
+    local_features,
+    retrieval_features,
+    window_min_distance,
+    window_reach,
+)
 from fod_core.synthetic import Planting, make_good_only_folder
 from fod_core.train import train_model
 
@@ -76,12 +85,30 @@ def test_any_position_is_the_window_that_spans_the_whole_grid() -> None:
         window_min_distance(x, rows, -3)
 
 
+def test_local_features_pool_every_level_onto_the_finer_grid() -> None:
+    finer, coarser = features(2)
+    local = local_features([finer, coarser])
+    assert local.shape == (2, finer.shape[1] + coarser.shape[1], *finer.shape[-2:])
+    torch.testing.assert_close(local[:, : finer.shape[1]], F.avg_pool2d(finer, 3, 1, 1))
+    flat = torch.ones(1, 2, 4, 4)  # a constant level stays constant inside, zeros pad the edge
+    pooled = local_features([flat])
+    assert pooled[0, 0, 1:3, 1:3].eq(1).all() and pooled[0, 0, 0, 0] == pytest.approx(4 / 9)
+
+
 @pytest.mark.parametrize(
-    "reference, window",
-    [(ReferenceMode.CLASS, 3), (ReferenceMode.NEAREST, 3), (ReferenceMode.NEAREST, ANY_POSITION)],
+    "reference, window, kind",
+    [
+        (ReferenceMode.CLASS, 3, RetrievalFeatures.FINER),
+        (ReferenceMode.NEAREST, 3, RetrievalFeatures.FINER),
+        (ReferenceMode.NEAREST, ANY_POSITION, RetrievalFeatures.FINER),
+        (ReferenceMode.CLASS, 1, RetrievalFeatures.LOCAL),
+        (ReferenceMode.NEAREST, 3, RetrievalFeatures.LOCAL),
+    ],
 )
-def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, window) -> None:
-    config = replace(TINY, reference=reference, reference_k=3, retrieval_window=window)
+def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, window, kind) -> None:
+    config = replace(
+        TINY, reference=reference, reference_k=3, retrieval_window=window, retrieval_features=kind
+    )
     model = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
     bank = features(9)
     model.fit_references(bank)
@@ -89,11 +116,17 @@ def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, windo
     assert model.n_branches == 3
     maps = model.score_maps(batch)
     assert [tuple(m.shape) for m in maps] == [(4, 8, 8), (4, 4, 4), (4, 8, 8)]
+    query = retrieval_features(batch, kind)
     if reference is ReferenceMode.NEAREST:
-        rows = bank[0][model.neighbours(batch)]  # (N, K, C, H, W)
+        neighbours = model.neighbours(batch)  # found on the finer level, whatever is compared
+        # (N, K, C, H, W)
+        rows = torch.stack(
+            [retrieval_features([level[n] for level in bank], kind) for n in neighbours]
+        )
     else:
-        rows = bank[0].mean(0)[None, None]
-    torch.testing.assert_close(maps[2], window_min_distance(batch[0], rows, window))
+        rows = retrieval_features([level.mean(0, keepdim=True) for level in bank], kind)[None]
+    torch.testing.assert_close(maps[2], window_min_distance(query, rows, window))
+    assert ModelConfig.from_dict(config.to_dict()).retrieval_features is kind
     # a branch weighted 0 is not computed; the others are as before
     only = model.score_maps(batch, levels=[False, False, True])
     assert only[0] is None and only[1] is None
@@ -224,18 +257,27 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
 
     def features_for(alignment):
         seen.append(alignment)
-        return extractor, pre, bank
+        return extractor, pre, [bank]
 
-    space = RecipeSpace(alignments=(Alignment.NONE,), ks=(3,), windows=(3,), planting=Planting.PART)
+    space = RecipeSpace(
+        alignments=(Alignment.NONE,),
+        ks=(3,),
+        windows=(3,),
+        features=(RetrievalFeatures.LOCAL,),
+        planting=Planting.PART,
+    )
     choice = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=space)
     assert seen == [Alignment.NONE]
     assert [
-        (c["alignment"], c["k"], c["window"], c["score_region"]) for c in choice.candidates
-    ] == [("none", 3, 3, "whole"), ("none", 3, 3, "part")]
+        (c["alignment"], c["features"], c["k"], c["window"], c["score_region"])
+        for c in choice.candidates
+    ] == [("none", "local", 3, 3, "whole"), ("none", "local", 3, 3, "part")]
     assert (choice.reference, choice.reference_k, choice.retrieval_window) == ("nearest", 3, 3)
+    assert choice.retrieval_features == "local"
     assert choice.planting == "part" and choice.planting_evidence["fixed_by_flag"]
     assert choice.score_region == "part"  # planted on the part: scored on the part
-    assert set(choice.fixed_by_flags) == {"alignments", "ks", "windows", "planting"}
+    assert set(choice.fixed_by_flags) == {"alignments", "ks", "windows", "features", "planting"}
+    assert RecipeSpace.from_flags(retrieval_features="local").features == (RetrievalFeatures.LOCAL,)
     fixed = RecipeSpace.from_flags(planting="part", score_region="whole")
     assert fixed.regions == (ScoreRegion.WHOLE,)
     kept = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=fixed)
@@ -243,9 +285,11 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
         "whole"
     }
     whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
-    # every alignment, class and K 1/3/5 (10 and 20 are more than the 6 bank rows), every
-    # window, both score regions
-    assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS) * len(ScoreRegion)
+    # every alignment, both retrieval features, class and K 1/3/5 (10 and 20 are more than
+    # the 6 bank rows), every window, both score regions
+    assert len(whole.candidates) == (
+        len(Alignment) * len(RetrievalFeatures) * 4 * len(WINDOWS) * len(ScoreRegion)
+    )
     assert whole.fixed_by_flags == {}
     assert whole.score_region == ("part" if whole.planting == "part" else "whole")
 
@@ -291,12 +335,20 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
         for c in candidates
         if c["score_region"] == region
     )
-    key = ("alignment", "reference", "reference_k", "retrieval_window", "score_region")
+    key = (
+        "alignment",
+        "reference",
+        "reference_k",
+        "retrieval_window",
+        "score_region",
+        "retrieval_features",
+    )
     picked = tuple(recipe[k] for k in key)
     chosen = [
         c
         for c in candidates
-        if (c["alignment"], c["reference"], c["k"], c["window"], c["score_region"]) == picked
+        if (c["alignment"], c["reference"], c["k"], c["window"], c["score_region"], c["features"])
+        == picked
     ]
     assert chosen
     assert (chosen[0]["planted_caught_above_normals"], chosen[0]["planted_image_auroc"]) == best
@@ -304,8 +356,9 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     assert 0 < recipe["n_tail_normals"] <= manifest["data"]["splits"]["train"]
     assert recipe["n_choice_images"] == manifest["data"]["splits"]["validation_choice"]
     # the model is the one chosen, with the branch on, weighted and scaled
-    assert manifest["format_version"] == 5
+    assert manifest["format_version"] == (6 if recipe["retrieval_features"] == "local" else 5)
     assert manifest["model"]["retrieval_window"] == recipe["retrieval_window"]
+    assert manifest["model"].get("retrieval_features", "finer") == recipe["retrieval_features"]
     assert manifest["planting"] == recipe["planting"]
     post = manifest["postprocessing"]
     assert post.get("score_region", "whole") == region  # the image score looks there
@@ -353,12 +406,13 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     chosen = [
         c
         for c in recipe["candidates"]
-        if (c["k"], c["window"], c["alignment"], c["score_region"])
+        if (c["k"], c["window"], c["alignment"], c["score_region"], c["features"])
         == (
             recipe["reference_k"],
             recipe["retrieval_window"],
             recipe["alignment"],
             recipe["score_region"],
+            recipe["retrieval_features"],
         )
     ]
     assert summary["planted_caught_above_normals"] == chosen[0]["planted_caught_above_normals"]
@@ -392,6 +446,18 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     moved = [p.score for p in detector.predict(images)]
     scores = [p.score for p in load_exported(anywhere, "onnx").predict(images)]
     assert scores == pytest.approx(moved, rel=1e-4)
+    # and the retrieval on every level's local features (a newer format: 6)
+    local = tmp_path / "local"
+    shutil.copytree(every, local, ignore=shutil.ignore_patterns("export"))
+    update_manifest(local, model={**model_section, "retrieval_features": "local"})
+    assert read_manifest(local)["format_version"] == 6
+    records = export_model(local, ["onnx"])
+    assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
+    detector = load_detector(local)
+    assert detector.model.config.retrieval_features is RetrievalFeatures.LOCAL
+    pooled = [p.score for p in detector.predict(images)]
+    scores = [p.score for p in load_exported(local, "onnx").predict(images)]
+    assert scores == pytest.approx(pooled, rel=1e-4)
 
 
 def test_scales_that_do_not_fit_the_branches_are_refused(auto_model, tmp_path) -> None:
