@@ -41,7 +41,8 @@ def format_version(
     weights, readers of version 2 no pose normalisation, readers of version 3 no
     nearest-normal reference, so only artefacts that use them are marked 2, 3 or 4 (and
     refused clearly by older readers)."""
-    if (model or {}).get("retrieval_features", "finer") != "finer":
+    model = model or {}
+    if model.get("retrieval_window") and model.get("retrieval_features", "finer") != "finer":
         return 6
     if (model or {}).get("retrieval_window") or postprocessing.get("branch_scales"):
         return 5
@@ -239,10 +240,14 @@ def files_digest(paths: Sequence[Path]) -> str:
     return hashlib.sha256("".join(file_sha256(p) for p in paths).encode()).hexdigest()[:16]
 
 
-def scoring_fingerprint(model_dir: Path, post: dict) -> dict:
-    """What an exported graph or a precision check depends on: the weights and the
-    post-processing inside the scoring graph (not the threshold, applied after it)."""
+def scoring_fingerprint(model_dir: Path, post: dict, model: dict | None = None) -> dict:
+    """What an exported graph or a precision check depends on: the weights, the
+    post-processing inside the scoring graph (not the threshold, applied after it) and
+    what the retrieval branch compares (``model``, the manifest's section)."""
     baked = {k: post.get(k) for k in ("image_size", "score_sigma", "level_weights")}
+    features = (model or {}).get("retrieval_features", "finer")
+    if features != "finer":  # earlier fingerprints stay as they were
+        baked["retrieval_features"] = features
     if post.get("branch_scales") is not None:
         baked["branch_scales"] = post["branch_scales"]
     if post.get("score_region", "whole") != "whole":  # decides what a precision check flips
@@ -256,7 +261,9 @@ def precision_problem(model_dir: str | Path, manifest: dict) -> str | None:
     check = manifest.get("precision_check", {}).get(Precision.BF16.value)
     if check is None:
         return "its bf16 accuracy was never checked"
-    fingerprint = scoring_fingerprint(Path(model_dir), manifest["postprocessing"])
+    fingerprint = scoring_fingerprint(
+        Path(model_dir), manifest["postprocessing"], manifest.get("model")
+    )
     if check.get("checked_with") != fingerprint:
         return "its bf16 check was made on other weights or post-processing"
     if not check.get("passed"):

@@ -88,7 +88,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--preset",
         default=Preset.AUTO.value,
         choices=[p.value for p in Preset],
-        help="auto (default): alignment, reference, K, retrieval window and planting chosen "
+        help="auto (default): alignment, reference, K, retrieval window and features, planting "
+        "and score region chosen "
         "for the product before training on planted anomalies (no labels), the branches "
         "weighted on them, as many whole epochs as fit in 1,500 images seen; method: the published "
         "method; hard: parts at any angle with small defects (screws): "
@@ -138,8 +139,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retrieval-window",
         type=int,
-        help="not the method: add the retrieval distance (the finer level's distance to the "
-        "reference within w x w positions) as a further branch of the score; odd w, -1 for "
+        help="not the method: add the retrieval distance (the distance of --retrieval-features "
+        "to the reference within w x w positions) as a further branch of the score; odd w, -1 for "
         "any position of the reference, 0 for none (default); needs --level-weights synthetic",
     )
     parser.add_argument(

@@ -86,7 +86,7 @@ class ModelConfig:
     # looking at test labels)
     reference_k: int = 0
     # Not part of the method: 0 scores as the method does; an odd window w adds the
-    # retrieval distance (the finer level's distance to the reference within w x w
+    # retrieval distance (the distance of ``retrieval_features`` to the reference within w x w
     # positions, ``fod_core.retrieval``) as a further branch of the score; -1 looks at every
     # position of the reference (``ANY_POSITION``).
     retrieval_window: int = 0
@@ -125,8 +125,8 @@ class ModelConfig:
         if not self.retrieval_window:
             del data["retrieval_window"]
         data["retrieval_features"] = self.retrieval_features.value
-        if self.retrieval_features is RetrievalFeatures.FINER:
-            del data["retrieval_features"]  # what earlier readers know
+        if self.retrieval_features is RetrievalFeatures.FINER or not self.retrieval_window:
+            del data["retrieval_features"]  # what earlier readers know; nothing to compare
         data["score_region"] = self.score_region.value
         if self.score_region is ScoreRegion.WHOLE:
             del data["score_region"]
@@ -140,6 +140,15 @@ class ModelConfig:
         data["alignment"] = Alignment(data.get("alignment", Alignment.NONE.value))
         data["reference"] = ReferenceMode(data.get("reference", ReferenceMode.CLASS.value))
         return cls(**data)
+
+    def require_retrieval_for_features(self) -> None:
+        """Local retrieval features without a retrieval branch would change nothing: a
+        user who asks for them has forgotten the window (``--preset auto`` chooses both)."""
+        if self.retrieval_features is not RetrievalFeatures.FINER and not self.retrieval_window:
+            raise SettingsError(
+                f"retrieval features {self.retrieval_features.value} need a retrieval branch: "
+                "give --retrieval-window (1, 3, 5 or -1), or train with --preset auto"
+            )
 
     def with_backbone(self, backbone: BackboneSpec) -> ModelConfig:
         return replace(self, backbone=backbone)

@@ -229,7 +229,9 @@ def export_problem(
             f"the {runtime.value} export{where} failed its parity check "
             f"({parity.get('failure', 'not checked')}): serve it with --runtime torch"
         )
-    if record.get("traced_with") != scoring_fingerprint(model_dir, manifest["postprocessing"]):
+    if record.get("traced_with") != scoring_fingerprint(
+        model_dir, manifest["postprocessing"], manifest.get("model")
+    ):
         return (
             f"the {runtime.value} export{where} was traced from other weights or "
             "post-processing (re-trained or re-calibrated since): run `fod export` again"
@@ -490,7 +492,7 @@ def export_model(
         images, describe = parity_images(model_dir, data_root, category, format=format)
     detector = load_detector(model_dir)
     manifest = read_manifest(model_dir)
-    traced_with = scoring_fingerprint(model_dir, manifest["postprocessing"])
+    traced_with = scoring_fingerprint(model_dir, manifest["postprocessing"], manifest.get("model"))
     records = dict(manifest.get("export", {}))
     # OpenVINO converts this run's ONNX graph, never an older one; asked for alone, from an
     # intermediate file, so that an earlier ONNX export and its record stay as they are.

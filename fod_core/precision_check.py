@@ -173,7 +173,9 @@ def check_precision(
         max_metric_delta=delta,
         max_score_rel_error=score_error,
         decisions_changed=flips,
-        checked_with=scoring_fingerprint(model_dir, manifest["postprocessing"]),
+        checked_with=scoring_fingerprint(
+            model_dir, manifest["postprocessing"], manifest.get("model")
+        ),
         decisions_changed_beyond_band=far_flips,
         seconds=round(time.perf_counter() - started, 2),
         failure="; ".join(failures) or None,

@@ -393,8 +393,9 @@ def choose_recipe(
     planted image AUROC against them, among ``space``'s candidates (all by default).
     ``features_for(alignment)`` -> (extractor, pre, training images' features per level
     [(M, C_l, H_l, W_l)], finer first), from the feature cache (the chosen one is reused by
-    training). Ties go to the simpler: no alignment, the finer level's features, the class
-    reference, the smaller window (any position the largest), the smaller K.
+    training). Ties go to the simpler: no alignment, the finer level's features, the
+    smaller window (any position the largest), then the smaller K (the class reference
+    first).
     The score region is ``score_region_for`` the planting."""
     from fod_core.processing import PostProcessing
 
@@ -480,8 +481,8 @@ def choose_recipe(
         "then, by the training-free retrieval distance, the most planted copies of the "
         "choice images above every normal (the clean choice images and training normals "
         "left out of the bank in turn), then the best planted image AUROC against them; "
-        "ties to no alignment, the finer level's features, the class reference, the "
-        "smaller window (any position the largest), the smaller K",
+        "ties to no alignment, the finer level's features, the smaller window (any "
+        "position the largest), then the smaller K (the class reference first)",
         n_choice_images=len(normals),
         n_tail_normals=n_tail,
         n_planted=len(planted),

@@ -122,16 +122,18 @@ def train_model(
     Choices (best epoch, level weights) use the validation's choice part, the threshold
     its calibration part: ``delta`` is the chance its false-alarm promise may fail.
     ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window and
-    planting are chosen before training on the choice part with planted anomalies
-    (``fod_core.recipe.choose_recipe``) among ``recipe_space``'s candidates (all by
-    default), overriding ``model_config``'s and ``planting``."""
+    features, planting and score region are chosen before training on the choice part
+    with planted anomalies (``fod_core.recipe.choose_recipe``) among ``recipe_space``'s
+    candidates (all by default), overriding ``model_config``'s and ``planting``."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads
     model_config = model_config or ModelConfig()
     train_config = train_config or TrainConfig()
     out_dir = Path(out_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir / "checkpoints"
     timings: dict[str, float] = {}
-    if calibrate:  # settings first: they need no data
+    if not auto_recipe:  # settings first: they need no data
+        model_config.require_retrieval_for_features()
+    if calibrate:
         retrieval = bool(model_config.retrieval_window)
         require_weighted_branches(level_weighting, auto_recipe or retrieval)
     data = load_category(data_root, category, format)  # lists the test set, never reads it

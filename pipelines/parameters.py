@@ -211,6 +211,15 @@ def checked(arguments: dict) -> dict:
         ):
             raise ValueError(f"pipeline parameter {name}={value!r} must be of type {types[name]}")
     merged = defaults() | arguments
+    if (
+        not merged["auto_recipe"]
+        and not merged["retrieval_window"]
+        and merged["retrieval_features"] != RetrievalFeatures.FINER.value
+    ):
+        raise ValueError(
+            f"retrieval_features {merged['retrieval_features']} needs a retrieval branch: set "
+            "retrieval_window (1, 3, 5 or -1), or auto_recipe true"
+        )
     if (merged["auto_recipe"] or merged["retrieval_window"]) and merged[
         "level_weights"
     ] == LevelWeighting.EQUAL.value:

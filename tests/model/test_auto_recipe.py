@@ -519,3 +519,5 @@ def test_settings_that_cannot_go_together_are_a_readable_error(capsys) -> None:
     assert "fod train: error:" in capsys.readouterr().err
     assert main([*argv, "--retrieval-window", "3"]) == 2  # needs synthetic weights
     assert "--level-weights synthetic" in capsys.readouterr().err
+    assert main([*argv, "--retrieval-features", "local"]) == 2  # no branch to compare on
+    assert "need a retrieval branch" in capsys.readouterr().err

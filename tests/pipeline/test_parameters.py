@@ -73,3 +73,10 @@ def test_an_auto_recipe_needs_weights_chosen_on_planted_anomalies() -> None:
         with pytest.raises(ValueError, match="level_weights synthetic"):
             checked(setting)
         assert checked({**setting, "level_weights": "synthetic"})
+
+
+def test_local_retrieval_features_need_a_retrieval_branch() -> None:
+    with pytest.raises(ValueError, match="needs a retrieval branch"):
+        checked({"retrieval_features": "local"})
+    for setting in ({"auto_recipe": True}, {"retrieval_window": 3}):
+        assert checked({**setting, "level_weights": "synthetic", "retrieval_features": "local"})
