@@ -15,16 +15,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fod_core.cache import LocalStore
 from fod_core.cli import build_parser
 from fod_core.cli_train import configs_from_args, recipe_space_from_args
-from fod_core.data import load_category, split_roles, split_validation
+from fod_core.data import load_category
 from fod_core.retrieval import describe_window
 from fod_core.roofline import machine
-from fod_core.train import auto_recipe_choice, auto_val_fraction, default_cache_dir
+from fod_core.train import auto_recipe_choice, default_cache_dir, training_split
 from fod_core.trainer import resolve_device
 
 
@@ -41,11 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     if space is None:
         raise SystemExit("the recipe is chosen with --preset auto only")
     data = load_category(args.data, args.category, args.format)
-    if train_config.val_fraction is None:
-        fraction = auto_val_fraction(data.train, train_config, args.target_far, 1 - args.confidence)
-        train_config = replace(train_config, val_fraction=fraction)
-    train_records, val_records = split_validation(data.train, train_config.val_fraction)
-    choice_records, calibration_records = split_roles(val_records, train_config.choice_fraction)
+    train_config, split = training_split(
+        data.train, train_config, args.target_far, 1 - args.confidence
+    )
+    train_records, choice_records = split.train, split.choice
+    calibration_records = split.calibration
     store = LocalStore(args.cache_dir) if args.cache_dir else LocalStore(default_cache_dir())
     started = time.perf_counter()
     choice = auto_recipe_choice(

@@ -137,18 +137,12 @@ def train_model(
         retrieval = bool(model_config.retrieval_window)
         require_weighted_branches(level_weighting, auto_recipe or retrieval)
     data = load_category(data_root, category, format)  # lists the test set, never reads it
-    if train_config.val_fraction is None:  # auto: enough calibration normals for a promise
-        train_config = replace(
-            train_config,
-            val_fraction=auto_val_fraction(
-                data.train, train_config, target_false_alarm_rate, delta
-            ),
-        )
-    train_records, val_records = split_validation(data.train, train_config.val_fraction)
+    train_config, split = training_split(data.train, train_config, target_false_alarm_rate, delta)
+    train_records, val_records = split.train, split.validation
+    choice_records, calibration_records = split.choice, split.calibration
     if train_config.epochs == 0:
         train_config = replace(train_config, epochs=budget_epochs(len(train_records)))
         log.info("%d epochs: about %d images seen", train_config.epochs, AUTO_TRAIN_IMAGES)
-    choice_records, calibration_records = split_roles(val_records, train_config.choice_fraction)
     require_validation_images(level_weighting, len(choice_records))
     auto_k = (
         model_config.reference is ReferenceMode.NEAREST
@@ -346,6 +340,31 @@ def train_model(
         meter.to_dict(),
         recipe,
     )
+
+
+@dataclass(frozen=True)
+class TrainingSplit:
+    """The normals' roles as ``fod train`` draws them: training, and the validation's
+    choice part (every choice) and calibration part (the threshold alone)."""
+
+    train: list
+    validation: list
+    choice: list
+    calibration: list
+
+
+def training_split(
+    normals: list, train_config: TrainConfig, target: float, delta: float
+) -> tuple[TrainConfig, TrainingSplit]:
+    """The split of ``train_model``, for anything that must see the same images (the
+    recipe preview, ``fod data splits``); ``train_config`` with its validation fraction
+    settled (``None``, auto: enough calibration normals for a promise)."""
+    if train_config.val_fraction is None:
+        fraction = auto_val_fraction(normals, train_config, target, delta)
+        train_config = replace(train_config, val_fraction=fraction)
+    train, validation = split_validation(normals, train_config.val_fraction)
+    choice, calibration = split_roles(validation, train_config.choice_fraction)
+    return train_config, TrainingSplit(train, validation, choice, calibration)
 
 
 # ``--val-fraction auto`` sizes the calibration part for the target, or for this rate
