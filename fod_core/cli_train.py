@@ -88,8 +88,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         "--preset",
         default=Preset.AUTO.value,
         choices=[p.value for p in Preset],
-        help="auto (default): alignment, reference, K, retrieval window and features, planting "
-        "and score region chosen "
+        help="auto (default): alignment, reference, K, retrieval window, planting and score "
+        "region chosen "
         "for the product before training on planted anomalies (no labels), the branches "
         "weighted on them, as many whole epochs as fit in 1,500 images seen; method: the published "
         "method; hard: parts at any angle with small defects (screws): "
@@ -148,7 +148,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         choices=[f.value for f in RetrievalFeatures],
         help="not the method: what the retrieval distance compares; finer: the finer level's "
         "features (default); local: every level's, each averaged over 3x3 positions, on the "
-        "finer grid (PatchCore's patch features)",
+        "finer grid (PatchCore's patch features); --preset auto tries only what this flag "
+        "names, finer without it",
     )
     parser.add_argument(
         "--epochs",

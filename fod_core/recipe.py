@@ -10,7 +10,8 @@ against clean wins; ties go to the smaller K (cheaper, closer to the image itsel
 
 The whole recipe (``--preset auto``, ``choose_recipe``): planting by the part's size, then
 every alignment x reference (class, or nearest K) x retrieval window x retrieval features
-(the finer level, or every level's local: ``RetrievalFeatures``) x score region (the
+(the finer level; every level's local only when a flag asks: ``RetrievalFeatures``) x
+score region (the
 whole picture, or the part alone: ``ScoreRegion``), each judged the same way by its
 retrieval distance (``fod_core.retrieval``) through the model's own post-processing.
 The calibration images take no part in either, so the threshold's promise holds.
@@ -163,7 +164,11 @@ class RecipeSpace:
     alignments: tuple[Alignment, ...] = tuple(Alignment)
     ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)
     windows: tuple[int, ...] = WINDOWS
-    features: tuple[RetrievalFeatures, ...] = tuple(RetrievalFeatures)
+    # the finer level only, unless a flag asks for local features: local won the retrieval
+    # evidence on bottle and ELPV mono, but its branch localised planted anomalies worse, the
+    # weights for the map moved away from it, and mono's test AUROC fell from 0.956 to 0.891
+    # (BENCHMARKS.md, "Every level's local features")
+    features: tuple[RetrievalFeatures, ...] = (RetrievalFeatures.FINER,)
     planting: Planting | None = None  # None: chosen by the part's size
     regions: tuple[ScoreRegion, ...] = tuple(ScoreRegion)
 

@@ -121,8 +121,9 @@ def train_model(
     planted metrics (small and on the part for products like screws); kept in the artefact.
     Choices (best epoch, level weights) use the validation's choice part, the threshold
     its calibration part: ``delta`` is the chance its false-alarm promise may fail.
-    ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window and
-    features, planting and score region are chosen before training on the choice part
+    ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window (and
+    features, where ``recipe_space`` names more than the finer level), planting and score
+    region are chosen before training on the choice part
     with planted anomalies (``fod_core.recipe.choose_recipe``) among ``recipe_space``'s
     candidates (all by default), overriding ``model_config``'s and ``planting``."""
     configure_cpu_numerics()  # before the backbone starts PyTorch's worker threads

@@ -99,7 +99,7 @@ class PipelineParameters:
         ModelConfig().retrieval_features.value,
         "not the method: what the retrieval distance compares, finer (the finer level's "
         "features) or local (every level's over 3x3 positions, PatchCore's patch features); "
-        "auto_recipe chooses it",
+        "auto_recipe uses finer",
         choices=[f.value for f in RetrievalFeatures],
     )
     score_region: str = parameter(
@@ -111,9 +111,9 @@ class PipelineParameters:
     )
     auto_recipe: bool = parameter(
         False,
-        "choose alignment, reference, K, retrieval window and features, planting and score "
-        "region per product before training, on planted anomalies (`fod train --preset "
-        "auto`; overrides those seven); "
+        "choose alignment, reference, K, retrieval window, planting and score region per "
+        "product before training, on planted anomalies (`fod train --preset auto`; overrides "
+        "those six and retrieval_features); "
         "needs level_weights synthetic",
     )
     epochs: int = parameter(_TRAIN.epochs, "training epochs")

@@ -285,11 +285,13 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
         "whole"
     }
     whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
-    # every alignment, both retrieval features, class and K 1/3/5 (10 and 20 are more than
-    # the 6 bank rows), every window, both score regions
-    assert len(whole.candidates) == (
-        len(Alignment) * len(RetrievalFeatures) * 4 * len(WINDOWS) * len(ScoreRegion)
-    )
+    # every alignment, the finer level's features (local only when asked), class and K
+    # 1/3/5 (10 and 20 are more than the 6 bank rows), every window, both score regions
+    assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS) * len(ScoreRegion)
+    assert {c["features"] for c in whole.candidates} == {"finer"}
+    both = replace(RecipeSpace(), features=tuple(RetrievalFeatures), alignments=(Alignment.NONE,))
+    tried = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=both)
+    assert {c["features"] for c in tried.candidates} == {"finer", "local"}
     assert whole.fixed_by_flags == {}
     assert whole.score_region == ("part" if whole.planting == "part" else "whole")
 
