@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ from pathlib import Path
 from components.errors import StackError
 
 LOOPBACK = "127.0.0.1"
+_GLOG_FATAL = re.compile(r"^F\d{4} ")  # glog's fatal prefix: F, then month and day
 
 
 def free_port() -> int:
@@ -116,7 +118,12 @@ def stop_server(server: ServerState, timeout: float = 15.0) -> None:
 
 
 def log_tail(path: str, lines: int = 20) -> str:
+    """The log's last lines, led by its fatal lines: a Go server's fatal error is followed by
+    goroutine stacks that would otherwise push the reason out of the tail."""
     try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+        text = Path(path).read_text(errors="replace").splitlines()
     except OSError:
         return "(no log)"
+    tail = text[-lines:]
+    fatal = [line for line in text[:-lines] if _GLOG_FATAL.match(line)]
+    return "\n".join([*fatal[-3:], *(["..."] if fatal else []), *tail])

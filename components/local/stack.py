@@ -39,6 +39,9 @@ PORT_ATTEMPTS = 3  # starts of the S3 server when a port it was given is taken m
 DEFAULT_MLFLOW_PORT = 5055
 # SeaweedFS 'mini' runs master, volume, filer, S3, WebDAV and admin servers, each with
 # an HTTP and a gRPC port. All are pinned (to free ports) so two stacks never collide.
+# What SeaweedFS logs when a port it was given is taken: its own check before binding, or
+# a listener of one of its servers failing after that check passed.
+_PORT_TAKEN_MARKERS = ("address already in use", "not available", "listener error", "fail to serve")
 _WEED_PORT_FLAGS = (
     "master.port",
     "master.port.grpc",
@@ -247,17 +250,18 @@ class EmbeddedStack:
                 "-master.telemetry=false",
                 *(f"-{flag}={free_port()}" for flag in _WEED_PORT_FLAGS),
             ]
+            log_start = _log_size(self.home / "logs" / "s3.log")
             server = self._spawn("s3", argv)
             server.port = port
             probe = StackState(s3=server, bucket=bucket)
             try:
                 self._wait("S3 server (SeaweedFS)", server, partial(self._s3_probe, probe), timeout)
                 break
-            except StackError as error:
+            except StackError:
                 # Its 12 inner ports were free when picked, but another process (or one of
                 # its own outgoing connections) may take one before it binds: pick again.
-                taken = any(m in str(error) for m in ("address already in use", "not available"))
-                if not taken or attempt == PORT_ATTEMPTS:
+                # The whole attempt's log is read: the reason precedes pages of stacks.
+                if not _port_was_taken(server.log, log_start) or attempt == PORT_ATTEMPTS:
                     raise
                 log.warning("S3 server: a port was taken before it bound; new ports (%d)", attempt)
                 stop_server(server)
@@ -312,3 +316,21 @@ class EmbeddedStack:
     @staticmethod
     def _stop_server(server: ServerState, timeout: float = 15.0) -> None:
         stop_server(server, timeout)
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _port_was_taken(log_path: str, start: int) -> bool:
+    """Whether the log written since ``start`` says a port was taken (see the markers)."""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(start)
+            text = handle.read().decode(errors="replace").lower()
+    except OSError:
+        return False
+    return any(marker in text for marker in _PORT_TAKEN_MARKERS)

@@ -116,3 +116,28 @@ def test_an_inner_port_taken_before_seaweedfs_binds_it_is_picked_again(
             finally:
                 stack.down()
     assert "a port was taken before it bound" in caplog.text
+
+
+def test_a_port_lost_after_seaweedfs_checked_it_is_found_under_its_stacks(tmp_path):
+    """A listener that fails after SeaweedFS's own port check logs one fatal line, then pages
+    of goroutine stacks (seen in CI). The retry reads the whole attempt's log, and the error a
+    user sees leads with the fatal line, not with stacks."""
+    from components.local.processes import log_tail
+    from components.local.stack import _port_was_taken
+
+    log = tmp_path / "s3.log"
+    log.write_text("an earlier start: address already in use\n")
+    start = log.stat().st_size
+    stacks = [f"github.com/seaweedfs/seaweedfs/weed/x.go:{n} +0x{n:x}" for n in range(40)]
+    healthy_start = ["I1204 21:27:34.1 master.go:1 Start Seaweed Master", *stacks]
+    with log.open("a") as handle:
+        handle.write("\n".join(healthy_start) + "\n")
+    assert not _port_was_taken(str(log), start)  # the earlier start's words are not this one's
+
+    fatal = "F1204 21:27:35.2 volume.go:629 Volume server fail to serve: listen tcp: bind"
+    with log.open("a") as handle:
+        handle.write("\n".join([fatal, *stacks]) + "\n")
+    assert _port_was_taken(str(log), start)
+    shown = log_tail(str(log)).splitlines()
+    assert shown[0] == fatal
+    assert shown[-1] == stacks[-1]
