@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 ARTIFACT_FORMAT = "fod-model"
 # 2: post-processing may carry level weights; 3: pre-processing a pose; 4: a reference
 # per image from a bank of training normals kept in model.pt; 5: a retrieval branch in the
-# score, the branches on their own scales; 6: retrieval on every level's local features
-ARTIFACT_VERSION = 6
+# score, the branches on their own scales; 6: retrieval on every level's local features;
+# 7: two retrieval branches, the finer level's and the local features' (``both``)
+ARTIFACT_VERSION = 7
 
 
 def format_version(
@@ -42,7 +43,10 @@ def format_version(
     nearest-normal reference, so only artefacts that use them are marked 2, 3 or 4 (and
     refused clearly by older readers)."""
     model = model or {}
-    if model.get("retrieval_window") and model.get("retrieval_features", "finer") != "finer":
+    features = model.get("retrieval_features", "finer") if model.get("retrieval_window") else None
+    if features == "both":
+        return 7
+    if features == "local":
         return 6
     if (model or {}).get("retrieval_window") or postprocessing.get("branch_scales"):
         return 5

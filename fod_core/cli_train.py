@@ -148,8 +148,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
         choices=[f.value for f in RetrievalFeatures],
         help="not the method: what the retrieval distance compares; finer: the finer level's "
         "features (default); local: every level's, each averaged over 3x3 positions, on the "
-        "finer grid (PatchCore's patch features); --preset auto tries only what this flag "
-        "names, finer without it",
+        "finer grid (PatchCore's patch features); both: one branch of each, weighted apart; "
+        "--preset auto tries only what this flag names, both without it",
     )
     parser.add_argument(
         "--epochs",

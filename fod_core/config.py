@@ -90,8 +90,9 @@ class ModelConfig:
     # positions, ``fod_core.retrieval``) as a further branch of the score; -1 looks at every
     # position of the reference (``ANY_POSITION``).
     retrieval_window: int = 0
-    # what the retrieval distance compares: the finer level, or every level's features
-    # over 3 x 3 positions (``RetrievalFeatures``); ``--preset auto`` chooses it
+    # what the retrieval distance compares: the finer level, every level's features over
+    # 3 x 3 positions, or both as two branches (``RetrievalFeatures``); ``--preset auto``
+    # takes both
     retrieval_features: RetrievalFeatures = RetrievalFeatures.FINER
 
     def __post_init__(self) -> None:

@@ -67,7 +67,8 @@ def weight_grid(n_levels: int, step: float = 0.1) -> list[tuple[float, ...]]:
 
 def branch_step(n_branches: int) -> float:
     """The weight grid's step: 0.1 for two levels (11 candidates), 0.2 with a third
-    branch (21 candidates; 0.1 would be 66, each an AUPRO over every image)."""
+    branch (21 candidates; 0.1 would be 66, each an AUPRO over every image) or a fourth
+    (56)."""
     return 0.1 if n_branches <= 2 else 0.2
 
 

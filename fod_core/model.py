@@ -429,9 +429,16 @@ class FODModel(nn.Module):
         return [level.grid for level in self.levels]
 
     @property
+    def retrieval_branches(self) -> tuple[RetrievalFeatures, ...]:
+        """What each retrieval branch compares, in the score's order (none without one)."""
+        if not self.config.retrieval_window:
+            return ()
+        return self.config.retrieval_features.branches()
+
+    @property
     def n_branches(self) -> int:
-        """Maps that make the anomaly map: one per level, and the retrieval distance's."""
-        return len(self.levels) + bool(self.config.retrieval_window)
+        """Maps that make the anomaly map: one per level, then the retrieval distances'."""
+        return len(self.levels) + len(self.retrieval_branches)
 
     @property
     def nearest(self) -> bool:
@@ -486,12 +493,15 @@ class FODModel(nn.Module):
         return [level.nearest_reference(neighbours) for level in self.levels]
 
     def retrieval_map(
-        self, feature_maps: Sequence[torch.Tensor], neighbours: torch.Tensor | None = None
+        self,
+        feature_maps: Sequence[torch.Tensor],
+        neighbours: torch.Tensor | None = None,
+        kind: RetrievalFeatures | None = None,
     ) -> torch.Tensor:
         """(N, H, W) on the finer level's grid: the retrieval distance (``fod_core.retrieval``)
-        to each image's K nearest bank rows, or to the class reference, compared on the
-        ``retrieval_features`` the config names (the finer level, or every level's local)."""
-        kind = self.config.retrieval_features
+        to each image's K nearest bank rows, or to the class reference, compared on ``kind``
+        (default: the ``retrieval_features`` the config names, if it names one branch)."""
+        kind = RetrievalFeatures(kind or self.config.retrieval_features)
         levels = self.levels if kind is RetrievalFeatures.LOCAL else self.levels[:1]
         if self.nearest and neighbours is None:
             neighbours = self.neighbours(feature_maps)
@@ -537,7 +547,7 @@ class FODModel(nn.Module):
         levels: Sequence[bool] | None = None,
         chunked: bool = True,
     ) -> list[torch.Tensor | None]:
-        """Per-level token score grids [(N, H_l, W_l)], then the retrieval distance's where
+        """Per-level token score grids [(N, H_l, W_l)], then each retrieval branch's where
         the model has one (``n_branches`` in all); post-processing makes the map.
         ``levels`` picks which to compute (the others are None): a branch weighted 0 is
         not run at all. ``chunked``: in passes of ``scoring_chunk`` images (an exported
@@ -547,9 +557,12 @@ class FODModel(nn.Module):
         if len(wanted) != self.n_branches:
             raise ValueError(f"{len(wanted)} branches asked of a model with {self.n_branches}")
         neighbours = self.neighbours(feature_maps) if self.nearest else None
-        retrieval = None
-        if self.config.retrieval_window and wanted.pop():
-            retrieval = self.retrieval_map(feature_maps, neighbours)
+        n_levels = len(self.levels)
+        retrieval = [
+            self.retrieval_map(feature_maps, neighbours, kind) if use else None
+            for kind, use in zip(self.retrieval_branches, wanted[n_levels:], strict=True)
+        ]
+        wanted = wanted[:n_levels]
         for level, features, use in zip(self.levels, feature_maps, wanted, strict=True):
             if not use:
                 maps.append(None)
@@ -572,9 +585,7 @@ class FODModel(nn.Module):
                 for chunk, r in zip(chunks, rows, strict=True)
             ]
             maps.append(torch.cat(scores).view(-1, *level.grid))
-        if self.config.retrieval_window:
-            maps.append(retrieval)
-        return maps
+        return maps + retrieval
 
 
 def create_fod_model(

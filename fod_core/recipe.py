@@ -9,11 +9,13 @@ found as ``FODModel.neighbours`` finds them). The K with the best image AUROC of
 against clean wins; ties go to the smaller K (cheaper, closer to the image itself).
 
 The whole recipe (``--preset auto``, ``choose_recipe``): planting by the part's size, then
-every alignment x reference (class, or nearest K) x retrieval window x retrieval features
-(the finer level; every level's local only when a flag asks: ``RetrievalFeatures``) x
-score region (the
+every alignment x reference (class, or nearest K) x retrieval window x score region (the
 whole picture, or the part alone: ``ScoreRegion``), each judged the same way by its
-retrieval distance (``fod_core.retrieval``) through the model's own post-processing.
+retrieval distance (``fod_core.retrieval``) through the model's own post-processing. The
+model then gets two retrieval branches (``RetrievalFeatures.BOTH``), judged here by the
+finer level's, where the neighbours are found; the local features' branch enters by the
+weights chosen after training on planted anomalies, like FOD's levels. A flag may ask for
+one kind alone (``--retrieval-features finer|local``), then judged by its own distance.
 The calibration images take no part in either, so the threshold's promise holds.
 """
 
@@ -164,11 +166,11 @@ class RecipeSpace:
     alignments: tuple[Alignment, ...] = tuple(Alignment)
     ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)
     windows: tuple[int, ...] = WINDOWS
-    # the finer level only, unless a flag asks for local features: local won the retrieval
-    # evidence on bottle and ELPV mono, but its branch localised planted anomalies worse, the
-    # weights for the map moved away from it, and mono's test AUROC fell from 0.956 to 0.891
-    # (BENCHMARKS.md, "Every level's local features")
-    features: tuple[RetrievalFeatures, ...] = (RetrievalFeatures.FINER,)
+    # both branches, judged by the finer level's: local features alone won the retrieval
+    # evidence on bottle and ELPV mono, but localised planted anomalies worse, and mono's
+    # test AUROC fell from 0.956 to 0.891 (BENCHMARKS.md, "Every level's local features");
+    # beside the finer branch, the weights give it what it adds ("Both retrieval branches")
+    features: tuple[RetrievalFeatures, ...] = (RetrievalFeatures.BOTH,)
     planting: Planting | None = None  # None: chosen by the part's size
     regions: tuple[ScoreRegion, ...] = tuple(ScoreRegion)
 
@@ -398,7 +400,8 @@ def choose_recipe(
     planted image AUROC against them, among ``space``'s candidates (all by default).
     ``features_for(alignment)`` -> (extractor, pre, training images' features per level
     [(M, C_l, H_l, W_l)], finer first), from the feature cache (the chosen one is reused by
-    training). Ties go to the simpler: no alignment, the finer level's features, the
+    training). ``RetrievalFeatures.BOTH`` is judged by the finer level's distance. Ties go
+    to the simpler: no alignment, the finer level's features (then local, then both), the
     smaller window (any position the largest), then the smaller K (the class reference
     first).
     The score region is ``score_region_for`` the planting."""
@@ -430,8 +433,9 @@ def choose_recipe(
         tail_regions = _part_regions(pre, tail_images) if with_regions and len(tail_index) else None
         n_tail = max(n_tail, len(tail_index))
         for kind in space.features:
-            bank = retrieval_features(levels, kind)
-            queries = retrieval_features(query_levels, kind)
+            judged = RetrievalFeatures.FINER if kind is RetrievalFeatures.BOTH else kind
+            bank = retrieval_features(levels, judged)
+            queries = retrieval_features(query_levels, judged)
             scores = candidate_scores(
                 bank, queries, usable, space.windows, post, regions, finer=(finer, query_levels[0])
             )
@@ -485,8 +489,10 @@ def choose_recipe(
         rule="score over the part where planting is on the part, else the whole picture; "
         "then, by the training-free retrieval distance, the most planted copies of the "
         "choice images above every normal (the clean choice images and training normals "
-        "left out of the bank in turn), then the best planted image AUROC against them; "
-        "ties to no alignment, the finer level's features, the smaller window (any "
+        "left out of the bank in turn), then the best planted image AUROC against them "
+        "(both retrieval branches judged by the finer level's); "
+        "ties to no alignment, the finer level's features (then local, then both), the "
+        "smaller window (any "
         "position the largest), then the smaller K (the class reference first)",
         n_choice_images=len(normals),
         n_tail_normals=n_tail,

@@ -18,6 +18,10 @@ wherever it lies, at K x H x W comparisons per position.
 level averaged over its 3 x 3 neighbourhood and brought to the finer grid, concatenated
 (PatchCore's locally aware patch features, Roth et al., 2022). A position then carries its
 surroundings and the coarser level's context; its neighbours are still found as before.
+``RetrievalFeatures.BOTH`` keeps both as two branches of the score: the finer level's
+localises a bottle's defects best, the local features' ranks its images best, and the
+weights chosen on planted anomalies take from each what it gives
+(BENCHMARKS.md, "Both retrieval branches").
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ class RetrievalFeatures(str, Enum):
 
     FINER = "finer"  # the finer level's features as they are
     LOCAL = "local"  # every level over its 3 x 3 neighbourhood, on the finer grid
+    BOTH = "both"  # two branches: the finer level's distance, then the local features'
+
+    def branches(self) -> tuple[RetrievalFeatures, ...]:
+        """The retrieval branches this setting adds to the score, in their order."""
+        if self is RetrievalFeatures.BOTH:
+            return (RetrievalFeatures.FINER, RetrievalFeatures.LOCAL)
+        return (self,)
 
 
 def local_features(levels: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -55,7 +66,10 @@ def retrieval_features(
     levels: Sequence[torch.Tensor], kind: RetrievalFeatures | str = RetrievalFeatures.FINER
 ) -> torch.Tensor:
     """The features the retrieval distance compares, from every level's (finer first)."""
-    if RetrievalFeatures(kind) is RetrievalFeatures.LOCAL:
+    kind = RetrievalFeatures(kind)
+    if kind is RetrievalFeatures.BOTH:
+        raise ValueError("'both' names two branches: compute each of its branches() apart")
+    if kind is RetrievalFeatures.LOCAL:
         return local_features(levels)
     return levels[0]
 

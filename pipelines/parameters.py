@@ -98,8 +98,8 @@ class PipelineParameters:
     retrieval_features: str = parameter(
         ModelConfig().retrieval_features.value,
         "not the method: what the retrieval distance compares, finer (the finer level's "
-        "features) or local (every level's over 3x3 positions, PatchCore's patch features); "
-        "auto_recipe uses finer",
+        "features), local (every level's over 3x3 positions, PatchCore's patch features) or "
+        "both (a branch of each, weighted apart); auto_recipe uses both",
         choices=[f.value for f in RetrievalFeatures],
     )
     score_region: str = parameter(

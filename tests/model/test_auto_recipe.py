@@ -135,6 +135,38 @@ def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, windo
         model.score_maps(batch, levels=[True, True])
 
 
+@pytest.mark.parametrize("reference", [ReferenceMode.CLASS, ReferenceMode.NEAREST])
+def test_both_retrieval_branches_are_the_finer_and_the_local_models_own(reference) -> None:
+    """``both``: two branches after the levels, each the map a one-kind model computes,
+    with the same neighbours; a branch weighted 0 is not computed."""
+    models = {}
+    for kind in RetrievalFeatures:
+        config = replace(
+            TINY, reference=reference, reference_k=3, retrieval_window=3, retrieval_features=kind
+        )
+        models[kind] = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
+    models[RetrievalFeatures.FINER].load_state_dict(models[RetrievalFeatures.BOTH].state_dict())
+    models[RetrievalFeatures.LOCAL].load_state_dict(models[RetrievalFeatures.BOTH].state_dict())
+    bank, batch = features(9), features(4, seed=1)
+    for model in models.values():
+        model.fit_references(bank)
+    both = models[RetrievalFeatures.BOTH]
+    assert both.retrieval_branches == (RetrievalFeatures.FINER, RetrievalFeatures.LOCAL)
+    assert both.n_branches == 4
+    maps = both.score_maps(batch)
+    finer = models[RetrievalFeatures.FINER].score_maps(batch)
+    local = models[RetrievalFeatures.LOCAL].score_maps(batch)
+    for mine, theirs in zip(maps[:3], finer, strict=True):  # the levels and the finer branch
+        torch.testing.assert_close(mine, theirs)
+    torch.testing.assert_close(maps[3], local[2])
+    assert not torch.equal(maps[2], maps[3])
+    only = both.score_maps(batch, levels=[False, False, False, True])
+    assert only[:3] == [None, None, None]
+    torch.testing.assert_close(only[3], maps[3])
+    with pytest.raises(ValueError, match="both"):
+        retrieval_features(batch, RetrievalFeatures.BOTH)
+
+
 def test_branches_are_put_on_their_own_scale_before_weighting() -> None:
     post = PostProcessing(4, level_weights=(0.5, 0.0, 0.5), branch_scales=(2.0, 1.0, 10.0))
     maps = [torch.full((1, 4, 4), 4.0), None, torch.full((1, 4, 4), 30.0)]
@@ -288,10 +320,21 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
     # every alignment, the finer level's features (local only when asked), class and K
     # 1/3/5 (10 and 20 are more than the 6 bank rows), every window, both score regions
     assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS) * len(ScoreRegion)
-    assert {c["features"] for c in whole.candidates} == {"finer"}
-    both = replace(RecipeSpace(), features=tuple(RetrievalFeatures), alignments=(Alignment.NONE,))
-    tried = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=both)
-    assert {c["features"] for c in tried.candidates} == {"finer", "local"}
+    assert {c["features"] for c in whole.candidates} == {"both"}
+    assert whole.retrieval_features == "both"
+    every = replace(RecipeSpace(), features=tuple(RetrievalFeatures), alignments=(Alignment.NONE,))
+    tried = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0, space=every)
+    assert {c["features"] for c in tried.candidates} == {"finer", "local", "both"}
+
+    def evidence(kind):
+        return [
+            (c["k"], c["window"], c["score_region"], c["planted_image_auroc"])
+            for c in tried.candidates
+            if c["features"] == kind
+        ]
+
+    assert evidence("both") == evidence("finer")  # both is judged by the finer branch
+    assert tried.retrieval_features != "both"  # a tie goes to the simpler, one branch
     assert whole.fixed_by_flags == {}
     assert whole.score_region == ("part" if whole.planting == "part" else "whole")
 
@@ -358,13 +401,14 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     assert 0 < recipe["n_tail_normals"] <= manifest["data"]["splits"]["train"]
     assert recipe["n_choice_images"] == manifest["data"]["splits"]["validation_choice"]
     # the model is the one chosen, with the branch on, weighted and scaled
-    assert manifest["format_version"] == (6 if recipe["retrieval_features"] == "local" else 5)
+    assert recipe["retrieval_features"] == "both"  # auto's default: a branch of each kind
+    assert manifest["format_version"] == 7
     assert manifest["model"]["retrieval_window"] == recipe["retrieval_window"]
     assert manifest["model"].get("retrieval_features", "finer") == recipe["retrieval_features"]
     assert manifest["planting"] == recipe["planting"]
     post = manifest["postprocessing"]
     assert post.get("score_region", "whole") == region  # the image score looks there
-    assert len(post["level_weights"]) == len(post["branch_scales"]) == 3
+    assert len(post["level_weights"]) == len(post["branch_scales"]) == 4  # 2 levels, 2 branches
     assert sum(post["level_weights"]) == pytest.approx(1.0)
     # reloaded, it scores the calibration images as it did in training
     names = manifest["data"]["calibration_images"]
@@ -424,7 +468,7 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     every = tmp_path / "every"
     shutil.copytree(model, every, ignore=shutil.ignore_patterns("export"))
     post = read_manifest(every)["postprocessing"]
-    update_manifest(every, postprocessing={**post, "level_weights": [0.4, 0.2, 0.4]})
+    update_manifest(every, postprocessing={**post, "level_weights": [0.4, 0.2, 0.2, 0.2]})
     records = export_model(every, ["onnx", "openvino"])
     for runtime in ("onnx", "openvino"):
         assert records[runtime]["parity"]["passed"], records[runtime]["parity"]
@@ -452,6 +496,8 @@ def test_an_auto_model_evaluates_and_exports_with_parity(auto_model, tmp_path) -
     local = tmp_path / "local"
     shutil.copytree(every, local, ignore=shutil.ignore_patterns("export"))
     update_manifest(local, model={**model_section, "retrieval_features": "local"})
+    three = {"level_weights": [0.4, 0.2, 0.4], "branch_scales": post["branch_scales"][:3]}
+    update_manifest(local, postprocessing={**post, **three})  # one retrieval branch
     assert read_manifest(local)["format_version"] == 6
     records = export_model(local, ["onnx"])
     assert records["onnx"]["parity"]["passed"], records["onnx"]["parity"]
@@ -508,7 +554,7 @@ def test_calibrating_an_unweighted_retrieval_model_weights_its_branches(
     assert load_detector(bare).post.branch_scales is None
     calibrate_model(bare, root, "part", format="folder")
     post = read_manifest(bare)["postprocessing"]
-    assert len(post["level_weights"]) == len(post["branch_scales"]) == 3
+    assert len(post["level_weights"]) == len(post["branch_scales"]) == 4  # 2 levels, 2 branches
     with pytest.raises(ValueError, match="--level-weights synthetic"):
         calibrate_model(bare, root, "part", format="folder", level_weighting="equal")
 
