@@ -17,7 +17,6 @@ for the report, never by a choice.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import sys
@@ -47,19 +46,18 @@ def branch_maps(detector, images, batch_size: int = 8) -> list[np.ndarray]:
     """Per branch (the model's, then the local retrieval distance) the maps at the input
     size, in the photos' frame."""
     model = detector.model
-    local_config = dataclasses.replace(model.config, retrieval_features=RetrievalFeatures.LOCAL)
+    if model.retrieval_branches != (RetrievalFeatures.FINER,):
+        raise SystemExit(
+            "this compares a model with the finer retrieval branch alone against the same "
+            f"model with a local one added; this model has {model.retrieval_branches}"
+        )
     per_branch: list[list[np.ndarray]] = []
     for start in range(0, len(images), batch_size):
         batch, poses = detector.preprocess(images[start : start + batch_size])
         with torch.no_grad():
             features = detector.extractor(batch.to(detector.device))
             grids = model.score_maps(features)
-            finer_config = model.config
-            model.config = local_config
-            try:
-                grids.append(model.retrieval_map(features))
-            finally:
-                model.config = finer_config
+            grids.append(model.retrieval_map(features, kind=RetrievalFeatures.LOCAL))
         for index, grid in enumerate(detector.post.upsample(grids)):
             if index == len(per_branch):
                 per_branch.append([])

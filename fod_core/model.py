@@ -502,6 +502,8 @@ class FODModel(nn.Module):
         to each image's K nearest bank rows, or to the class reference, compared on ``kind``
         (default: the ``retrieval_features`` the config names, if it names one branch)."""
         kind = RetrievalFeatures(kind or self.config.retrieval_features)
+        if kind is RetrievalFeatures.BOTH:
+            raise ValueError("a model with both retrieval branches computes one kind at a time")
         levels = self.levels if kind is RetrievalFeatures.LOCAL else self.levels[:1]
         if self.nearest and neighbours is None:
             neighbours = self.neighbours(feature_maps)

@@ -161,7 +161,8 @@ SMALL_PART = 0.25
 class RecipeSpace:
     """The candidates ``choose_recipe`` tries. A part a user fixes with its own flag
     (``fod train --alignment``, ``--reference``, ``--reference-k``, ``--retrieval-window``,
-    ``--planting``) is tried alone; the rest is still chosen."""
+    ``--retrieval-features``, ``--planting``, ``--score-region``) is tried alone; the rest
+    is still chosen."""
 
     alignments: tuple[Alignment, ...] = tuple(Alignment)
     ks: tuple[int, ...] = (CLASS_REFERENCE, *RECIPE_KS)

@@ -121,8 +121,8 @@ def train_model(
     planted metrics (small and on the part for products like screws); kept in the artefact.
     Choices (best epoch, level weights) use the validation's choice part, the threshold
     its calibration part: ``delta`` is the chance its false-alarm promise may fail.
-    ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window (and
-    features, where ``recipe_space`` names more than the finer level), planting and score
+    ``auto_recipe`` (``--preset auto``): alignment, reference, K, retrieval window (with
+    both retrieval branches unless ``recipe_space`` names one kind), planting and score
     region are chosen before training on the choice part
     with planted anomalies (``fod_core.recipe.choose_recipe``) among ``recipe_space``'s
     candidates (all by default), overriding ``model_config``'s and ``planting``."""

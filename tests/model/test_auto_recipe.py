@@ -4,6 +4,7 @@ artefact that carries both through reloading, evaluation and export."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -163,8 +164,32 @@ def test_both_retrieval_branches_are_the_finer_and_the_local_models_own(referenc
     only = both.score_maps(batch, levels=[False, False, False, True])
     assert only[:3] == [None, None, None]
     torch.testing.assert_close(only[3], maps[3])
+    finer_only = both.score_maps(batch, levels=[True, True, True, False])
+    assert finer_only[3] is None
+    torch.testing.assert_close(finer_only[2], maps[2])
+    with pytest.raises(ValueError, match="branches"):
+        both.score_maps(batch, levels=[True, True, True])
+    with pytest.raises(ValueError, match="one kind at a time"):
+        both.retrieval_map(batch)
     with pytest.raises(ValueError, match="both"):
         retrieval_features(batch, RetrievalFeatures.BOTH)
+
+
+def test_each_retrieval_setting_has_its_format_and_its_own_fingerprint(tmp_path) -> None:
+    """Older readers refuse what they cannot score, and an export or bf16 check made for
+    one retrieval setting is never taken for another."""
+    from fod_core.artifact import format_version, scoring_fingerprint
+
+    for name in ("model.pt", "backbone.pt"):
+        (tmp_path / name).write_bytes(b"weights")
+    post = {"image_size": 64, "score_sigma": 4.0, "level_weights": [0.5, 0.5]}
+    fingerprints = []
+    for kind, version in (("finer", 5), ("local", 6), ("both", 7)):
+        model = {"retrieval_window": 3, "retrieval_features": kind}
+        assert format_version(post, None, model) == version
+        fingerprints.append(json.dumps(scoring_fingerprint(tmp_path, post, model)))
+    assert len(set(fingerprints)) == 3
+    assert format_version(post, None, {"retrieval_features": "both"}) == 2  # no branch
 
 
 def test_branches_are_put_on_their_own_scale_before_weighting() -> None:
@@ -255,6 +280,11 @@ def test_auto_is_the_default_and_a_flag_fixes_its_part_of_the_recipe() -> None:
     assert recipe_space_from_args(parser.parse_args([*base, "--reference-k", "5"])).ks == (5,)
     planted = recipe_space_from_args(parser.parse_args([*base, "--planting", "part"]))
     assert planted.planting is Planting.PART
+    finer = recipe_space_from_args(parser.parse_args([*base, "--retrieval-features", "finer"]))
+    assert finer.features == (RetrievalFeatures.FINER,)
+    assert finer.fixed() == {"features": ["finer"]}  # recorded: not what auto would take
+    both = recipe_space_from_args(parser.parse_args([*base, "--retrieval-features", "both"]))
+    assert both == RecipeSpace() and both.fixed() == {}  # auto's own: nothing fixed
     assert recipe_space_from_args(parser.parse_args([*base, "--preset", "method"])) is None
     with pytest.raises(ValueError, match="--preset method or hard"):
         recipe_space_from_args(parser.parse_args([*base, "--retrieval-window", "0"]))
@@ -317,7 +347,7 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
         "whole"
     }
     whole = choose_recipe(features_for, images[6:], image_size=64, score_sigma=1.0)
-    # every alignment, the finer level's features (local only when asked), class and K
+    # every alignment, both retrieval branches (one kind only when asked), class and K
     # 1/3/5 (10 and 20 are more than the 6 bank rows), every window, both score regions
     assert len(whole.candidates) == len(Alignment) * 4 * len(WINDOWS) * len(ScoreRegion)
     assert {c["features"] for c in whole.candidates} == {"both"}
