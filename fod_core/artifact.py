@@ -48,9 +48,9 @@ def format_version(
         return 7
     if features == "local":
         return 6
-    if (model or {}).get("retrieval_window") or postprocessing.get("branch_scales"):
+    if model.get("retrieval_window") or postprocessing.get("branch_scales"):
         return 5
-    if (model or {}).get("reference", "class") != "class":
+    if model.get("reference", "class") != "class":
         return 4
     if (preprocessing or {}).get("alignment", "none") != "none":
         return 3
