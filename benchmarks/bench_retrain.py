@@ -68,7 +68,7 @@ def main() -> None:
         "epochs": args.epochs,
         "batch_size": 8,
         "learning_rate": args.lr,
-        "val_fraction": 0.15,
+        "val_fraction": "0.15",
         "min_image_auroc": 0.0,
         "promotion_tolerance": 1.0,
     }

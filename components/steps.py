@@ -39,9 +39,12 @@ def validate_data(
     data_format: str,
     min_train_images: int,
     min_val_images: int,
-    val_fraction: float,
+    val_fraction: str,
+    target_false_alarm_rate: float,
     min_image_size: int,
     require_masks: bool,
+    level_weights: str,
+    auto_recipe: bool,
     data_docs: Output[Artifact],
     summary: Output[Metrics],
 ) -> bool:
@@ -49,7 +52,7 @@ def validate_data(
     artifact either way. Returns whether the data passed (a single output: the local runner
     resolves conditions on it). Missing masks are a warning unless ``require_masks``."""
     from components.kfp_io import write_metrics_file
-    from components.validation import ValidationRules, validate_images
+    from components.validation import ValidationRules, parse_val_fraction, validate_images
 
     report = validate_images(
         dataset.path,
@@ -58,9 +61,12 @@ def validate_data(
         rules=ValidationRules(
             min_train=min_train_images,
             min_val=min_val_images,
-            val_fraction=val_fraction,
+            val_fraction=parse_val_fraction(val_fraction),  # auto: as training sizes it
+            target_false_alarm_rate=target_false_alarm_rate,
             min_size=min_image_size,
             require_masks=require_masks,
+            # the choice part that synthetic weights and the recipe are chosen on
+            min_choice=int(auto_recipe or level_weights == "synthetic"),
         ),
         docs_dir=data_docs.path,
     )
@@ -89,10 +95,12 @@ def cache_features(
     backbone: str,
     image_size: int,
     alignment: str,
+    auto_recipe: bool,
     cache_prefix: str,
     stats: Output[Metrics],
 ):
-    """Fill the S3-backed feature cache for every image of the category."""
+    """Fill the S3-backed feature cache for every image of the category (with
+    ``auto_recipe``, seen with every alignment, as the recipe tries them all)."""
     from components.features import fill_cache
     from components.kfp_io import write_metrics_file
     from components.preflight import preflight
@@ -107,7 +115,7 @@ def cache_features(
         image_size,
         load_settings(),
         cache_prefix,
-        alignment=alignment,
+        alignment="all" if auto_recipe else alignment,
     )
     for key, value in result.items():
         stats.log_metric(key, value)
@@ -134,7 +142,8 @@ def train_fod(
     epochs: int,
     batch_size: int,
     learning_rate: float,
-    val_fraction: float,
+    val_fraction: str,
+    target_false_alarm_rate: float,
     cache_prefix: str,
     warm_start: bool,
     model: Output[Model],
@@ -147,6 +156,7 @@ def train_fod(
     from components.settings import load_settings
     from components.tracking import registered_name
     from components.training import train_and_track
+    from components.validation import parse_val_fraction
     from fod_core.config import TrainConfig, model_config_for
 
     preflight(load_settings(), s3=True, mlflow=True, artifacts=True)  # before the epochs
@@ -162,8 +172,11 @@ def train_fod(
         retrieval_features=retrieval_features,
         score_region=score_region,
     )
-    train_config = TrainConfig(
-        epochs=epochs, batch_size=batch_size, lr=learning_rate, val_fraction=val_fraction
+    train_config = TrainConfig(  # val_fraction auto: None; epochs 0: a budget of images
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=learning_rate,
+        val_fraction=parse_val_fraction(val_fraction),
     )
     with mlflow_calls(load_settings(), "training"):
         run_id, summary = train_and_track(
@@ -179,6 +192,7 @@ def train_fod(
             cache_prefix=cache_prefix,
             warm_start_from=champion_uri(registered_name(category)) if warm_start else None,
             auto_recipe=auto_recipe,
+            target_false_alarm_rate=target_false_alarm_rate,  # sizes an auto validation
         )
     model.metadata.update({"framework": "fod", "mlflow_run_id": run_id})
     for key, value in summary.items():

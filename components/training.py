@@ -48,6 +48,7 @@ def train_and_track(
     warm_start_from: str | None = None,
     kept: KeptModels | None = None,
     auto_recipe: bool = False,
+    target_false_alarm_rate: float = 0.01,
 ) -> tuple[str, dict[str, float]]:
     """Train one category into ``out_dir``, then track it in a new MLflow run; returns (run
     id, summary). The trained model is kept (``components.kept``) until the run holds it:
@@ -71,6 +72,8 @@ def train_and_track(
             "train": train_config.to_dict(),
             "warm_start_from": warm_start_from,
             **({"auto_recipe": True} if auto_recipe else {}),
+            # an auto validation fraction is sized for it
+            **({"target": target_false_alarm_rate} if train_config.val_fraction is None else {}),
         }
     )
     out_dir = Path(out_dir)
@@ -103,6 +106,7 @@ def train_and_track(
                 },
                 init_from=init_dir,
                 auto_recipe=auto_recipe,
+                target_false_alarm_rate=target_false_alarm_rate,
                 calibrate=False,  # the pipeline's calibrate_threshold step does it, once
                 checkpoint_dir=kept.checkpoints(key),  # a killed step resumes its epochs
                 keep_checkpoints=True,
@@ -156,6 +160,8 @@ def _track(
         )
         if manifest.get("warm_start_from"):
             mlflow.set_tag("warm_start_from", manifest["warm_start_from"])
+        if manifest.get("warm_start_skipped"):  # the recipe chose another alignment
+            mlflow.set_tag("warm_start_skipped", manifest["warm_start_skipped"][:5000])
         if reused:
             mlflow.set_tag("kept_model", f"trained {reused['kept_at']}, reused: an upload failed")
         # what was trained, from the artefact: the recipe's choices (auto_recipe) and the

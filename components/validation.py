@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,13 @@ class ValidationRules:
     min_size: int = 64  # pixels, both sides
     min_train: int = 10  # normal training images
     min_val: int = 5  # normal validation images, which every choice rests on
-    val_fraction: float = 0.1  # of the training normals, as training will split them
+    # of the training normals, as training will split them; None: auto, sized as training
+    # sizes it (calibration normals for this rate's promise)
+    val_fraction: float | None = 0.1
+    target_false_alarm_rate: float = 0.01
+    # validation normals in its choice part, which level weights and the recipe are chosen
+    # on (1 with level_weights synthetic or auto_recipe, the pipeline's defaults)
+    min_choice: int = 0
     modes: tuple[str, ...] = ("RGB", "L")
     # Missing masks are a warning unless the run asks for pixel metrics; a mask that is
     # there but unusable (unreadable, another size, not binary) always fails.
@@ -120,11 +126,12 @@ def image_table(root: str | Path, category: str, format: str = "mvtec", *, val_f
     splits training will make: train, validation, test normals, test anomalies)."""
     import pandas as pd
 
-    from fod_core.data import load_category, split_sizes, split_validation
+    from fod_core.data import load_category, split_roles, split_sizes, split_validation
 
     root = Path(root)
     data = load_category(root, category, format)
     train, val = split_validation(data.train, val_fraction, min_train=0)
+    choice, _ = split_roles(val)
     rows = []
     for split, records in (("train", train), ("validation", val), ("test", data.test)):
         for record in records:
@@ -138,7 +145,37 @@ def image_table(root: str | Path, category: str, format: str = "mvtec", *, val_f
                 row["mask_status"] = _mask_status(record.mask_path, (row["width"], row["height"]))
             rows.append(row)
     table = pd.DataFrame(rows)
-    return table, split_sizes(data, train, val)
+    return table, split_sizes(data, train, val, choice)
+
+
+def parse_val_fraction(value: str) -> float | None:
+    """A ``val_fraction`` parameter (``fod train --val-fraction``'s spelling): a share of
+    the normals, or None for ``auto``."""
+    if value == "auto":
+        return None
+    try:
+        share = float(value)
+    except ValueError:
+        share = -1.0
+    if not 0 <= share < 1:
+        raise ValueError(f"val_fraction {value!r} must be auto or a share in [0, 1)")
+    return share
+
+
+def resolved(rules: ValidationRules, root, category: str, format: str) -> ValidationRules:
+    """``rules`` with an auto validation fraction (None) settled as training will settle it."""
+    if rules.val_fraction is not None:
+        return rules
+    from fod_core.config import TrainConfig
+    from fod_core.data import load_category
+    from fod_core.promise import DEFAULT_DELTA
+    from fod_core.train import auto_val_fraction
+
+    normals = load_category(Path(root), category, format).train
+    fraction = auto_val_fraction(
+        normals, TrainConfig(val_fraction=None), rules.target_false_alarm_rate, DEFAULT_DELTA
+    )
+    return replace(rules, val_fraction=fraction)
 
 
 def validate_images(
@@ -156,7 +193,7 @@ def validate_images(
     from great_expectations.data_context.types.base import ProgressBarsConfig
     from great_expectations.expectations.row_conditions import Column
 
-    rules = rules or ValidationRules()
+    rules = resolved(rules or ValidationRules(), root, category, format)
     table, counts = image_table(root, category, format, val_fraction=rules.val_fraction)
     missing = int((table["mask_status"] == "missing").sum()) if len(table) else 0
     warnings = []
@@ -204,6 +241,7 @@ def validate_images(
         "counts": [
             E.ExpectColumnValuesToBeBetween(column="train", min_value=rules.min_train),
             E.ExpectColumnValuesToBeBetween(column="validation", min_value=rules.min_val),
+            E.ExpectColumnValuesToBeBetween(column="validation_choice", min_value=rules.min_choice),
         ],
     }
     frames = {"images": table, "counts": pd.DataFrame([counts])}
@@ -288,5 +326,12 @@ def _failure_detail(kind: str, column: str, values: list, counts: dict, rules) -
         normals = counts.get("train", 0) + counts.get("validation", 0)
         return validation_shortfall(
             counts.get("validation", 0), normals, rules.val_fraction, rules.min_val
+        )
+    if column == "validation_choice":
+        return (
+            f"none of the {counts.get('validation', 0)} validation normals fell into the part "
+            "that level weights and the recipe are chosen on (about 30% of them): add normal "
+            "images or raise val_fraction (auto sizes it for the promise), or set "
+            "auto_recipe false and level_weights equal"
         )
     return f"{kind} failed on {column}"

@@ -48,11 +48,16 @@ class LevelWeightChoice:
         return data
 
     def save_plot(self, path: Path) -> None:
-        """The metrics against the finer level's weight (two-level models only)."""
-        from fod_core.visualize import plot_level_weights
+        """The metrics against the finer level's weight (two branches), else the best
+        weightings ranked."""
+        from fod_core.visualize import plot_branch_weights, plot_level_weights
 
-        if len(self.weights) == 2 and self.candidates:
+        if not self.candidates:
+            return
+        if len(self.weights) == 2:
             plot_level_weights(self.candidates, path)
+        else:
+            plot_branch_weights(self.candidates, self.weights, path)
 
 
 def weight_grid(n_levels: int, step: float = 0.1) -> list[tuple[float, ...]]:

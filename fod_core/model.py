@@ -513,7 +513,8 @@ class FODModel(nn.Module):
                 tokens = level.bank.index_select(0, neighbours.reshape(-1))  # (N K, L, C)
             else:
                 tokens = level.reference[None]  # (1, L, C)
-            row_maps.append(tokens.transpose(1, 2).reshape(len(tokens), -1, *level.grid))
+            # shape[0], not len(): len() is a Python int, which fixes an exported graph's batch
+            row_maps.append(tokens.transpose(1, 2).reshape(tokens.shape[0], -1, *level.grid))
         n_rows = neighbours.shape if self.nearest else (1, 1)
         with torch.autocast(feature_maps[0].device.type, enabled=False):
             features = retrieval_features(feature_maps[: len(levels)], kind)

@@ -230,6 +230,12 @@ def train_model(
         model = create_fod_model(
             model_config, in_channels=extractor.channels, strides=extractor.strides
         )
+        if init_from is not None and auto_recipe and (why := alignment_change(init_from, model)):
+            # the recipe is chosen again on the grown data; weights learnt on images seen
+            # another way would mislead, so this model starts from its own first epoch
+            log.warning("no warm start: %s", why)
+            metadata = {**(metadata or {}), "warm_start_from": None, "warm_start_skipped": why}
+            init_from = None
         if init_from is not None:
             load_weights_for_warm_start(model, init_from, extractor)
         model.fit_references(train_features)
@@ -424,6 +430,18 @@ def auto_recipe_choice(
     )
 
 
+def alignment_change(artifact_dir: str | Path, model: FODModel) -> str | None:
+    """Why ``artifact_dir``'s weights cannot start ``model`` (another alignment), or None."""
+    manifest = read_manifest(Path(artifact_dir))
+    theirs = manifest.get("preprocessing", {}).get("alignment", Alignment.NONE.value)
+    if theirs == model.config.alignment.value:
+        return None
+    return (
+        f"{artifact_dir} saw its images with alignment {theirs!r}, this training (the recipe "
+        f"chosen) with {model.config.alignment.value!r}"
+    )
+
+
 def load_weights_for_warm_start(
     model: FODModel, artifact_dir: str | Path, extractor: FeatureExtractor
 ) -> None:
@@ -435,12 +453,8 @@ def load_weights_for_warm_start(
             f"cannot warm-start from {artifact_dir}: it was trained on another backbone "
             f"({manifest['backbone']['name']})"
         )
-    theirs = manifest.get("preprocessing", {}).get("alignment", Alignment.NONE.value)
-    if theirs != model.config.alignment.value:
-        raise ArtifactError(
-            f"cannot warm-start from {artifact_dir}: it saw its images with alignment "
-            f"{theirs!r}, this training with {model.config.alignment.value!r}"
-        )
+    if why := alignment_change(artifact_dir, model):
+        raise ArtifactError(f"cannot warm-start: {why}")
     state = torch.load(artifact_dir / "model.pt", map_location="cpu", weights_only=True)
     # The references (and a nearest-normal bank) are recomputed from this data afterwards.
     state = {k: v for k, v in state.items() if not k.endswith(".bank")}

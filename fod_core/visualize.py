@@ -136,6 +136,37 @@ def plot_level_weights(candidates: Sequence[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_branch_weights(
+    candidates: Sequence[dict], chosen: Sequence[float], path: Path, top: int = 12
+) -> None:
+    """The best weightings of three or more branches (a simplex has no one axis), ranked by
+    AUPRO on the synthetic anomalies; the chosen one in orange."""
+    ranked = sorted(candidates, key=lambda c: (c["aupro"], c["pixel_auroc"]), reverse=True)
+    shown = ranked[:top][::-1]  # barh draws bottom-up: the best on top
+    labels = ["(" + ", ".join(f"{w:.1f}" for w in c["weights"]) + ")" for c in shown]
+    fig = Figure(figsize=(7, 0.32 * len(shown) + 1.6))
+    ax = fig.subplots()
+    y = np.arange(len(shown))
+    picked = [round(w, 6) for w in chosen]
+    colors = [
+        "tab:orange" if [round(w, 6) for w in c["weights"]] == picked else "tab:blue" for c in shown
+    ]
+    ax.barh(y, [c["aupro"] for c in shown], color=colors, label="AUPRO (orange: chosen)")
+    ax.plot([c["pixel_auroc"] for c in shown], y, "ks", ms=4, label="pixel AUROC")
+    ax.set_yticks(y, labels, fontsize=8)
+    low = min(min(c["aupro"], c["pixel_auroc"]) for c in shown)
+    ax.set_xlim(max(0.0, low - 0.05), 1.0)
+    ax.set(
+        xlabel="on validation + planted anomalies",
+        title=f"branch weights: best {len(shown)} of {len(candidates)} "
+        "(FOD's levels, then the retrieval branches)",
+    )
+    ax.title.set_fontsize(9)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot_drift(
     calibration_scores: Sequence[float],
     served_scores: Sequence[float],

@@ -47,7 +47,6 @@ class DemoSettings:
                 "epochs": self.epochs,
                 "batch_size": self.batch_size,
                 "learning_rate": self.learning_rate,
-                "val_fraction": 0.25,  # 10 of 40 normals: 2 to choose on, 8 to calibrate on
             }
         )
 

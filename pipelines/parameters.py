@@ -15,8 +15,8 @@ from pathlib import Path
 from components.deploy import DEFAULT_NAMESPACE
 from components.features import DEFAULT_CACHE_PREFIX
 from components.registry import PromotionGates
-from components.validation import ValidationRules
-from fod_core.config import ModelConfig, ModelSize, ReferenceMode, TrainConfig
+from components.validation import ValidationRules, parse_val_fraction
+from fod_core.config import PRESETS, ModelConfig, ModelSize, Preset, ReferenceMode, TrainConfig
 from fod_core.data import DatasetFormat
 from fod_core.level_weights import LevelWeighting
 from fod_core.processing import Alignment, ScoreRegion
@@ -27,6 +27,10 @@ DEPLOY_TARGETS = ("local", "kserve", "none")
 THRESHOLD_MODES = ("auto", "false_alarm_rate", "f1")
 DEFAULT_CATEGORIES = ("widget",)  # the demo's synthetic product
 _GATES, _RULES, _TRAIN = PromotionGates(), ValidationRules(), TrainConfig()
+# The pipeline's training defaults are `fod train`'s (`--preset auto`), so a new product is
+# trained the same way by either. The method: auto_recipe false, level_weights equal,
+# epochs 100, learning_rate 1e-4, val_fraction 0.1 (README, "The pipeline's defaults").
+_AUTO = PRESETS[Preset.AUTO]
 
 
 def parameter(default, help: str, *, flag: str = "", choices=None, cli: bool = True, **kwargs):
@@ -51,8 +55,11 @@ class PipelineParameters:
         flag="--format",
         choices=[f.value for f in DatasetFormat],
     )
-    val_fraction: float = parameter(
-        _TRAIN.val_fraction, "share of the normal images held out for validation"
+    val_fraction: str = parameter(
+        _AUTO["val_fraction"],
+        "share of the normal images held out for validation, or auto: enough calibration "
+        "normals for target_false_alarm_rate's promise (or a 5 percent one), between a "
+        "tenth and a third",
     )
     min_train_images: int = parameter(_RULES.min_train, "fail early with fewer training normals")
     min_val_images: int = parameter(_RULES.min_val, "fail early with fewer validation normals")
@@ -110,15 +117,18 @@ class PipelineParameters:
         choices=[r.value for r in ScoreRegion],
     )
     auto_recipe: bool = parameter(
-        False,
+        _AUTO["auto_recipe"],
         "choose alignment, reference, K, retrieval window, planting and score region per "
         "product before training, on planted anomalies (`fod train --preset auto`; overrides "
-        "those six and retrieval_features); "
+        "those six and retrieval_features, which are then not read); "
         "needs level_weights synthetic",
     )
-    epochs: int = parameter(_TRAIN.epochs, "training epochs")
+    epochs: int = parameter(
+        _AUTO["epochs"],
+        "training epochs; 0: as many whole epochs as fit in 1,500 training images seen (1 to 10)",
+    )
     batch_size: int = parameter(_TRAIN.batch_size, "training batch size")
-    learning_rate: float = parameter(_TRAIN.lr, "Adam learning rate", flag="--lr")
+    learning_rate: float = parameter(_AUTO["lr"], "Adam learning rate", flag="--lr")
     cache_prefix: str = parameter(DEFAULT_CACHE_PREFIX, "S3 prefix of the feature cache")
     warm_start: bool = parameter(False, "start from the champion's weights")
     # threshold
@@ -131,7 +141,7 @@ class PipelineParameters:
         0.01, "the share of good parts that may raise an alarm"
     )
     level_weights: str = parameter(
-        LevelWeighting.EQUAL.value,
+        _AUTO["level_weights"],
         "how the levels' maps combine: equal (the method) or synthetic (weights chosen on "
         "anomalies planted into validation images)",
         choices=[w.value for w in LevelWeighting],
@@ -225,8 +235,11 @@ def checked(arguments: dict) -> dict:
     ] == LevelWeighting.EQUAL.value:
         raise ValueError(
             "auto_recipe and retrieval_window need level_weights synthetic: the retrieval "
-            "distance and FOD's scores are put on one scale and weighted on planted anomalies"
+            "distance and FOD's scores are put on one scale and weighted on planted anomalies "
+            "(auto_recipe is the default: for the method's equal weights, set auto_recipe "
+            "false too)"
         )
+    parse_val_fraction(merged["val_fraction"])  # auto or a share, else a ValueError
     return arguments
 
 

@@ -136,6 +136,43 @@ def test_the_model_scores_the_retrieval_branch_after_its_levels(reference, windo
         model.score_maps(batch, levels=[True, True])
 
 
+@pytest.mark.parametrize("window", [1, 3, ANY_POSITION])
+@pytest.mark.parametrize("reference", [ReferenceMode.CLASS, ReferenceMode.NEAREST])
+def test_every_branch_keeps_the_batch_dimension_free_for_export(reference, window) -> None:
+    """torch.export (the ONNX export's tracer) with a dynamic batch: nothing in the scoring
+    may turn the batch into a Python int, or the exported graph takes 2 images only (a
+    nearest model's retrieval did, and its exports failed parity at batch 1)."""
+
+    class Maps(torch.nn.Module):
+        def __init__(self, model) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, finer: torch.Tensor, coarser: torch.Tensor) -> list[torch.Tensor]:
+            return self.model.score_maps([finer, coarser], chunked=False)
+
+    config = replace(
+        TINY,
+        reference=reference,
+        reference_k=3,
+        retrieval_window=window,
+        retrieval_features=RetrievalFeatures.BOTH,
+    )
+    model = create_fod_model(config, in_channels=CHANNELS, strides=STRIDES).eval()
+    model.fit_references(features(9))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        exported = torch.export.export(
+            Maps(model),
+            tuple(features(2)),
+            dynamic_shapes={"finer": {0: batch}, "coarser": {0: batch}},
+            strict=False,
+        )
+        three = features(3, seed=2)
+        for mine, theirs in zip(exported.module()(*three), Maps(model)(*three), strict=True):
+            torch.testing.assert_close(mine, theirs)
+
+
 @pytest.mark.parametrize("reference", [ReferenceMode.CLASS, ReferenceMode.NEAREST])
 def test_both_retrieval_branches_are_the_finer_and_the_local_models_own(reference) -> None:
     """``both``: two branches after the levels, each the map a one-kind model computes,
@@ -396,6 +433,7 @@ def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
     model, root, outcome = auto_model
     manifest = read_manifest(model)
     recipe = manifest["recipe"]["auto"]
+    assert (model / "level_weights.png").is_file()  # the 4 branches' best weightings, ranked
     assert outcome.recipe is not None and "best planted image AUROC" in recipe["rule"]
     # every candidate was scored, both alignments, class and nearest, both windows
     candidates = recipe["candidates"]
@@ -599,3 +637,41 @@ def test_settings_that_cannot_go_together_are_a_readable_error(capsys) -> None:
     assert "--level-weights synthetic" in capsys.readouterr().err
     assert main([*argv, "--retrieval-features", "local"]) == 2  # no branch to compare on
     assert "need a retrieval branch" in capsys.readouterr().err
+
+
+def test_a_warm_start_seen_through_another_alignment_trains_from_scratch(
+    auto_model, tmp_path, caplog
+) -> None:
+    """Retraining chooses the recipe again: when it turns the parts another way than the
+    champion did, the champion's weights are not loaded (they would refuse), and the artefact
+    says why."""
+    import shutil
+
+    model, root, _ = auto_model
+    chosen = Alignment(read_manifest(model)["preprocessing"].get("alignment", "none"))
+    other = next(a for a in Alignment if a is not chosen)
+    champion = tmp_path / "champion"
+    shutil.copytree(model, champion)
+    pre = read_manifest(champion)["preprocessing"]
+    update_manifest(champion, preprocessing={**pre, "alignment": other.value})
+    out = tmp_path / "retrained"
+    train_model(
+        root,
+        "part",
+        out,
+        model_config=TINY,
+        format="folder",
+        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.3),
+        cache_store=LocalStore(model.parent / "cache"),
+        progress=False,
+        level_weighting="synthetic",
+        auto_recipe=True,
+        recipe_space=RecipeSpace(alignments=(chosen,), ks=(1,), windows=(3,)),
+        init_from=champion,
+        metadata={"warm_start_from": "models:/fod-part@champion"},
+    )
+    manifest = read_manifest(out)
+    assert manifest["preprocessing"].get("alignment", "none") == chosen.value
+    assert manifest["warm_start_from"] is None
+    assert f"alignment {other.value!r}" in manifest["warm_start_skipped"]
+    assert "no warm start" in caplog.text

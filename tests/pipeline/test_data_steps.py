@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from dataclasses import replace
 
 import pytest
 from kfp.dsl import Artifact, Dataset, Metrics
@@ -13,8 +14,11 @@ from components import steps
 from components.data_version import DvcRepo, read_data_version, remote_url
 from components.storage import StorageError, fetch_dvc_directory
 from components.validation import ValidationReport, ValidationRules, validate_images
-from fod_core.data import DatasetError
+from fod_core.config import TrainConfig
+from fod_core.data import DatasetError, load_category
+from fod_core.promise import DEFAULT_DELTA
 from fod_core.synthetic import make_synthetic_dataset
+from fod_core.train import training_split
 
 
 def _digest(folder):
@@ -73,9 +77,12 @@ def test_valid_data_passes_through_the_component(synthetic_root, tmp_path):
         data_format="mvtec",
         min_train_images=10,
         min_val_images=2,
-        val_fraction=0.1,
+        val_fraction="0.1",
+        target_false_alarm_rate=0.01,
         min_image_size=64,
         require_masks=False,
+        level_weights="synthetic",
+        auto_recipe=True,
         data_docs=docs,
         summary=summary,
     )
@@ -134,6 +141,31 @@ def test_too_few_normals_for_validation_fail_with_the_rule(synthetic_root, tmp_p
     assert not report.success
     assert "too few normal images left for validation: 3 of 24" in report.message()
     assert "min_val_images" in report.message()
+
+
+def test_an_auto_validation_fraction_is_checked_as_training_will_split(synthetic_root):
+    """val_fraction auto (the pipeline's default): validation counts what training will hold
+    out."""
+    normals = load_category(synthetic_root, "widget", "mvtec").train
+    _, split = training_split(normals, TrainConfig(val_fraction=None), 0.01, DEFAULT_DELTA)
+    report = validate_images(synthetic_root, "widget", rules=ValidationRules(val_fraction=None))
+    assert report.success, report.message()
+    assert report.counts["validation"] == len(split.validation) > 0.3 * len(normals)
+    assert report.counts["train"] == len(split.train)
+
+
+def test_no_validation_normal_to_choose_on_fails_before_training(synthetic_root, tmp_path):
+    """Level weights and the recipe (the pipeline's defaults) are chosen on the validation's
+    choice part: validation says so when it is empty, not training an hour later."""
+    root = tmp_path / "nochoice"
+    shutil.copytree(synthetic_root, root)
+    (root / "widget/train/good/022.png").unlink()  # the one choice image of 005, 019, 022
+    rules = ValidationRules(min_val=2, min_choice=1)
+    report = validate_images(root, "widget", rules=rules)
+    assert not report.success and report.counts["validation_choice"] == 0
+    assert "none of the 2 validation normals fell into the part" in report.message()
+    assert "auto_recipe false and level_weights equal" in report.message()
+    assert validate_images(root, "widget", rules=replace(rules, min_choice=0)).success
 
 
 def test_empty_good_folder_is_a_clear_error(tmp_path):

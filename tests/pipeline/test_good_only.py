@@ -1,16 +1,21 @@
-"""A product with good images only, through the KFP local pipeline against the real stack:
-a champion is registered on the evidence that needs no labelled defect and served; a
-clearly worse model is kept from champion by the planted-anomaly gate."""
+"""A product with good images only, through the KFP local pipeline against the real stack,
+with the pipeline's defaults (the recipe chosen without labels, an auto validation
+fraction, a budget of epochs): a champion is registered on the evidence that needs no
+labelled defect and served; a clearly worse model is kept from champion by the
+planted-anomaly gate."""
 
 from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from components.data_version import DvcRepo, remote_url
 from components.local.servers import LocalServing
+from components.tracking import download_fod_model
+from fod_core.artifact import read_manifest
 from fod_core.synthetic import make_good_only_folder
 from pipelines.runner import run_local
 
@@ -35,10 +40,7 @@ def _arguments(settings, version, **overrides) -> dict:
         "code_version": "test-code",
         "image_size": 128,
         "model_size": "compact",
-        "epochs": 20,  # planted image AUROC 0.75 here at 20 epochs, 0.69 at 12 (too near 0.5)
         "batch_size": 8,
-        "learning_rate": 1e-3,
-        "val_fraction": 0.2,
         "cache_prefix": "features-good-only-test",
         "deploy_target": "local",
     } | overrides
@@ -59,17 +61,18 @@ def test_good_only_product_gets_a_served_champion_and_keeps_it(
     assert tags["evidence"].startswith(
         "no labelled defects: 24 anomalies planted into 12 held-out normals (seed 0)"
     )
-    # the training-conditional promise of 5 calibration normals: 1 - 0.1 ** (1 / 5)
-    assert "false alarms" in tags["evidence"] and "promised at most 0.369" in tags["evidence"]
+    # the auto validation fraction (a third, at most): the training-conditional promise of
+    # 11 calibration normals, 1 - 0.1 ** (1 / 11)
+    assert "false alarms" in tags["evidence"] and "promised at most 0.1889" in tags["evidence"]
     assert (
-        "at most 37% false alarms, with 90% confidence, from 5 good parts (threshold at the "
+        "at most 19% false alarms, with 90% confidence, from 11 good parts (threshold at the "
         "1st highest of their scores); 1% was asked: 230 calibration normals are needed"
     ) in tags["threshold"]
     assert json.loads(tags["splits"]) == {
-        "train": 29,
-        "validation": 9,
+        "train": 23,
+        "validation": 15,
         "validation_choice": 4,
-        "validation_calibration": 5,
+        "validation_calibration": 11,
         "test_normal": 12,
         "test_anomalous": 0,
         "test_masks": 0,
@@ -78,15 +81,23 @@ def test_good_only_product_gets_a_served_champion_and_keeps_it(
     assert metrics["image_auroc"] is None and metrics["evidence"] == "planted"
     assert metrics["planted_image_auroc"] is not None and metrics["planted_aupro"] is not None
     run = client.get_run(champion.run_id)
-    assert run.data.metrics["split_validation"] == 9 and run.data.tags["evidence"] == "planted"
+    assert run.data.metrics["split_validation"] == 15 and run.data.tags["evidence"] == "planted"
+    # what the recipe chose, with its label-free evidence, travels with the run and model
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    registered = download_fod_model(f"models:/{name}/{champion.version}", tmp_path / "champion")
+    manifest = read_manifest(registered)
+    assert manifest["recipe"]["auto"]["candidates"] and manifest["training"]["config"]["epochs"]
+    assert "recipe.auto" in run.data.tags
     # The deploy step serves the champion on loopback.
     server = LocalServing(stack.home).get(name)
     image = sorted((data / CATEGORY / "good").glob("*.png"))[0].read_bytes()
     assert server.predict([image])[0]["model_version"] == champion.version
     assert '"evidence": "no labelled defects' in "".join(capfd.readouterr())  # step output
 
-    # Barely trained: its maps miss the planted regions, so the planted gate keeps the champion.
-    run_local(_arguments(settings, version, epochs=1, learning_rate=1e-7), tmp_path / "second")
+    # The method barely trained: its maps miss the planted regions, so the planted gate keeps
+    # the champion (a recipe chosen again would score with the training-free retrieval).
+    worse = {"auto_recipe": False, "level_weights": "equal", "epochs": 1, "learning_rate": 1e-7}
+    run_local(_arguments(settings, version, **worse), tmp_path / "second")
     challenger = client.get_model_version_by_alias(name, "challenger")
     assert int(challenger.version) == int(champion.version) + 1
     assert client.get_model_version_by_alias(name, "champion").version == champion.version

@@ -7,7 +7,9 @@ from dataclasses import fields
 import pytest
 
 from components import steps
+from components.validation import parse_val_fraction
 from fod_core.cli import build_parser
+from fod_core.config import PRESETS, Preset
 from pipelines.cli import add_commands
 from pipelines.dag import category_pipeline, training_pipeline
 from pipelines.demo import DemoSettings
@@ -68,15 +70,40 @@ def test_arguments_are_checked_by_name_and_type() -> None:
         checked({"learning_rate": True})
 
 
+def test_the_pipelines_training_defaults_are_fod_trains() -> None:
+    """A new product is trained the same way by `fod train` and by the pipeline."""
+    train = build_parser(add_commands).parse_args(
+        ["train", "--data", "d", "--category", "c", "--out", "o"]
+    )
+    assert train.preset == "auto"
+    auto = PRESETS[Preset.AUTO]
+    pipeline = defaults()
+    assert pipeline["auto_recipe"] is auto["auto_recipe"] is True
+    assert pipeline["level_weights"] == auto["level_weights"] == "synthetic"
+    assert pipeline["epochs"] == auto["epochs"] == 0  # a budget of images seen
+    assert pipeline["learning_rate"] == auto["lr"]
+    assert pipeline["val_fraction"] == auto["val_fraction"] == "auto"
+    assert checked({}) == {}  # the defaults are a valid run (no error)
+
+
 def test_an_auto_recipe_needs_weights_chosen_on_planted_anomalies() -> None:
-    for setting in ({"auto_recipe": True}, {"retrieval_window": 3}):
-        with pytest.raises(ValueError, match="level_weights synthetic"):
-            checked(setting)
+    for setting in ({}, {"auto_recipe": False, "retrieval_window": 3}):
+        with pytest.raises(ValueError, match=r"level_weights synthetic.*auto_recipe false"):
+            checked({**setting, "level_weights": "equal"})
         assert checked({**setting, "level_weights": "synthetic"})
+    method = {"auto_recipe": False, "level_weights": "equal", "epochs": 100, "val_fraction": "0.1"}
+    assert checked(method)
+
+
+def test_a_validation_fraction_is_auto_or_a_share() -> None:
+    assert [parse_val_fraction(v) for v in ("auto", "0", "0.25")] == [None, 0.0, 0.25]
+    for wrong in ("-0.1", "1", "most"):
+        with pytest.raises(ValueError, match=r"must be auto or a share in \[0, 1\)"):
+            checked({"val_fraction": wrong})
 
 
 def test_local_retrieval_features_need_a_retrieval_branch() -> None:
     with pytest.raises(ValueError, match="needs a retrieval branch"):
-        checked({"retrieval_features": "local"})
-    for setting in ({"auto_recipe": True}, {"retrieval_window": 3}):
+        checked({"auto_recipe": False, "retrieval_features": "local"})
+    for setting in ({"auto_recipe": True}, {"auto_recipe": False, "retrieval_window": 3}):
         assert checked({**setting, "level_weights": "synthetic", "retrieval_features": "local"})

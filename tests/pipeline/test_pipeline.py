@@ -233,7 +233,7 @@ def _arguments(settings, version, **overrides) -> dict:
         # 10 validation normals: with 6 the threshold (their maximum) sat so near the test
         # normals' scores that the false-alarm gate flipped with the CPU's kernels (AVX-512,
         # one thread) and the first run registered no champion.
-        "val_fraction": 0.35,
+        "val_fraction": "0.35",
         "cache_prefix": "features-pipeline-test",
         "min_image_auroc": 0.8,
         "deploy_target": "local",
@@ -248,12 +248,15 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     client = MlflowClient(settings.mlflow_uri)
     name = f"fod-{CATEGORY}"
 
-    run_local(_arguments(settings, version, level_weights="synthetic"), tmp_path / "first")
+    run_local(_arguments(settings, version), tmp_path / "first")  # the recipe chosen: auto
     champion = client.get_model_version_by_alias(name, "champion")
     mlflow.set_tracking_uri(settings.mlflow_uri)
     registered = download_fod_model(f"models:/{name}/{champion.version}", tmp_path / "champion")
-    weights = read_manifest(registered)["postprocessing"]["level_weights"]
-    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
+    manifest = read_manifest(registered)
+    weights = manifest["postprocessing"]["level_weights"]
+    # FOD's two levels, then the two retrieval branches the auto recipe scores
+    assert manifest["model"]["retrieval_features"] == "both" and manifest["recipe"]["auto"]
+    assert len(weights) == 4 and sum(weights) == pytest.approx(1.0)
     tag = ",".join(map(str, weights))
     assert client.get_run(champion.run_id).data.tags["level_weights"] == tag
     assert champion.tags["level_weights"] == tag
@@ -282,11 +285,10 @@ def test_pipeline_registers_serves_a_champion_then_gates_a_worse_model(
     image = next((data / CATEGORY / "test").glob("*/000.png")).read_bytes()
     assert server.predict([image])[0]["model_version"] == champion.version
 
-    # A barely trained model: registered as challenger, the champion stays.
+    # The method barely trained: registered as challenger, the champion stays.
+    worse = {"auto_recipe": False, "level_weights": "equal", "epochs": 1, "learning_rate": 1e-7}
     run_local(
-        _arguments(
-            settings, version, epochs=1, learning_rate=1e-7, min_image_auroc=0.0, export_formats=""
-        ),
+        _arguments(settings, version, **worse, min_image_auroc=0.0, export_formats=""),
         tmp_path / "second",
     )
     challenger = client.get_model_version_by_alias(name, "challenger")

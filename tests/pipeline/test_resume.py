@@ -59,7 +59,7 @@ def test_an_interrupted_retrain_is_resumed_and_reuses_the_completed_steps(stack,
             "epochs": 10,
             "learning_rate": 0.001,
             "min_image_auroc": 0.0,
-            "val_fraction": 0.4,  # 5 of 16 normals: the minimum the validation step asks
+            "val_fraction": "0.4",  # 5 of 16 normals: the minimum the validation step asks
         },
         home=stack.home,
     )

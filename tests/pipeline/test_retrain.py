@@ -21,7 +21,7 @@ FAST = {
     "epochs": 30,  # a model that reliably passes real gates (image AUROC 1.0 on this data)
     "batch_size": 8,
     "learning_rate": 1e-3,
-    "val_fraction": 0.3,  # 11 of 30 normals (3 to choose on, 8 to calibrate on)
+    "val_fraction": "0.3",  # 11 of 30 normals (3 to choose on, 8 to calibrate on)
     "cache_prefix": "features-retrain-test",
     # real gates: 8 good and 12 defective test images (96 pairs, AUROC's standard error
     # about 0.05 here): "not worse" allows twice that, the minimum refuses a poor model
@@ -106,9 +106,13 @@ def test_retrain_on_new_good_images_then_nothing_then_a_worse_model(
     assert run.data.tags["warm_start_from"] == f"models:/{NAME}@champion"
     assert served_version(stack, repo) == "2"  # the running server switched by itself
 
-    # A worse model on the next data: registered, not promoted; the served one stays.
+    # A worse model on the next data (the method barely trained: a recipe chosen again would
+    # score with the training-free retrieval): registered, not promoted; the served one stays.
     add_good_images(repo, 2, seed=9)
-    worse = check(stack, repo, tmp_path, epochs=1, learning_rate=1e-7, promotion_tolerance=0.0)
+    method = {"auto_recipe": False, "level_weights": "equal"}
+    worse = check(
+        stack, repo, tmp_path, **method, epochs=1, learning_rate=1e-7, promotion_tolerance=0.0
+    )
     assert worse["results"][CATEGORY]["new_version"] == "3"
     assert not worse["results"][CATEGORY]["promoted"]
     gates = client.get_model_version(NAME, "3").tags["gates"]

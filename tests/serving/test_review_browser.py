@@ -89,7 +89,7 @@ def test_an_operator_reviews_flagged_parts_in_a_browser(
         ["widget"], repo_root=review_repo, pipeline_root=tmp_path / "runs", home=stack.home,
         arguments={
             "image_size": 64, "model_size": "compact", "epochs": 2, "batch_size": 4,
-            "val_fraction": 0.3, "min_train_images": 4, "min_val_images": 1,
+            "min_train_images": 4, "min_val_images": 1,
             "min_image_auroc": 0.0, "deploy_target": "none",
             "cache_prefix": "features-review-test",
         },
