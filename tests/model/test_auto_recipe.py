@@ -409,24 +409,29 @@ def test_a_fixed_part_of_the_recipe_is_not_chosen(tmp_path) -> None:
 # --- the whole recipe on a good-only folder ----------------------------------------------
 
 
+def train_auto(root, out, cache, **options):
+    """One epoch of the tiny model with the recipe chosen, on the good-only folder."""
+    return train_model(
+        root,
+        "part",
+        out,
+        model_config=TINY,
+        format="folder",
+        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.3),
+        cache_store=LocalStore(cache),
+        progress=False,
+        level_weighting="synthetic",
+        auto_recipe=True,
+        **options,
+    )
+
+
 @pytest.fixture(scope="module")
 def auto_model(tmp_path_factory):
     root = tmp_path_factory.mktemp("auto") / "data"
     make_good_only_folder(root, "part", n_good=30, size=72, seed=3)
     model = tmp_path_factory.mktemp("auto") / "model"
-    outcome = train_model(
-        root,
-        "part",
-        model,
-        model_config=TINY,
-        format="folder",
-        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.3),
-        cache_store=LocalStore(model.parent / "cache"),
-        progress=False,
-        level_weighting="synthetic",
-        auto_recipe=True,
-    )
-    return model, root, outcome
+    return model, root, train_auto(root, model, model.parent / "cache")
 
 
 def test_the_choice_and_its_evidence_travel_in_the_artefact(auto_model) -> None:
@@ -655,17 +660,10 @@ def test_a_warm_start_seen_through_another_alignment_trains_from_scratch(
     pre = read_manifest(champion)["preprocessing"]
     update_manifest(champion, preprocessing={**pre, "alignment": other.value})
     out = tmp_path / "retrained"
-    train_model(
+    train_auto(
         root,
-        "part",
         out,
-        model_config=TINY,
-        format="folder",
-        train_config=TrainConfig(epochs=1, batch_size=4, lr=1e-3, val_fraction=0.3),
-        cache_store=LocalStore(model.parent / "cache"),
-        progress=False,
-        level_weighting="synthetic",
-        auto_recipe=True,
+        model.parent / "cache",
         recipe_space=RecipeSpace(alignments=(chosen,), ks=(1,), windows=(3,)),
         init_from=champion,
         metadata={"warm_start_from": "models:/fod-part@champion"},
