@@ -261,6 +261,8 @@ def register_model(
     gates = gates or PromotionGates()
     name = registered_name(category)
     client = MlflowClient()
+    if kept := registered_already(client, name, run_id):
+        return kept
     # planted evidence is compared on one planted set: the champion planted this way
     planting = metrics.get("planting", "anywhere") if evidence_of(metrics) == "planted" else None
     previous, champion_metrics = champion_metrics_on(client, name, data_version, rescore, planting)
@@ -312,6 +314,30 @@ def register_model(
         champion_version=str(version) if passed else previous,
         previous_champion=previous,
         evidence=evidence,
+    )
+
+
+def registered_already(client: MlflowClient, name: str, run_id: str) -> RegistrationResult | None:
+    """The version this training run was registered as, when a rerun whose steps were all
+    cached reaches registration again: the same model gets no second version."""
+    versions = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if not versions:
+        return None
+    version = max(versions, key=lambda v: int(v.version))
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:
+        champion = None
+    reason = f"this training run is {name} v{version.version} already: nothing new to register"
+    log.info("%s (run %s)", reason, run_id)
+    return RegistrationResult(
+        name=name,
+        version=str(version.version),
+        promoted=False,
+        reasons=[reason],
+        champion_version=champion,
+        previous_champion=champion,
+        evidence=(version.tags or {}).get("evidence", ""),
     )
 
 

@@ -256,13 +256,25 @@ def test_a_champion_that_was_never_deployed_is_run_again(stack, settings, tmp_pa
     )  # fmt: skip
     decision = decide("undeployed", "d-undeployed")
     assert decision.retrain and "never deployed" in decision.reason
+    # a rerun whose steps were all cached reaches registration with the same training run:
+    # no second version of the same model
+    again = register_model(
+        tmp_path / "model", run_id=run.info.run_id, category="undeployed",
+        metrics={"image_auroc": 1.0}, data_version="d-undeployed", code_version="t",
+        gates=PromotionGates(min_image_auroc=0.0),
+    )  # fmt: skip
+    assert (again.version, again.promoted, again.champion_version) == ("1", False, "1")
+    assert "fod-undeployed v1 already: nothing new" in again.reasons[0]
+    assert len(MlflowClient().search_model_versions("name='fod-undeployed'")) == 1
     MlflowClient().set_model_version_tag("fod-undeployed", "1", "deployed", "local")
     decision = decide("undeployed", "d-undeployed")
     assert not decision.retrain and "already (the champion)" in decision.reason
     # a version whose InferenceService never became Ready: the alias went back to the
     # served one (components.deploy); the check reports it and does not retry
+    with mlflow.start_run() as second:  # a run registered once is not registered again
+        pass
     register_model(
-        tmp_path / "model", run_id=run.info.run_id, category="undeployed",
+        tmp_path / "model", run_id=second.info.run_id, category="undeployed",
         metrics={"image_auroc": 1.0}, data_version="d-undeployed", code_version="t",
         gates=PromotionGates(min_image_auroc=0.0),
     )  # fmt: skip
