@@ -242,7 +242,7 @@ def _registry_follows_cluster(name: str, version: str, error: NotReady) -> Deplo
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from components.registry import CHAMPION
+    from components.registry import CHAMPION, champion_version
 
     version = str(version)
     revision = predictor_status(error.last_seen or {}).get("latestReadyRevision")
@@ -262,10 +262,7 @@ def _registry_follows_cluster(name: str, version: str, error: NotReady) -> Deplo
         if error.applied.action != "created":
             versions = client.search_model_versions(f"name='{name}'")
             served = served_version([(v.version, v.tags) for v in versions], error.last_seen)
-        try:
-            alias = client.get_model_version_by_alias(name, CHAMPION).version
-        except MlflowException:
-            alias = None
+        alias = champion_version(client, name)
         moved = alias == version and served is not None and served != version
         if moved:
             client.set_registered_model_alias(name, CHAMPION, served)

@@ -31,13 +31,12 @@ def fill_cache(
     from fod_core.backbone import BackboneSpec
     from fod_core.cache import FeatureCache
     from fod_core.data import load_category
+    from fod_core.processing import Alignment
     from fod_core.runtime import configure_cpu_numerics
 
     configure_cpu_numerics()
     store = S3Store(settings, cache_prefix)
     store.check()
-    from fod_core.processing import Alignment
-
     data = load_category(data_root, category, data_format)
     alignments = [a.value for a in Alignment] if alignment == "all" else [alignment]
     hits = misses = 0

@@ -63,6 +63,14 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
+def champion_version(client: MlflowClient, name: str) -> str | None:
+    """The version the champion alias points at, or None when there is none (yet)."""
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION).version
+    except MlflowException:
+        return None
+
+
 def champion_uri(name: str) -> str:
     """The MLflow URI that follows a registered model's champion alias."""
     return f"models:/{name}@{CHAMPION}"
@@ -324,10 +332,7 @@ def registered_already(client: MlflowClient, name: str, run_id: str) -> Registra
     if not versions:
         return None
     version = max(versions, key=lambda v: int(v.version))
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION).version
-    except MlflowException:
-        champion = None
+    champion = champion_version(client, name)
     reason = f"this training run is {name} v{version.version} already: nothing new to register"
     log.info("%s (run %s)", reason, run_id)
     return RegistrationResult(

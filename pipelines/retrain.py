@@ -52,26 +52,17 @@ class RetrainDecision:
     champion_version: str | None = None
 
 
-def _champion(client, name: str) -> str | None:
-    from mlflow.exceptions import MlflowException
-
-    from components.registry import CHAMPION
-
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
-    except MlflowException:
-        return None
-
-
 def decide(category: str, data_version: str, *, resume: bool = False) -> RetrainDecision:
     """Retrain only when no registered version was trained on ``data_version`` yet, or
     when the champion trained on it was never deployed (its run failed at the deploy step:
     running the pipeline again takes every completed step from the cache)."""
     from mlflow import MlflowClient
 
+    from components.registry import champion_version
+
     client = MlflowClient()
     name = registered_name(category)
-    champion = _champion(client, name)
+    champion = champion_version(client, name)
     short = data_version.removesuffix(".dir")[:12]
     if resume:
         reason = f"an interrupted retrain on data {short} is resumed"
@@ -256,6 +247,7 @@ def retrain_once(
     local runner."""
     from mlflow import MlflowClient
 
+    from components.registry import champion_version
     from pipelines.runner import run_local
 
     home = Path(home or fod_home())
@@ -316,7 +308,7 @@ def retrain_once(
             name = registered_name(category)
             versions = client.search_model_versions(f"name='{name}'")
             latest = max(versions, key=lambda v: int(v.version))
-            champion = _champion(client, name)
+            champion = champion_version(client, name)
             report["results"][category] = {
                 "new_version": latest.version,
                 "promoted": champion == latest.version,
